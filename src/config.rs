@@ -1,0 +1,236 @@
+//! Command-line and environment configuration of the plugin (clap).
+//!
+//! Every flag can also be set through the environment variable named in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Default CSI driver name (also the CSIDriver object's name).
+pub const DEFAULT_DRIVER_NAME: &str = "rds.csi.srvlab.io";
+
+/// Which CSI services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity + Controller (the controller Deployment).
+    Controller,
+    /// Identity + Node (the node DaemonSet).
+    Node,
+    /// Identity + Controller + Node (development, the embedded default).
+    All,
+}
+
+impl Mode {
+    /// Serves the Controller service.
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    /// Serves the Node service.
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the CSI gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const HINT: &str = "expected unix:///absolute/path.sock or tcp://host:port";
+        if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!("{s:?}: the socket path must be absolute ({HINT})"));
+            }
+            if path.ends_with('/') {
+                return Err(format!("{s:?}: the socket path names a directory ({HINT})"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp://") {
+            use std::net::ToSocketAddrs;
+            let mut addrs = addr
+                .to_socket_addrs()
+                .map_err(|e| format!("{s:?}: not a host:port address: {e} ({HINT})"))?;
+            return addrs
+                .next()
+                .map(Endpoint::Tcp)
+                .ok_or_else(|| format!("{s:?}: the address resolves to nothing ({HINT})"));
+        }
+        Err(format!("{s:?}: unknown scheme ({HINT})"))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// rds-csi-plugin: Kubernetes CSI driver for the MikroTik ROSE Data Server (NVMe/TCP).
+///
+/// Without --rds-address it runs on its embedded default: an RDS emulated on local files
+/// under --state-dir, no Kubernetes needed.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rds-csi-plugin", version, about, long_about = None)]
+pub struct Cli {
+    /// CSI endpoint to serve on.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///tmp/rds-csi/csi.sock"
+    )]
+    pub endpoint: Endpoint,
+
+    /// This node's id (the Kubernetes node name) [default: the host name].
+    #[arg(long, hide_env_values = true, env = "CSI_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// CSI driver name.
+    #[arg(long, hide_env_values = true, env = "CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+
+    /// Which services to serve.
+    #[arg(long, hide_env_values = true, env = "CSI_MODE", value_enum, default_value_t = Mode::All)]
+    pub mode: Mode,
+
+    /// Directory for local state (embedded backend, local attachment store)
+    /// [default: a directory under the system temp dir, created and printed].
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// RDS management address (SSH). Without it the embedded backend is used.
+    #[arg(long, hide_env_values = true, env = "RDS_ADDRESS")]
+    pub rds_address: Option<String>,
+
+    /// RDS SSH port.
+    #[arg(long, hide_env_values = true, env = "RDS_PORT", default_value_t = 22)]
+    pub rds_port: u16,
+
+    /// RDS SSH user.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_USER",
+        default_value = "admin"
+    )]
+    pub rds_user: String,
+
+    /// File holding the SSH private key (ed25519 or RSA) for the RDS user.
+    #[arg(long, hide_env_values = true, env = "RDS_KEY_FILE")]
+    pub rds_key_file: Option<PathBuf>,
+
+    /// Pinned RDS host key: an OpenSSH public key line or a SHA256:... fingerprint.
+    #[arg(long, hide_env_values = true, env = "RDS_HOST_KEY")]
+    pub rds_host_key: Option<String>,
+
+    /// Accept any RDS host key (insecure; logs a warning at start).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_INSECURE_SKIP_HOST_KEY_VERIFICATION"
+    )]
+    pub rds_insecure_skip_host_key_verification: bool,
+
+    /// Kubeconfig file [default: in-cluster config inside a pod, else no Kubernetes].
+    #[arg(long, hide_env_values = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address to serve Prometheus metrics on (e.g. 0.0.0.0:9809); off when unset.
+    #[arg(long, hide_env_values = true, env = "METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, hide_env_values = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log level or filter directives (e.g. info, rds_csi=debug).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+
+    /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_DRAIN_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub drain_timeout_secs: u64,
+}
+
+impl Cli {
+    /// The node id, defaulting to the host name.
+    pub fn node_id_or_hostname(&self) -> String {
+        self.node_id
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_parses_unix_and_tcp_and_explains_errors() {
+        assert_eq!(
+            "unix:///run/csi/csi.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/run/csi/csi.sock".into())
+        );
+        assert!(matches!(
+            "tcp://127.0.0.1:10000".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp(_)
+        ));
+        for bad in [
+            "/tmp/x.sock",
+            "unix://relative.sock",
+            "http://x",
+            "tcp://nohost",
+            "unix:///tmp/",
+        ] {
+            let err = bad.parse::<Endpoint>().unwrap_err();
+            assert!(err.contains("expected unix://"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_output_is_stable() {
+        use clap::CommandFactory;
+        let help = Cli::command()
+            .term_width(100)
+            .render_long_help()
+            .to_string();
+        insta::with_settings!({
+            snapshot_path => concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"),
+            prepend_module_to_snapshot => false,
+        }, {
+            insta::assert_snapshot!("cli_help", help);
+        });
+    }
+}

@@ -1,0 +1,170 @@
+//! Wiring: the configuration and ports a plugin instance runs with, and the services built
+//! from them by [`Mode`]. Constructed once per process (or once per simulated host).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::{file_rds::FileRds, file_store::FileStore, local_cluster::LocalCluster};
+use crate::config::Mode;
+use crate::csi::{
+    controller::ControllerService,
+    identity::{IdentityService, Readiness},
+    node::NodeService,
+};
+use crate::error::{Error, Result};
+use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Rds};
+use crate::proto::csi::{controller_server, identity_server, node_server};
+use crate::types::NodeId;
+
+/// Size of the embedded backend's pool.
+pub const EMBEDDED_POOL_BYTES: u64 = 1 << 40;
+
+/// What a plugin instance is, independent of its adapters.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// CSI driver name.
+    pub driver_name: String,
+    /// Version reported by GetPluginInfo.
+    pub version: String,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Services served.
+    pub mode: Mode,
+    /// Max volumes per node reported by NodeGetInfo (0: no limit).
+    pub max_volumes_per_node: i64,
+}
+
+/// Ports the Controller service needs.
+#[derive(Clone)]
+pub struct ControllerDeps {
+    /// The storage server.
+    pub rds: Arc<dyn Rds>,
+    /// Durable attachment records.
+    pub store: Arc<dyn AttachmentStore>,
+    /// The orchestrator.
+    pub cluster: Arc<dyn Cluster>,
+}
+
+/// Ports the Node service needs (grows with the node service).
+#[derive(Clone, Default)]
+pub struct NodeDeps {}
+
+/// All ports of one plugin instance.
+#[derive(Clone)]
+pub struct Deps {
+    /// Wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness (backoff jitter).
+    pub entropy: Arc<dyn Entropy>,
+    /// Present when the controller is served.
+    pub controller: Option<ControllerDeps>,
+    /// Present when the node service is served.
+    pub node: Option<NodeDeps>,
+}
+
+impl Deps {
+    /// The embedded default: everything on local files under `state_dir`, no Kubernetes.
+    pub fn embedded(
+        state_dir: &Path,
+        node_id: &NodeId,
+        mode: Mode,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<Self> {
+        let controller = if mode.controller() {
+            Some(ControllerDeps {
+                rds: Arc::new(FileRds::open(&state_dir.join("rds"), EMBEDDED_POOL_BYTES)?),
+                store: Arc::new(FileStore::open(&state_dir.join("attachments"))?),
+                cluster: Arc::new(LocalCluster::new([node_id.clone()])),
+            })
+        } else {
+            None
+        };
+        let node = mode.node().then(NodeDeps::default);
+        Ok(Self {
+            clock,
+            entropy,
+            controller,
+            node,
+        })
+    }
+}
+
+/// A plugin instance: its services and readiness.
+pub struct Driver {
+    cfg: Arc<DriverConfig>,
+    deps: Deps,
+    readiness: Readiness,
+}
+
+impl Driver {
+    /// Checks that `deps` match the mode.
+    pub fn new(cfg: DriverConfig, deps: Deps) -> Result<Self> {
+        if cfg.mode.controller() && deps.controller.is_none() {
+            return Err(Error::Internal(
+                "controller mode without controller ports".into(),
+            ));
+        }
+        if cfg.mode.node() && deps.node.is_none() {
+            return Err(Error::Internal("node mode without node ports".into()));
+        }
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            deps,
+            readiness: Readiness::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DriverConfig {
+        &self.cfg
+    }
+
+    /// Readiness flag (Probe).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Start-up work that must finish before the socket accepts requests: checks the
+    /// backend answers and rebuilds state. Marks the driver ready.
+    pub async fn start(&self) -> Result<()> {
+        if let Some(c) = &self.deps.controller {
+            c.rds.ping().await?;
+        }
+        self.readiness.set_ready();
+        Ok(())
+    }
+
+    /// The gRPC services to serve.
+    pub fn services(&self) -> Services {
+        let rds = self.deps.controller.as_ref().map(|c| Arc::clone(&c.rds));
+        Services {
+            identity: identity_server::IdentityServer::new(IdentityService::new(
+                self.cfg.driver_name.clone(),
+                self.cfg.version.clone(),
+                self.cfg.mode,
+                self.readiness.clone(),
+                rds,
+            )),
+            controller: self.deps.controller.clone().map(|deps| {
+                controller_server::ControllerServer::new(ControllerService::new(
+                    Arc::clone(&self.cfg),
+                    deps,
+                ))
+            }),
+            node: self.deps.node.clone().map(|deps| {
+                node_server::NodeServer::new(NodeService::new(Arc::clone(&self.cfg), deps))
+            }),
+        }
+    }
+}
+
+/// The tonic services of one driver.
+pub struct Services {
+    /// Identity (always).
+    pub identity: identity_server::IdentityServer<IdentityService>,
+    /// Controller, in controller/all mode.
+    pub controller: Option<controller_server::ControllerServer<ControllerService>>,
+    /// Node, in node/all mode.
+    pub node: Option<node_server::NodeServer<NodeService>>,
+}

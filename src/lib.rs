@@ -1,0 +1,26 @@
+//! rds-csi: a Kubernetes CSI driver for the MikroTik ROSE Data Server (RDS).
+//!
+//! Volumes are file-backed disks on the RDS, exported over NVMe/TCP. The controller creates
+//! them through RouterOS and fences them so a single-node volume is never attached to two
+//! nodes; nodes connect with the kernel NVMe/TCP initiator, format and mount.
+//!
+//! The crate is laid out as ports and adapters (see `DESIGN.md`): every external effect goes
+//! through a trait in [`ports`]; [`backend`] holds the embedded adapters; [`csi`] holds the
+//! thin tonic services; [`driver`] wires them by [`config::Mode`]; [`server`] owns the socket
+//! and the process lifecycle. Nothing here is global: the simulation runs many plugins in one
+//! process.
+
+pub mod backend;
+pub mod config;
+pub mod csi;
+pub mod driver;
+pub mod error;
+pub mod fsutil;
+pub mod ports;
+pub mod proto;
+pub mod retry;
+pub mod server;
+pub mod telemetry;
+pub mod types;
+
+pub use error::{Error, Result};

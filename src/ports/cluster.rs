@@ -1,0 +1,58 @@
+//! The `Cluster` port: what the controller asks of the orchestrator.
+//!
+//! Production: the Kubernetes API (Nodes, VolumeAttachments, Events). Embedded default: a
+//! local cluster of this one node.
+
+use async_trait::async_trait;
+
+use crate::types::{NodeId, VolumeId};
+
+/// Errors of the `Cluster` port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// The API cannot be reached.
+    #[error("cluster API unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the API answered.
+    #[error("cluster API error: {0}")]
+    Other(String),
+}
+
+/// A VolumeAttachment of this driver, reduced to what rebuild needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttachmentInfo {
+    /// The volume handle (our volume id).
+    pub volume_id: VolumeId,
+    /// The node it attaches to.
+    pub node_id: NodeId,
+    /// `status.attached`.
+    pub attached: bool,
+    /// Whether the object is being deleted (detach requested).
+    pub deleting: bool,
+}
+
+/// An event to record on an object (e.g. a fenced publish).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEvent {
+    /// The volume the event is about.
+    pub volume_id: VolumeId,
+    /// Short machine-readable reason (`AttachFenced`).
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+    /// Warning (true) or Normal.
+    pub warning: bool,
+}
+
+/// The orchestrator.
+#[async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    /// Whether the Node object `node` exists.
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError>;
+    /// The NVMe host NQN the node published (annotation), if known.
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
+    /// VolumeAttachments of this driver, sorted by (volume, node).
+    async fn volume_attachments(&self) -> Result<Vec<VolumeAttachmentInfo>, ClusterError>;
+    /// Records an event; best effort.
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;
+}

@@ -1,0 +1,59 @@
+//! The `AttachmentStore` port: durable attachment records (volume → node).
+//!
+//! Production: PV annotations through the Kubernetes API, written with an optimistic
+//! concurrency precondition. Embedded default: a local file, written atomically.
+//! A write returns only once the record is durable; the attachment manager answers a
+//! publish only after that.
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::types::{AccessMode, NodeId, VolumeId};
+
+/// Errors of the `AttachmentStore` port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A concurrent writer won (HTTP 409) more times than we retry.
+    #[error("attachment store conflict: {0}")]
+    Conflict(String),
+    /// The object the record lives on (e.g. the PV) does not exist.
+    #[error("attachment store object not found: {0}")]
+    NotFound(String),
+    /// The store cannot be reached; the write did not happen (or its fate is unknown).
+    #[error("attachment store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be read back.
+    #[error("attachment store holds a corrupt record: {0}")]
+    Corrupt(String),
+    /// Local I/O failed.
+    #[error("attachment store I/O error: {0}")]
+    Io(String),
+}
+
+/// One durable attachment: `volume` is attached to `node`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachmentRecord {
+    /// The attached volume.
+    pub volume_id: VolumeId,
+    /// The node it is attached to.
+    pub node_id: NodeId,
+    /// When the attachment was recorded.
+    pub attached_at: SystemTime,
+    /// Access mode it was published with.
+    pub access_mode: AccessMode,
+    /// Published read-only.
+    pub readonly: bool,
+}
+
+/// Durable storage of attachment records.
+#[async_trait]
+pub trait AttachmentStore: Send + Sync + 'static {
+    /// Durably records `record` (adding its node to the volume's holders).
+    async fn persist(&self, record: &AttachmentRecord) -> Result<(), StoreError>;
+    /// Durably removes `node`'s attachment of `volume`; other holders are kept. Absent
+    /// already is success.
+    async fn clear(&self, volume: &VolumeId, node: &NodeId) -> Result<(), StoreError>;
+    /// Every stored record, sorted by (volume, node).
+    async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError>;
+}

@@ -1,0 +1,243 @@
+//! Process lifecycle: build the driver from the CLI, finish start-up, take the socket,
+//! serve, and drain on SIGTERM/SIGINT.
+//!
+//! The gRPC server takes any incoming connection stream, so the simulation serves the same
+//! services on turmoil TCP.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+
+use crate::config::{Cli, Endpoint};
+use crate::driver::{Deps, Driver, DriverConfig, Services};
+use crate::ports::time::{SeededEntropy, SystemClock};
+use crate::types::NodeId;
+
+/// Why the plugin could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The socket is held by a live plugin.
+    #[error("{0} is in use by another running plugin; stop it first or choose another --endpoint")]
+    InUse(String),
+    /// The endpoint could not be bound.
+    #[error("cannot listen on {0}")]
+    Bind(String),
+    /// Start-up failed.
+    #[error("start-up failed: {0}")]
+    Startup(#[from] crate::Error),
+    /// The server failed.
+    #[error("gRPC server: {0}")]
+    Transport(String),
+}
+
+/// Serves `services` on `incoming` until `shutdown` resolves, then lets in-flight RPCs finish
+/// for at most `drain`.
+pub async fn serve<I, IO, IE, F>(
+    services: Services,
+    incoming: I,
+    shutdown: F,
+    drain: Duration,
+) -> Result<(), ServeError>
+where
+    I: Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    let mut builder = tonic::transport::Server::builder()
+        // A silently broken link must not hang a connection forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    let router = builder
+        .add_service(services.identity)
+        .add_optional_service(services.controller)
+        .add_optional_service(services.node)
+        .add_service(reflection);
+
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown.await;
+        let _ = stopped_tx.send(());
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.map_err(|e| ServeError::Transport(e.to_string())),
+        _ = stopped_rx => {
+            tracing::info!(drain_secs = drain.as_secs(), "stopping: no new connections, draining in-flight RPCs");
+            match tokio::time::timeout(drain, &mut server).await {
+                Ok(result) => result.map_err(|e| ServeError::Transport(e.to_string())),
+                Err(_) => {
+                    tracing::warn!("drain bound reached; exiting with RPCs still in flight");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Ownership of a bound unix socket path: holds `<socket>.lock` so that a second plugin
+/// cannot take over a socket a live one serves, and removes the socket file when dropped.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path`: a stale socket file (no process listening) is replaced; a socket held by a
+/// live plugin is not; a non-socket file is never removed.
+pub async fn bind_unix(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display().to_string();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ServeError::Bind(format!("{}: {e}", dir.display())))?;
+    }
+    let lock_path = PathBuf::from(format!("{shown}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| ServeError::Bind(format!("{}: {e}", lock_path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(ServeError::InUse(shown)),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(ServeError::Bind(format!("{}: {e}", lock_path.display())));
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::Bind(format!(
+                "{shown} exists and is not a socket; refusing to replace it"
+            )));
+        }
+        Ok(_) => match tokio::net::UnixStream::connect(path).await {
+            Ok(_) => return Err(ServeError::InUse(shown)),
+            Err(_) => {
+                tracing::info!(socket = %shown, "replacing stale socket");
+                std::fs::remove_file(path)
+                    .map_err(|e| ServeError::Bind(format!("{shown}: {e}")))?;
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ServeError::Bind(format!("{shown}: {e}"))),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| ServeError::Bind(format!("{shown}: {e}")))?;
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_path_buf(),
+            _lock: lock,
+        },
+    ))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; the plugin stops only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// The state directory: the flag, or a fixed directory under the system temp dir.
+pub fn state_dir(cli: &Cli) -> PathBuf {
+    cli.state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("rds-csi").join("state"))
+}
+
+/// Builds the driver the CLI describes.
+pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
+    crate::csi::identity::validate_driver_name(&cli.driver_name).map_err(ServeError::Config)?;
+    let node_id = NodeId::new(cli.node_id_or_hostname())
+        .map_err(|e| ServeError::Config(format!("--node-id: {e}")))?;
+    if cli.rds_address.is_some() {
+        return Err(ServeError::Config(
+            "--rds-address: the RouterOS SSH backend is not available in this build yet; \
+             omit it to run on the embedded backend"
+                .into(),
+        ));
+    }
+    if cli.kubeconfig.is_some() {
+        return Err(ServeError::Config(
+            "--kubeconfig: the Kubernetes adapters are not available in this build yet; \
+             omit it to run without Kubernetes"
+                .into(),
+        ));
+    }
+    let dir = state_dir(cli);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ServeError::Config(format!("--state-dir {}: {e}", dir.display())))?;
+    tracing::info!(state_dir = %dir.display(), "embedded backend: RDS emulated on local files");
+    let deps = Deps::embedded(
+        &dir,
+        &node_id,
+        cli.mode,
+        Arc::new(SystemClock),
+        Arc::new(SeededEntropy::from_os()),
+    )?;
+    let cfg = DriverConfig {
+        driver_name: cli.driver_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node_id,
+        mode: cli.mode,
+        max_volumes_per_node: 0,
+    };
+    Ok(Driver::new(cfg, deps)?)
+}
+
+/// Runs the plugin until SIGTERM/SIGINT.
+pub async fn run(cli: Cli) -> Result<(), ServeError> {
+    let driver = build_driver(&cli)?;
+    // Start-up (state rebuild) finishes before the socket exists, so nothing is answered
+    // from half-built state.
+    driver.start().await?;
+    let drain = Duration::from_secs(cli.drain_timeout_secs);
+    let services = driver.services();
+    let cfg = driver.config();
+    match &cli.endpoint {
+        Endpoint::Unix(path) => {
+            let (listener, _guard) = bind_unix(path).await?;
+            tracing::info!(endpoint = %cli.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, node_id = %cfg.node_id, "serving");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            serve(services, incoming, termination_signal(), drain).await
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Bind(format!("{addr}: {e}")))?;
+            tracing::info!(endpoint = %cli.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "serving");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            serve(services, incoming, termination_signal(), drain).await
+        }
+    }
+}
