@@ -16,6 +16,7 @@ pub mod csi;
 pub mod driver;
 pub mod error;
 pub mod fsutil;
+pub mod kube_rbac;
 pub mod ports;
 pub mod proto;
 pub mod retry;
