@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::attachment::{AttachmentConfig, AttachmentManager};
 use crate::backend::{file_rds::FileRds, file_store::FileStore, local_cluster::LocalCluster};
 use crate::config::Mode;
 use crate::csi::{
@@ -43,6 +44,33 @@ pub struct ControllerDeps {
     pub store: Arc<dyn AttachmentStore>,
     /// The orchestrator.
     pub cluster: Arc<dyn Cluster>,
+    /// Attachment tracking over the three ports above (publish/unpublish, fencing).
+    pub attachments: Arc<AttachmentManager>,
+}
+
+impl ControllerDeps {
+    /// Controller ports, with the attachment manager built over them.
+    pub fn new(
+        rds: Arc<dyn Rds>,
+        store: Arc<dyn AttachmentStore>,
+        cluster: Arc<dyn Cluster>,
+        clock: Arc<dyn Clock>,
+        attach: AttachmentConfig,
+    ) -> Self {
+        let attachments = Arc::new(AttachmentManager::new(
+            Arc::clone(&rds),
+            Arc::clone(&store),
+            Arc::clone(&cluster),
+            clock,
+            attach,
+        ));
+        Self {
+            rds,
+            store,
+            cluster,
+            attachments,
+        }
+    }
 }
 
 /// Ports the Node service needs (grows with the node service).
@@ -72,11 +100,13 @@ impl Deps {
         entropy: Arc<dyn Entropy>,
     ) -> Result<Self> {
         let controller = if mode.controller() {
-            Some(ControllerDeps {
-                rds: Arc::new(FileRds::open(&state_dir.join("rds"), EMBEDDED_POOL_BYTES)?),
-                store: Arc::new(FileStore::open(&state_dir.join("attachments"))?),
-                cluster: Arc::new(LocalCluster::new([node_id.clone()])),
-            })
+            Some(ControllerDeps::new(
+                Arc::new(FileRds::open(&state_dir.join("rds"), EMBEDDED_POOL_BYTES)?),
+                Arc::new(FileStore::open(&state_dir.join("attachments"))?),
+                Arc::new(LocalCluster::new([node_id.clone()])),
+                Arc::clone(&clock),
+                AttachmentConfig::default(),
+            ))
         } else {
             None
         };
@@ -130,6 +160,7 @@ impl Driver {
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.deps.controller {
             c.rds.ping().await?;
+            c.attachments.rebuild().await?;
         }
         self.readiness.set_ready();
         Ok(())

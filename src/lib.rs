@@ -10,6 +10,7 @@
 //! and the process lifecycle. Nothing here is global: the simulation runs many plugins in one
 //! process.
 
+pub mod attachment;
 pub mod backend;
 pub mod config;
 pub mod csi;
@@ -21,6 +22,7 @@ pub mod ports;
 pub mod proto;
 pub mod retry;
 pub mod server;
+pub(crate) mod sync;
 pub mod telemetry;
 pub mod types;
 

@@ -1,6 +1,7 @@
 //! Embedded `AttachmentStore`: one JSON file under the state directory, replaced atomically
 //! (write, fsync, rename, fsync dir) on every change, so a `kill -9` at any point leaves
-//! either the old or the new set of records.
+//! either the old or the new set of records, and every acknowledged write is in it.
+//! A temporary file left by a killed writer is ignored (and overwritten by the next write).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,27 +54,21 @@ impl FileStore {
 
 #[async_trait]
 impl AttachmentStore for FileStore {
-    async fn persist(&self, record: &AttachmentRecord) -> Result<(), StoreError> {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
         let mut records = self.records.lock().await;
         let mut next = records.clone();
-        next.insert(
-            (record.volume_id.clone(), record.node_id.clone()),
-            record.clone(),
-        );
-        // Only a durable write updates the cached copy.
-        self.write(&next)?;
-        *records = next;
-        Ok(())
-    }
-
-    async fn clear(&self, volume: &VolumeId, node: &NodeId) -> Result<(), StoreError> {
-        let mut records = self.records.lock().await;
-        let key = (volume.clone(), node.clone());
-        if !records.contains_key(&key) {
+        next.retain(|(v, _), _| v != volume);
+        for r in holders {
+            next.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
+        }
+        if next == *records {
             return Ok(());
         }
-        let mut next = records.clone();
-        next.remove(&key);
+        // Only a durable write updates the cached copy.
         self.write(&next)?;
         *records = next;
         Ok(())
@@ -101,25 +96,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_survive_reopen_and_clear_names_the_node() {
+    async fn records_survive_reopen_and_a_write_replaces_only_its_volume() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        store.persist(&rec("pvc-1", "node-a")).await.unwrap();
-        store.persist(&rec("pvc-2", "node-b")).await.unwrap();
+        let (v1, v2) = (
+            VolumeId::new("pvc-1").unwrap(),
+            VolumeId::new("pvc-2").unwrap(),
+        );
         store
-            .clear(
-                &VolumeId::new("pvc-1").unwrap(),
-                &NodeId::new("node-b").unwrap(),
-            )
+            .write_volume(&v1, &[rec("pvc-1", "node-a"), rec("pvc-1", "node-b")])
             .await
             .unwrap();
         store
-            .clear(
-                &VolumeId::new("pvc-2").unwrap(),
-                &NodeId::new("node-b").unwrap(),
-            )
+            .write_volume(&v2, &[rec("pvc-2", "node-b")])
             .await
             .unwrap();
+        store
+            .write_volume(&v1, &[rec("pvc-1", "node-a")])
+            .await
+            .unwrap();
+        store.write_volume(&v2, &[]).await.unwrap();
         let reopened = FileStore::open(dir.path()).unwrap();
         assert_eq!(
             reopened.load_all().await.unwrap(),
@@ -139,5 +135,72 @@ mod tests {
             std::fs::read(dir.path().join("attachments.json")).unwrap(),
             b"{not json"
         );
+    }
+
+    /// Child half of the kill -9 test: writes volumes `kill-0`, `kill-1`, ... forever,
+    /// printing each index once its write returned (was acknowledged).
+    #[tokio::test]
+    async fn kill_nine_child_writer() {
+        use std::io::Write;
+        let Some(dir) = std::env::var_os("RDS_CSI_KILL9_DIR") else {
+            return; // only runs as the child of the test below
+        };
+        let store = FileStore::open(Path::new(&dir)).unwrap();
+        let mut out = std::io::stdout().lock();
+        for i in 0u64.. {
+            let v = VolumeId::new(format!("kill-{i}")).unwrap();
+            store
+                .write_volume(&v, &[rec(v.as_str(), "node-a")])
+                .await
+                .unwrap();
+            writeln!(out, "ACK {i}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn survives_kill_nine_at_any_point_with_every_acknowledged_write() {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().unwrap();
+        for kill_after in [1u64, 2, 5, 13, 40] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut child = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "backend::file_store::tests::kill_nine_child_writer",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("RDS_CSI_KILL9_DIR", dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let mut acked = 0u64;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if line.unwrap().starts_with("ACK ") {
+                    acked += 1;
+                    if acked == kill_after {
+                        break;
+                    }
+                }
+            }
+            child.kill().unwrap(); // SIGKILL, mid-write or between writes
+            child.wait().unwrap();
+            assert_eq!(acked, kill_after, "child stopped early");
+            let store = FileStore::open(dir.path()).expect("store must reopen after kill -9");
+            let records = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(store.load_all())
+                .unwrap();
+            let n = records.len() as u64;
+            assert!(n >= acked, "{n} records after {acked} acknowledged writes");
+            let mut want: Vec<String> = (0..n).map(|i| format!("kill-{i}")).collect();
+            want.sort();
+            let got: Vec<String> = records.iter().map(|r| r.volume_id.to_string()).collect();
+            assert_eq!(got, want, "a prefix of the writes, nothing torn");
+        }
     }
 }

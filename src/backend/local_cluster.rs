@@ -10,10 +10,15 @@ use async_trait::async_trait;
 use crate::ports::cluster::{Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo};
 use crate::types::NodeId;
 
+/// Events kept for [`LocalCluster::events`].
+const MAX_EVENTS: usize = 1024;
+
 /// Known nodes and their host NQNs.
 #[derive(Debug, Default)]
 pub struct LocalCluster {
     nodes: Mutex<BTreeMap<NodeId, Option<String>>>,
+    events: Mutex<Vec<ClusterEvent>>,
+    attachments: Mutex<Option<Vec<VolumeAttachmentInfo>>>,
 }
 
 impl LocalCluster {
@@ -21,7 +26,22 @@ impl LocalCluster {
     pub fn new(nodes: impl IntoIterator<Item = NodeId>) -> Self {
         Self {
             nodes: Mutex::new(nodes.into_iter().map(|n| (n, None)).collect()),
+            ..Self::default()
         }
+    }
+
+    /// Events recorded so far, oldest first.
+    pub fn events(&self) -> Vec<ClusterEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Pretends the orchestrator has these VolumeAttachments (tests); `None` (the default):
+    /// it has none to cross-check against.
+    pub fn set_volume_attachments(&self, vas: Option<Vec<VolumeAttachmentInfo>>) {
+        *self.attachments.lock().unwrap_or_else(|p| p.into_inner()) = vas;
     }
 
     /// Adds (or updates) a node and its host NQN.
@@ -61,9 +81,13 @@ impl Cluster for LocalCluster {
             .flatten())
     }
 
-    async fn volume_attachments(&self) -> Result<Vec<VolumeAttachmentInfo>, ClusterError> {
-        // No orchestrator: the attachment store is the only record.
-        Ok(Vec::new())
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        // No orchestrator: the attachment store is the only record (unless a test says).
+        Ok(self
+            .attachments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
 
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
@@ -72,6 +96,12 @@ impl Cluster for LocalCluster {
         } else {
             tracing::info!(volume_id = %event.volume_id, reason = %event.reason, "{}", event.message);
         }
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep the most recent ones only: memory stays bounded in a long-running plugin.
+        if events.len() >= MAX_EVENTS {
+            events.remove(0);
+        }
+        events.push(event.clone());
         Ok(())
     }
 }

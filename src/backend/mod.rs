@@ -3,3 +3,4 @@
 pub mod file_rds;
 pub mod file_store;
 pub mod local_cluster;
+pub mod mem_store;

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod identity;
 pub mod inflight;
 pub mod node;
+pub mod publish;
 
 use crate::proto::{MaybeRedact, loggable};
 

@@ -51,8 +51,9 @@ pub trait Cluster: Send + Sync + 'static {
     async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError>;
     /// The NVMe host NQN the node published (annotation), if known.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
-    /// VolumeAttachments of this driver, sorted by (volume, node).
-    async fn volume_attachments(&self) -> Result<Vec<VolumeAttachmentInfo>, ClusterError>;
+    /// VolumeAttachments of this driver, sorted by (volume, node); `None` when the
+    /// orchestrator has no such objects (no Kubernetes), so there is nothing to cross-check.
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError>;
     /// Records an event; best effort.
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;
 }

@@ -1,9 +1,13 @@
-//! The `AttachmentStore` port: durable attachment records (volume → node).
+//! The `AttachmentStore` port: durable attachment records (volume → nodes).
 //!
 //! Production: PV annotations through the Kubernetes API, written with an optimistic
-//! concurrency precondition. Embedded default: a local file, written atomically.
-//! A write returns only once the record is durable; the attachment manager answers a
-//! publish only after that.
+//! concurrency precondition (`crate::kube::pv_store`). Embedded default: a local file,
+//! written atomically (`crate::backend::file_store`). A write returns only once the record
+//! is durable; the attachment manager answers a publish only after that.
+//!
+//! The unit of writing is a volume: the manager, holding the volume's lock, knows the
+//! volume's complete set of holders and writes it whole. So a store needs one write per
+//! change, and a late write can never merge with a newer one into a set nobody intended.
 
 use std::time::SystemTime;
 
@@ -49,11 +53,13 @@ pub struct AttachmentRecord {
 /// Durable storage of attachment records.
 #[async_trait]
 pub trait AttachmentStore: Send + Sync + 'static {
-    /// Durably records `record` (adding its node to the volume's holders).
-    async fn persist(&self, record: &AttachmentRecord) -> Result<(), StoreError>;
-    /// Durably removes `node`'s attachment of `volume`; other holders are kept. Absent
-    /// already is success.
-    async fn clear(&self, volume: &VolumeId, node: &NodeId) -> Result<(), StoreError>;
+    /// Durably replaces the holders of `volume` with `holders` (all with this `volume_id`,
+    /// sorted by node; empty: the volume is attached nowhere). Returns once durable.
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError>;
     /// Every stored record, sorted by (volume, node).
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError>;
 }

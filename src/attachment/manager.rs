@@ -1,0 +1,496 @@
+//! The attachment manager: which volume is attached to which node, durable before it is
+//! acknowledged, serialised per volume, fenced for single-node volumes.
+//!
+//! Invariants (each closes a bug of the earlier Go driver):
+//! - the check (who holds this volume?) and the act (record the new holder set) run under
+//!   the same per-volume lock, so two nodes publishing one volume concurrently cannot both
+//!   win;
+//! - a change is applied to memory tentatively, written through the store, and rolled back
+//!   if the write fails or the call is cancelled: nothing is reported attached that is not
+//!   durable, and memory never claims a holder the store refused;
+//! - untrack names the node: an unpublish from a node that no longer holds the volume
+//!   leaves the current holder alone;
+//! - the per-volume lock entries are freed when unused (see [`super::lock`]).
+//!
+//! Lock order: per-volume lock (async, [`LockTable`]) first, then the map lock (a std
+//! mutex over the in-memory state) for short, non-awaiting critical sections. The map lock
+//! is never held while a per-volume lock is awaited nor across any `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::attachment::lock::{LockGuard, LockTable};
+use crate::attachment::persist::write_holders;
+use crate::attachment::types::{
+    AttachmentConfig, AttachmentRecord, Holders, PublishArgs, UnpublishArgs,
+};
+use crate::error::{Error, Result};
+use crate::ports::cluster::ClusterEvent;
+use crate::ports::rds::RdsError;
+use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
+use crate::types::{NodeId, VolumeId};
+
+/// `publish_context` key: NVMe/TCP target address (same key as the volume context's).
+pub const CTX_NVME_ADDRESS: &str = "nvmeAddress";
+/// `publish_context` key: NVMe/TCP target port.
+pub const CTX_NVME_PORT: &str = "nvmePort";
+/// `publish_context` key: subsystem NQN of the volume.
+pub const CTX_NQN: &str = "nqn";
+/// `publish_context` key: filesystem type (mount volumes only).
+pub const CTX_FS_TYPE: &str = "fsType";
+
+#[derive(Debug, Default)]
+struct State {
+    volumes: BTreeMap<VolumeId, Holders>,
+    /// Number of volumes attached to each node (nodes with none are absent).
+    per_node: BTreeMap<NodeId, u64>,
+}
+
+impl State {
+    /// Replaces the holders of `volume`, keeping `per_node` in step. Returns the previous
+    /// holders.
+    fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
+        let previous = if next.is_empty() {
+            self.volumes.remove(volume).unwrap_or_default()
+        } else {
+            self.volumes
+                .insert(volume.clone(), next.clone())
+                .unwrap_or_default()
+        };
+        for node in previous.keys().filter(|n| !next.contains_key(*n)) {
+            if let Some(count) = self.per_node.get_mut(node) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_node.remove(node);
+                }
+            }
+        }
+        for node in next.keys().filter(|n| !previous.contains_key(*n)) {
+            *self.per_node.entry(node.clone()).or_insert(0) += 1;
+        }
+        previous
+    }
+}
+
+/// Tracks attachments; one per controller instance.
+pub struct AttachmentManager {
+    rds: Arc<dyn Rds>,
+    store: Arc<dyn AttachmentStore>,
+    cluster: Arc<dyn Cluster>,
+    clock: Arc<dyn Clock>,
+    cfg: AttachmentConfig,
+    locks: LockTable<VolumeId>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for AttachmentManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachmentManager")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A tentative in-memory change, rolled back on drop unless committed.
+struct Tentative<'a> {
+    mgr: &'a AttachmentManager,
+    volume: VolumeId,
+    previous: Option<Holders>,
+}
+
+impl Tentative<'_> {
+    fn commit(mut self) {
+        self.previous = None;
+    }
+}
+
+impl Drop for Tentative<'_> {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            tracing::debug!(volume_id = %self.volume, "rolling back the in-memory attachment change");
+            self.mgr.state().set(&self.volume, previous);
+        }
+    }
+}
+
+impl AttachmentManager {
+    /// A manager over the ports, with empty state (call [`Self::rebuild`] before serving).
+    pub fn new(
+        rds: Arc<dyn Rds>,
+        store: Arc<dyn AttachmentStore>,
+        cluster: Arc<dyn Cluster>,
+        clock: Arc<dyn Clock>,
+        cfg: AttachmentConfig,
+    ) -> Self {
+        Self {
+            rds,
+            store,
+            cluster,
+            clock,
+            cfg,
+            locks: LockTable::new(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AttachmentConfig {
+        &self.cfg
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn store(&self) -> &dyn AttachmentStore {
+        &*self.store
+    }
+
+    pub(crate) fn cluster(&self) -> &dyn Cluster {
+        &*self.cluster
+    }
+
+    /// Replaces the whole in-memory state (start-up only).
+    pub(crate) fn replace_all(&self, records: Vec<AttachmentRecord>) {
+        let mut state = State::default();
+        let mut by_volume: BTreeMap<VolumeId, Holders> = BTreeMap::new();
+        for r in records {
+            by_volume
+                .entry(r.volume_id.clone())
+                .or_default()
+                .insert(r.node_id.clone(), r);
+        }
+        for (volume, holders) in by_volume {
+            state.set(&volume, holders);
+        }
+        *self.state() = state;
+    }
+
+    /// Waits for `volume`'s lock. The map lock is not held here (lock order).
+    async fn lock(&self, volume: &VolumeId) -> LockGuard<VolumeId> {
+        self.locks.lock(volume.clone()).await
+    }
+
+    /// Holders of `volume` (sorted by node).
+    pub fn get(&self, volume: &VolumeId) -> Vec<AttachmentRecord> {
+        self.state()
+            .volumes
+            .get(volume)
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every attachment, sorted by (volume, node).
+    pub fn list(&self) -> Vec<AttachmentRecord> {
+        self.state()
+            .volumes
+            .values()
+            .flat_map(|h| h.values().cloned())
+            .collect()
+    }
+
+    /// Whether `volume` is attached anywhere (e.g. to refuse deleting it).
+    pub fn is_attached(&self, volume: &VolumeId) -> bool {
+        self.state().volumes.contains_key(volume)
+    }
+
+    /// Number of volumes attached to `node`.
+    pub fn volumes_on(&self, node: &NodeId) -> u64 {
+        self.state().per_node.get(node).copied().unwrap_or(0)
+    }
+
+    /// Per-volume lock entries retained (0 when idle).
+    pub fn lock_entries(&self) -> usize {
+        self.locks.len()
+    }
+
+    /// Applies `next` tentatively, checking the node limit for `adding` atomically with
+    /// the change (two volumes racing for a node's last slot cannot both get it).
+    fn apply_tentative(
+        &self,
+        volume: &VolumeId,
+        next: Holders,
+        adding: Option<&NodeId>,
+    ) -> Result<Tentative<'_>> {
+        let mut state = self.state();
+        if let Some(node) = adding {
+            let limit = self.cfg.max_volumes_per_node;
+            let on_node = state.per_node.get(node).copied().unwrap_or(0);
+            // CSI: "RESOURCE_EXHAUSTED: Indicates that the maximum supported number of
+            // volumes that can be attached to the specified node are already attached."
+            if limit > 0 && on_node >= limit {
+                return Err(Error::ResourceExhausted(format!(
+                    "node {node} already has {on_node} volumes attached, the maximum \
+                     (max volumes per node = {limit}); detach one first"
+                )));
+            }
+        }
+        let previous = state.set(volume, next);
+        Ok(Tentative {
+            mgr: self,
+            volume: volume.clone(),
+            previous: Some(previous),
+        })
+    }
+
+    /// Records `record` as a holder of its volume: check and act under the volume's lock,
+    /// durable before returning. Returns the holders the record was added to. Fencing:
+    /// another live holder of a single-node volume → FAILED_PRECONDITION; a holder whose
+    /// Node object is gone is cleared.
+    pub async fn track(&self, record: AttachmentRecord) -> Result<()> {
+        let _guard = self.lock(&record.volume_id).await;
+        self.track_locked(record, || async { Ok(()) }).await
+    }
+
+    /// Removes `node`'s attachment of `volume` (absent already is success); other holders
+    /// are kept. Durable before returning.
+    pub async fn untrack(&self, volume: &VolumeId, node: &NodeId) -> Result<()> {
+        let _guard = self.lock(volume).await;
+        self.untrack_locked(volume, Some(node)).await.map(|_| ())
+    }
+
+    async fn track_locked<F, Fut>(&self, record: AttachmentRecord, before_persist: F) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let volume = record.volume_id.clone();
+        let node = record.node_id.clone();
+        let current: Holders = self
+            .state()
+            .volumes
+            .get(&volume)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(existing) = current.get(&node) {
+            if existing.readonly == record.readonly && existing.access_mode == record.access_mode {
+                return Ok(());
+            }
+            // CSI: "ALREADY_EXISTS: Indicates that a volume corresponding to the specified
+            // volume_id has already been published at the node corresponding to the
+            // specified node_id but is incompatible with the specified volume_capability or
+            // readonly flag."
+            return Err(Error::AlreadyExists(format!(
+                "volume {volume} is already published to node {node} with readonly={} and \
+                 access mode {:?}; requested readonly={} and {:?}: unpublish it first",
+                existing.readonly, existing.access_mode, record.readonly, record.access_mode
+            )));
+        }
+        let mut next = current.clone();
+        for (other, held) in &current {
+            let exclusive =
+                record.access_mode.is_single_node() || held.access_mode.is_single_node();
+            if !exclusive {
+                if held.access_mode != record.access_mode {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {volume} is published to node {other} with access mode {:?}; \
+                         it cannot also be published with {:?}",
+                        held.access_mode, record.access_mode
+                    )));
+                }
+                continue;
+            }
+            if self.cluster.node_exists(other).await? {
+                let message = format!(
+                    "volume {volume} is attached to node {other}; a single-node volume is \
+                     attached to one node at a time, so node {node} must wait until it is \
+                     detached from {other}"
+                );
+                self.event(&volume, "AttachFenced", &message, true).await;
+                // CSI: "FAILED_PRECONDITION: Indicates that a volume corresponding to the
+                // specified volume_id has been published at another node and does not
+                // have MULTI_NODE volume capability."
+                return Err(Error::FailedPrecondition(message));
+            }
+            let message = format!(
+                "clearing the attachment of volume {volume} to node {other}: its Node object \
+                 is gone; attaching to node {node}"
+            );
+            tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
+            self.event(&volume, "StaleAttachmentCleared", &message, true)
+                .await;
+            next.remove(other);
+        }
+        next.insert(node.clone(), record);
+        let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
+        before_persist().await?;
+        write_holders(&*self.store, &volume, &next).await?;
+        tentative.commit();
+        Ok(())
+    }
+
+    /// Removes `node` (or, with `None`, every holder) from `volume`; returns the removed
+    /// records.
+    async fn untrack_locked(
+        &self,
+        volume: &VolumeId,
+        node: Option<&NodeId>,
+    ) -> Result<Vec<AttachmentRecord>> {
+        let current: Holders = self
+            .state()
+            .volumes
+            .get(volume)
+            .cloned()
+            .unwrap_or_default();
+        let (removed, next): (Holders, Holders) = current
+            .into_iter()
+            .partition(|(n, _)| node.is_none_or(|want| want == n));
+        if removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tentative = self.apply_tentative(volume, next.clone(), None)?;
+        write_holders(&*self.store, volume, &next).await?;
+        tentative.commit();
+        Ok(removed.into_values().collect())
+    }
+
+    async fn event(&self, volume: &VolumeId, reason: &str, message: &str, warning: bool) {
+        let event = ClusterEvent {
+            volume_id: volume.clone(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+            warning,
+        };
+        if let Err(e) = self.cluster.record_event(&event).await {
+            tracing::warn!(volume_id = %volume, error = %e, "cannot record event {reason}");
+        }
+    }
+
+    /// ControllerPublishVolume core: checks the volume and node exist, tracks the
+    /// attachment (fenced, durable), sets the data-path fence when enabled, and returns
+    /// the `publish_context` the node connects with.
+    pub async fn publish(&self, args: &PublishArgs) -> Result<BTreeMap<String, String>> {
+        let volume = &args.volume_id;
+        let node = &args.node_id;
+        // CSI: "NOT_FOUND: Indicates that a volume corresponding to the specified volume_id
+        // does not exist." / "... a node corresponding to the specified node_id does not
+        // exist."
+        let disk =
+            self.rds.get_disk(volume.as_str()).await?.ok_or_else(|| {
+                Error::NotFound(format!("volume {volume} does not exist on the RDS"))
+            })?;
+        if !self.cluster.node_exists(node).await? {
+            return Err(Error::NotFound(format!(
+                "node {node} does not exist (no Node object with that name)"
+            )));
+        }
+        let export = disk.export.clone().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {volume} is not exported over NVMe/TCP on the RDS"
+            ))
+        })?;
+        let fence = self.cfg.data_path_fence && args.access_mode.is_single_node();
+        let host_nqn = if fence {
+            Some(self.cluster.node_host_nqn(node).await?.ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "the data-path fence is enabled but node {node} has no host NQN \
+                     (Node annotation rds.csi.srvlab.io/host-nqn); the node plugin sets it \
+                     at start-up"
+                ))
+            })?)
+        } else {
+            None
+        };
+
+        let _guard = self.lock(volume).await;
+        let record = AttachmentRecord {
+            volume_id: volume.clone(),
+            node_id: node.clone(),
+            attached_at: self.clock.now(),
+            access_mode: args.access_mode,
+            readonly: args.readonly,
+        };
+        let slot = volume.as_str();
+        let previous_fence = disk.allowed_host_nqn.clone();
+        let fenced = std::sync::atomic::AtomicBool::new(false);
+        let result = self
+            .track_locked(record, || async {
+                // Fence before the record is durable: a failed fence leaves nothing behind.
+                if let Some(nqn) = &host_nqn
+                    && previous_fence.as_deref() != Some(nqn.as_str())
+                {
+                    self.rds.set_allowed_host(slot, Some(nqn)).await?;
+                    fenced.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            if fenced.load(std::sync::atomic::Ordering::Relaxed) {
+                // Undo the fence of a publish that did not happen (best effort).
+                if let Err(undo) = self
+                    .rds
+                    .set_allowed_host(slot, previous_fence.as_deref())
+                    .await
+                {
+                    tracing::warn!(volume_id = %volume, error = %undo, "cannot restore the data-path fence");
+                }
+            }
+            return Err(e);
+        }
+        // Idempotent repeat: make sure the fence is (still) in place.
+        if let Some(nqn) = &host_nqn
+            && !fenced.load(std::sync::atomic::Ordering::Relaxed)
+            && previous_fence.as_deref() != Some(nqn.as_str())
+        {
+            self.rds.set_allowed_host(slot, Some(nqn)).await?;
+        }
+
+        let mut ctx = BTreeMap::new();
+        if let Some(addr) = &args.nvme_address {
+            ctx.insert(CTX_NVME_ADDRESS.to_string(), addr.clone());
+        }
+        ctx.insert(CTX_NVME_PORT.to_string(), export.port.to_string());
+        ctx.insert(CTX_NQN.to_string(), export.nqn.clone());
+        if let Some(fs) = &args.fs_type
+            && !args.block
+        {
+            ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
+        }
+        Ok(ctx)
+    }
+
+    /// ControllerUnpublishVolume core: removes the named node's attachment (or all, when
+    /// no node is named), durable before returning, then lifts the data-path fence.
+    pub async fn unpublish(&self, args: &UnpublishArgs) -> Result<()> {
+        let volume = &args.volume_id;
+        let _guard = self.lock(volume).await;
+        let removed = self.untrack_locked(volume, args.node_id.as_ref()).await?;
+        if !self.cfg.data_path_fence {
+            return Ok(());
+        }
+        // Lift the fence once no single-node holder remains. Also on a repeated unpublish:
+        // if a previous attempt recorded the detach but failed to lift the fence, the disk
+        // still allows exactly this node.
+        if self.is_attached(volume) {
+            return Ok(());
+        }
+        let lift = if removed.iter().any(|r| r.access_mode.is_single_node()) {
+            true
+        } else if let Some(node) = &args.node_id {
+            let disk = match self.rds.get_disk(volume.as_str()).await? {
+                Some(d) => d,
+                None => return Ok(()),
+            };
+            match (
+                &disk.allowed_host_nqn,
+                self.cluster.node_host_nqn(node).await?,
+            ) {
+                (Some(allowed), Some(nqn)) => *allowed == nqn,
+                _ => false,
+            }
+        } else {
+            false
+        };
+        if lift {
+            match self.rds.set_allowed_host(volume.as_str(), None).await {
+                // CSI: "If the volume corresponding to the volume_id ... cannot be found by
+                // the Plugin and the volume can be safely regarded as ControllerUnpublished
+                // from the node, the plugin SHOULD return 0 OK."
+                Ok(()) | Err(RdsError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

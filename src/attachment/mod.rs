@@ -1,0 +1,15 @@
+//! Attachment tracking: which volume is attached to which node (the heart of the
+//! controller). See [`manager`] for the invariants and the lock order, [`lock`] for the
+//! per-volume lock table, [`rebuild`] for start-up.
+
+pub mod lock;
+pub mod manager;
+pub(crate) mod persist;
+pub mod rebuild;
+pub mod types;
+
+pub use manager::AttachmentManager;
+pub use types::{AttachmentConfig, AttachmentRecord, PublishArgs, UnpublishArgs};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,36 @@
+//! Writing a volume's holders through the [`AttachmentStore`] port, with the store's errors
+//! turned into answers a CO can act on.
+//!
+//! What a missing object means: a store reports `NotFound` when the object the records
+//! live on (the PersistentVolume) does not exist. For a write that adds a holder, the
+//! attachment cannot be made durable, so the publish is refused with FAILED_PRECONDITION
+//! (retrying will not help until a PV exists); a write that empties the holder set on a
+//! missing PV succeeds in the store itself (nothing left that could resurrect it).
+
+use crate::attachment::types::{AttachmentRecord, Holders};
+use crate::error::{Error, Result};
+use crate::ports::store::{AttachmentStore, StoreError};
+use crate::types::VolumeId;
+
+/// Durably writes `holders` as the complete holder set of `volume`.
+pub(crate) async fn write_holders(
+    store: &dyn AttachmentStore,
+    volume: &VolumeId,
+    holders: &Holders,
+) -> Result<()> {
+    let list: Vec<AttachmentRecord> = holders.values().cloned().collect();
+    store
+        .write_volume(volume, &list)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(what) => Error::FailedPrecondition(format!(
+                "cannot record the attachment of volume {volume} durably: {what}; \
+                 the volume needs a PersistentVolume of this driver before it can be published"
+            )),
+            StoreError::Conflict(what) => Error::Aborted(format!(
+                "recording the attachment of volume {volume} kept conflicting with concurrent \
+                 updates ({what}); retry"
+            )),
+            other => Error::Store(other),
+        })
+}

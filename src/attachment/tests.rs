@@ -1,0 +1,613 @@
+//! Behaviour of the attachment manager over the embedded adapters.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs, UnpublishArgs};
+use crate::backend::{
+    file_rds::FileRds, file_store::FileStore, local_cluster::LocalCluster, mem_store::MemStore,
+};
+use crate::error::Error;
+use crate::ports::cluster::VolumeAttachmentInfo;
+use crate::ports::rds::{DiskSpec, NvmeExport};
+use crate::ports::store::StoreError;
+use crate::ports::{AttachmentStore, Clock, Rds};
+use crate::types::{AccessMode, NodeId, VolumeId};
+
+struct FixedClock;
+impl Clock for FixedClock {
+    fn now(&self) -> std::time::SystemTime {
+        UNIX_EPOCH + Duration::from_micros(1_760_000_000_000_001)
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    rds: Arc<FileRds>,
+    store: Arc<MemStore>,
+    cluster: Arc<LocalCluster>,
+    mgr: Arc<AttachmentManager>,
+}
+
+fn vid(s: &str) -> VolumeId {
+    VolumeId::new(s).unwrap()
+}
+fn nid(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+async fn world(cfg: AttachmentConfig) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let rds = Arc::new(FileRds::open(&dir.path().join("rds"), 1 << 40).unwrap());
+    for v in ["pvc-1", "pvc-2", "pvc-3"] {
+        rds.create_disk(&DiskSpec {
+            slot: v.into(),
+            size_bytes: 1 << 20,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{v}"),
+            }),
+            copy_from: None,
+        })
+        .await
+        .unwrap();
+    }
+    let store = Arc::new(MemStore::new());
+    let cluster = Arc::new(LocalCluster::new([
+        nid("node-a"),
+        nid("node-b"),
+        nid("node-c"),
+    ]));
+    cluster.register_node(
+        nid("node-a"),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa".into()),
+    );
+    cluster.register_node(
+        nid("node-b"),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb".into()),
+    );
+    let mgr = Arc::new(AttachmentManager::new(
+        rds.clone(),
+        store.clone(),
+        cluster.clone(),
+        Arc::new(FixedClock),
+        cfg,
+    ));
+    World {
+        _dir: dir,
+        rds,
+        store,
+        cluster,
+        mgr,
+    }
+}
+
+fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
+    PublishArgs {
+        volume_id: vid(v),
+        node_id: nid(n),
+        access_mode: AccessMode::SingleNode,
+        readonly,
+        block: false,
+        fs_type: Some("ext4".into()),
+        nvme_address: Some("10.0.0.5".into()),
+    }
+}
+
+fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
+    UnpublishArgs {
+        volume_id: vid(v),
+        node_id: n.map(nid),
+    }
+}
+
+fn holders(w: &World, v: &str) -> Vec<String> {
+    w.mgr
+        .get(&vid(v))
+        .into_iter()
+        .map(|r| r.node_id.to_string())
+        .collect()
+}
+
+async fn stored(w: &World) -> Vec<(String, String)> {
+    w.store
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.volume_id.to_string(), r.node_id.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn publish_tracks_durably_and_returns_the_publish_context() {
+    let w = world(AttachmentConfig::default()).await;
+    let ctx = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    insta::with_settings!({
+        snapshot_path => concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"),
+        prepend_module_to_snapshot => false,
+    }, {
+        insta::assert_debug_snapshot!("attachment_publish_context", ctx);
+    });
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(stored(&w).await, vec![("pvc-1".into(), "node-a".into())]);
+    assert_eq!(w.mgr.volumes_on(&nid("node-a")), 1);
+    assert_eq!(w.mgr.lock_entries(), 0);
+}
+
+#[tokio::test]
+async fn repeated_publish_is_ok_ten_times_and_a_different_readonly_is_already_exists() {
+    let w = world(AttachmentConfig::default()).await;
+    let first = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            w.mgr
+                .publish(&publish_args("pvc-1", "node-a", false))
+                .await
+                .unwrap(),
+            first
+        );
+    }
+    assert_eq!(w.store.writes(), 1, "an idempotent repeat writes nothing");
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::AlreadyExists(ref m) if m.contains("readonly")),
+        "{err:?}"
+    );
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+}
+
+#[tokio::test]
+async fn unknown_volume_or_node_is_not_found() {
+    let w = world(AttachmentConfig::default()).await;
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-missing", "node-a", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("pvc-missing")),
+        "{err:?}"
+    );
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-z", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("node-z")),
+        "{err:?}"
+    );
+    assert!(w.mgr.list().is_empty());
+}
+
+#[tokio::test]
+async fn publish_to_second_node_is_fenced_with_an_event() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-b", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::FailedPrecondition(ref m) if m.contains("node-a")),
+        "{err:?}"
+    );
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    let events = w.cluster.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, "AttachFenced");
+    assert!(events[0].warning);
+}
+
+#[tokio::test]
+async fn a_holder_whose_node_is_gone_is_cleared_and_the_publish_proceeds() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    w.cluster.remove_node(&nid("node-a"));
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-b", false))
+        .await
+        .unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-b"]);
+    assert_eq!(stored(&w).await, vec![("pvc-1".into(), "node-b".into())]);
+    assert_eq!(
+        w.store.writes(),
+        2,
+        "stale clear and new holder in one write"
+    );
+    assert_eq!(w.mgr.volumes_on(&nid("node-a")), 0);
+    assert_eq!(w.cluster.events()[0].reason, "StaleAttachmentCleared");
+}
+
+#[tokio::test]
+async fn multi_node_modes_share_and_mixed_modes_are_refused() {
+    let w = world(AttachmentConfig::default()).await;
+    let rox = |n: &str| PublishArgs {
+        access_mode: AccessMode::MultiNodeReadOnly,
+        readonly: true,
+        ..publish_args("pvc-1", n, true)
+    };
+    w.mgr.publish(&rox("node-a")).await.unwrap();
+    w.mgr.publish(&rox("node-b")).await.unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a", "node-b"]);
+    let rwx = PublishArgs {
+        access_mode: AccessMode::MultiNodeMultiWriter,
+        block: true,
+        ..publish_args("pvc-1", "node-c", false)
+    };
+    let err = w.mgr.publish(&rwx).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    let single = publish_args("pvc-1", "node-c", false);
+    assert!(matches!(
+        w.mgr.publish(&single).await.unwrap_err(),
+        Error::FailedPrecondition(_)
+    ));
+    // Unpublish with no node: from every node.
+    w.mgr
+        .unpublish(&unpublish_args("pvc-1", None))
+        .await
+        .unwrap();
+    assert!(w.mgr.list().is_empty());
+    assert!(stored(&w).await.is_empty());
+}
+
+#[tokio::test]
+async fn max_volumes_per_node_is_honoured() {
+    let w = world(AttachmentConfig {
+        max_volumes_per_node: 2,
+        ..Default::default()
+    })
+    .await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    w.mgr
+        .publish(&publish_args("pvc-2", "node-a", false))
+        .await
+        .unwrap();
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-3", "node-a", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("node-a")),
+        "{err:?}"
+    );
+    // The repeat of an existing attachment is not a new one.
+    w.mgr
+        .publish(&publish_args("pvc-2", "node-a", false))
+        .await
+        .unwrap();
+    w.mgr
+        .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+        .await
+        .unwrap();
+    w.mgr
+        .publish(&publish_args("pvc-3", "node-a", false))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_persist_rolls_back_memory_and_fails_the_rpc() {
+    let w = world(AttachmentConfig::default()).await;
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    assert!(w.mgr.list().is_empty());
+    assert_eq!(w.mgr.volumes_on(&nid("node-a")), 0);
+    // A conflict storm beyond the store's retries is ABORTED.
+    w.store
+        .fail_next_writes([StoreError::Conflict("pv pvc-1".into())]);
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    // A missing PV refuses the publish.
+    w.store
+        .fail_next_writes([StoreError::NotFound("PersistentVolume pvc-1".into())]);
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(w.mgr.list().is_empty());
+
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    assert!(
+        w.mgr
+            .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        holders(&w, "pvc-1"),
+        vec!["node-a"],
+        "unpublish rolled back"
+    );
+    assert_eq!(stored(&w).await.len(), 1);
+    assert_eq!(w.mgr.lock_entries(), 0);
+}
+
+/// A store whose writes never finish (an API server that stopped answering).
+struct StuckStore(tokio::sync::Notify);
+#[async_trait::async_trait]
+impl AttachmentStore for StuckStore {
+    async fn write_volume(
+        &self,
+        _: &VolumeId,
+        _: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn a_publish_cancelled_during_its_write_leaves_no_tentative_state() {
+    let w = world(AttachmentConfig::default()).await;
+    let store = Arc::new(StuckStore(tokio::sync::Notify::new()));
+    let mgr = AttachmentManager::new(
+        w.rds.clone(),
+        store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    let args = publish_args("pvc-1", "node-a", false);
+    tokio::select! {
+        r = mgr.publish(&args) => panic!("the write cannot finish: {r:?}"),
+        // The write is in flight; select! drops the publish (the client went away).
+        () = store.0.notified() => {}
+    }
+    assert!(mgr.list().is_empty());
+    assert_eq!(mgr.volumes_on(&nid("node-a")), 0);
+    assert_eq!(mgr.lock_entries(), 0);
+}
+
+#[tokio::test]
+async fn unpublish_from_the_wrong_node_keeps_the_holder_and_is_ok() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    w.mgr
+        .unpublish(&unpublish_args("pvc-1", Some("node-b")))
+        .await
+        .unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(w.store.writes(), 1);
+    for _ in 0..3 {
+        w.mgr
+            .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+            .await
+            .unwrap();
+    }
+    assert!(w.mgr.list().is_empty());
+    // Unknown volume: "the volume can be safely regarded as ControllerUnpublished".
+    w.mgr
+        .unpublish(&unpublish_args("pvc-unknown", Some("node-a")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_publishing_one_volume_concurrently_exactly_one_wins() {
+    for round in 0..50 {
+        let w = world(AttachmentConfig::default()).await;
+        let (m1, m2) = (w.mgr.clone(), w.mgr.clone());
+        let a =
+            tokio::spawn(async move { m1.publish(&publish_args("pvc-1", "node-a", false)).await });
+        let b =
+            tokio::spawn(async move { m2.publish(&publish_args("pvc-1", "node-b", false)).await });
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(a.is_ok() != b.is_ok(), "round {round}: {a:?} / {b:?}");
+        let loser = if a.is_ok() { b } else { a };
+        assert!(matches!(loser, Err(Error::FailedPrecondition(_))));
+        assert_eq!(w.mgr.get(&vid("pvc-1")).len(), 1);
+        assert_eq!(stored(&w).await.len(), 1);
+        assert_eq!(w.mgr.lock_entries(), 0);
+    }
+}
+
+#[tokio::test]
+async fn data_path_fence_follows_the_holder() {
+    let w = world(AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    })
+    .await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    let allowed = || async {
+        w.rds
+            .get_disk("pvc-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn
+    };
+    assert_eq!(
+        allowed().await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")
+    );
+    // node-a vanishes; node-b takes over: the fence moves, so node-a cannot reach the disk.
+    w.cluster.remove_node(&nid("node-a"));
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-b", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed().await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb")
+    );
+    w.mgr
+        .unpublish(&unpublish_args("pvc-1", Some("node-b")))
+        .await
+        .unwrap();
+    assert_eq!(allowed().await, None);
+    // A node without a host NQN cannot be fenced to: refused, nothing recorded.
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-2", "node-c", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::FailedPrecondition(ref m) if m.contains("host NQN")),
+        "{err:?}"
+    );
+    assert!(w.mgr.list().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_persist_undoes_the_fence() {
+    let w = world(AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    })
+    .await;
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    assert!(
+        w.mgr
+            .publish(&publish_args("pvc-1", "node-a", false))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        w.rds
+            .get_disk("pvc-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn,
+        None
+    );
+}
+
+#[tokio::test]
+async fn rebuild_restores_records_and_drops_those_whose_detach_completed() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    w.mgr
+        .publish(&publish_args("pvc-2", "node-b", false))
+        .await
+        .unwrap();
+    // pvc-2's VolumeAttachment is gone: its unpublish was acknowledged.
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-a"),
+            attached: true,
+            deleting: false,
+        }]));
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    let report = restarted.rebuild().await.unwrap();
+    assert_eq!((report.kept, report.dropped), (1, 1));
+    assert_eq!(restarted.list().len(), 1);
+    assert_eq!(restarted.get(&vid("pvc-1"))[0].node_id, nid("node-a"));
+    assert_eq!(
+        stored(&w).await,
+        vec![("pvc-1".into(), "node-a".into())],
+        "stale record cleared"
+    );
+    // Fencing works on rebuilt state.
+    assert!(
+        restarted
+            .publish(&publish_args("pvc-1", "node-b", false))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledged_unpublish_never_comes_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(AttachmentConfig::default()).await;
+    let open = || -> Arc<AttachmentManager> {
+        Arc::new(AttachmentManager::new(
+            w.rds.clone(),
+            Arc::new(FileStore::open(dir.path()).unwrap()),
+            w.cluster.clone(),
+            Arc::new(FixedClock),
+            AttachmentConfig::default(),
+        ))
+    };
+    let m = open();
+    m.rebuild().await.unwrap();
+    m.publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    m.publish(&publish_args("pvc-2", "node-a", false))
+        .await
+        .unwrap();
+    m.unpublish(&unpublish_args("pvc-1", Some("node-a")))
+        .await
+        .unwrap();
+    drop(m);
+    let m = open();
+    m.rebuild().await.unwrap();
+    let vols: Vec<String> = m
+        .list()
+        .into_iter()
+        .map(|r| r.volume_id.to_string())
+        .collect();
+    assert_eq!(vols, vec!["pvc-2"]);
+}
