@@ -30,14 +30,10 @@ use crate::ports::rds::RdsError;
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
 use crate::types::{NodeId, VolumeId};
 
-/// `publish_context` key: NVMe/TCP target address (same key as the volume context's).
-pub const CTX_NVME_ADDRESS: &str = "nvmeAddress";
-/// `publish_context` key: NVMe/TCP target port.
-pub const CTX_NVME_PORT: &str = "nvmePort";
-/// `publish_context` key: subsystem NQN of the volume.
-pub const CTX_NQN: &str = "nqn";
-/// `publish_context` key: filesystem type (mount volumes only).
-pub const CTX_FS_TYPE: &str = "fsType";
+use crate::csi::context::{
+    FS_TYPE as CTX_FS_TYPE, NQN as CTX_NQN, NVME_ADDRESS as CTX_NVME_ADDRESS,
+    NVME_PORT as CTX_NVME_PORT,
+};
 
 #[derive(Debug, Default)]
 struct State {

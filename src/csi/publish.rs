@@ -10,10 +10,9 @@ use crate::proto::csi::{
 };
 use crate::types::{AccessMode, NodeId, VolumeId};
 
-/// Volume-context key of the NVMe/TCP address the node connects to.
-pub const VOLUME_CONTEXT_NVME_ADDRESS: &str = "nvmeAddress";
-/// Volume-context key of the filesystem type.
-pub const VOLUME_CONTEXT_FS_TYPE: &str = "fsType";
+use crate::csi::context::{
+    FS_TYPE as VOLUME_CONTEXT_FS_TYPE, NVME_ADDRESS as VOLUME_CONTEXT_NVME_ADDRESS,
+};
 
 fn volume_id(value: &str) -> Result<VolumeId> {
     if value.is_empty() {
