@@ -41,6 +41,7 @@ Sub-commands:
                     (kubernetes-validate, strict) or, for CRD kinds it does not ship, the
                     schemas in deploy/schemas/
   json     DIR...   print every document as JSON: [{"file": ..., "doc": {...}}, ...]
+  unused-values     list the values.yaml leaves no template reads
 """
 
 import argparse
@@ -52,7 +53,13 @@ import os
 import re
 import sys
 
-import yaml
+try:
+    import yaml
+except ImportError:
+    sys.exit(
+        "deploycheck.py needs PyYAML and kubernetes-validate: "
+        "pip install kubernetes-validate==1.37.0 (it brings PyYAML and jsonschema)"
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEPLOY = os.path.dirname(HERE)
@@ -256,6 +263,7 @@ def call(fn, args, name):
 
 
 def lookup(ctx, path, name):
+    ctx.setdefault("_used", set()).add(tuple(path))
     v = ctx
     for i, key in enumerate(path):
         if not isinstance(v, dict) or key not in v:
@@ -323,8 +331,13 @@ def load_yaml_file(path):
         return yaml.safe_load(f)
 
 
-def render_chart(chart=CHART, value_files=(), release=DEFAULT_RELEASE, namespace=DEFAULT_NAMESPACE):
-    """Returns {template file name: rendered text} for every template except partials/NOTES."""
+def render_chart(
+    chart=CHART, value_files=(), release=DEFAULT_RELEASE, namespace=DEFAULT_NAMESPACE, used=None
+):
+    """Returns {template file name: rendered text} for every template.
+
+    When `used` is a set, the paths of all values the templates looked up are added to it.
+    """
     meta = load_yaml_file(os.path.join(chart, "Chart.yaml"))
     values = load_yaml_file(os.path.join(chart, "values.yaml")) or {}
     for vf in value_files:
@@ -347,7 +360,29 @@ def render_chart(chart=CHART, value_files=(), release=DEFAULT_RELEASE, namespace
             raise TemplateError(f"{fname}: unexpected file in templates/")
         with open(os.path.join(tdir, fname), encoding="utf-8") as f:
             out[fname] = render_text(f.read(), ctx, f"templates/{fname}")
+    if used is not None:
+        used.update(ctx.get("_used", set()))
     return out
+
+
+def leaves(values, prefix=()):
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,)
+
+
+def unused_values():
+    """Leaf paths of values.yaml that no template reads (with the default values)."""
+    used = set()
+    render_chart(used=used)
+    values = load_yaml_file(os.path.join(CHART, "values.yaml")) or {}
+    return sorted(
+        ".".join(leaf)
+        for leaf in leaves(values)
+        if not any(u[: len(leaf) + 1] == ("Values",) + leaf for u in used)
+    )
 
 
 def write_rendered(rendered, out_dir):
@@ -467,6 +502,7 @@ def main(argv):
     c.add_argument("--manifests", default=MANIFESTS)
     v = sub.add_parser("validate")
     v.add_argument("paths", nargs="+")
+    sub.add_parser("unused-values")
     j = sub.add_parser("json")
     j.add_argument("paths", nargs="+")
     args = p.parse_args(argv)
@@ -494,6 +530,8 @@ def main(argv):
                 print("\n".join(errors))
                 return 1
             print(f"all documents valid (Kubernetes {KUBERNETES_VERSION}, strict)")
+        elif args.cmd == "unused-values":
+            print("\n".join(unused_values()))
         elif args.cmd == "json":
             docs = [{"file": path, "doc": doc} for path, doc in documents(args.paths)]
             json.dump(docs, sys.stdout)
