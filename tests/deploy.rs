@@ -29,7 +29,8 @@ const RELEASE: &str = "rds-csi";
 const NAMESPACE: &str = "kube-system";
 
 /// Sidecar RBAC, per each sidecar's upstream `deploy/kubernetes/rbac.yaml` (the optional
-/// secrets rules left out: the driver takes no CSI secrets). Bumping a sidecar image may
+/// rules for unused features left out: CSI secrets, group snapshots, cross-namespace data
+/// sources). Bumping a sidecar image may
 /// change its needs: update both this table and `rbac-sidecars.yaml` from its release notes.
 const PROVISIONER: &[ApiAccess] = &[
     (
@@ -71,12 +72,17 @@ const PROVISIONER: &[ApiAccess] = &[
     ),
 ];
 const ATTACHER: &[ApiAccess] = &[
-    ("", "persistentvolumes", &["get", "list", "watch", "patch"]),
+    (
+        "",
+        "persistentvolumes",
+        &["get", "list", "watch", "update", "patch"],
+    ),
+    ("", "nodes", &["get", "list", "watch"]),
     ("storage.k8s.io", "csinodes", &["get", "list", "watch"]),
     (
         "storage.k8s.io",
         "volumeattachments",
-        &["get", "list", "watch", "patch"],
+        &["get", "list", "watch", "update", "patch"],
     ),
     ("storage.k8s.io", "volumeattachments/status", &["patch"]),
 ];
@@ -110,7 +116,7 @@ const SNAPSHOTTER: &[ApiAccess] = &[
     (
         "snapshot.storage.k8s.io",
         "volumesnapshotcontents",
-        &["get", "list", "watch", "update", "patch"],
+        &["create", "get", "list", "watch", "update", "patch"],
     ),
     (
         "snapshot.storage.k8s.io",
