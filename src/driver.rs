@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::attachment::{AttachmentConfig, AttachmentManager};
-use crate::backend::{file_rds::FileRds, file_store::FileStore, local_cluster::LocalCluster};
+use crate::backend::{file_store::FileStore, local_cluster::LocalCluster};
 use crate::config::Mode;
 use crate::csi::{
     controller::ControllerService,
@@ -19,6 +19,10 @@ use crate::types::NodeId;
 
 /// Size of the embedded backend's pool.
 pub const EMBEDDED_POOL_BYTES: u64 = 1 << 40;
+/// Mount point of the embedded RDS's pool.
+pub const EMBEDDED_POOL_MOUNT: &str = "pool";
+/// Where the embedded RDS keeps disk files (host path: `<state-dir>/rds/pool/volumes`).
+pub const EMBEDDED_VOLUME_PATH: &str = "pool/volumes";
 
 /// What a plugin instance is, independent of its adapters.
 #[derive(Debug, Clone)]
@@ -101,7 +105,7 @@ impl Deps {
     ) -> Result<Self> {
         let controller = if mode.controller() {
             Some(ControllerDeps::new(
-                Arc::new(FileRds::open(&state_dir.join("rds"), EMBEDDED_POOL_BYTES)?),
+                embedded_rds(state_dir, Arc::clone(&clock), Arc::clone(&entropy))?,
                 Arc::new(FileStore::open(&state_dir.join("attachments"))?),
                 Arc::new(LocalCluster::new([node_id.clone()])),
                 Arc::clone(&clock),
@@ -118,6 +122,42 @@ impl Deps {
             node,
         })
     }
+}
+
+/// The embedded RDS: the RouterOS emulator on sparse files under `<state_dir>/rds`
+/// (a pool mounted at [`EMBEDDED_POOL_MOUNT`], disks under [`EMBEDDED_VOLUME_PATH`]),
+/// reached in-process through the same renderer, CLI reader and parser as a real RDS.
+pub fn embedded_rds(
+    state_dir: &Path,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+) -> Result<Arc<dyn Rds>> {
+    use crate::routeros::{
+        RdsLayout, RouterOsRds,
+        emulator::{Emulator, PoolConfig},
+        transport::inproc::InProcess,
+    };
+    let emulator = Emulator::open_dir(
+        &state_dir.join("rds"),
+        PoolConfig {
+            slot: "pool".into(),
+            mount_point: EMBEDDED_POOL_MOUNT.into(),
+            size_bytes: EMBEDDED_POOL_BYTES,
+        },
+        clock,
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let layout = RdsLayout {
+        volume_base_path: EMBEDDED_VOLUME_PATH.into(),
+        pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
+    };
+    let rds = RouterOsRds::new(
+        InProcess::new(Arc::new(emulator)),
+        &layout,
+        crate::retry::Backoff::API,
+        entropy,
+    )?;
+    Ok(Arc::new(rds))
 }
 
 /// A plugin instance: its services and readiness.

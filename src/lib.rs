@@ -21,6 +21,7 @@ pub mod kube_rbac;
 pub mod ports;
 pub mod proto;
 pub mod retry;
+pub mod routeros;
 pub mod server;
 pub(crate) mod sync;
 pub mod telemetry;

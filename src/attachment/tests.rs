@@ -4,14 +4,13 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs, UnpublishArgs};
-use crate::backend::{
-    file_rds::FileRds, file_store::FileStore, local_cluster::LocalCluster, mem_store::MemStore,
-};
+use crate::backend::{file_store::FileStore, local_cluster::LocalCluster, mem_store::MemStore};
 use crate::error::Error;
 use crate::ports::cluster::VolumeAttachmentInfo;
 use crate::ports::rds::{DiskSpec, NvmeExport};
 use crate::ports::store::StoreError;
 use crate::ports::{AttachmentStore, Clock, Rds};
+use crate::routeros::InMemoryRds;
 use crate::types::{AccessMode, NodeId, VolumeId};
 
 struct FixedClock;
@@ -23,7 +22,7 @@ impl Clock for FixedClock {
 
 struct World {
     _dir: tempfile::TempDir,
-    rds: Arc<FileRds>,
+    rds: Arc<InMemoryRds>,
     store: Arc<MemStore>,
     cluster: Arc<LocalCluster>,
     mgr: Arc<AttachmentManager>,
@@ -38,7 +37,7 @@ fn nid(s: &str) -> NodeId {
 
 async fn world(cfg: AttachmentConfig) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let rds = Arc::new(FileRds::open(&dir.path().join("rds"), 1 << 40).unwrap());
+    let rds = crate::routeros::in_memory_rds(1 << 40);
     for v in ["pvc-1", "pvc-2", "pvc-3"] {
         rds.create_disk(&DiskSpec {
             slot: v.into(),

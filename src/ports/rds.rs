@@ -103,4 +103,42 @@ pub trait Rds: Send + Sync + 'static {
     async fn capacity(&self) -> Result<PoolCapacity, RdsError>;
     /// Sets (or with `None` clears) the host NQN allowed to connect to the disk's export.
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError>;
+
+    /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size.
+    /// `NotFound` when the source is absent; `AlreadyExists` when `slot` is taken.
+    async fn create_snapshot(&self, source: &str, slot: &str) -> Result<Disk, RdsError> {
+        let src = self
+            .get_disk(source)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("snapshot source disk slot={source}")))?;
+        self.create_disk(&DiskSpec {
+            slot: slot.to_string(),
+            size_bytes: src.size_bytes,
+            export: None,
+            copy_from: Some(source.to_string()),
+        })
+        .await
+    }
+
+    /// Snapshots (non-exported disks) whose slot starts with `slot_prefix`, sorted by slot.
+    async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        let mut disks = self.list_disks(slot_prefix).await?;
+        disks.retain(|d| d.export.is_none());
+        Ok(disks)
+    }
+
+    /// Deletes a snapshot (its disk entry and file). Absent already is success.
+    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
+        self.delete_disk(slot).await
+    }
+
+    /// Creates volume `spec.slot` as a copy of disk `source` (a volume or a snapshot):
+    /// restore and clone. `spec.size_bytes` must be at least the source's size.
+    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.create_disk(&DiskSpec {
+            copy_from: Some(source.to_string()),
+            ..spec.clone()
+        })
+        .await
+    }
 }

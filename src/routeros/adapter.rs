@@ -1,0 +1,852 @@
+//! The `Rds` port over RouterOS: typed commands → renderer → transport → parser.
+//!
+//! Observe, then act: every mutation first reads the disk it is about to change, and an
+//! answer that may or may not have been applied (timeout, lost connection, busy) is
+//! resolved by observing again — "already done" is success. Only reads and writes made
+//! idempotent this way are retried, with the seeded [`Backoff`] (jitter from the injected
+//! [`Entropy`]). Deleting a volume removes the disk entry AND its backing file (RouterOS
+//! keeps the file when the entry goes), both idempotently.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::ports::Entropy;
+use crate::ports::rds::{Disk, DiskSpec, NvmeExport, PoolCapacity, Rds, RdsError};
+use crate::retry::Backoff;
+use crate::routeros::command::{
+    Command, DEFAULT_NVME_PORT, DiskAdd, DiskFilter, ExportSpec, PrintStyle,
+};
+use crate::routeros::parse::{DiskInfo, FileInfo, Record, RosError, check_reply, parse_print};
+use crate::routeros::render::{RenderError, Renderer};
+use crate::routeros::transport::Transport;
+
+/// Where volumes live on the RDS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdsLayout {
+    /// Directory of the backing files, relative to the RDS root, e.g. `storage-pool/rds-csi`.
+    pub volume_base_path: String,
+    /// Mount point of the pool that directory is on (capacity), e.g. `storage-pool`.
+    pub pool_mount_point: String,
+}
+
+/// The `Rds` adapter over a RouterOS [`Transport`].
+pub struct RouterOsRds<T: Transport> {
+    transport: T,
+    renderer: Renderer,
+    pool_mount_point: String,
+    retry: Backoff,
+    entropy: Arc<dyn Entropy>,
+}
+
+impl<T: Transport> std::fmt::Debug for RouterOsRds<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterOsRds")
+            .field("base_path", &self.renderer.base_path())
+            .field("pool_mount_point", &self.pool_mount_point)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<RosError> for RdsError {
+    fn from(e: RosError) -> Self {
+        match e {
+            RosError::NotFound(m) => RdsError::NotFound(m),
+            RosError::AlreadyExists(m) => RdsError::AlreadyExists(m),
+            RosError::Invalid(m) => RdsError::Rejected(m),
+            RosError::NoSpace(m) => RdsError::NoSpace(m),
+            RosError::Unavailable(m) => RdsError::Unavailable(m),
+            RosError::Protocol(m) => RdsError::Protocol(m),
+        }
+    }
+}
+
+impl From<RenderError> for RdsError {
+    fn from(e: RenderError) -> Self {
+        RdsError::Rejected(e.to_string())
+    }
+}
+
+/// Whether an error leaves it unknown if a write was applied (and a retry may succeed).
+fn ambiguous(e: &RdsError) -> bool {
+    matches!(e, RdsError::Unavailable(_) | RdsError::Timeout(_))
+}
+
+/// What a write should have achieved, checked by observing.
+enum Expect<'a> {
+    Created(&'a DiskSpec),
+    Size(&'a str, u64),
+    AllowHost(&'a str, Option<&'a str>),
+    DiskGone(&'a str),
+    FileGone(&'a str),
+}
+
+impl<T: Transport> RouterOsRds<T> {
+    /// An adapter over `transport`; refuses a layout the renderer cannot express or a base
+    /// path that is not on the pool.
+    pub fn new(
+        transport: T,
+        layout: &RdsLayout,
+        retry: Backoff,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<Self, RdsError> {
+        let renderer = Renderer::new(&layout.volume_base_path)?;
+        let mp = layout.pool_mount_point.trim_end_matches('/');
+        if !renderer.base_path().starts_with(&format!("{mp}/")) {
+            return Err(RdsError::Rejected(format!(
+                "volume base path {:?} is not under the pool mount point {mp:?}",
+                layout.volume_base_path
+            )));
+        }
+        Ok(Self {
+            transport,
+            renderer,
+            pool_mount_point: mp.to_string(),
+            retry,
+            entropy,
+        })
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The backing file path of a slot on the RDS.
+    pub fn file_path_for(&self, slot: &str) -> String {
+        self.renderer.file_path_for(slot)
+    }
+
+    async fn pause(&self, attempt: u32) {
+        tokio::time::sleep(self.retry.delay(attempt, self.entropy.as_ref())).await;
+    }
+
+    /// Runs a read, retrying transient failures.
+    async fn read(&self, cmd: &Command) -> Result<Vec<Record>, RdsError> {
+        let line = self.renderer.render(cmd)?;
+        let mut attempt = 0;
+        loop {
+            let result = match self.transport.run(&line).await {
+                Ok(out) => parse_print(&out).map_err(RdsError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if ambiguous(&e) && attempt + 1 < self.retry.max_attempts.max(1) => {
+                    tracing::debug!(command = %line, error = %e, attempt, "RouterOS read failed; retrying");
+                    self.pause(attempt).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs a write once.
+    async fn write_once(&self, cmd: &Command) -> Result<(), RdsError> {
+        let line = self.renderer.render(cmd)?;
+        tracing::debug!(command = %line, "RouterOS write");
+        let out = self.transport.run(&line).await?;
+        check_reply(&out)?;
+        Ok(())
+    }
+
+    /// Runs a write; an ambiguous failure is resolved by observing `expect`, and the write
+    /// is repeated only when the observation shows it was not applied.
+    async fn write(&self, cmd: &Command, expect: Expect<'_>) -> Result<(), RdsError> {
+        let mut attempt = 0;
+        loop {
+            let err = match self.write_once(cmd).await {
+                Ok(()) => return Ok(()),
+                Err(e) if ambiguous(&e) => e,
+                // A repeated add that finds its own earlier attempt applied.
+                Err(RdsError::AlreadyExists(m)) if attempt > 0 => {
+                    if self.applied(&expect).await? {
+                        return Ok(());
+                    }
+                    return Err(RdsError::AlreadyExists(m));
+                }
+                Err(e) => return Err(e),
+            };
+            tracing::debug!(error = %err, attempt, "RouterOS write outcome unknown; observing");
+            if attempt + 1 >= self.retry.max_attempts.max(1) {
+                return match self.applied(&expect).await {
+                    Ok(true) => Ok(()),
+                    _ => Err(err),
+                };
+            }
+            self.pause(attempt).await;
+            attempt += 1;
+            match self.applied(&expect).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if ambiguous(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn applied(&self, expect: &Expect<'_>) -> Result<bool, RdsError> {
+        Ok(match expect {
+            Expect::Created(spec) => match self.observe_disk(&spec.slot).await? {
+                Some(d) => matches_spec(&d, spec, &self.renderer.file_path_for(&spec.slot)),
+                None => false,
+            },
+            Expect::Size(slot, size) => self
+                .observe_disk(slot)
+                .await?
+                .is_some_and(|d| d.file_size == Some(*size)),
+            Expect::AllowHost(slot, host) => self
+                .observe_disk(slot)
+                .await?
+                .is_some_and(|d| d.allow_host.as_deref() == *host),
+            Expect::DiskGone(slot) => self.observe_disk(slot).await?.is_none(),
+            Expect::FileGone(name) => self.observe_file(name).await?.is_none(),
+        })
+    }
+
+    /// The file-backed disk in `slot`, as RouterOS prints it.
+    async fn observe_disk(&self, slot: &str) -> Result<Option<DiskInfo>, RdsError> {
+        let records = self
+            .read(&Command::DiskPrint {
+                filter: DiskFilter::Slot(slot.to_string()),
+                style: PrintStyle::Detail,
+            })
+            .await?;
+        for r in &records {
+            let d = DiskInfo::from_record(r)?;
+            if d.slot == slot {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn observe_file(&self, name: &str) -> Result<Option<FileInfo>, RdsError> {
+        let records = self
+            .read(&Command::FilePrint {
+                name: name.to_string(),
+                exact: true,
+            })
+            .await?;
+        for r in &records {
+            let f = FileInfo::from_record(r)?;
+            if f.name == name {
+                return Ok(Some(f));
+            }
+        }
+        Ok(None)
+    }
+
+    fn to_disk(&self, d: DiskInfo, created_unix: Option<i64>) -> Result<Disk, RdsError> {
+        if d.kind.as_deref() != Some("file") {
+            return Err(RdsError::Rejected(format!(
+                "disk slot={} is not a file-backed disk (type={})",
+                d.slot,
+                d.kind.as_deref().unwrap_or("unknown")
+            )));
+        }
+        let file_path = d
+            .file_path
+            .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-path", d.slot)))?;
+        let size_bytes = d
+            .file_size
+            .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-size", d.slot)))?;
+        let export = if d.nvme_export {
+            Some(NvmeExport {
+                port: d.nvme_port.unwrap_or(DEFAULT_NVME_PORT),
+                nqn: d.nvme_nqn.unwrap_or_else(|| d.slot.clone()),
+            })
+        } else {
+            None
+        };
+        Ok(Disk {
+            slot: d.slot,
+            file_path,
+            size_bytes,
+            export,
+            allowed_host_nqn: d.allow_host,
+            created_unix,
+        })
+    }
+
+    /// Refuses to touch a disk whose file is not under our base path.
+    fn check_owned(&self, d: &DiskInfo) -> Result<(), RdsError> {
+        let base = format!("{}/", self.renderer.base_path());
+        match &d.file_path {
+            Some(p) if p.starts_with(&base) => Ok(()),
+            other => Err(RdsError::Rejected(format!(
+                "disk slot={} has file-path {:?}, outside the volume base path {:?}; \
+                 refusing to change it",
+                d.slot,
+                other.as_deref().unwrap_or(""),
+                self.renderer.base_path()
+            ))),
+        }
+    }
+}
+
+fn matches_spec(d: &DiskInfo, spec: &DiskSpec, file_path: &str) -> bool {
+    d.file_path.as_deref() == Some(file_path)
+        && d.file_size == Some(spec.size_bytes)
+        && match &spec.export {
+            Some(e) => {
+                d.nvme_export
+                    && d.nvme_port.unwrap_or(DEFAULT_NVME_PORT) == e.port
+                    && d.nvme_nqn.as_deref() == Some(e.nqn.as_str())
+            }
+            None => !d.nvme_export,
+        }
+}
+
+#[async_trait]
+impl<T: Transport> Rds for RouterOsRds<T> {
+    async fn ping(&self) -> Result<(), RdsError> {
+        self.capacity().await.map(|_| ())
+    }
+
+    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        let file_path = self.renderer.file_path_for(&spec.slot);
+        let cmd = Command::DiskAdd(DiskAdd {
+            slot: spec.slot.clone(),
+            file_path: file_path.clone(),
+            size_bytes: Some(spec.size_bytes),
+            copy_from: spec.copy_from.clone(),
+            export: spec.export.as_ref().map(|e| ExportSpec {
+                port: e.port,
+                nqn: e.nqn.clone(),
+                allow_host: None,
+            }),
+        });
+        // Render before any I/O: a hostile spec never reaches the transport.
+        self.renderer.render(&cmd)?;
+        if self.observe_disk(&spec.slot).await?.is_some() {
+            return Err(RdsError::AlreadyExists(format!("disk slot={}", spec.slot)));
+        }
+        match self.write(&cmd, Expect::Created(spec)).await {
+            Ok(()) => {}
+            Err(RdsError::AlreadyExists(m)) => {
+                // No disk has this slot (observed above), so the file is an orphan left by
+                // a delete interrupted between entry and file removal: finish that delete.
+                if self.observe_disk(&spec.slot).await?.is_some() {
+                    return Err(RdsError::AlreadyExists(m));
+                }
+                tracing::info!(slot = %spec.slot, file = %file_path, "removing orphaned backing file before create");
+                let rm = Command::FileRemove {
+                    name: file_path.clone(),
+                };
+                self.write(&rm, Expect::FileGone(&file_path)).await?;
+                self.write(&cmd, Expect::Created(spec)).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.get_disk(&spec.slot).await?.ok_or_else(|| {
+            RdsError::Protocol(format!(
+                "disk slot={} is missing right after it was created",
+                spec.slot
+            ))
+        })
+    }
+
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        let Some(d) = self.observe_disk(slot).await? else {
+            return Ok(None);
+        };
+        let created = match &d.file_path {
+            Some(p)
+                if self
+                    .renderer
+                    .render(&Command::FilePrint {
+                        name: p.clone(),
+                        exact: true,
+                    })
+                    .is_ok() =>
+            {
+                self.observe_file(p).await?.and_then(|f| f.created_unix)
+            }
+            _ => None,
+        };
+        self.to_disk(d, created).map(Some)
+    }
+
+    async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        let filter = if slot_prefix.is_empty() {
+            DiskFilter::All
+        } else {
+            DiskFilter::SlotPrefix(slot_prefix.to_string())
+        };
+        let records = self
+            .read(&Command::DiskPrint {
+                filter,
+                style: PrintStyle::Detail,
+            })
+            .await?;
+        let files = self
+            .read(&Command::FilePrint {
+                name: self.renderer.base_path().to_string(),
+                exact: false,
+            })
+            .await?;
+        let mut created = std::collections::BTreeMap::new();
+        for r in &files {
+            let f = FileInfo::from_record(r)?;
+            if let Some(t) = f.created_unix {
+                created.insert(f.name, t);
+            }
+        }
+        let mut out = Vec::new();
+        for r in &records {
+            let d = DiskInfo::from_record(r)?;
+            // `slot~"^p"` is a regex: re-check the prefix exactly; skip pools and drives.
+            if !d.slot.starts_with(slot_prefix) || d.kind.as_deref() != Some("file") {
+                continue;
+            }
+            let t = d.file_path.as_ref().and_then(|p| created.get(p).copied());
+            out.push(self.to_disk(d, t)?);
+        }
+        out.sort_by(|a, b| a.slot.cmp(&b.slot));
+        Ok(out)
+    }
+
+    async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
+        let cmd = Command::DiskSetSize {
+            slot: slot.to_string(),
+            size_bytes,
+        };
+        self.renderer.render(&cmd)?;
+        let d = self
+            .observe_disk(slot)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
+        self.check_owned(&d)?;
+        match d.file_size {
+            Some(cur) if cur == size_bytes => {}
+            Some(cur) if cur > size_bytes => {
+                return Err(RdsError::Rejected(format!(
+                    "disk slot={slot} is {cur} bytes; shrinking to {size_bytes} is not supported"
+                )));
+            }
+            _ => self.write(&cmd, Expect::Size(slot, size_bytes)).await?,
+        }
+        let disk = self.get_disk(slot).await?.ok_or_else(|| {
+            RdsError::NotFound(format!("disk slot={slot} vanished during resize"))
+        })?;
+        if disk.size_bytes != size_bytes {
+            return Err(RdsError::Protocol(format!(
+                "disk slot={slot} is {} bytes after resizing to {size_bytes}",
+                disk.size_bytes
+            )));
+        }
+        Ok(disk)
+    }
+
+    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        let remove = Command::DiskRemove {
+            slot: slot.to_string(),
+        };
+        self.renderer.render(&remove)?;
+        let file_path = match self.observe_disk(slot).await? {
+            Some(d) => {
+                self.check_owned(&d)?;
+                self.write(&remove, Expect::DiskGone(slot)).await?;
+                d.file_path
+                    .unwrap_or_else(|| self.renderer.file_path_for(slot))
+            }
+            // Absent already: still clear a file an interrupted delete may have left.
+            None => self.renderer.file_path_for(slot),
+        };
+        let rm = Command::FileRemove {
+            name: file_path.clone(),
+        };
+        self.write(&rm, Expect::FileGone(&file_path)).await
+    }
+
+    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
+        let records = self
+            .read(&Command::DiskPrint {
+                filter: DiskFilter::MountPoint(self.pool_mount_point.clone()),
+                style: PrintStyle::Detail,
+            })
+            .await?;
+        for r in &records {
+            let d = DiskInfo::from_record(r)?;
+            if d.mount_point.as_deref() == Some(self.pool_mount_point.as_str()) {
+                let (Some(size), Some(free)) = (d.size, d.free) else {
+                    return Err(RdsError::Protocol(format!(
+                        "pool {} has no size/free",
+                        self.pool_mount_point
+                    )));
+                };
+                return Ok(PoolCapacity {
+                    size_bytes: size,
+                    free_bytes: free,
+                });
+            }
+        }
+        Err(RdsError::NotFound(format!(
+            "no disk is mounted at {:?} (the pool mount point)",
+            self.pool_mount_point
+        )))
+    }
+
+    async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        let cmd = match host_nqn {
+            Some(h) => Command::DiskSetAllowHost {
+                slot: slot.to_string(),
+                host_nqn: h.to_string(),
+            },
+            None => Command::DiskUnsetAllowHost {
+                slot: slot.to_string(),
+            },
+        };
+        self.renderer.render(&cmd)?;
+        let d = self
+            .observe_disk(slot)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
+        self.check_owned(&d)?;
+        if !d.nvme_export {
+            return Err(RdsError::Rejected(format!(
+                "disk slot={slot} is not exported over NVMe/TCP"
+            )));
+        }
+        if d.allow_host.as_deref() == host_nqn {
+            return Ok(());
+        }
+        self.write(&cmd, Expect::AllowHost(slot, host_nqn)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ports::time::{SeededEntropy, SystemClock};
+    use crate::routeros::command::CommandKind;
+    use crate::routeros::emulator::faults::Fault;
+    use crate::routeros::emulator::{Emulator, PoolConfig};
+    use crate::routeros::render::CommandLine;
+    use crate::routeros::transport::inproc::InProcess;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Records every line that reaches the transport, then forwards to the emulator.
+    struct Recording {
+        inner: InProcess,
+        lines: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Transport for Recording {
+        async fn run(&self, cmd: &CommandLine) -> Result<String, RdsError> {
+            self.lines.lock().unwrap().push(cmd.as_str().to_string());
+            self.inner.run(cmd).await
+        }
+    }
+
+    fn emulator(pool: u64) -> Arc<Emulator> {
+        Arc::new(Emulator::in_memory(
+            PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes: pool,
+            },
+            Arc::new(SystemClock),
+        ))
+    }
+
+    fn adapter(emu: &Arc<Emulator>) -> RouterOsRds<Recording> {
+        RouterOsRds::new(
+            Recording {
+                inner: InProcess::new(Arc::clone(emu)),
+                lines: Mutex::new(Vec::new()),
+            },
+            &RdsLayout {
+                volume_base_path: "raid1/rds-csi".into(),
+                pool_mount_point: "raid1".into(),
+            },
+            Backoff {
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+                max_attempts: 4,
+            },
+            Arc::new(SeededEntropy::from_seed(1)),
+        )
+        .unwrap()
+    }
+
+    fn spec(slot: &str, size: u64) -> DiskSpec {
+        DiskSpec {
+            slot: slot.into(),
+            size_bytes: size,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+            }),
+            copy_from: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn volume_lifecycle_with_exact_sizes() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        let d = rds
+            .create_disk(&spec("pvc-a", GIB + GIB / 2))
+            .await
+            .unwrap();
+        assert_eq!(d.size_bytes, GIB + GIB / 2);
+        assert_eq!(d.file_path, "raid1/rds-csi/pvc-a.img");
+        assert!(d.created_unix.is_some());
+        assert!(matches!(
+            rds.create_disk(&spec("pvc-a", GIB)).await,
+            Err(RdsError::AlreadyExists(_))
+        ));
+        let cap = rds.capacity().await.unwrap();
+        assert_eq!(cap.size_bytes, 100 * GIB);
+        assert_eq!(cap.free_bytes, 100 * GIB - (GIB + GIB / 2));
+        let d = rds.resize_disk("pvc-a", 3 * GIB + 7).await.unwrap();
+        assert_eq!(d.size_bytes, 3 * GIB + 7);
+        assert!(matches!(
+            rds.resize_disk("pvc-a", GIB).await,
+            Err(RdsError::Rejected(_))
+        ));
+        assert!(matches!(
+            rds.resize_disk("pvc-missing", GIB).await,
+            Err(RdsError::NotFound(_))
+        ));
+        rds.set_allowed_host("pvc-a", Some("nqn.2014-08.org.nvmexpress:uuid:1"))
+            .await
+            .unwrap();
+        let d = rds.get_disk("pvc-a").await.unwrap().unwrap();
+        assert_eq!(
+            d.allowed_host_nqn.as_deref(),
+            Some("nqn.2014-08.org.nvmexpress:uuid:1")
+        );
+        rds.set_allowed_host("pvc-a", None).await.unwrap();
+        assert_eq!(
+            rds.get_disk("pvc-a")
+                .await
+                .unwrap()
+                .unwrap()
+                .allowed_host_nqn,
+            None
+        );
+
+        let snap = rds.create_snapshot("pvc-a", "snap-a").await.unwrap();
+        assert_eq!(
+            (snap.size_bytes, snap.export.is_none()),
+            (3 * GIB + 7, true)
+        );
+        let clone = rds
+            .clone_disk("snap-a", &spec("pvc-b", 4 * GIB))
+            .await
+            .unwrap();
+        assert_eq!(clone.size_bytes, 4 * GIB);
+        assert_eq!(
+            rds.list_disks("pvc-")
+                .await
+                .unwrap()
+                .iter()
+                .map(|d| d.slot.as_str())
+                .collect::<Vec<_>>(),
+            ["pvc-a", "pvc-b"]
+        );
+        assert_eq!(rds.list_snapshots("snap-").await.unwrap().len(), 1);
+        for slot in ["pvc-a", "pvc-b", "snap-a", "pvc-a"] {
+            rds.delete_disk(slot).await.unwrap();
+        }
+        assert!(emu.disk_slots().is_empty());
+        assert!(emu.file_names().is_empty(), "{:?}", emu.file_names());
+        assert_eq!(rds.capacity().await.unwrap().free_bytes, 100 * GIB);
+    }
+
+    #[tokio::test]
+    async fn pool_space_and_missing_sources_are_typed() {
+        let emu = emulator(GIB);
+        let rds = adapter(&emu);
+        assert!(matches!(
+            rds.create_disk(&spec("pvc-big", 2 * GIB)).await,
+            Err(RdsError::NoSpace(_))
+        ));
+        assert!(matches!(
+            rds.create_snapshot("pvc-none", "snap-x").await,
+            Err(RdsError::NotFound(_))
+        ));
+        assert!(matches!(
+            rds.clone_disk("pvc-none", &spec("pvc-c", GIB)).await,
+            Err(RdsError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn lost_replies_and_busy_failures_are_resolved_by_observing() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        // Applied, reply lost: the adapter sees the disk exists as asked and succeeds.
+        emu.faults().push(CommandKind::DiskAdd, Fault::DropReply);
+        rds.create_disk(&spec("pvc-a", GIB)).await.unwrap();
+        // Not applied, busy: retried.
+        emu.faults().push(
+            CommandKind::DiskSet,
+            Fault::Fail("failure: device busy".into()),
+        );
+        assert_eq!(
+            rds.resize_disk("pvc-a", 2 * GIB).await.unwrap().size_bytes,
+            2 * GIB
+        );
+        // A read whose reply is lost is simply retried.
+        emu.faults().push(CommandKind::DiskPrint, Fault::DropReply);
+        assert!(rds.get_disk("pvc-a").await.unwrap().is_some());
+        // Delete: entry removal reply lost, then the file removal reply lost.
+        emu.faults().push(CommandKind::DiskRemove, Fault::DropReply);
+        emu.faults().push(CommandKind::FileRemove, Fault::DropReply);
+        rds.delete_disk("pvc-a").await.unwrap();
+        assert!(emu.disk_slots().is_empty() && emu.file_names().is_empty());
+        // Persistent failure: the error surfaces, typed, after the bounded retries.
+        for _ in 0..10 {
+            emu.faults().push(
+                CommandKind::DiskPrint,
+                Fault::Fail("failure: device busy".into()),
+            );
+        }
+        assert!(matches!(
+            rds.get_disk("pvc-a").await,
+            Err(RdsError::Unavailable(_))
+        ));
+        emu.faults().clear();
+        // A non-retryable failure is not retried.
+        emu.faults().push(
+            CommandKind::DiskAdd,
+            Fault::Fail("failure: invalid file-path".into()),
+        );
+        assert!(matches!(
+            rds.create_disk(&spec("pvc-b", GIB)).await,
+            Err(RdsError::Rejected(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn interrupted_delete_is_finished_by_the_next_create_or_delete() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        rds.create_disk(&spec("pvc-a", GIB)).await.unwrap();
+        // The entry goes but the file stays (as after a crash between the two removes).
+        let line = rds
+            .renderer
+            .render(&Command::DiskRemove {
+                slot: "pvc-a".into(),
+            })
+            .unwrap();
+        rds.transport().run(&line).await.unwrap();
+        assert_eq!(emu.file_names(), ["raid1/rds-csi/pvc-a.img"]);
+        let d = rds.create_disk(&spec("pvc-a", 2 * GIB)).await.unwrap();
+        assert_eq!(d.size_bytes, 2 * GIB);
+        rds.transport().run(&line).await.unwrap();
+        rds.delete_disk("pvc-a").await.unwrap();
+        assert!(emu.file_names().is_empty());
+    }
+
+    #[tokio::test]
+    async fn hostile_names_never_reach_the_transport() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        for h in crate::routeros::render::tests::HOSTILE {
+            let h = *h;
+            assert!(
+                matches!(
+                    rds.create_disk(&spec(h, GIB)).await,
+                    Err(RdsError::Rejected(_))
+                ),
+                "{h:?}"
+            );
+            let mut s = spec("pvc-ok", GIB);
+            s.export = Some(NvmeExport {
+                port: 4420,
+                nqn: h.to_string(),
+            });
+            assert!(
+                matches!(rds.create_disk(&s).await, Err(RdsError::Rejected(_))),
+                "{h:?}"
+            );
+            assert!(
+                matches!(
+                    rds.clone_disk(h, &spec("pvc-ok", GIB)).await,
+                    Err(RdsError::Rejected(_))
+                ),
+                "{h:?}"
+            );
+            assert!(
+                matches!(rds.get_disk(h).await, Err(RdsError::Rejected(_))),
+                "{h:?}"
+            );
+            assert!(
+                matches!(rds.resize_disk(h, GIB).await, Err(RdsError::Rejected(_))),
+                "{h:?}"
+            );
+            assert!(
+                matches!(rds.delete_disk(h).await, Err(RdsError::Rejected(_))),
+                "{h:?}"
+            );
+            assert!(
+                matches!(
+                    rds.set_allowed_host(h, None).await,
+                    Err(RdsError::Rejected(_))
+                ),
+                "{h:?}"
+            );
+            if !h.is_empty() {
+                assert!(
+                    matches!(rds.list_disks(h).await, Err(RdsError::Rejected(_))),
+                    "{h:?}"
+                );
+            }
+        }
+        assert_eq!(*rds.transport().lines.lock().unwrap(), Vec::<String>::new());
+        assert!(emu.disk_slots().is_empty());
+    }
+
+    #[tokio::test]
+    async fn disks_outside_the_base_path_are_not_touched() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        // Someone else's disk on the same RDS, added by hand.
+        let foreign = crate::routeros::emulator::cli::read_command(
+            "/disk add type=file file-path=\"raid1/other/pvc-x.img\" file-size=1G slot=\"pvc-x\"",
+        )
+        .unwrap();
+        assert!(emu.apply(&foreign).ok);
+        assert!(matches!(
+            rds.delete_disk("pvc-x").await,
+            Err(RdsError::Rejected(_))
+        ));
+        assert!(matches!(
+            rds.resize_disk("pvc-x", 2 * GIB).await,
+            Err(RdsError::Rejected(_))
+        ));
+        assert_eq!(emu.disk_slots(), ["pvc-x"]);
+    }
+
+    #[tokio::test]
+    async fn embedded_emulator_persists_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
+        let entropy: Arc<dyn Entropy> = Arc::new(SeededEntropy::from_seed(3));
+        let rds = crate::driver::embedded_rds(dir.path(), Arc::clone(&clock), Arc::clone(&entropy))
+            .unwrap();
+        rds.create_disk(&spec("pvc-a", GIB + GIB / 2))
+            .await
+            .unwrap();
+        let host_file = dir.path().join("rds/pool/volumes/pvc-a.img");
+        assert_eq!(std::fs::metadata(&host_file).unwrap().len(), GIB + GIB / 2);
+        drop(rds);
+        let rds = crate::driver::embedded_rds(dir.path(), clock, entropy).unwrap();
+        assert_eq!(
+            rds.get_disk("pvc-a").await.unwrap().unwrap().size_bytes,
+            GIB + GIB / 2
+        );
+        rds.delete_disk("pvc-a").await.unwrap();
+        assert!(!host_file.exists());
+    }
+}

@@ -1,0 +1,159 @@
+//! A plain TCP line protocol to the emulator, for the simulation (over turmoil TCP) and
+//! tests. Generic over [`Connector`] and any `AsyncRead + AsyncWrite` stream.
+//!
+//! Protocol: the client sends one command line ending in `\n`; the server answers
+//! `ok <len>\n` or `err <len>\n` followed by exactly `len` bytes of output. A dropped
+//! reply (fault) closes the connection without an answer. One command at a time per
+//! connection; the client keeps one connection and reconnects after any error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use super::{Connector, Transport};
+use crate::ports::rds::RdsError;
+use crate::routeros::emulator::{Emulator, Outcome};
+use crate::routeros::render::CommandLine;
+
+/// Longest command line the server reads.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Longest reply the client reads.
+pub const MAX_REPLY: usize = 64 << 20;
+
+/// Serves one connection until the peer closes it or a reply is dropped.
+pub async fn serve_connection<S>(emulator: Arc<Emulator>, stream: S) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut stream = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut stream)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "command line too long or unterminated",
+            ));
+        }
+        line.pop();
+        let text = String::from_utf8_lossy(&line).into_owned();
+        match emulator.execute(&text).await {
+            Outcome::Reply(r) => {
+                let head = format!("{} {}\n", if r.ok { "ok" } else { "err" }, r.output.len());
+                stream.get_mut().write_all(head.as_bytes()).await?;
+                stream.get_mut().write_all(r.output.as_bytes()).await?;
+                stream.get_mut().flush().await?;
+            }
+            Outcome::Dropped => return Ok(()),
+        }
+    }
+}
+
+/// Accepts connections on a tokio listener and serves each on its own task.
+pub async fn serve_listener(emulator: Arc<Emulator>, listener: tokio::net::TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let emu = Arc::clone(&emulator);
+        tokio::spawn(async move {
+            let _ = serve_connection(emu, stream).await;
+        });
+    }
+}
+
+/// Client of the line protocol.
+pub struct TcpTransport<C: Connector> {
+    connector: C,
+    conn: tokio::sync::Mutex<Option<BufReader<C::Io>>>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl<C: Connector> TcpTransport<C> {
+    /// A client that connects lazily through `connector`.
+    pub fn new(connector: C, connect_timeout: Duration, command_timeout: Duration) -> Self {
+        Self {
+            connector,
+            conn: tokio::sync::Mutex::new(None),
+            connect_timeout,
+            command_timeout,
+        }
+    }
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    text: &str,
+) -> std::io::Result<String> {
+    s.get_mut().write_all(text.as_bytes()).await?;
+    s.get_mut().write_all(b"\n").await?;
+    s.get_mut().flush().await?;
+    let mut head = String::new();
+    (&mut *s).take(64).read_line(&mut head).await?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad reply header");
+    let (_status, len) = head.trim_end().split_once(' ').ok_or_else(bad)?;
+    let len: usize = len.parse().map_err(|_| bad())?;
+    if len > MAX_REPLY {
+        return Err(bad());
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    String::from_utf8(body).map_err(|_| bad())
+}
+
+#[async_trait]
+impl<C: Connector> Transport for TcpTransport<C> {
+    async fn run(&self, cmd: &CommandLine) -> Result<String, RdsError> {
+        // An async mutex: one command at a time on the single connection.
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            let io = tokio::time::timeout(self.connect_timeout, self.connector.connect())
+                .await
+                .map_err(|_| {
+                    RdsError::Timeout(format!(
+                        "connecting to {} took longer than {:?}",
+                        self.connector.describe(),
+                        self.connect_timeout
+                    ))
+                })?
+                .map_err(|e| {
+                    RdsError::Unavailable(format!(
+                        "connecting to {}: {e}",
+                        self.connector.describe()
+                    ))
+                })?;
+            *guard = Some(BufReader::new(io));
+        }
+        let Some(conn) = guard.as_mut() else {
+            return Err(RdsError::Unavailable("no connection".into()));
+        };
+        let result = tokio::time::timeout(self.command_timeout, exchange(conn, cmd.as_str())).await;
+        match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(RdsError::Unavailable(format!(
+                    "{}: connection lost during {cmd:?}: {e} (the command may have been applied)",
+                    self.connector.describe(),
+                    cmd = cmd.as_str()
+                )))
+            }
+            Err(_) => {
+                *guard = None;
+                Err(RdsError::Timeout(format!(
+                    "{}: no reply to {:?} within {:?}",
+                    self.connector.describe(),
+                    cmd.as_str(),
+                    self.command_timeout
+                )))
+            }
+        }
+    }
+}
