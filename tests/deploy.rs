@@ -1200,3 +1200,23 @@ fn every_chart_value_reaches_a_template() {
          wire them or remove them; NOT_YET_WIRED lists those waiting for a plugin flag"
     );
 }
+
+#[test]
+fn mistyped_values_are_rejected_by_the_values_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, "rds:\n  adress: rds.lan\nlog:\n  format: xml\n").unwrap();
+    let out = tool(&[
+        "render",
+        "--values",
+        values.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success(), "mistyped values were accepted: {t}");
+    assert!(
+        t.contains("'adress' was unexpected") && t.contains("'xml'"),
+        "{t}"
+    );
+}

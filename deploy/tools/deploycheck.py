@@ -30,7 +30,8 @@ The supported subset (everything else is an error):
   larger numbers are refused); anything else (maps, lists, nil, fractions) is an error.
 
 Values: `values.yaml` of the chart, deep-merged with each `--values FILE` (maps merge,
-anything else replaces), as `helm -f` does. Release name and namespace default to
+anything else replaces, null deletes), as `helm -f` does, then validated against
+`values.schema.json` as Helm does. Release name and namespace default to
 `rds-csi` and `kube-system`.
 
 Sub-commands:
@@ -342,6 +343,21 @@ def render_chart(
     values = load_yaml_file(os.path.join(chart, "values.yaml")) or {}
     for vf in value_files:
         values = deep_merge(values, load_yaml_file(vf) or {})
+    schema_path = os.path.join(chart, "values.schema.json")
+    if os.path.exists(schema_path):
+        # Helm validates the merged values against values.schema.json before rendering.
+        import jsonschema
+
+        with open(schema_path, encoding="utf-8") as f:
+            schema = json.load(f)
+        errors = sorted(
+            jsonschema.Draft7Validator(schema).iter_errors(values), key=lambda e: list(e.path)
+        )
+        if errors:
+            raise TemplateError(
+                "values do not match values.schema.json: "
+                + "; ".join(f"{'.'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors)
+            )
     ctx = {
         "Values": values,
         "Release": {"Name": release, "Namespace": namespace},
