@@ -13,6 +13,7 @@ use crate::csi::{
     node::NodeService,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Rds};
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::types::NodeId;
@@ -165,6 +166,7 @@ pub struct Driver {
     cfg: Arc<DriverConfig>,
     deps: Deps,
     readiness: Readiness,
+    metrics: Arc<Metrics>,
 }
 
 impl Driver {
@@ -182,12 +184,18 @@ impl Driver {
             cfg: Arc::new(cfg),
             deps,
             readiness: Readiness::default(),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &DriverConfig {
         &self.cfg
+    }
+
+    /// The metrics of this instance.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Readiness flag (Probe).
@@ -226,6 +234,7 @@ impl Driver {
             node: self.deps.node.clone().map(|deps| {
                 node_server::NodeServer::new(NodeService::new(Arc::clone(&self.cfg), deps))
             }),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -238,4 +247,6 @@ pub struct Services {
     pub controller: Option<controller_server::ControllerServer<ControllerService>>,
     /// Node, in node/all mode.
     pub node: Option<node_server::NodeServer<NodeService>>,
+    /// Per-RPC metrics, recorded by the server.
+    pub metrics: Arc<Metrics>,
 }

@@ -12,12 +12,14 @@
 
 pub mod attachment;
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod csi;
 pub mod driver;
 pub mod error;
 pub mod fsutil;
 pub mod kube_rbac;
+pub mod metrics;
 pub mod ports;
 pub mod proto;
 pub mod retry;

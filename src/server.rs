@@ -59,7 +59,8 @@ where
     let mut builder = tonic::transport::Server::builder()
         // A silently broken link must not hang a connection forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::metrics::MetricsLayer(services.metrics));
     let router = builder
         .add_service(services.identity)
         .add_optional_service(services.controller)
@@ -222,6 +223,13 @@ pub async fn run(cli: Cli) -> Result<(), ServeError> {
     // from half-built state.
     driver.start().await?;
     let drain = Duration::from_secs(cli.drain_timeout_secs);
+    if let Some(addr) = cli.metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Bind(format!("--metrics-address {addr}: {e}")))?;
+        tracing::info!(%addr, "serving metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, driver.metrics()));
+    }
     let services = driver.services();
     let cfg = driver.config();
     match &cli.endpoint {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::{Request, Response, Status};
 
 use crate::config::Mode;
+use crate::csi::rpc;
 use crate::ports::Rds;
 use crate::proto::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
@@ -78,43 +79,52 @@ impl IdentityService {
 
 #[tonic::async_trait]
 impl identity_server::Identity for IdentityService {
-    #[tracing::instrument(skip_all, fields(method = "GetPluginInfo"))]
     async fn get_plugin_info(
         &self,
-        _request: Request<GetPluginInfoRequest>,
+        request: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
-        Ok(Response::new(GetPluginInfoResponse {
-            name: self.name.clone(),
-            vendor_version: self.version.clone(),
-            manifest: Default::default(),
-        }))
+        rpc("GetPluginInfo", "", request.get_ref(), async {
+            Ok(GetPluginInfoResponse {
+                name: self.name.clone(),
+                vendor_version: self.version.clone(),
+                manifest: Default::default(),
+            })
+        })
+        .await
     }
 
-    #[tracing::instrument(skip_all, fields(method = "GetPluginCapabilities"))]
     async fn get_plugin_capabilities(
         &self,
-        _request: Request<GetPluginCapabilitiesRequest>,
+        request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: self.capabilities(),
-        }))
+        rpc("GetPluginCapabilities", "", request.get_ref(), async {
+            Ok(GetPluginCapabilitiesResponse {
+                capabilities: self.capabilities(),
+            })
+        })
+        .await
     }
 
-    #[tracing::instrument(skip_all, fields(method = "Probe"))]
     async fn probe(
         &self,
-        _request: Request<ProbeRequest>,
+        request: Request<ProbeRequest>,
     ) -> Result<Response<ProbeResponse>, Status> {
-        // Spec: "the Plugin SHALL return ready = false until it has completed its
-        // initialization"; a backend that does not answer is reported the same way.
-        let mut ready = self.readiness.is_ready();
-        if ready && let Some(rds) = &self.rds {
-            if let Err(e) = rds.ping().await {
-                tracing::warn!(error = %e, "probe: RDS backend does not answer");
-                ready = false;
+        rpc("Probe", "", request.get_ref(), async {
+            // Spec: "The plugin is still initializing, but is otherwise perfectly healthy. In
+            // this case a successful response SHALL be returned with a readiness value of
+            // `false`."
+            if !self.readiness.is_ready() {
+                return Ok(ProbeResponse { ready: Some(false) });
             }
-        }
-        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+            // Spec: "The plugin is in an unhealthy state and MAY need restarting. In this
+            // case a gRPC error code SHALL be returned." A backend that does not answer
+            // makes the controller unable to serve.
+            if let Some(rds) = &self.rds {
+                rds.ping().await?;
+            }
+            Ok(ProbeResponse { ready: Some(true) })
+        })
+        .await
     }
 }
 

@@ -13,15 +13,33 @@ pub mod publish;
 
 use crate::proto::{MaybeRedact, loggable};
 
-/// Logs a request at debug level with every `csi_secret` field cleared.
-pub(crate) fn log_request<T: Clone + MaybeRedact + std::fmt::Debug>(method: &str, req: &T) {
-    tracing::debug!(method, request = ?loggable(req), "request");
-}
+use tracing::Instrument;
 
-/// Logs the outcome of an RPC: info on success, warn on error (code and message).
-pub(crate) fn log_result<T>(method: &str, result: &Result<T, crate::Error>) {
-    match result {
-        Ok(_) => tracing::debug!(method, "ok"),
-        Err(e) => tracing::warn!(method, code = ?e.code(), error = %e, "failed"),
+/// Runs one RPC: in a span carrying the method and volume id, logs the request with every
+/// `csi_secret` field cleared, runs `core`, logs the outcome, and maps the error through
+/// the one table (`From<Error> for Status`).
+pub(crate) async fn rpc<Req, Resp, Fut>(
+    method: &'static str,
+    volume_id: &str,
+    req: &Req,
+    core: Fut,
+) -> Result<tonic::Response<Resp>, tonic::Status>
+where
+    Req: Clone + MaybeRedact + std::fmt::Debug,
+    Fut: Future<Output = crate::Result<Resp>>,
+{
+    let span = tracing::info_span!("rpc", method, volume_id);
+    async move {
+        tracing::debug!(request = ?loggable(req), "request");
+        let result = core.await;
+        match &result {
+            Ok(_) => tracing::debug!("ok"),
+            Err(e) => tracing::warn!(code = ?e.code(), error = %e, "failed"),
+        }
+        result
+            .map(tonic::Response::new)
+            .map_err(tonic::Status::from)
     }
+    .instrument(span)
+    .await
 }

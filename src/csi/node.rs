@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::csi::rpc;
 use crate::driver::{DriverConfig, NodeDeps};
 use crate::proto::csi::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
@@ -31,27 +32,32 @@ impl NodeService {
 
 #[tonic::async_trait]
 impl node_server::Node for NodeService {
-    #[tracing::instrument(skip_all, fields(method = "NodeGetCapabilities"))]
     async fn node_get_capabilities(
         &self,
-        _request: Request<NodeGetCapabilitiesRequest>,
+        request: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: Vec::new(),
-        }))
+        rpc("NodeGetCapabilities", "", request.get_ref(), async {
+            Ok(NodeGetCapabilitiesResponse {
+                capabilities: Vec::new(),
+            })
+        })
+        .await
     }
 
-    #[tracing::instrument(skip_all, fields(method = "NodeGetInfo"))]
     async fn node_get_info(
         &self,
-        _request: Request<NodeGetInfoRequest>,
+        request: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
-        Ok(Response::new(NodeGetInfoResponse {
-            node_id: self.cfg.node_id.to_string(),
-            max_volumes_per_node: self.cfg.max_volumes_per_node,
-            accessible_topology: Some(Topology {
-                segments: [(TOPOLOGY_NODE_KEY.to_string(), self.cfg.node_id.to_string())].into(),
-            }),
-        }))
+        rpc("NodeGetInfo", "", request.get_ref(), async {
+            Ok(NodeGetInfoResponse {
+                node_id: self.cfg.node_id.to_string(),
+                max_volumes_per_node: self.cfg.max_volumes_per_node,
+                accessible_topology: Some(Topology {
+                    segments: [(TOPOLOGY_NODE_KEY.to_string(), self.cfg.node_id.to_string())]
+                        .into(),
+                }),
+            })
+        })
+        .await
     }
 }

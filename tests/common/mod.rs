@@ -1,0 +1,108 @@
+//! Shared helpers of the integration tests: start the real plugin binary on a unix socket in
+//! a temporary directory and wait (on its log, never on a timer) until it serves.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
+
+use tonic::transport::Channel;
+
+/// A running plugin process, killed when dropped.
+pub struct Plugin {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub stderr: BufReader<ChildStderr>,
+    pub log: Vec<String>,
+}
+
+impl Plugin {
+    /// Starts the plugin with `args` on `socket`, state under `state_dir`; returns once it
+    /// logged that it serves (or panics with its log if it exited first).
+    pub fn start(socket: &Path, state_dir: &Path, args: &[&str]) -> Plugin {
+        let mut plugin = Self::spawn(socket, state_dir, args);
+        plugin.wait_for_log("serving");
+        plugin
+    }
+
+    /// Spawns without waiting.
+    pub fn spawn(socket: &Path, state_dir: &Path, args: &[&str]) -> Plugin {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rds-csi-plugin"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args([
+                "--node-id",
+                "test-node",
+                "--log-format",
+                "text",
+                "--log-level",
+                "info",
+            ])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rds-csi-plugin");
+        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        Plugin {
+            child,
+            socket: socket.to_path_buf(),
+            stderr,
+            log: Vec::new(),
+        }
+    }
+
+    /// Reads the log until a line contains `needle`; panics with the log on EOF.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        loop {
+            let mut line = String::new();
+            let n = self.stderr.read_line(&mut line).expect("read plugin log");
+            if n == 0 {
+                panic!(
+                    "plugin exited before logging {needle:?}; log:\n{}",
+                    self.log.join("")
+                );
+            }
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// Reads the rest of the log (until the process closes stderr).
+    pub fn drain_log(&mut self) -> String {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stderr, &mut rest).expect("read plugin log");
+        self.log.push(rest);
+        self.log.join("")
+    }
+
+    /// A gRPC channel to the plugin.
+    pub async fn channel(&self) -> Channel {
+        rds_csi::client::connect_unix(self.socket.clone())
+            .await
+            .expect("connect to plugin")
+    }
+
+    /// Sends a signal to the plugin.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
