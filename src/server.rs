@@ -52,9 +52,16 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     F: Future<Output = ()> + Send + 'static,
 {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+    // Reflection in both protocol versions: grpcurl before 1.8.8 speaks only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
     let mut builder = tonic::transport::Server::builder()
         // A silently broken link must not hang a connection forever.
@@ -65,7 +72,8 @@ where
         .add_service(services.identity)
         .add_optional_service(services.controller)
         .add_optional_service(services.node)
-        .add_service(reflection);
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
 
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
