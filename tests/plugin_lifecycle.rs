@@ -232,11 +232,13 @@ async fn stop_signal_drains_an_in_flight_rpc() {
     let deps = Deps {
         clock: Arc::new(SystemClock),
         entropy: Arc::new(SeededEntropy::from_seed(1)),
-        controller: Some(ControllerDeps {
-            rds: rds.clone(),
-            store: Arc::new(FileStore::open(dir.path()).unwrap()),
-            cluster: Arc::new(LocalCluster::new([node.clone()])),
-        }),
+        controller: Some(ControllerDeps::new(
+            rds.clone(),
+            Arc::new(FileStore::open(dir.path()).unwrap()),
+            Arc::new(LocalCluster::new([node.clone()])),
+            Arc::new(SystemClock),
+            Default::default(),
+        )),
         node: None,
     };
     let cfg = DriverConfig {
