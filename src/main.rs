@@ -1,8 +1,15 @@
 //! `rds-csi-plugin`: parse flags, set up logging, run.
 
+#[cfg(not(loom))]
 use clap::Parser;
+#[cfg(not(loom))]
 use rds_csi::config::Cli;
 
+/// Under `--cfg loom` only the lock-table core is built (see `lib.rs`).
+#[cfg(loom)]
+fn main() {}
+
+#[cfg(not(loom))]
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

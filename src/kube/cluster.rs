@@ -1,0 +1,273 @@
+//! The `Cluster` port over the Kubernetes API (production): Node existence and host NQN
+//! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver (paginated LIST,
+//! PV names resolved to volume handles through the shared [`PvIndex`]), and Events on the
+//! PersistentVolume. Transient failures are retried with the seeded [`Backoff`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::kube::pv_store::{
+    Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
+};
+use crate::ports::cluster::{Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use crate::ports::{Clock, Entropy};
+use crate::retry::Backoff;
+use crate::types::{NodeId, VolumeId};
+
+/// Node annotation holding the node's NVMe host NQN (set by the node plugin).
+pub const ANN_HOST_NQN: &str = "rds.csi.srvlab.io/host-nqn";
+
+const VA_PATH: &str = "/apis/storage.k8s.io/v1/volumeattachments";
+
+#[derive(Debug, Deserialize)]
+struct NodeLite {
+    #[serde(default)]
+    metadata: MetaLite,
+}
+
+#[derive(Debug, Deserialize)]
+struct VaLite {
+    #[serde(default)]
+    metadata: VaMeta,
+    spec: VaSpec,
+    #[serde(default)]
+    status: Option<VaStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VaMeta {
+    #[serde(default)]
+    deletion_timestamp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VaSpec {
+    attacher: String,
+    node_name: String,
+    #[serde(default)]
+    source: VaSource,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VaSource {
+    #[serde(default)]
+    persistent_volume_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct VaStatus {
+    #[serde(default)]
+    attached: bool,
+}
+
+/// The orchestrator is Kubernetes.
+pub struct KubeCluster {
+    client: ::kube::Client,
+    driver_name: String,
+    event_namespace: String,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    backoff: Backoff,
+    index: Arc<PvIndex>,
+}
+
+impl std::fmt::Debug for KubeCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeCluster")
+            .field("driver_name", &self.driver_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeCluster {
+    /// The cluster behind `client`; events of cluster-scoped objects go to
+    /// `event_namespace` (Kubernetes uses `default`).
+    pub fn new(
+        client: ::kube::Client,
+        driver_name: impl Into<String>,
+        event_namespace: impl Into<String>,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        backoff: Backoff,
+        index: Arc<PvIndex>,
+    ) -> Self {
+        Self {
+            client,
+            driver_name: driver_name.into(),
+            event_namespace: event_namespace.into(),
+            clock,
+            entropy,
+            backoff,
+            index,
+        }
+    }
+
+    /// Sends `req` (rebuilt by `make` for each attempt), retrying transient failures.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        make: impl Fn() -> Result<http::Request<Vec<u8>>, ::kube::core::request::Error>,
+    ) -> Result<Result<T, Failure>, ClusterError> {
+        let mut attempt = 0;
+        loop {
+            let req = make().map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
+            match self.client.request::<T>(req).await.map_err(classify) {
+                Ok(v) => return Ok(Ok(v)),
+                Err(f) if transient(&f) && attempt + 1 < self.backoff.max_attempts => {
+                    tokio::time::sleep(self.backoff.delay(attempt, &*self.entropy)).await;
+                    attempt += 1;
+                }
+                Err(f) if transient(&f) => {
+                    return Err(ClusterError::Unavailable(format!("{what}: {}", f.describe())));
+                }
+                Err(f) => return Ok(Err(f)),
+            }
+        }
+    }
+
+    async fn node(&self, node: &NodeId) -> Result<Option<NodeLite>, ClusterError> {
+        let what = format!("GET Node {node}");
+        match self
+            .call::<NodeLite>(&what, || {
+                ::kube::core::Request::new("/api/v1/nodes").get(node.as_str(), &Default::default())
+            })
+            .await?
+        {
+            Ok(n) => Ok(Some(n)),
+            Err(Failure::Status(404, _)) => Ok(None),
+            Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        }
+    }
+
+    async fn volume_of_pv(&self, pv_name: &str) -> Result<Option<VolumeId>, ClusterError> {
+        if let Some(v) = self.index.volume_of(pv_name) {
+            return Ok(Some(v));
+        }
+        let what = format!("GET PersistentVolume {pv_name}");
+        match self
+            .call::<PvLite>(&what, || {
+                ::kube::core::Request::new("/api/v1/persistentvolumes")
+                    .get(pv_name, &Default::default())
+            })
+            .await?
+        {
+            Ok(pv) => Ok(pv
+                .spec
+                .csi
+                .filter(|c| c.driver == self.driver_name)
+                .and_then(|c| VolumeId::new(c.volume_handle).ok())),
+            Err(Failure::Status(404, _)) => Ok(None),
+            Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for KubeCluster {
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        Ok(self.node(node).await?.is_some())
+    }
+
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
+        Ok(self.node(node).await?.and_then(|n| {
+            n.metadata
+                .annotations
+                .and_then(|mut a| a.remove(ANN_HOST_NQN))
+                .filter(|s| !s.is_empty())
+        }))
+    }
+
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self
+                .call::<ListLite<VaLite>>("LIST VolumeAttachments", || {
+                    let mut lp = ::kube::api::ListParams::default().limit(crate::kube::pv_store::LIST_PAGE);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    ::kube::core::Request::new(VA_PATH).list(&lp)
+                })
+                .await?
+            {
+                Ok(p) => p,
+                Err(f) => {
+                    return Err(ClusterError::Other(format!(
+                        "LIST VolumeAttachments: {}",
+                        f.describe()
+                    )));
+                }
+            };
+            for va in page.items {
+                if va.spec.attacher != self.driver_name {
+                    continue;
+                }
+                let Some(pv) = va.spec.source.persistent_volume_name else {
+                    continue;
+                };
+                let Some(volume_id) = self.volume_of_pv(&pv).await? else {
+                    continue;
+                };
+                let Ok(node_id) = NodeId::new(va.spec.node_name.as_str()) else {
+                    continue;
+                };
+                out.push(VolumeAttachmentInfo {
+                    volume_id,
+                    node_id,
+                    attached: va.status.is_some_and(|s| s.attached),
+                    deleting: va.metadata.deletion_timestamp.is_some(),
+                });
+            }
+            match page.metadata.continue_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));
+        Ok(Some(out))
+    }
+
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        let pv_name = self
+            .index
+            .get(&event.volume_id)
+            .map(|r| r.name)
+            .unwrap_or_else(|| event.volume_id.to_string());
+        let now = format_time(self.clock.now());
+        // Seconds precision for the legacy timestamps, as the API server expects.
+        let now_secs = format!("{}Z", now.get(..19).unwrap_or(&now));
+        let name = format!("{pv_name}.{:016x}", self.entropy.next_u64());
+        let body = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": { "name": name, "namespace": self.event_namespace },
+            "involvedObject": { "apiVersion": "v1", "kind": "PersistentVolume", "name": pv_name },
+            "reason": event.reason,
+            "message": event.message,
+            "type": if event.warning { "Warning" } else { "Normal" },
+            "source": { "component": self.driver_name },
+            "reportingComponent": self.driver_name,
+            "firstTimestamp": now_secs,
+            "lastTimestamp": now_secs,
+            "count": 1,
+        });
+        let data = serde_json::to_vec(&body).map_err(|e| ClusterError::Other(e.to_string()))?;
+        let path = format!("/api/v1/namespaces/{}/events", self.event_namespace);
+        match self
+            .call::<serde_json::Value>("POST Event", || {
+                ::kube::core::Request::new(path.as_str()).create(&Default::default(), data.clone())
+            })
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(f) => Err(ClusterError::Other(format!("POST Event: {}", f.describe()))),
+        }
+    }
+}

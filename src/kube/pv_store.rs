@@ -1,0 +1,547 @@
+//! `AttachmentStore` over PersistentVolume annotations (production).
+//!
+//! Format, on the PV whose `spec.csi.driver` is ours and whose `spec.csi.volumeHandle` is
+//! the volume id:
+//! - `rds.csi.srvlab.io/attached-node`: holder node names, comma-separated, sorted;
+//! - `rds.csi.srvlab.io/attached-at`: RFC 3339 UTC timestamps with microseconds, aligned;
+//! - `rds.csi.srvlab.io/attached-readonly`: `true`/`false`, aligned (absent: all false);
+//! - `rds.csi.srvlab.io/attached-mode`: `single-node`, `multi-node-read-only` or
+//!   `multi-node-multi-writer` (absent: `single-node`, the conservative reading of
+//!   annotations written by the earlier driver, which had only the first two).
+//!
+//! No holder: the annotations are removed.
+//!
+//! One request per change in the common case: a JSON merge patch carrying
+//! `metadata.resourceVersion` (the version we last saw: from the start-up LIST or our own
+//! previous write) as its precondition. On 409 Conflict the PV is read again and the write
+//! repeated, with the seeded [`Backoff`] and a bounded number of attempts; a write is the
+//! volume's complete holder set, so repeating it is idempotent. Transient errors (5xx, 429,
+//! transport) are retried the same way. A volume not seen before costs one GET first.
+//!
+//! A missing PV: a write that adds holders fails with `StoreError::NotFound` (the manager
+//! refuses the publish: it cannot be made durable); a write that empties the holder set
+//! succeeds (nothing is left that could resurrect the attachment).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ports::Entropy;
+use crate::ports::store::{AttachmentRecord, AttachmentStore, StoreError};
+use crate::retry::Backoff;
+use crate::types::{AccessMode, NodeId, VolumeId};
+
+/// Annotation: holder node names.
+pub const ANN_ATTACHED_NODE: &str = "rds.csi.srvlab.io/attached-node";
+/// Annotation: when each holder was attached (RFC 3339, microseconds).
+pub const ANN_ATTACHED_AT: &str = "rds.csi.srvlab.io/attached-at";
+/// Annotation: whether each holder was published read-only.
+pub const ANN_ATTACHED_READONLY: &str = "rds.csi.srvlab.io/attached-readonly";
+/// Annotation: the access mode of the attachment.
+pub const ANN_ATTACHED_MODE: &str = "rds.csi.srvlab.io/attached-mode";
+
+const PV_PATH: &str = "/api/v1/persistentvolumes";
+/// Page size of the start-up LIST.
+pub const LIST_PAGE: u32 = 500;
+
+/// Where a volume's PV is and the version we last saw of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PvRef {
+    pub name: String,
+    pub rv: String,
+}
+
+/// Volume id ↔ PV name (and last seen resourceVersion), shared by the kube adapters.
+#[derive(Debug, Default)]
+pub struct PvIndex {
+    by_volume: Mutex<BTreeMap<VolumeId, PvRef>>,
+}
+
+impl PvIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VolumeId, PvRef>> {
+        self.by_volume.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn get(&self, volume: &VolumeId) -> Option<PvRef> {
+        self.lock().get(volume).cloned()
+    }
+    pub(crate) fn set(&self, volume: VolumeId, r: PvRef) {
+        self.lock().insert(volume, r);
+    }
+    pub(crate) fn forget(&self, volume: &VolumeId) {
+        self.lock().remove(volume);
+    }
+    /// The volume whose PV is named `pv_name`.
+    pub(crate) fn volume_of(&self, pv_name: &str) -> Option<VolumeId> {
+        // PVs of CSI provisioners are named after the volume: try that first.
+        let index = self.lock();
+        if let Ok(v) = VolumeId::new(pv_name)
+            && index.get(&v).is_some_and(|r| r.name == pv_name)
+        {
+            return Some(v);
+        }
+        index
+            .iter()
+            .find(|(_, r)| r.name == pv_name)
+            .map(|(v, _)| v.clone())
+    }
+    /// Number of PVs indexed.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    /// Whether no PV is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The parts of a PV we read.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PvLite {
+    pub metadata: MetaLite,
+    #[serde(default)]
+    pub spec: PvSpecLite,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct MetaLite {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub resource_version: Option<String>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct PvSpecLite {
+    #[serde(default)]
+    pub csi: Option<CsiLite>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CsiLite {
+    pub driver: String,
+    pub volume_handle: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListLite<T> {
+    #[serde(default)]
+    pub metadata: ListMetaLite,
+    #[serde(default = "Vec::new")]
+    pub items: Vec<T>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ListMetaLite {
+    #[serde(default, rename = "continue")]
+    pub continue_token: Option<String>,
+}
+
+/// How a kube call failed, for retry decisions.
+pub(crate) enum Failure {
+    /// HTTP status from the API server.
+    Status(u16, String),
+    /// Transport or decoding failure.
+    Transport(String),
+}
+
+pub(crate) fn classify(e: ::kube::Error) -> Failure {
+    match e {
+        ::kube::Error::Api(s) => Failure::Status(s.code, s.message),
+        other => Failure::Transport(other.to_string()),
+    }
+}
+
+pub(crate) fn transient(f: &Failure) -> bool {
+    match f {
+        Failure::Status(code, _) => *code == 429 || *code >= 500,
+        Failure::Transport(_) => true,
+    }
+}
+
+impl Failure {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Failure::Status(code, msg) => format!("HTTP {code}: {msg}"),
+            Failure::Transport(msg) => msg.clone(),
+        }
+    }
+}
+
+/// Formats `t` as RFC 3339 UTC with microseconds.
+pub fn format_time(t: SystemTime) -> String {
+    match k8s_openapi::jiff::Timestamp::try_from(t) {
+        Ok(ts) => ts.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        Err(_) => "1970-01-01T00:00:00.000000Z".to_string(),
+    }
+}
+
+/// Parses an RFC 3339 timestamp.
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    let ts: k8s_openapi::jiff::Timestamp = s.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
+fn mode_name(m: AccessMode) -> &'static str {
+    match m {
+        AccessMode::SingleNode => "single-node",
+        AccessMode::MultiNodeReadOnly => "multi-node-read-only",
+        AccessMode::MultiNodeMultiWriter => "multi-node-multi-writer",
+    }
+}
+
+/// The annotation values for `holders` (sorted by node); `Value::Null` removes a key.
+pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    if holders.is_empty() {
+        for k in [
+            ANN_ATTACHED_NODE,
+            ANN_ATTACHED_AT,
+            ANN_ATTACHED_READONLY,
+            ANN_ATTACHED_MODE,
+        ] {
+            m.insert(k.to_string(), Value::Null);
+        }
+        return m;
+    }
+    let join = |f: &dyn Fn(&AttachmentRecord) -> String| {
+        holders.iter().map(f).collect::<Vec<_>>().join(",")
+    };
+    m.insert(
+        ANN_ATTACHED_NODE.into(),
+        json!(join(&|r| r.node_id.to_string())),
+    );
+    m.insert(
+        ANN_ATTACHED_AT.into(),
+        json!(join(&|r| format_time(r.attached_at))),
+    );
+    m.insert(
+        ANN_ATTACHED_READONLY.into(),
+        json!(join(&|r| r.readonly.to_string())),
+    );
+    m.insert(
+        ANN_ATTACHED_MODE.into(),
+        json!(mode_name(holders[0].access_mode)),
+    );
+    m
+}
+
+/// Records encoded in a PV's annotations; malformed parts are reported, not guessed.
+pub(crate) fn records_from(
+    volume: &VolumeId,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Vec<AttachmentRecord>, String> {
+    let Some(nodes) = annotations.get(ANN_ATTACHED_NODE).filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let nodes: Vec<&str> = nodes.split(',').map(str::trim).collect();
+    let ats: Vec<&str> = annotations
+        .get(ANN_ATTACHED_AT)
+        .map(|s| s.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    let ros: Vec<&str> = annotations
+        .get(ANN_ATTACHED_READONLY)
+        .map(|s| s.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    let mode = match annotations.get(ANN_ATTACHED_MODE).map(String::as_str) {
+        None | Some("single-node") => AccessMode::SingleNode,
+        Some("multi-node-read-only") => AccessMode::MultiNodeReadOnly,
+        Some("multi-node-multi-writer") => AccessMode::MultiNodeMultiWriter,
+        Some(other) => return Err(format!("{ANN_ATTACHED_MODE}={other:?} is not a known mode")),
+    };
+    let mut out = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let node_id =
+            NodeId::new(*node).map_err(|e| format!("{ANN_ATTACHED_NODE}: {e}"))?;
+        let attached_at = match ats.get(i) {
+            Some(at) => parse_time(at)
+                .ok_or_else(|| format!("{ANN_ATTACHED_AT}: {at:?} is not RFC 3339"))?,
+            None => UNIX_EPOCH,
+        };
+        let readonly = match ros.get(i) {
+            None | Some(&"false") => false,
+            Some(&"true") => true,
+            Some(other) => return Err(format!("{ANN_ATTACHED_READONLY}: {other:?}")),
+        };
+        out.push(AttachmentRecord {
+            volume_id: volume.clone(),
+            node_id,
+            attached_at,
+            access_mode: mode,
+            readonly,
+        });
+    }
+    out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Ok(out)
+}
+
+/// Attachment records in PV annotations.
+pub struct PvStore {
+    client: ::kube::Client,
+    driver_name: String,
+    entropy: Arc<dyn Entropy>,
+    backoff: Backoff,
+    index: Arc<PvIndex>,
+}
+
+impl std::fmt::Debug for PvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvStore")
+            .field("driver_name", &self.driver_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PvStore {
+    /// A store for PVs of `driver_name`, retrying with `backoff` and `entropy`.
+    pub fn new(
+        client: ::kube::Client,
+        driver_name: impl Into<String>,
+        entropy: Arc<dyn Entropy>,
+        backoff: Backoff,
+        index: Arc<PvIndex>,
+    ) -> Self {
+        Self {
+            client,
+            driver_name: driver_name.into(),
+            entropy,
+            backoff,
+            index,
+        }
+    }
+
+    /// The shared PV index.
+    pub fn index(&self) -> Arc<PvIndex> {
+        Arc::clone(&self.index)
+    }
+
+    async fn pause(&self, attempt: u32) {
+        tokio::time::sleep(self.backoff.delay(attempt, &*self.entropy)).await;
+    }
+
+    /// GET one PV; `Ok(None)` when absent. Transient failures are retried.
+    async fn get_pv(&self, name: &str) -> Result<Option<PvLite>, StoreError> {
+        let req = ::kube::core::Request::new(PV_PATH)
+            .get(name, &Default::default())
+            .map_err(|e| StoreError::Unavailable(format!("PersistentVolume {name}: {e}")))?;
+        let mut attempt = 0;
+        loop {
+            match self.client.request::<PvLite>(clone_req(&req)).await.map_err(classify) {
+                Ok(pv) => return Ok(Some(pv)),
+                Err(Failure::Status(404, _)) => return Ok(None),
+                Err(f) if transient(&f) && attempt + 1 < self.backoff.max_attempts => {
+                    self.pause(attempt).await;
+                    attempt += 1;
+                }
+                Err(f) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "GET PersistentVolume {name}: {}",
+                        f.describe()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn ours<'a>(&self, pv: &'a PvLite) -> Option<&'a CsiLite> {
+        pv.spec
+            .csi
+            .as_ref()
+            .filter(|c| c.driver == self.driver_name)
+    }
+
+    /// Finds the PV of `volume`: the index, else the PV named after the volume, else a
+    /// full scan (statically provisioned PVs created after start-up).
+    async fn locate(&self, volume: &VolumeId) -> Result<Option<PvRef>, StoreError> {
+        if let Some(r) = self.index.get(volume) {
+            return Ok(Some(r));
+        }
+        if let Some(pv) = self.get_pv(volume.as_str()).await?
+            && self
+                .ours(&pv)
+                .is_some_and(|c| c.volume_handle == volume.as_str())
+        {
+            let r = PvRef {
+                name: pv.metadata.name.clone(),
+                rv: pv.metadata.resource_version.clone().unwrap_or_default(),
+            };
+            self.index.set(volume.clone(), r.clone());
+            return Ok(Some(r));
+        }
+        self.scan(|_, _| {}).await?;
+        Ok(self.index.get(volume))
+    }
+
+    /// Paginated LIST of every PV of this driver: indexes them and hands each to `each`.
+    async fn scan(&self, mut each: impl FnMut(&VolumeId, &PvLite)) -> Result<(), StoreError> {
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ::kube::api::ListParams::default().limit(LIST_PAGE);
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            let req = ::kube::core::Request::new(PV_PATH)
+                .list(&lp)
+                .map_err(|e| StoreError::Unavailable(format!("LIST PersistentVolumes: {e}")))?;
+            let mut attempt = 0;
+            let page = loop {
+                match self
+                    .client
+                    .request::<ListLite<PvLite>>(clone_req(&req))
+                    .await
+                    .map_err(classify)
+                {
+                    Ok(page) => break page,
+                    Err(f) if transient(&f) && attempt + 1 < self.backoff.max_attempts => {
+                        self.pause(attempt).await;
+                        attempt += 1;
+                    }
+                    Err(f) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "LIST PersistentVolumes: {}",
+                            f.describe()
+                        )));
+                    }
+                }
+            };
+            for pv in &page.items {
+                let Some(csi) = self.ours(pv) else { continue };
+                let Ok(volume) = VolumeId::new(csi.volume_handle.as_str()) else {
+                    tracing::warn!(pv = %pv.metadata.name, handle = %csi.volume_handle,
+                        "PersistentVolume of this driver has an invalid volume handle; ignored");
+                    continue;
+                };
+                self.index.set(
+                    volume.clone(),
+                    PvRef {
+                        name: pv.metadata.name.clone(),
+                        rv: pv.metadata.resource_version.clone().unwrap_or_default(),
+                    },
+                );
+                each(&volume, pv);
+            }
+            match page.metadata.continue_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+fn clone_req(req: &http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
+    let mut out = http::Request::new(req.body().clone());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.headers_mut() = req.headers().clone();
+    out
+}
+
+#[async_trait]
+impl AttachmentStore for PvStore {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let Some(mut pv) = self.locate(volume).await? else {
+            if holders.is_empty() {
+                return Ok(());
+            }
+            return Err(StoreError::NotFound(format!(
+                "no PersistentVolume of driver {} has volumeHandle {volume}",
+                self.driver_name
+            )));
+        };
+        let annotations = annotations_for(holders);
+        let mut attempt = 0u32;
+        loop {
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": pv.rv,
+                    "annotations": annotations,
+                }
+            });
+            let req = ::kube::core::Request::new(PV_PATH)
+                .patch(
+                    &pv.name,
+                    &Default::default(),
+                    &::kube::api::Patch::Merge(&patch),
+                )
+                .map_err(|e| StoreError::Unavailable(format!("PersistentVolume {}: {e}", pv.name)))?;
+            let failure = match self.client.request::<PvLite>(req).await.map_err(classify) {
+                Ok(updated) => {
+                    pv.rv = updated.metadata.resource_version.unwrap_or_default();
+                    self.index.set(volume.clone(), pv);
+                    return Ok(());
+                }
+                Err(f) => f,
+            };
+            let retryable = matches!(failure, Failure::Status(409, _)) || transient(&failure);
+            if matches!(failure, Failure::Status(404, _)) {
+                self.index.forget(volume);
+                if holders.is_empty() {
+                    return Ok(());
+                }
+                return Err(StoreError::NotFound(format!(
+                    "PersistentVolume {} of volume {volume} was deleted",
+                    pv.name
+                )));
+            }
+            attempt += 1;
+            if !retryable || attempt >= self.backoff.max_attempts {
+                let what = format!(
+                    "PATCH PersistentVolume {} after {attempt} attempts: {}",
+                    pv.name,
+                    failure.describe()
+                );
+                self.index.forget(volume); // re-read next time
+                return Err(match failure {
+                    Failure::Status(409, _) => StoreError::Conflict(what),
+                    _ => StoreError::Unavailable(what),
+                });
+            }
+            tracing::debug!(volume_id = %volume, attempt, error = %failure.describe(), "retrying the attachment write");
+            self.pause(attempt - 1).await;
+            // Someone else changed the PV (or our write's fate is unknown): read it again.
+            match self.get_pv(&pv.name).await? {
+                Some(fresh) => {
+                    pv.rv = fresh.metadata.resource_version.unwrap_or_default();
+                }
+                None => {
+                    self.index.forget(volume);
+                    if holders.is_empty() {
+                        return Ok(());
+                    }
+                    return Err(StoreError::NotFound(format!(
+                        "PersistentVolume {} of volume {volume} was deleted",
+                        pv.name
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(|volume, pv| {
+            let Some(ann) = &pv.metadata.annotations else {
+                return;
+            };
+            match records_from(volume, ann) {
+                Ok(records) => out.extend(records),
+                Err(e) => tracing::error!(pv = %pv.metadata.name, volume_id = %volume,
+                    "unreadable attachment annotations, ignored: {e}"),
+            }
+        })
+        .await?;
+        out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));
+        Ok(out)
+    }
+}

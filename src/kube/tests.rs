@@ -1,0 +1,363 @@
+//! The Kubernetes adapters, for real, against the simulated API server.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs, UnpublishArgs};
+use crate::backend::file_rds::FileRds;
+use crate::error::Error;
+use crate::kube::fake_api::{FakeApi, Kind};
+use crate::kube::{KubeCluster, PvStore, adapters};
+use crate::ports::rds::{DiskSpec, NvmeExport};
+use crate::ports::time::SeededEntropy;
+use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
+use crate::retry::Backoff;
+use crate::types::{AccessMode, NodeId, VolumeId};
+
+const DRIVER: &str = "rds.csi.srvlab.io";
+const FAST: Backoff = Backoff {
+    base: Duration::from_micros(1),
+    max: Duration::from_micros(50),
+    max_attempts: 8,
+};
+
+struct FixedClock;
+impl Clock for FixedClock {
+    fn now(&self) -> std::time::SystemTime {
+        UNIX_EPOCH + Duration::from_micros(1_760_000_000_123_456)
+    }
+}
+
+pub(crate) fn pv_json(name: &str, handle: &str, driver: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadWriteOnce"],
+            "csi": { "driver": driver, "volumeHandle": handle },
+        },
+    })
+}
+
+fn node_json(name: &str, nqn: Option<&str>) -> Value {
+    let mut ann = json!({});
+    if let Some(n) = nqn {
+        ann["rds.csi.srvlab.io/host-nqn"] = json!(n);
+    }
+    json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name, "annotations": ann } })
+}
+
+fn va_json(pv: &str, node: &str, attached: bool) -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+        "metadata": { "name": format!("csi-{pv}-{node}") },
+        "spec": { "attacher": DRIVER, "nodeName": node, "source": { "persistentVolumeName": pv } },
+        "status": { "attached": attached },
+    })
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    api: FakeApi,
+    rds: Arc<FileRds>,
+}
+
+impl World {
+    async fn new(volumes: &[&str]) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let rds = Arc::new(FileRds::open(&dir.path().join("rds"), 1 << 40).unwrap());
+        let api = FakeApi::new();
+        for v in volumes {
+            rds.create_disk(&DiskSpec {
+                slot: v.to_string(),
+                size_bytes: 1 << 20,
+                export: Some(NvmeExport { port: 4420, nqn: format!("nqn.2000-02.com.mikrotik:{v}") }),
+                copy_from: None,
+            })
+            .await
+            .unwrap();
+            api.put_object(Kind::PersistentVolume, "", pv_json(v, v, DRIVER, json!({})));
+        }
+        for n in ["node-a", "node-b"] {
+            api.put_object(Kind::Node, "", node_json(n, Some(&format!("nqn.2014-08.org.nvmexpress:uuid:{n}"))));
+        }
+        World { _dir: dir, api, rds }
+    }
+
+    fn ports(&self) -> (Arc<PvStore>, Arc<KubeCluster>) {
+        adapters(self.api.client(), DRIVER, Arc::new(FixedClock), Arc::new(SeededEntropy::from_seed(1)), FAST)
+    }
+
+    /// A controller (re)started: new adapters, new manager, rebuilt.
+    async fn controller(&self, cfg: AttachmentConfig) -> AttachmentManager {
+        let (store, cluster) = self.ports();
+        let m = AttachmentManager::new(self.rds.clone(), store, cluster, Arc::new(FixedClock), cfg);
+        m.rebuild().await.unwrap();
+        m
+    }
+
+    fn annotations(&self, pv: &str) -> Value {
+        self.api.object(Kind::PersistentVolume, "", pv).unwrap()["metadata"]["annotations"].clone()
+    }
+}
+
+fn publish(v: &str, n: &str) -> PublishArgs {
+    PublishArgs {
+        volume_id: VolumeId::new(v).unwrap(),
+        node_id: NodeId::new(n).unwrap(),
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+        block: false,
+        fs_type: Some("ext4".into()),
+        nvme_address: None,
+    }
+}
+
+fn unpublish(v: &str, n: &str) -> UnpublishArgs {
+    UnpublishArgs { volume_id: VolumeId::new(v).unwrap(), node_id: Some(NodeId::new(n).unwrap()) }
+}
+
+#[tokio::test]
+async fn publish_and_unpublish_cost_one_patch_each_and_write_the_annotations() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    w.api.reset_requests();
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    let reqs = w.api.requests();
+    assert_eq!(reqs.get("PATCH persistentvolumes"), Some(&1));
+    assert_eq!(reqs.get("GET persistentvolumes"), None);
+    let ann = w.annotations("pvc-1");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-at"], "2025-10-09T08:53:20.123456Z");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-mode"], "single-node");
+    w.api.reset_requests();
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.api.requests().get("PATCH persistentvolumes"), Some(&1));
+    assert_eq!(w.annotations("pvc-1"), json!({}), "annotations removed");
+}
+
+#[tokio::test]
+async fn a_conflict_storm_is_retried_until_the_write_lands() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    for (round, n) in [1u64, 3, 7].into_iter().enumerate() {
+        w.api.reset_requests();
+        w.api.conflict_next_writes(n);
+        let node = if round % 2 == 0 { "node-a" } else { "node-b" };
+        if round > 0 {
+            let prev = if node == "node-a" { "node-b" } else { "node-a" };
+            w.api.conflict_next_writes(0);
+            m.unpublish(&unpublish("pvc-1", prev)).await.unwrap_or_else(|e| panic!("{e}"));
+            w.api.reset_requests();
+            w.api.conflict_next_writes(n);
+        }
+        m.publish(&publish("pvc-1", node)).await.unwrap();
+        let reqs = w.api.requests();
+        assert_eq!(reqs.get("PATCH persistentvolumes"), Some(&(n + 1)), "{n} conflicts");
+        assert_eq!(reqs.get("GET persistentvolumes"), Some(&n), "one re-read per conflict");
+        assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], node);
+    }
+}
+
+#[tokio::test]
+async fn endless_conflicts_give_aborted_and_roll_back() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    w.api.conflict_next_writes(FAST.max_attempts as u64);
+    let err = m.publish(&publish("pvc-1", "node-a")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    assert!(m.list().is_empty());
+    assert_eq!(w.annotations("pvc-1"), json!({}));
+    // The next attempt (the CO retries) succeeds.
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_and_a_persistent_outage_is_unavailable() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    w.api.fail_next_requests([503, 500]);
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(m.get(&VolumeId::new("pvc-1").unwrap()).len(), 1);
+    w.api.fail_next_requests(vec![503; 64]);
+    let err = m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+    assert_eq!(m.get(&VolumeId::new("pvc-1").unwrap()).len(), 1, "rolled back");
+}
+
+#[tokio::test]
+async fn a_missing_pv_refuses_publish_and_lets_unpublish_succeed() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    w.api.remove_object(Kind::PersistentVolume, "", "pvc-1");
+    // Not indexed as missing yet: the PATCH 404s.
+    let err = m.publish(&publish("pvc-1", "node-a")).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(ref msg) if msg.contains("PersistentVolume")), "{err:?}");
+    assert!(m.list().is_empty());
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+}
+
+#[tokio::test]
+async fn rebuild_reads_every_page_and_ignores_other_drivers() {
+    let w = World::new(&[]).await;
+    for i in 0..1203 {
+        let name = format!("pvc-{i:05}");
+        let ann = if i % 3 == 0 {
+            json!({
+                "rds.csi.srvlab.io/attached-node": "node-a",
+                "rds.csi.srvlab.io/attached-at": "2025-10-09T08:53:20.123456Z",
+            })
+        } else {
+            json!({})
+        };
+        w.api.put_object(Kind::PersistentVolume, "", pv_json(&name, &name, DRIVER, ann));
+        if i % 3 == 0 {
+            w.api.put_object(Kind::VolumeAttachment, "", va_json(&name, "node-a", true));
+        }
+    }
+    w.api.put_object(
+        Kind::PersistentVolume,
+        "",
+        pv_json("other", "other", "ebs.csi.aws.com", json!({"rds.csi.srvlab.io/attached-node": "node-b"})),
+    );
+    w.api.reset_requests();
+    let m = w.controller(AttachmentConfig::default()).await;
+    assert_eq!(m.list().len(), 401);
+    assert!(m.list().iter().all(|r| r.node_id.as_str() == "node-a" && r.access_mode == AccessMode::SingleNode));
+    let reqs = w.api.requests();
+    assert_eq!(reqs.get("LIST persistentvolumes"), Some(&3), "limit 500: three pages");
+    assert_eq!(reqs.get("PATCH persistentvolumes"), None, "nothing to clear");
+}
+
+#[tokio::test]
+async fn an_acknowledged_unpublish_is_not_resurrected_by_a_restart() {
+    let w = World::new(&["pvc-1", "pvc-2"]).await;
+    for v in ["pvc-1", "pvc-2"] {
+        w.api.put_object(Kind::VolumeAttachment, "", va_json(v, "node-a", true));
+    }
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    m.publish(&publish("pvc-2", "node-a")).await.unwrap();
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    // The attacher drops pvc-1's VolumeAttachment after the acknowledged unpublish.
+    w.api.remove_object(Kind::VolumeAttachment, "", "csi-pvc-1-node-a");
+    // A stale annotation (e.g. an old controller's late write) must not bring it back either.
+    let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
+    pv["metadata"]["annotations"] = json!({"rds.csi.srvlab.io/attached-node": "node-a"});
+    w.api.put_object(Kind::PersistentVolume, "", pv);
+    drop(m);
+    let m = w.controller(AttachmentConfig::default()).await;
+    let vols: Vec<String> = m.list().into_iter().map(|r| r.volume_id.to_string()).collect();
+    assert_eq!(vols, vec!["pvc-2"]);
+    assert_eq!(w.annotations("pvc-1"), json!({}), "stale annotation cleared");
+    // And node-b can now have pvc-1.
+    m.publish(&publish("pvc-1", "node-b")).await.unwrap();
+}
+
+#[tokio::test]
+async fn fencing_uses_node_objects_and_records_an_event() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig { data_path_fence: true, ..Default::default() }).await;
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(
+        w.rds.get_disk("pvc-1").await.unwrap().unwrap().allowed_host_nqn.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:node-a")
+    );
+    let err = m.publish(&publish("pvc-1", "node-b")).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)));
+    let events = w.api.objects(Kind::Event);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["reason"], "AttachFenced");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["involvedObject"]["name"], "pvc-1");
+    // node-a's Node object is deleted: the stale record is cleared, node-b gets the volume.
+    w.api.remove_object(Kind::Node, "", "node-a");
+    m.publish(&publish("pvc-1", "node-b")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+    assert_eq!(
+        w.rds.get_disk("pvc-1").await.unwrap().unwrap().allowed_host_nqn.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:node-b")
+    );
+}
+
+#[tokio::test]
+async fn cluster_adapter_reads_nodes_and_volume_attachments() {
+    let w = World::new(&["pvc-1"]).await;
+    let (store, cluster) = w.ports();
+    store.load_all().await.unwrap();
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", "node-a", false));
+    let mut foreign = va_json("pvc-1", "node-b", true);
+    foreign["spec"]["attacher"] = json!("other.csi.io");
+    w.api.put_object(Kind::VolumeAttachment, "", foreign);
+    let a = NodeId::new("node-a").unwrap();
+    assert!(cluster.node_exists(&a).await.unwrap());
+    assert!(!cluster.node_exists(&NodeId::new("node-z").unwrap()).await.unwrap());
+    assert_eq!(cluster.node_host_nqn(&a).await.unwrap().as_deref(), Some("nqn.2014-08.org.nvmexpress:uuid:node-a"));
+    let vas = cluster.volume_attachments().await.unwrap().unwrap();
+    assert_eq!(vas.len(), 1);
+    assert_eq!((vas[0].volume_id.as_str(), vas[0].node_id.as_str(), vas[0].attached), ("pvc-1", "node-a", false));
+}
+
+#[tokio::test]
+async fn annotations_round_trip_and_legacy_ones_read_as_single_node() {
+    use crate::kube::pv_store::{annotations_for, records_from};
+    let v = VolumeId::new("pvc-1").unwrap();
+    let recs = vec![
+        crate::ports::store::AttachmentRecord {
+            volume_id: v.clone(),
+            node_id: NodeId::new("node-a").unwrap(),
+            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_000_007),
+            access_mode: AccessMode::MultiNodeReadOnly,
+            readonly: true,
+        },
+        crate::ports::store::AttachmentRecord {
+            volume_id: v.clone(),
+            node_id: NodeId::new("node-b").unwrap(),
+            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_500_000),
+            access_mode: AccessMode::MultiNodeReadOnly,
+            readonly: true,
+        },
+    ];
+    let ann: std::collections::BTreeMap<String, String> = annotations_for(&recs)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(records_from(&v, &ann).unwrap(), recs);
+    let legacy: std::collections::BTreeMap<String, String> = [
+        ("rds.csi.srvlab.io/attached-node".to_string(), "node-a".to_string()),
+        ("rds.csi.srvlab.io/attached-at".to_string(), "2025-11-12T00:36:13Z".to_string()),
+    ]
+    .into();
+    let r = records_from(&v, &legacy).unwrap();
+    assert_eq!((r.len(), r[0].access_mode, r[0].readonly), (1, AccessMode::SingleNode, false));
+    let bad: std::collections::BTreeMap<String, String> =
+        [("rds.csi.srvlab.io/attached-node".to_string(), "bad node".to_string())].into();
+    assert!(records_from(&v, &bad).is_err());
+}
+
+#[tokio::test]
+async fn fake_api_lists_in_pages_and_checks_preconditions() {
+    let api = FakeApi::new();
+    for i in 0..5 {
+        api.put_object(Kind::Node, "", node_json(&format!("n{i}"), None));
+    }
+    let page = |q: &str| -> Value { serde_json::from_slice(&api.handle_now(&http::Method::GET, &format!("/api/v1/nodes?{q}"), b"").body).unwrap() };
+    let p1 = page("limit=2");
+    assert_eq!(p1["items"].as_array().unwrap().len(), 2);
+    assert_eq!(p1["metadata"]["continue"], "n1");
+    let p3 = page("limit=2&continue=n3");
+    assert_eq!(p3["items"][0]["metadata"]["name"], "n4");
+    assert!(p3["metadata"].get("continue").is_none());
+    let rv = api.object(Kind::Node, "", "n0").unwrap()["metadata"]["resourceVersion"].clone();
+    let stale = json!({"metadata": {"resourceVersion": "999", "labels": {"x": "y"}}});
+    assert_ne!(rv, json!("999"));
+    let ans = api.handle_now(&http::Method::PATCH, "/api/v1/nodes/n0", stale.to_string().as_bytes());
+    assert_eq!(ans.status, http::StatusCode::CONFLICT);
+    let fresh = json!({"metadata": {"resourceVersion": rv, "labels": {"x": "y"}}});
+    let ans = api.handle_now(&http::Method::PATCH, "/api/v1/nodes/n0", fresh.to_string().as_bytes());
+    assert_eq!(ans.status, http::StatusCode::OK);
+    assert_eq!(api.object(Kind::Node, "", "n0").unwrap()["metadata"]["labels"]["x"], "y");
+}
