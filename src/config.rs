@@ -157,6 +157,12 @@ pub struct Cli {
     #[arg(long, hide_env_values = true, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Data-path fence: ControllerPublish restricts the disk's NVMe/TCP export to the
+    /// node's host NQN (Node annotation rds.csi.srvlab.io/host-nqn), ControllerUnpublish
+    /// lifts it, so a node that missed its detach cannot reach the volume.
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_DATA_PATH_FENCE")]
+    pub data_path_fence: bool,
+
     /// Address to serve Prometheus metrics on (e.g. 0.0.0.0:9809); off when unset.
     #[arg(long, hide_env_values = true, env = "METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,

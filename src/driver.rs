@@ -161,6 +161,29 @@ pub fn embedded_rds(
     Ok(Arc::new(rds))
 }
 
+impl Deps {
+    /// Puts the controller's attachment tracking on other ports (e.g. the Kubernetes
+    /// adapters; `None` keeps the current ones) with `cfg`, rebuilding the manager. No-op
+    /// without a controller.
+    pub fn with_attachments(
+        mut self,
+        ports: Option<(Arc<dyn AttachmentStore>, Arc<dyn Cluster>)>,
+        cfg: AttachmentConfig,
+    ) -> Self {
+        if let Some(c) = self.controller.take() {
+            let (store, cluster) = ports.unwrap_or((c.store, c.cluster));
+            self.controller = Some(ControllerDeps::new(
+                c.rds,
+                store,
+                cluster,
+                Arc::clone(&self.clock),
+                cfg,
+            ));
+        }
+        self
+    }
+}
+
 /// A plugin instance: its services and readiness.
 pub struct Driver {
     cfg: Arc<DriverConfig>,

@@ -196,24 +196,45 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
                 .into(),
         ));
     }
-    if cli.kubeconfig.is_some() {
-        return Err(ServeError::Config(
-            "--kubeconfig: the Kubernetes adapters are not available in this build yet; \
-             omit it to run without Kubernetes"
-                .into(),
-        ));
-    }
     let dir = state_dir(cli);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ServeError::Config(format!("--state-dir {}: {e}", dir.display())))?;
     tracing::info!(state_dir = %dir.display(), "embedded backend: RDS emulated on local files");
+    let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
+    let entropy: Arc<dyn crate::ports::Entropy> = Arc::new(SeededEntropy::from_os());
     let deps = Deps::embedded(
         &dir,
         &node_id,
         cli.mode,
-        Arc::new(SystemClock),
-        Arc::new(SeededEntropy::from_os()),
+        Arc::clone(&clock),
+        Arc::clone(&entropy),
     )?;
+    // Kubernetes: with --kubeconfig, or in a pod (the API server's address is in the env).
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let kube_ports = if cli.mode.controller() && (cli.kubeconfig.is_some() || in_cluster) {
+        let client = crate::kube::client(cli.kubeconfig.as_deref()).map_err(ServeError::Config)?;
+        let (store, cluster) = crate::kube::adapters(
+            client,
+            &cli.driver_name,
+            clock,
+            entropy,
+            crate::retry::Backoff::API,
+        );
+        tracing::info!("attachments recorded in PersistentVolume annotations (Kubernetes)");
+        Some((
+            store as Arc<dyn crate::ports::AttachmentStore>,
+            cluster as Arc<dyn crate::ports::Cluster>,
+        ))
+    } else {
+        None
+    };
+    let deps = deps.with_attachments(
+        kube_ports,
+        crate::attachment::AttachmentConfig {
+            max_volumes_per_node: 0,
+            data_path_fence: cli.data_path_fence,
+        },
+    );
     let cfg = DriverConfig {
         driver_name: cli.driver_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),

@@ -365,7 +365,7 @@ impl AttachmentManager {
             self.rds.get_disk(volume.as_str()).await?.ok_or_else(|| {
                 Error::NotFound(format!("volume {volume} does not exist on the RDS"))
             })?;
-        if !self.cluster.node_exists(node).await? {
+        if !self.cluster.node_known(node).await? {
             return Err(Error::NotFound(format!(
                 "node {node} does not exist (no Node object with that name)"
             )));

@@ -3,7 +3,9 @@
 //! PV names resolved to volume handles through the shared [`PvIndex`]), and Events on the
 //! PersistentVolume. Transient failures are retried with the seeded [`Backoff`].
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -19,6 +21,12 @@ use crate::types::{NodeId, VolumeId};
 
 /// Node annotation holding the node's NVMe host NQN (set by the node plugin).
 pub const ANN_HOST_NQN: &str = "rds.csi.srvlab.io/host-nqn";
+
+/// How long a positive Node answer (and its host NQN) is reused by `node_known` and
+/// `node_host_nqn`. `node_exists` always asks.
+pub const NODE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Cache size beyond which expired entries are pruned.
+const NODE_CACHE_PRUNE: usize = 4096;
 
 const VA_PATH: &str = "/apis/storage.k8s.io/v1/volumeattachments";
 
@@ -75,6 +83,8 @@ pub struct KubeCluster {
     entropy: Arc<dyn Entropy>,
     backoff: Backoff,
     index: Arc<PvIndex>,
+    /// Nodes seen to exist: when, and their host NQN.
+    nodes: Mutex<BTreeMap<NodeId, (tokio::time::Instant, Option<String>)>>,
 }
 
 impl std::fmt::Debug for KubeCluster {
@@ -105,7 +115,42 @@ impl KubeCluster {
             entropy,
             backoff,
             index,
+            nodes: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, (tokio::time::Instant, Option<String>)>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A recent positive answer about `node`: `Some(host_nqn)`.
+    fn cached(&self, node: &NodeId) -> Option<Option<String>> {
+        let nodes = self.nodes();
+        let (at, nqn) = nodes.get(node)?;
+        (at.elapsed() < NODE_CACHE_TTL).then(|| nqn.clone())
+    }
+
+    /// GETs `node`, caching the answer; `Some(host_nqn)` when it exists.
+    async fn fetch_node(&self, node: &NodeId) -> Result<Option<Option<String>>, ClusterError> {
+        let found = self.node(node).await?.map(|n| {
+            n.metadata
+                .annotations
+                .and_then(|mut a| a.remove(ANN_HOST_NQN))
+                .filter(|s| !s.is_empty())
+        });
+        let mut nodes = self.nodes();
+        match &found {
+            Some(nqn) => {
+                if nodes.len() >= NODE_CACHE_PRUNE {
+                    nodes.retain(|_, (at, _)| at.elapsed() < NODE_CACHE_TTL);
+                }
+                nodes.insert(node.clone(), (tokio::time::Instant::now(), nqn.clone()));
+            }
+            None => {
+                nodes.remove(node);
+            }
+        }
+        Ok(found)
     }
 
     /// Sends `req` (rebuilt by `make` for each attempt), retrying transient failures.
@@ -171,16 +216,21 @@ impl KubeCluster {
 #[async_trait]
 impl Cluster for KubeCluster {
     async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
-        Ok(self.node(node).await?.is_some())
+        Ok(self.fetch_node(node).await?.is_some())
+    }
+
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        if self.cached(node).is_some() {
+            return Ok(true);
+        }
+        self.node_exists(node).await
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
-        Ok(self.node(node).await?.and_then(|n| {
-            n.metadata
-                .annotations
-                .and_then(|mut a| a.remove(ANN_HOST_NQN))
-                .filter(|s| !s.is_empty())
-        }))
+        if let Some(nqn) = self.cached(node) {
+            return Ok(nqn);
+        }
+        Ok(self.fetch_node(node).await?.flatten())
     }
 
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {

@@ -361,3 +361,34 @@ async fn fake_api_lists_in_pages_and_checks_preconditions() {
     assert_eq!(ans.status, http::StatusCode::OK);
     assert_eq!(api.object(Kind::Node, "", "n0").unwrap()["metadata"]["labels"]["x"], "y");
 }
+
+#[tokio::test]
+async fn a_kubeconfig_selects_the_kubernetes_adapters() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\ncontexts:\n- name: c\n  context:\n    cluster: k\n    user: u\nusers:\n- name: u\n  user:\n    token: t\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let cli = crate::config::Cli::parse_from([
+        "rds-csi-plugin",
+        "--node-id=node-a",
+        "--mode=controller",
+        "--data-path-fence",
+        &format!("--kubeconfig={}", kc.display()),
+        &format!("--state-dir={}", state.display()),
+    ]);
+    let driver = crate::server::build_driver(&cli).unwrap();
+    assert_eq!(driver.config().node_id.as_str(), "node-a");
+    let missing = crate::config::Cli::parse_from([
+        "rds-csi-plugin",
+        "--node-id=node-a",
+        "--kubeconfig=/nonexistent/kubeconfig",
+        &format!("--state-dir={}", state.display()),
+    ]);
+    let err = crate::server::build_driver(&missing).err().unwrap();
+    assert!(err.to_string().contains("--kubeconfig /nonexistent/kubeconfig"), "{err}");
+}

@@ -47,8 +47,14 @@ pub struct ClusterEvent {
 /// The orchestrator.
 #[async_trait]
 pub trait Cluster: Send + Sync + 'static {
-    /// Whether the Node object `node` exists.
+    /// Whether the Node object `node` exists, asked fresh (used where a stale "yes" would
+    /// be unsafe: deciding that a holder's node is gone).
     async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError>;
+    /// Whether `node` exists; may answer "yes" from a recent positive answer (used for the
+    /// NOT_FOUND check of the node a volume is published to, to save a request per publish).
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.node_exists(node).await
+    }
     /// The NVMe host NQN the node published (annotation), if known.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
     /// VolumeAttachments of this driver, sorted by (volume, node); `None` when the
