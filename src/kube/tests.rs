@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs, UnpublishArgs};
-use crate::backend::file_rds::FileRds;
+use crate::routeros::InMemoryRds;
 use crate::error::Error;
 use crate::kube::fake_api::{FakeApi, Kind};
 use crate::kube::{KubeCluster, PvStore, adapters};
@@ -62,13 +62,13 @@ fn va_json(pv: &str, node: &str, attached: bool) -> Value {
 struct World {
     _dir: tempfile::TempDir,
     api: FakeApi,
-    rds: Arc<FileRds>,
+    rds: Arc<InMemoryRds>,
 }
 
 impl World {
     async fn new(volumes: &[&str]) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let rds = Arc::new(FileRds::open(&dir.path().join("rds"), 1 << 40).unwrap());
+        let rds = crate::routeros::in_memory_rds(1 << 40);
         let api = FakeApi::new();
         for v in volumes {
             rds.create_disk(&DiskSpec {
