@@ -180,6 +180,25 @@ pub struct Cli {
     )]
     pub log_level: String,
 
+    /// Staging and target paths must lie below this directory [default: /var/lib/kubelet
+    /// inside a Kubernetes pod, no restriction otherwise].
+    #[arg(long, hide_env_values = true, env = "KUBELET_ROOT")]
+    pub kubelet_root: Option<PathBuf>,
+
+    /// How the node attaches volumes [default: loop on the embedded default (mode all
+    /// without --rds-address), nvme otherwise].
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_INITIATOR", value_enum)]
+    pub initiator: Option<crate::node::InitiatorKind>,
+
+    /// This host's NVMe host NQN [default: the content of /etc/nvme/hostnqn].
+    #[arg(long, hide_env_values = true, env = "NVME_HOST_NQN")]
+    pub nvme_host_nqn: Option<String>,
+
+    /// NQN prefix of this driver's volumes (a volume's NQN is the prefix + its id); the
+    /// node never connects or disconnects any other NVMe subsystem.
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_NQN_PREFIX", default_value = crate::node::DEFAULT_NQN_PREFIX)]
+    pub nvme_nqn_prefix: String,
+
     /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(
         long,
@@ -196,6 +215,28 @@ impl Cli {
         self.node_id
             .clone()
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+impl Cli {
+    /// The allowed root for staging/target paths: the flag, else `/var/lib/kubelet` when
+    /// running inside a Kubernetes pod (`in_cluster`), else none.
+    pub fn allowed_root(&self, in_cluster: bool) -> Option<PathBuf> {
+        self.kubelet_root
+            .clone()
+            .or_else(|| in_cluster.then(|| PathBuf::from("/var/lib/kubelet")))
+    }
+
+    /// The node's initiator: the flag, else loop devices on the embedded default (mode all
+    /// without --rds-address), else nvme-cli.
+    pub fn initiator_kind(&self) -> crate::node::InitiatorKind {
+        use crate::node::InitiatorKind;
+        self.initiator
+            .unwrap_or(if self.rds_address.is_none() && self.mode == Mode::All {
+                InitiatorKind::Loop
+            } else {
+                InitiatorKind::Nvme
+            })
     }
 }
 
@@ -223,6 +264,23 @@ mod tests {
             let err = bad.parse::<Endpoint>().unwrap_err();
             assert!(err.contains("expected unix://"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn kubelet_root_and_initiator_defaults_follow_the_environment() {
+        use crate::node::InitiatorKind;
+        let cli = Cli::parse_from(["rds-csi-plugin"]);
+        assert_eq!(cli.allowed_root(false), None);
+        assert_eq!(
+            cli.allowed_root(true),
+            Some(PathBuf::from("/var/lib/kubelet"))
+        );
+        assert_eq!(cli.initiator_kind(), InitiatorKind::Loop);
+        let cli = Cli::parse_from(["rds-csi-plugin", "--mode", "node", "--kubelet-root", "/k"]);
+        assert_eq!(cli.allowed_root(true), Some(PathBuf::from("/k")));
+        assert_eq!(cli.initiator_kind(), InitiatorKind::Nvme);
+        let cli = Cli::parse_from(["rds-csi-plugin", "--mode", "node", "--initiator", "loop"]);
+        assert_eq!(cli.initiator_kind(), InitiatorKind::Loop);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::csi::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Rds};
+use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Mounter, Rds};
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::types::NodeId;
 
@@ -78,9 +78,16 @@ impl ControllerDeps {
     }
 }
 
-/// Ports the Node service needs (grows with the node service).
-#[derive(Clone, Default)]
-pub struct NodeDeps {}
+/// Ports and settings the Node service needs.
+#[derive(Clone)]
+pub struct NodeDeps {
+    /// NVMe/TCP host side (or loop devices on the embedded default).
+    pub initiator: Arc<dyn Initiator>,
+    /// Filesystems and mounts.
+    pub mounter: Arc<dyn Mounter>,
+    /// Allowed path root, NQN prefix.
+    pub options: crate::node::NodeOptions,
+}
 
 /// All ports of one plugin instance.
 #[derive(Clone)]
@@ -115,7 +122,9 @@ impl Deps {
         } else {
             None
         };
-        let node = mode.node().then(NodeDeps::default);
+        let node = mode.node().then(|| {
+            crate::node::embedded_deps(state_dir, node_id, crate::node::NodeOptions::default())
+        });
         Ok(Self {
             clock,
             entropy,
@@ -232,6 +241,17 @@ impl Driver {
         if let Some(c) = &self.deps.controller {
             c.rds.ping().await?;
             c.attachments.rebuild().await?;
+        }
+        if let Some(n) = &self.deps.node {
+            // Restart recovery: the node's state is whatever the kernel has attached and
+            // mounted; read it now (and fail start-up if it cannot be read).
+            crate::node::NodeOps::new(
+                Arc::clone(&n.initiator),
+                Arc::clone(&n.mounter),
+                n.options.clone(),
+            )
+            .recover()
+            .await?;
         }
         self.readiness.set_ready();
         Ok(())

@@ -30,6 +30,7 @@ not_under_loom! {
     pub mod kube;
     pub mod kube_rbac;
     pub mod metrics;
+    pub mod node;
     pub mod ports;
     pub mod proto;
     pub mod retry;

@@ -202,13 +202,16 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
     tracing::info!(state_dir = %dir.display(), "embedded backend: RDS emulated on local files");
     let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
     let entropy: Arc<dyn crate::ports::Entropy> = Arc::new(SeededEntropy::from_os());
-    let deps = Deps::embedded(
+    let mut deps = Deps::embedded(
         &dir,
         &node_id,
         cli.mode,
         Arc::clone(&clock),
         Arc::clone(&entropy),
     )?;
+    if let Some(node) = deps.node.as_mut() {
+        *node = crate::node::node_deps_from_cli(cli, &dir, &node_id);
+    }
     // Kubernetes: with --kubeconfig, or in a pod (the API server's address is in the env).
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube_ports = if cli.mode.controller() && (cli.kubeconfig.is_some() || in_cluster) {

@@ -30,9 +30,14 @@ pub enum MountError {
     Io(String),
 }
 
-/// One line of the mount table.
+/// One line of the mount table (`/proc/self/mountinfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// `major:minor` of the filesystem's device (shared by a mount and its bind mounts).
+    pub dev: String,
+    /// Root of the mount within its filesystem (`/` for a whole-filesystem mount; the
+    /// device node's path, e.g. `/loop0`, for a raw block bind of a devtmpfs node).
+    pub root: String,
     /// Source device (or bind source root).
     pub source: String,
     /// Mount point.
@@ -58,6 +63,15 @@ pub struct UsageStats {
     pub free_inodes: u64,
     /// Used inodes.
     pub used_inodes: u64,
+}
+
+/// What a publish or staging target must be before something is mounted on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A directory (mount volumes).
+    Directory,
+    /// A regular file (raw block volumes: the device node is bound onto it).
+    File,
 }
 
 /// Filesystems and mounts.
@@ -92,4 +106,15 @@ pub trait Mounter: Send + Sync + 'static {
     async fn stats(&self, path: &Path) -> Result<UsageStats, MountError>;
     /// Size in bytes of the block device.
     async fn device_size(&self, device: &Path) -> Result<u64, MountError>;
+    /// Mount points where the device node `device` itself is bind-mounted (raw block
+    /// publishes), sorted.
+    async fn device_binds(&self, device: &Path) -> Result<Vec<PathBuf>, MountError>;
+    /// `major:minor` of the block device `device` (compare with [`MountEntry::dev`]).
+    async fn device_number(&self, device: &Path) -> Result<String, MountError>;
+    /// Creates `path` as `kind` (and its parents); an existing one of that kind is success.
+    async fn prepare_target(&self, path: &Path, kind: TargetKind) -> Result<(), MountError>;
+    /// Removes the empty directory or file at `path` (absent is success; never recursive).
+    async fn remove_target(&self, path: &Path) -> Result<(), MountError>;
+    /// Whether `path` exists (without following a dead mount into a hang: bounded).
+    async fn path_exists(&self, path: &Path) -> Result<bool, MountError>;
 }

@@ -1,0 +1,400 @@
+//! The embedded [`Initiator`]: loop devices over the embedded RDS's backing files.
+//!
+//! In the embedded default the controller and the node run in one process on one machine;
+//! "connecting" volume `<slot>` (NQN `<prefix><slot>`) attaches its backing file
+//! `<rds-dir>/<slot>.img` to a loop device with `losetup`, so the whole node path (format,
+//! mount, bind, expand, stats) runs for real.
+//!
+//! Invariants:
+//! - The NQN → file mapping is pure (prefix + a validated slot), so unstage, expand and
+//!   restart recovery find the device from the volume id alone.
+//! - Which loop device backs which file is read from the kernel
+//!   (`<sysfs>/block/loop*/loop/backing_file`), never remembered: a restarted plugin sees
+//!   exactly what is attached.
+//! - Only loop devices whose backing file is one of this driver's `<rds-dir>/*.img` files
+//!   are detached or listed; every other loop device on the host is left alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::node::exec::{CommandRunner, ExecError, command_line};
+use crate::ports::initiator::{Connection, Initiator, InitiatorError, NvmeTarget};
+use crate::types::VolumeId;
+
+/// How often to look while waiting for a loop device to go away.
+const DETACH_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// An attached loop device as sysfs shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LoopDev {
+    device: PathBuf,
+    file: PathBuf,
+    /// `losetup -d` was asked while something (often udev probing after a close) held the
+    /// device open: the kernel set autoclear and detaches it on the last close. Such a
+    /// device is on its way out and is never handed out again.
+    detaching: bool,
+}
+
+/// Loop-device initiator.
+pub struct LoopInitiator {
+    detach_wait: std::time::Duration,
+    runner: Arc<dyn CommandRunner>,
+    rds_dir: PathBuf,
+    nqn_prefix: String,
+    host_nqn: String,
+    sysfs_root: PathBuf,
+    dev_root: PathBuf,
+}
+
+impl LoopInitiator {
+    /// Loop devices over `<rds_dir>/<slot>.img` for NQNs `<nqn_prefix><slot>`.
+    pub fn new(
+        runner: Arc<dyn CommandRunner>,
+        rds_dir: &Path,
+        nqn_prefix: String,
+        host_nqn: String,
+    ) -> Self {
+        let rds_dir = rds_dir.to_path_buf();
+        Self {
+            detach_wait: std::time::Duration::from_secs(10),
+            runner,
+            rds_dir,
+            nqn_prefix,
+            host_nqn,
+            sysfs_root: PathBuf::from("/sys"),
+            dev_root: PathBuf::from("/dev"),
+        }
+    }
+
+    /// The backing file of `nqn`, or NotForThisDriver.
+    pub fn file_for(&self, nqn: &str) -> Result<PathBuf, InitiatorError> {
+        let not_ours = || {
+            InitiatorError::NotForThisDriver(format!(
+                "{nqn:?} is not <{}><volume id>",
+                self.nqn_prefix
+            ))
+        };
+        let slot = nqn.strip_prefix(&self.nqn_prefix).ok_or_else(not_ours)?;
+        let slot = VolumeId::new(slot).map_err(|_| not_ours())?;
+        Ok(self.dir().join(format!("{slot}.img")))
+    }
+
+    /// The disk directory as the kernel records backing files: symlinks resolved (the
+    /// directory may only appear after start-up, so resolved on each use).
+    fn dir(&self) -> PathBuf {
+        std::fs::canonicalize(&self.rds_dir).unwrap_or_else(|_| self.rds_dir.clone())
+    }
+
+    /// Attached loop devices, sorted by device number.
+    async fn loops(&self) -> Result<Vec<LoopDev>, InitiatorError> {
+        let block = self.sysfs_root.join("block");
+        let dev_root = self.dev_root.clone();
+        tokio::task::spawn_blocking(move || {
+            let rd = std::fs::read_dir(&block)
+                .map_err(|e| InitiatorError::Command(format!("{}: {e}", block.display())))?;
+            let mut out: Vec<(u32, LoopDev)> = Vec::new();
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(n) = name
+                    .strip_prefix("loop")
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                // Only attached loop devices have a backing file.
+                let Ok(f) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+                    continue;
+                };
+                let autoclear = std::fs::read_to_string(e.path().join("loop/autoclear"))
+                    .is_ok_and(|v| v.trim() == "1");
+                out.push((
+                    n,
+                    LoopDev {
+                        device: dev_root.join(&name),
+                        file: PathBuf::from(f.trim_end_matches('\n')),
+                        detaching: autoclear,
+                    },
+                ));
+            }
+            out.sort_by_key(|(n, _)| *n);
+            Ok(out.into_iter().map(|(_, l)| l).collect())
+        })
+        .await
+        .map_err(|e| InitiatorError::Command(format!("sysfs scan: {e}")))?
+    }
+
+    /// Loop devices over `file` that are in use (not being detached).
+    async fn devices_of(&self, file: &Path) -> Result<Vec<PathBuf>, InitiatorError> {
+        Ok(self
+            .loops()
+            .await?
+            .into_iter()
+            .filter(|l| l.file == file && !l.detaching)
+            .map(|l| l.device)
+            .collect())
+    }
+
+    /// Waits (bounded) until no loop device, in use or being detached, is over `file`.
+    async fn wait_detached(&self, file: &Path) -> Result<(), InitiatorError> {
+        let deadline = tokio::time::Instant::now() + self.detach_wait;
+        loop {
+            let left: Vec<PathBuf> = self
+                .loops()
+                .await?
+                .into_iter()
+                .filter(|l| l.file == file)
+                .map(|l| l.device)
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(InitiatorError::Timeout(format!(
+                    "{left:?} over {} still held open by another process after {}s \
+                     (the kernel detaches it when that process closes it)",
+                    file.display(),
+                    self.detach_wait.as_secs()
+                )));
+            }
+            tokio::time::sleep(DETACH_POLL).await;
+        }
+    }
+
+    async fn losetup(&self, args: Vec<String>) -> Result<String, InitiatorError> {
+        let out = self
+            .runner
+            .run("losetup", &args)
+            .await
+            .map_err(|e| match e {
+                ExecError::Timeout { .. } => InitiatorError::Timeout(e.to_string()),
+                ExecError::Spawn { .. } => InitiatorError::Command(e.to_string()),
+            })?;
+        if out.success() {
+            Ok(out.stdout)
+        } else {
+            Err(InitiatorError::Command(format!(
+                "`{}` failed: {}",
+                command_line("losetup", &args),
+                out.failure_text()
+            )))
+        }
+    }
+}
+
+#[async_trait]
+impl Initiator for LoopInitiator {
+    async fn host_nqn(&self) -> Result<String, InitiatorError> {
+        Ok(self.host_nqn.clone())
+    }
+
+    async fn connect(&self, target: &NvmeTarget) -> Result<PathBuf, InitiatorError> {
+        let file = self.file_for(&target.nqn)?;
+        // Observe first: an attached loop device over the file is success.
+        if let Some(dev) = self.devices_of(&file).await?.into_iter().next() {
+            return Ok(dev);
+        }
+        // A device still being detached (from an earlier unstage) must be gone before the
+        // file is attached afresh.
+        self.wait_detached(&file).await?;
+        if !tokio::fs::try_exists(&file).await.unwrap_or(false) {
+            return Err(InitiatorError::Unavailable(format!(
+                "backing file {} of {} does not exist (volume deleted?)",
+                file.display(),
+                target.nqn
+            )));
+        }
+        let stdout = self
+            .losetup(vec![
+                "--find".into(),
+                "--show".into(),
+                file.display().to_string(),
+            ])
+            .await?;
+        let dev = PathBuf::from(stdout.trim());
+        if !dev.starts_with(&self.dev_root) {
+            return Err(InitiatorError::Command(format!(
+                "losetup printed {:?}, not a device under {}",
+                stdout.trim(),
+                self.dev_root.display()
+            )));
+        }
+        Ok(dev)
+    }
+
+    async fn disconnect(&self, nqn: &str) -> Result<(), InitiatorError> {
+        let file = self.file_for(nqn)?;
+        for dev in self.devices_of(&file).await? {
+            self.losetup(vec!["--detach".into(), dev.display().to_string()])
+                .await?;
+        }
+        self.wait_detached(&file).await
+    }
+
+    async fn find_device(&self, nqn: &str) -> Result<Option<PathBuf>, InitiatorError> {
+        let Ok(file) = self.file_for(nqn) else {
+            return Ok(None);
+        };
+        Ok(self.devices_of(&file).await?.into_iter().next())
+    }
+
+    async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
+        let mut out: Vec<Connection> = Vec::new();
+        let dir = self.dir();
+        for LoopDev {
+            device,
+            file,
+            detaching,
+        } in self.loops().await?
+        {
+            if detaching || file.parent() != Some(dir.as_path()) {
+                continue;
+            }
+            let Some(slot) = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".img"))
+            else {
+                continue;
+            };
+            let nqn = format!("{}{slot}", self.nqn_prefix);
+            if out.iter().any(|c| c.nqn == nqn) {
+                continue;
+            }
+            out.push(Connection { nqn, device });
+        }
+        out.sort_by(|a, b| a.nqn.cmp(&b.nqn));
+        Ok(out)
+    }
+
+    async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
+        let file = self.file_for(nqn)?;
+        let devs = self.devices_of(&file).await?;
+        if devs.is_empty() {
+            return Err(InitiatorError::Unavailable(format!(
+                "{nqn} is not attached on this node"
+            )));
+        }
+        for dev in devs {
+            // --set-capacity: re-read the backing file's size.
+            self.losetup(vec!["--set-capacity".into(), dev.display().to_string()])
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::exec::testing::{ScriptedRunner, ok};
+    use std::fs;
+
+    fn fixture() -> (tempfile::TempDir, LoopInitiator, Arc<ScriptedRunner>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rds = dir.path().join("rds");
+        fs::create_dir_all(&rds).unwrap();
+        let rds = fs::canonicalize(&rds).unwrap();
+        let loops = [
+            (0, Some(rds.join("pvc-1.img"))),
+            (1, Some(PathBuf::from("/var/lib/snapd/snaps/core.snap"))),
+            (2, None),
+            (3, Some(rds.join("disks.json.img.other"))),
+        ];
+        for (n, f) in loops {
+            let d = dir.path().join(format!("sys/block/loop{n}/loop"));
+            fs::create_dir_all(&d).unwrap();
+            if let Some(f) = f {
+                fs::write(d.join("backing_file"), format!("{}\n", f.display())).unwrap();
+            }
+        }
+        // The "kernel": a detach removes the device's backing file record.
+        let sys = dir.path().join("sys/block");
+        let runner = Arc::new(ScriptedRunner::new(move |argv| {
+            if argv[1] == "--detach" {
+                let name = Path::new(&argv[2]).file_name().unwrap();
+                fs::remove_file(sys.join(name).join("loop/backing_file")).unwrap();
+            }
+            ok("/dev/loop5\n")
+        }));
+        let mut l = LoopInitiator::new(
+            runner.clone(),
+            &rds,
+            "nqn.2000-02.com.mikrotik:".into(),
+            "nqn.host".into(),
+        );
+        l.sysfs_root = dir.path().join("sys");
+        (dir, l, runner)
+    }
+
+    #[tokio::test]
+    async fn finds_only_loop_devices_over_our_backing_files() {
+        let (_d, l, runner) = fixture();
+        assert_eq!(
+            l.find_device("nqn.2000-02.com.mikrotik:pvc-1")
+                .await
+                .unwrap(),
+            Some(PathBuf::from("/dev/loop0"))
+        );
+        let c = l.connections().await.unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].nqn, "nqn.2000-02.com.mikrotik:pvc-1");
+        // Foreign loop devices are never detached.
+        assert!(l.disconnect("nqn.other:core").await.is_err());
+        assert!(
+            l.disconnect("nqn.2000-02.com.mikrotik:../etc")
+                .await
+                .is_err()
+        );
+        l.disconnect("nqn.2000-02.com.mikrotik:pvc-1")
+            .await
+            .unwrap();
+        assert_eq!(
+            runner.calls(),
+            vec![vec!["losetup", "--detach", "/dev/loop0"]]
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_attaches_the_backing_file_once() {
+        let (_d, l, runner) = fixture();
+        // Already attached: no command.
+        l.connect(&NvmeTarget {
+            address: "127.0.0.1".into(),
+            port: 4420,
+            nqn: "nqn.2000-02.com.mikrotik:pvc-1".into(),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        })
+        .await
+        .unwrap();
+        assert!(runner.calls().is_empty());
+        let file = l.file_for("nqn.2000-02.com.mikrotik:pvc-2").unwrap();
+        let t = NvmeTarget {
+            address: "127.0.0.1".into(),
+            port: 4420,
+            nqn: "nqn.2000-02.com.mikrotik:pvc-2".into(),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        };
+        // Missing backing file: a clear error, nothing run.
+        assert!(matches!(
+            l.connect(&t).await,
+            Err(InitiatorError::Unavailable(_))
+        ));
+        fs::write(&file, "").unwrap();
+        assert_eq!(l.connect(&t).await.unwrap(), PathBuf::from("/dev/loop5"));
+        assert_eq!(
+            runner.calls(),
+            vec![vec![
+                "losetup".to_string(),
+                "--find".into(),
+                "--show".into(),
+                file.display().to_string()
+            ]]
+        );
+    }
+}

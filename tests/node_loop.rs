@@ -1,0 +1,668 @@
+//! The Node service end to end on real loop devices, real filesystems and real mounts.
+//!
+//! Needs root, `losetup`, `blkid`, `mount`, `mkfs.ext4`/`resize2fs` (e2fsprogs) and
+//! `mkfs.xfs`/`xfs_growfs` (xfsprogs). Each test works in its own temp directory: the
+//! backing files, the kubelet-like tree and every mount live below it, and a [`Cleanup`]
+//! guard unmounts and detaches everything below it when the test ends, pass or fail.
+//!
+//! The gRPC Node service (`NodeService`) is driven directly through its trait methods with
+//! the embedded adapters (loop initiator + real mounter), exactly as the plugin wires them.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rds_csi::config::Mode;
+use rds_csi::csi::context;
+use rds_csi::csi::node::NodeService;
+use rds_csi::driver::DriverConfig;
+use rds_csi::node::{NodeOps, NodeOptions, embedded_deps};
+use rds_csi::proto::csi::node_server::Node;
+use rds_csi::proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode as AM,
+};
+use rds_csi::proto::csi::*;
+use rds_csi::types::NodeId;
+use tonic::{Code, Request};
+
+const MIB: u64 = 1 << 20;
+const PREFIX: &str = "nqn.2000-02.com.mikrotik:";
+
+/// Unmounts everything below the test directory and detaches its loop devices, on drop.
+struct Cleanup {
+    root: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut targets: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|t| t.replace("\\040", " "))
+            .filter(|t| Path::new(t).starts_with(&self.root))
+            .collect();
+        // Deepest and latest first.
+        targets.reverse();
+        for t in targets {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&t)
+                .status();
+        }
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let f = e.path().join("loop/backing_file");
+                if let Ok(b) = std::fs::read_to_string(&f)
+                    && Path::new(b.trim()).starts_with(&self.root)
+                {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    let _ = std::process::Command::new("losetup")
+                        .arg("-d")
+                        .arg(dev)
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+/// One test's world: a state dir with the embedded RDS's backing files, a kubelet root,
+/// and a node service over the embedded adapters.
+struct World {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    node: NodeService,
+    _cleanup: Cleanup,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(rds_csi::node::embedded_volume_dir(&root.join("state"))).unwrap();
+        std::fs::create_dir_all(root.join("kubelet")).unwrap();
+        let node = Self::service(&root);
+        World {
+            _dir: dir,
+            _cleanup: Cleanup { root: root.clone() },
+            root,
+            node,
+        }
+    }
+
+    /// A fresh service over the same kernel state: what a restarted plugin sees.
+    fn service(root: &Path) -> NodeService {
+        let node_id = NodeId::new("node-1").unwrap();
+        let deps = embedded_deps(&root.join("state"), &node_id, Self::options(root));
+        let cfg = DriverConfig {
+            driver_name: "rds.csi.srvlab.io".into(),
+            version: "test".into(),
+            node_id,
+            mode: Mode::Node,
+            max_volumes_per_node: 0,
+        };
+        NodeService::new(Arc::new(cfg), deps)
+    }
+
+    fn options(root: &Path) -> NodeOptions {
+        NodeOptions {
+            allowed_root: Some(root.join("kubelet")),
+            nqn_prefix: PREFIX.into(),
+            require_target_address: false,
+        }
+    }
+
+    fn ops(&self) -> NodeOps {
+        let deps = embedded_deps(
+            &self.root.join("state"),
+            &NodeId::new("node-1").unwrap(),
+            Self::options(&self.root),
+        );
+        NodeOps::new(deps.initiator, deps.mounter, deps.options)
+    }
+
+    /// Creates the backing file of `vol` (what CreateVolume does on the embedded RDS).
+    fn create_volume(&self, vol: &str, bytes: u64) {
+        let f = std::fs::File::create(self.backing(vol)).unwrap();
+        f.set_len(bytes).unwrap();
+    }
+
+    /// Grows the backing file (what ControllerExpandVolume does on the embedded RDS).
+    fn grow_volume(&self, vol: &str, bytes: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.backing(vol))
+            .unwrap();
+        f.set_len(bytes).unwrap();
+    }
+
+    fn backing(&self, vol: &str) -> PathBuf {
+        rds_csi::node::embedded_volume_dir(&self.root.join("state")).join(format!("{vol}.img"))
+    }
+
+    fn staging(&self, vol: &str) -> String {
+        self.path(&format!("plugins/kubernetes.io/csi/rds/{vol}/globalmount"))
+    }
+
+    fn target(&self, vol: &str, pod: &str) -> String {
+        self.path(&format!("pods/{pod}/volumes/kubernetes.io~csi/{vol}/mount"))
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.root.join("kubelet").join(rel).display().to_string()
+    }
+
+    /// The loop device attached to `vol`'s backing file, from the kernel.
+    fn loop_device(&self, vol: &str) -> Option<PathBuf> {
+        let want = self.backing(vol);
+        std::fs::read_dir("/sys/block")
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+                (Path::new(b.trim()) == want).then(|| Path::new("/dev").join(e.file_name()))
+            })
+    }
+
+    fn mounted(&self, path: &str) -> Vec<String> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        text.lines()
+            .filter(|l| l.split(' ').nth(4) == Some(path))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn stage(&self, vol: &str, cap: VolumeCapability) -> Result<(), tonic::Status> {
+        self.node
+            .node_stage_volume(Request::new(NodeStageVolumeRequest {
+                volume_id: vol.into(),
+                publish_context: HashMap::new(),
+                staging_target_path: self.staging(vol),
+                volume_capability: Some(cap),
+                secrets: HashMap::new(),
+                volume_context: volume_context(vol),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn unstage(&self, vol: &str) -> Result<(), tonic::Status> {
+        self.node
+            .node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: self.staging(vol),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish(
+        &self,
+        vol: &str,
+        target: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(Request::new(NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                publish_context: HashMap::new(),
+                staging_target_path: self.staging(vol),
+                target_path: target.into(),
+                volume_capability: Some(cap),
+                readonly,
+                secrets: HashMap::new(),
+                volume_context: volume_context(vol),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn unpublish(&self, vol: &str, target: &str) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: target.into(),
+            }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn stats(
+        &self,
+        vol: &str,
+        path: &str,
+    ) -> Result<NodeGetVolumeStatsResponse, tonic::Status> {
+        self.node
+            .node_get_volume_stats(Request::new(NodeGetVolumeStatsRequest {
+                volume_id: vol.into(),
+                volume_path: path.into(),
+                staging_target_path: String::new(),
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn expand(&self, vol: &str, path: &str, required: u64) -> Result<i64, tonic::Status> {
+        self.node
+            .node_expand_volume(Request::new(NodeExpandVolumeRequest {
+                volume_id: vol.into(),
+                volume_path: path.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: required as i64,
+                    limit_bytes: 0,
+                }),
+                staging_target_path: String::new(),
+                volume_capability: None,
+                secrets: HashMap::new(),
+            }))
+            .await
+            .map(|r| r.into_inner().capacity_bytes)
+    }
+}
+
+fn volume_context(vol: &str) -> HashMap<String, String> {
+    [
+        (context::NVME_ADDRESS, "127.0.0.1"),
+        (context::NVME_PORT, "4420"),
+        (context::NQN, &format!("{PREFIX}{vol}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn mount_cap(fs: &str, mode: AM) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn block_cap(mode: AM) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn usage(r: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> Option<VolumeUsage> {
+    r.usage.iter().find(|u| u.unit == unit as i32).copied()
+}
+
+/// Whether this process may resize a mounted ext4 (the kernel checks CAP_SYS_RESOURCE).
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    eff & (1 << 24) != 0
+}
+
+/// stage → publish → stats → expand → unpublish → unstage, every call twice.
+async fn mount_lifecycle(fs: &str, vol: &str, size: u64, grown: u64) {
+    let w = World::new();
+    w.create_volume(vol, size);
+    let cap = mount_cap(fs, AM::SingleNodeWriter);
+    for _ in 0..2 {
+        w.stage(vol, cap.clone()).await.unwrap();
+    }
+    let dev = w.loop_device(vol).expect("a loop device after stage");
+    assert_eq!(w.mounted(&w.staging(vol)).len(), 1, "staged exactly once");
+    let target = w.target(vol, "pod-a");
+    for _ in 0..2 {
+        w.publish(vol, &target, cap.clone(), false).await.unwrap();
+    }
+    assert_eq!(w.mounted(&target).len(), 1, "published exactly once");
+    std::fs::write(Path::new(&target).join("data"), b"hello").unwrap();
+
+    let stats = w.stats(vol, &target).await.unwrap();
+    let bytes = usage(&stats, volume_usage::Unit::Bytes).unwrap();
+    let inodes = usage(&stats, volume_usage::Unit::Inodes).unwrap();
+    assert!(bytes.total > 0 && bytes.total <= size as i64, "{bytes:?}");
+    assert!(inodes.total > 0 && inodes.used > 0, "{inodes:?}");
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    w.grow_volume(vol, grown);
+    let online_ok = fs == "xfs" || has_cap_sys_resource();
+    for _ in 0..2 {
+        match w.expand(vol, &target, grown).await {
+            Ok(cap) => {
+                assert!(online_ok, "ext4 grew without CAP_SYS_RESOURCE?");
+                assert_eq!(cap, grown as i64);
+            }
+            Err(e) => {
+                // This container lacks CAP_SYS_RESOURCE: a clear error, not a hang.
+                assert!(!online_ok, "{e:?}");
+                assert!(e.message().contains("CAP_SYS_RESOURCE"), "{e:?}");
+            }
+        }
+    }
+    let after = w.stats(vol, &target).await.unwrap();
+    let total_after = usage(&after, volume_usage::Unit::Bytes).unwrap().total;
+    if online_ok {
+        assert!(
+            total_after > bytes.total,
+            "{total_after} <= {}",
+            bytes.total
+        );
+    }
+
+    for _ in 0..2 {
+        w.unpublish(vol, &target).await.unwrap();
+    }
+    assert!(w.mounted(&target).is_empty());
+    assert!(!Path::new(&target).exists(), "target path removed");
+    for _ in 0..2 {
+        w.unstage(vol).await.unwrap();
+    }
+    assert!(w.mounted(&w.staging(vol)).is_empty());
+    assert_eq!(w.loop_device(vol), None, "{} detached", dev.display());
+}
+
+#[tokio::test]
+async fn ext4_volume_lifecycle_with_repeated_calls() {
+    mount_lifecycle("ext4", "pvc-ext4-life", 64 * MIB, 96 * MIB).await;
+}
+
+#[tokio::test]
+async fn xfs_volume_lifecycle_with_repeated_calls() {
+    mount_lifecycle("xfs", "pvc-xfs-life", 320 * MIB, 400 * MIB).await;
+}
+
+#[tokio::test]
+async fn block_volume_lifecycle_with_repeated_calls() {
+    let w = World::new();
+    let vol = "pvc-block-life";
+    w.create_volume(vol, 16 * MIB);
+    let cap = block_cap(AM::SingleNodeWriter);
+    for _ in 0..2 {
+        w.stage(vol, cap.clone()).await.unwrap();
+    }
+    assert!(w.loop_device(vol).is_some());
+    let target = w.path(&format!(
+        "plugins/kubernetes.io/csi/volumeDevices/publish/{vol}/pod-a"
+    ));
+    for _ in 0..2 {
+        w.publish(vol, &target, cap.clone(), false).await.unwrap();
+    }
+    assert_eq!(w.mounted(&target).len(), 1);
+    // The target is the device: write through it, read back through the backing file.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        f.seek(SeekFrom::Start(MIB)).unwrap();
+        f.write_all(b"raw-block").unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut buf = [0u8; 9];
+    let mut f = std::fs::File::open(w.backing(vol)).unwrap();
+    f.seek(SeekFrom::Start(MIB)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"raw-block");
+
+    let stats = w.stats(vol, &target).await.unwrap();
+    assert_eq!(
+        usage(&stats, volume_usage::Unit::Bytes).unwrap().total,
+        (16 * MIB) as i64
+    );
+    assert!(usage(&stats, volume_usage::Unit::Inodes).is_none());
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    w.grow_volume(vol, 32 * MIB);
+    for _ in 0..2 {
+        assert_eq!(
+            w.expand(vol, &target, 32 * MIB).await.unwrap(),
+            (32 * MIB) as i64
+        );
+    }
+    let stats = w.stats(vol, &target).await.unwrap();
+    assert_eq!(
+        usage(&stats, volume_usage::Unit::Bytes).unwrap().total,
+        (32 * MIB) as i64
+    );
+
+    for _ in 0..2 {
+        w.unpublish(vol, &target).await.unwrap();
+    }
+    assert!(!Path::new(&target).exists());
+    for _ in 0..2 {
+        w.unstage(vol).await.unwrap();
+    }
+    assert_eq!(w.loop_device(vol), None);
+}
+
+#[tokio::test]
+async fn a_device_with_a_filesystem_is_never_reformatted() {
+    let w = World::new();
+    let vol = "pvc-keep";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    std::fs::write(Path::new(&w.staging(vol)).join("precious"), b"data").unwrap();
+    w.unstage(vol).await.unwrap();
+    assert_eq!(w.loop_device(vol), None);
+
+    // A request for another filesystem must not wipe it either.
+    let err = w
+        .stage(vol, mount_cap("xfs", AM::SingleNodeWriter))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("refusing to reformat"), "{err:?}");
+
+    w.stage(vol, cap.clone()).await.unwrap();
+    let got = std::fs::read(Path::new(&w.staging(vol)).join("precious")).unwrap();
+    assert_eq!(got, b"data");
+    w.unstage(vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn staging_an_already_staged_volume_is_ok_and_incompatible_is_already_exists() {
+    let w = World::new();
+    let vol = "pvc-restage";
+    w.create_volume(vol, 64 * MIB);
+    w.stage(vol, mount_cap("ext4", AM::SingleNodeWriter))
+        .await
+        .unwrap();
+    w.stage(vol, mount_cap("ext4", AM::SingleNodeWriter))
+        .await
+        .unwrap();
+    assert_eq!(w.mounted(&w.staging(vol)).len(), 1);
+    let err = w
+        .stage(vol, mount_cap("ext4", AM::SingleNodeReaderOnly))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    w.unstage(vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn unstage_of_a_volume_that_is_not_staged_is_ok() {
+    let w = World::new();
+    w.unstage("pvc-never-staged").await.unwrap();
+    w.create_volume("pvc-never-staged", 16 * MIB);
+    w.unstage("pvc-never-staged").await.unwrap();
+    w.unpublish("pvc-never-staged", &w.target("pvc-never-staged", "pod-x"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn single_writer_volume_cannot_be_published_at_a_second_target() {
+    let w = World::new();
+    let vol = "pvc-sn-sw";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeSingleWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    w.publish(vol, &w.target(vol, "pod-a"), cap.clone(), false)
+        .await
+        .unwrap();
+    let err = w
+        .publish(vol, &w.target(vol, "pod-b"), cap.clone(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        !Path::new(&w.target(vol, "pod-b")).exists()
+            || w.mounted(&w.target(vol, "pod-b")).is_empty()
+    );
+    // SINGLE_NODE_MULTI_WRITER may be published at several targets on this node.
+    let multi = mount_cap("ext4", AM::SingleNodeMultiWriter);
+    w.unpublish(vol, &w.target(vol, "pod-a")).await.unwrap();
+    w.publish(vol, &w.target(vol, "pod-a"), multi.clone(), false)
+        .await
+        .unwrap();
+    w.publish(vol, &w.target(vol, "pod-c"), multi.clone(), true)
+        .await
+        .unwrap();
+    // Read-only publish: the kernel refuses writes there.
+    let ro = std::fs::write(Path::new(&w.target(vol, "pod-c")).join("x"), b"x");
+    assert!(ro.is_err());
+    // Published again at the same target with the other readonly flag: incompatible.
+    let err = w
+        .publish(vol, &w.target(vol, "pod-c"), multi.clone(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // Unstage while published is refused (busy), never a hang.
+    let err = w.unstage(vol).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    for pod in ["pod-a", "pod-c"] {
+        w.unpublish(vol, &w.target(vol, pod)).await.unwrap();
+    }
+    w.unstage(vol).await.unwrap();
+    assert_eq!(w.loop_device(vol), None);
+
+    // Raw block: the same rule.
+    let bvol = "pvc-sn-sw-block";
+    w.create_volume(bvol, 16 * MIB);
+    let bcap = block_cap(AM::SingleNodeSingleWriter);
+    w.stage(bvol, bcap.clone()).await.unwrap();
+    let t1 = w.path("plugins/kubernetes.io/csi/volumeDevices/publish/b/pod-a");
+    let t2 = w.path("plugins/kubernetes.io/csi/volumeDevices/publish/b/pod-b");
+    w.publish(bvol, &t1, bcap.clone(), false).await.unwrap();
+    let err = w.publish(bvol, &t2, bcap.clone(), false).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    w.unpublish(bvol, &t1).await.unwrap();
+    w.unstage(bvol).await.unwrap();
+}
+
+#[tokio::test]
+async fn stats_report_not_found_and_abnormal_conditions() {
+    let w = World::new();
+    let vol = "pvc-stats";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    let target = w.target(vol, "pod-a");
+    w.publish(vol, &target, cap.clone(), false).await.unwrap();
+
+    let err = w.stats("pvc-unknown", &target).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = w
+        .stats(vol, &w.target(vol, "no-such-pod"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = w.expand("pvc-unknown", &target, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = w
+        .expand(vol, &w.target(vol, "no-such-pod"), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Someone unmounts the target behind the plugin's back: abnormal, with a reason.
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&target)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stats = w.stats(vol, &target).await.unwrap();
+    let cond = stats.volume_condition.unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("not mounted"),
+        "{cond:?}"
+    );
+
+    w.unpublish(vol, &target).await.unwrap();
+    w.unstage(vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_node_learns_attachments_from_the_kernel() {
+    let w = World::new();
+    let vol = "pvc-restart";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    let target = w.target(vol, "pod-a");
+    w.publish(vol, &target, cap.clone(), false).await.unwrap();
+
+    // "Restart": a new service and core with no memory of the calls above.
+    let found = w.ops().recover().await.unwrap();
+    let ours: Vec<_> = found
+        .iter()
+        .filter(|v| v.nqn == format!("{PREFIX}{vol}"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{found:?}");
+    assert_eq!(
+        ours[0].mounts,
+        vec![PathBuf::from(w.staging(vol)), PathBuf::from(&target)]
+    );
+    let restarted = World::service(&w.root);
+    let w2 = World {
+        _dir: tempfile::tempdir().unwrap(),
+        root: w.root.clone(),
+        node: restarted,
+        _cleanup: Cleanup {
+            root: w.root.join("nothing"),
+        },
+    };
+    // kubelet repeats the calls it is unsure of, then tears down.
+    w2.stage(vol, cap.clone()).await.unwrap();
+    w2.publish(vol, &target, cap.clone(), false).await.unwrap();
+    assert_eq!(w.mounted(&target).len(), 1);
+    w2.unpublish(vol, &target).await.unwrap();
+    w2.unstage(vol).await.unwrap();
+    assert_eq!(w.loop_device(vol), None);
+}
+
+#[tokio::test]
+async fn paths_outside_the_kubelet_root_are_invalid_arguments() {
+    let w = World::new();
+    let vol = "pvc-paths";
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    for bad in ["/etc", "relative", "/tmp/../etc/x"] {
+        let err = w
+            .node
+            .node_stage_volume(Request::new(NodeStageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: bad.into(),
+                volume_capability: Some(cap.clone()),
+                volume_context: volume_context(vol),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert!(err.message().contains("staging_target_path"), "{err:?}");
+        let err = w.unpublish(vol, bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    // Nothing was attached by the refused calls.
+    assert_eq!(w.loop_device(vol), None);
+}
