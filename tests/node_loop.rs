@@ -342,6 +342,7 @@ async fn mount_lifecycle(fs: &str, vol: &str, size: u64, grown: u64) {
             Err(e) => {
                 // This container lacks CAP_SYS_RESOURCE: a clear error, not a hang.
                 assert!(!online_ok, "{e:?}");
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
                 assert!(e.message().contains("CAP_SYS_RESOURCE"), "{e:?}");
             }
         }

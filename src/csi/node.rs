@@ -607,4 +607,263 @@ mod tests {
             target_from_context("nqn.x:v".into(), &HashMap::new(), &HashMap::new(), false).unwrap();
         assert_eq!((t.address.as_str(), t.nqn.as_str()), ("", "nqn.x:v"));
     }
+
+    // ---- The service over the in-memory kernel -------------------------------------------
+
+    mod over_fake_kernel {
+        use super::*;
+        use crate::config::Mode as PluginMode;
+        use crate::node::fake::FakeKernel;
+        use crate::node::NodeOptions;
+        use crate::proto::csi::node_server::Node;
+        use crate::types::NodeId;
+        use tonic::Code;
+
+        const PREFIX: &str = "nqn.2000-02.com.mikrotik:";
+
+        fn service(k: &FakeKernel) -> NodeService {
+            let cfg = DriverConfig {
+                driver_name: "rds.csi.srvlab.io".into(),
+                version: "t".into(),
+                node_id: NodeId::new("n1").unwrap(),
+                mode: PluginMode::Node,
+                max_volumes_per_node: 7,
+            };
+            let deps = NodeDeps {
+                initiator: Arc::new(k.clone()),
+                mounter: Arc::new(k.clone()),
+                options: NodeOptions {
+                    allowed_root: Some("/k".into()),
+                    nqn_prefix: PREFIX.into(),
+                    require_target_address: true,
+                },
+            };
+            NodeService::new(Arc::new(cfg), deps)
+        }
+
+        fn ctx(vol: &str) -> HashMap<String, String> {
+            [
+                (context::NVME_ADDRESS.to_string(), "10.0.0.1".to_string()),
+                (context::NQN.to_string(), format!("{PREFIX}{vol}")),
+            ]
+            .into()
+        }
+
+        fn stage_req(vol: &str, cap: VolumeCapability) -> NodeStageVolumeRequest {
+            NodeStageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: format!("/k/stage/{vol}"),
+                volume_capability: Some(cap),
+                volume_context: ctx(vol),
+                ..Default::default()
+            }
+        }
+
+        fn publish_req(vol: &str, pod: &str, cap: VolumeCapability) -> NodePublishVolumeRequest {
+            NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: format!("/k/stage/{vol}"),
+                target_path: format!("/k/pods/{pod}/{vol}"),
+                volume_capability: Some(cap),
+                volume_context: ctx(vol),
+                ..Default::default()
+            }
+        }
+
+        fn stats_req(vol: &str, pod: &str) -> NodeGetVolumeStatsRequest {
+            NodeGetVolumeStatsRequest {
+                volume_id: vol.into(),
+                volume_path: format!("/k/pods/{pod}/{vol}"),
+                staging_target_path: String::new(),
+            }
+        }
+
+        #[tokio::test]
+        async fn lost_nvme_connection_makes_the_volume_abnormal() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            k.add_disk(&format!("{PREFIX}pvc-1"), 1 << 30);
+            let svc = service(&k);
+            let cap = mount_cap("xfs", Mode::SingleNodeWriter);
+            svc.node_stage_volume(Request::new(stage_req("pvc-1", cap.clone())))
+                .await
+                .unwrap();
+            svc.node_publish_volume(Request::new(publish_req("pvc-1", "p", cap)))
+                .await
+                .unwrap();
+            let ok = svc
+                .node_get_volume_stats(Request::new(stats_req("pvc-1", "p")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!ok.volume_condition.unwrap().abnormal);
+            assert_eq!(ok.usage.len(), 2);
+
+            k.lose_connection(&format!("{PREFIX}pvc-1"));
+            let bad = svc
+                .node_get_volume_stats(Request::new(stats_req("pvc-1", "p")))
+                .await
+                .unwrap()
+                .into_inner();
+            let cond = bad.volume_condition.unwrap();
+            assert!(cond.abnormal && cond.message.contains("gone"), "{cond:?}");
+        }
+
+        #[tokio::test]
+        async fn a_second_call_on_a_volume_in_flight_is_aborted() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            k.add_disk(&format!("{PREFIX}pvc-1"), 1 << 30);
+            let svc = Arc::new(service(&k));
+            k.hold_connects();
+            let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+            let first = tokio::spawn({
+                let svc = Arc::clone(&svc);
+                let req = stage_req("pvc-1", cap.clone());
+                async move { svc.node_stage_volume(Request::new(req)).await }
+            });
+            // Let the first call reach the held connect.
+            while svc.inflight.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            let err = svc
+                .node_stage_volume(Request::new(stage_req("pvc-1", cap.clone())))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Aborted, "{err:?}");
+            assert!(err.message().contains("pvc-1"));
+            // Other volumes are not blocked by it.
+            svc.node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+                volume_id: "pvc-2".into(),
+                staging_target_path: "/k/stage/pvc-2".into(),
+            }))
+            .await
+            .unwrap();
+            k.release_connects();
+            first.await.unwrap().unwrap();
+            assert!(svc.inflight.is_empty());
+        }
+
+        #[tokio::test]
+        async fn restaging_after_unstage_never_formats_again() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            let nqn = format!("{PREFIX}pvc-1");
+            k.add_disk(&nqn, 1 << 30);
+            let svc = service(&k);
+            let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+            for _ in 0..3 {
+                svc.node_stage_volume(Request::new(stage_req("pvc-1", cap.clone())))
+                    .await
+                    .unwrap();
+                svc.node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+                    volume_id: "pvc-1".into(),
+                    staging_target_path: "/k/stage/pvc-1".into(),
+                }))
+                .await
+                .unwrap();
+            }
+            assert_eq!(k.disk(&nqn).unwrap().formats, 1);
+            assert!(k.mount_table().is_empty());
+        }
+
+        #[tokio::test]
+        async fn expand_waits_for_the_server_side_growth_then_grows_the_filesystem() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            let nqn = format!("{PREFIX}pvc-1");
+            k.add_disk(&nqn, 1 << 30);
+            let svc = service(&k);
+            let cap = mount_cap("xfs", Mode::SingleNodeWriter);
+            svc.node_stage_volume(Request::new(stage_req("pvc-1", cap.clone())))
+                .await
+                .unwrap();
+            svc.node_publish_volume(Request::new(publish_req("pvc-1", "p", cap)))
+                .await
+                .unwrap();
+            let expand = || NodeExpandVolumeRequest {
+                volume_id: "pvc-1".into(),
+                volume_path: "/k/pods/p/pvc-1".into(),
+                capacity_range: Some(crate::proto::csi::CapacityRange {
+                    required_bytes: 2 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            };
+            let err = svc.node_expand_volume(Request::new(expand())).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+            k.resize_disk(&nqn, 2 << 30);
+            let got = svc.node_expand_volume(Request::new(expand())).await.unwrap();
+            assert_eq!(got.into_inner().capacity_bytes, 2 << 30);
+            assert_eq!(k.disk(&nqn).unwrap().fs_size, 2 << 30);
+        }
+
+        #[tokio::test]
+        async fn foreign_nqns_unreachable_targets_and_missing_addresses_are_refused() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            k.add_disk("nqn.2016-06.io.spdk:cnode1", 1 << 30);
+            let svc = service(&k);
+            let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+            let mut req = stage_req("pvc-1", cap.clone());
+            req.volume_context
+                .insert(context::NQN.into(), "nqn.2016-06.io.spdk:cnode1".into());
+            let err = svc.node_stage_volume(Request::new(req)).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+            k.add_disk(&format!("{PREFIX}pvc-1"), 1 << 30);
+            k.set_unreachable(true);
+            let err = svc
+                .node_stage_volume(Request::new(stage_req("pvc-1", cap.clone())))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+            let mut req = stage_req("pvc-1", cap);
+            req.volume_context.remove(context::NVME_ADDRESS);
+            let err = svc.node_stage_volume(Request::new(req)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(k.mount_table().is_empty());
+        }
+
+        #[tokio::test]
+        async fn node_info_and_capabilities() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            let svc = service(&k);
+            let info = svc
+                .node_get_info(Request::new(NodeGetInfoRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(info.node_id, "n1");
+            assert_eq!(info.max_volumes_per_node, 7);
+            assert_eq!(
+                info.accessible_topology.unwrap().segments[TOPOLOGY_NODE_KEY],
+                "n1"
+            );
+            let caps = svc
+                .node_get_capabilities(Request::new(NodeGetCapabilitiesRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut names: Vec<String> = caps
+                .capabilities
+                .iter()
+                .filter_map(|c| match &c.r#type {
+                    Some(node_service_capability::Type::Rpc(r)) => {
+                        node_service_capability::rpc::Type::try_from(r.r#type)
+                            .ok()
+                            .map(|t| t.as_str_name().to_string())
+                    }
+                    None => None,
+                })
+                .collect();
+            names.sort();
+            assert_eq!(
+                names,
+                [
+                    "EXPAND_VOLUME",
+                    "GET_VOLUME_STATS",
+                    "SINGLE_NODE_MULTI_WRITER",
+                    "STAGE_UNSTAGE_VOLUME",
+                    "VOLUME_CONDITION"
+                ]
+            );
+        }
+    }
 }

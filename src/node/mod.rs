@@ -6,9 +6,11 @@
 //! - [`nvme`]: production initiator (nvme-cli + sysfs); [`loopdev`]: embedded initiator
 //!   (loop devices over the embedded RDS's files);
 //! - [`mount`]: the real mounter; [`mountinfo`]: the mount table parser;
-//! - [`exec`]: the bounded command runner seam; [`paths`]: request path validation.
+//! - [`exec`]: the bounded command runner seam; [`paths`]: request path validation;
+//! - [`fake`]: an in-memory kernel implementing both node ports (unit tests, simulation).
 
 pub mod exec;
+pub mod fake;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;

@@ -232,6 +232,15 @@ impl Mounter for RealMounter {
     ) -> Result<(), MountError> {
         match fs_type {
             "ext4" | "ext3" => {
+                // The kernel refuses an online ext4 resize (EPERM) without CAP_SYS_RESOURCE;
+                // say so up front instead of relaying resize2fs's bare "Permission denied".
+                if !has_cap_sys_resource() {
+                    return Err(MountError::Unsupported(format!(
+                        "online resize of ext4 on {}: the node plugin lacks CAP_SYS_RESOURCE \
+                         (run its container privileged or add the capability)",
+                        device.display()
+                    )));
+                }
                 let args = vec![s(device)];
                 let out = self.run("resize2fs", &args).await?;
                 if out.success() {
@@ -399,6 +408,20 @@ impl Mounter for RealMounter {
         })
         .await
     }
+}
+
+/// Whether this process holds CAP_SYS_RESOURCE (bit 24 of `CapEff` in /proc/self/status).
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        // Unknown: let resize2fs try and report.
+        .is_none_or(|eff| eff & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 fn statvfs(path: &Path) -> Result<UsageStats, MountError> {
