@@ -153,6 +153,57 @@ pub struct Cli {
     )]
     pub rds_insecure_skip_host_key_verification: bool,
 
+    /// Directory of the volume files on the RDS, under the pool's mount point
+    /// (e.g. /storage-pool/kubernetes).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_VOLUME_PATH",
+        default_value = "/storage-pool/kubernetes"
+    )]
+    pub rds_volume_path: String,
+
+    /// Mount point of the RDS pool holding --rds-volume-path, whose free space is the
+    /// capacity [default: the first component of --rds-volume-path].
+    #[arg(long, hide_env_values = true, env = "RDS_POOL_MOUNT_POINT")]
+    pub rds_pool_mount_point: Option<String>,
+
+    /// Bound on connecting to the RDS (TCP, SSH handshake, authentication), in seconds.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CONNECT_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub rds_connect_timeout_secs: u64,
+
+    /// Bound on one RouterOS command, in seconds.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_COMMAND_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub rds_command_timeout_secs: u64,
+
+    /// SSH sessions to the RDS kept open and reused.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_MAX_CONNECTIONS",
+        default_value_t = 2
+    )]
+    pub rds_max_connections: usize,
+
+    /// RouterOS commands in flight at once (SSH channels over all sessions).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_MAX_CHANNELS",
+        default_value_t = 8
+    )]
+    pub rds_max_channels: usize,
+
     /// Kubeconfig file [default: in-cluster config inside a pod, else no Kubernetes].
     #[arg(long, hide_env_values = true, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,

@@ -111,9 +111,26 @@ impl Deps {
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
     ) -> Result<Self> {
+        Self::embedded_with_rds(state_dir, node_id, mode, clock, entropy, None)
+    }
+
+    /// The embedded default, but with `rds` (e.g. the RouterOS SSH adapter) instead of
+    /// the emulator when given.
+    pub fn embedded_with_rds(
+        state_dir: &Path,
+        node_id: &NodeId,
+        mode: Mode,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        rds: Option<Arc<dyn Rds>>,
+    ) -> Result<Self> {
         let controller = if mode.controller() {
+            let rds = match rds {
+                Some(rds) => rds,
+                None => embedded_rds(state_dir, Arc::clone(&clock), Arc::clone(&entropy))?,
+            };
             Some(ControllerDeps::new(
-                embedded_rds(state_dir, Arc::clone(&clock), Arc::clone(&entropy))?,
+                rds,
                 Arc::new(FileStore::open(&state_dir.join("attachments"))?),
                 Arc::new(LocalCluster::new([node_id.clone()])),
                 Arc::clone(&clock),

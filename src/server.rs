@@ -189,25 +189,22 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
     crate::csi::identity::validate_driver_name(&cli.driver_name).map_err(ServeError::Config)?;
     let node_id = NodeId::new(cli.node_id_or_hostname())
         .map_err(|e| ServeError::Config(format!("--node-id: {e}")))?;
-    if cli.rds_address.is_some() {
-        return Err(ServeError::Config(
-            "--rds-address: the RouterOS SSH backend is not available in this build yet; \
-             omit it to run on the embedded backend"
-                .into(),
-        ));
-    }
+    let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
+    let entropy: Arc<dyn crate::ports::Entropy> = Arc::new(SeededEntropy::from_os());
+    let rds = ssh_rds(cli, Arc::clone(&entropy))?;
     let dir = state_dir(cli);
     std::fs::create_dir_all(&dir)
         .map_err(|e| ServeError::Config(format!("--state-dir {}: {e}", dir.display())))?;
-    tracing::info!(state_dir = %dir.display(), "embedded backend: RDS emulated on local files");
-    let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
-    let entropy: Arc<dyn crate::ports::Entropy> = Arc::new(SeededEntropy::from_os());
-    let mut deps = Deps::embedded(
+    if rds.is_none() && cli.mode.controller() {
+        tracing::info!(state_dir = %dir.display(), "embedded backend: RDS emulated on local files");
+    }
+    let mut deps = Deps::embedded_with_rds(
         &dir,
         &node_id,
         cli.mode,
         Arc::clone(&clock),
         Arc::clone(&entropy),
+        rds,
     )?;
     if let Some(node) = deps.node.as_mut() {
         *node = crate::node::node_deps_from_cli(cli, &dir, &node_id);
@@ -246,6 +243,96 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
         max_volumes_per_node: 0,
     };
     Ok(Driver::new(cfg, deps)?)
+}
+
+/// The RouterOS SSH adapter the `--rds-*` flags describe, or `None` without
+/// `--rds-address` (the embedded backend).
+pub fn ssh_rds(
+    cli: &Cli,
+    entropy: Arc<dyn crate::ports::Entropy>,
+) -> Result<Option<Arc<dyn crate::ports::Rds>>, ServeError> {
+    use crate::routeros::transport::{
+        TcpConnector,
+        ssh::{HostKeyPolicy, SshConfig, SshTransport, load_private_key},
+    };
+    let Some(address) = &cli.rds_address else {
+        return Ok(None);
+    };
+    let key_file = cli.rds_key_file.as_ref().ok_or_else(|| {
+        ServeError::Config(
+            "--rds-key-file: required with --rds-address (the SSH private key of --rds-user)"
+                .into(),
+        )
+    })?;
+    let key = load_private_key(key_file)
+        .map_err(|e| ServeError::Config(format!("--rds-key-file {e}")))?;
+    let host_key = match (
+        &cli.rds_host_key,
+        cli.rds_insecure_skip_host_key_verification,
+    ) {
+        (Some(_), true) => {
+            return Err(ServeError::Config(
+                "--rds-host-key and --rds-insecure-skip-host-key-verification exclude each other; \
+                 keep the pinned key"
+                    .into(),
+            ));
+        }
+        (Some(k), false) => HostKeyPolicy::parse(k)
+            .map_err(|e| ServeError::Config(format!("--rds-host-key: {e}")))?,
+        (None, true) => {
+            tracing::warn!(
+                rds = %address,
+                "RDS host key verification is DISABLED (--rds-insecure-skip-host-key-verification): \
+                 anyone who can intercept the connection can impersonate the RDS"
+            );
+            HostKeyPolicy::InsecureAcceptAny
+        }
+        (None, false) => {
+            return Err(ServeError::Config(
+                "--rds-host-key: required with --rds-address; pin the RDS host key \
+                 (an OpenSSH public key line, or its SHA256:... fingerprint from `ssh-keygen -lf`)"
+                    .into(),
+            ));
+        }
+    };
+    let volume_path = cli.rds_volume_path.trim_matches('/').to_string();
+    let pool_mount_point = match &cli.rds_pool_mount_point {
+        Some(m) => m.trim_matches('/').to_string(),
+        None => volume_path
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let layout = crate::routeros::RdsLayout {
+        volume_base_path: volume_path,
+        pool_mount_point,
+    };
+    let transport = SshTransport::new(
+        TcpConnector {
+            addr: format!("{address}:{}", cli.rds_port),
+        },
+        SshConfig {
+            user: cli.rds_user.clone(),
+            key,
+            host_key,
+            connect_timeout: Duration::from_secs(cli.rds_connect_timeout_secs.max(1)),
+            command_timeout: Duration::from_secs(cli.rds_command_timeout_secs.max(1)),
+            max_connections: cli.rds_max_connections.max(1),
+            max_channels: cli.rds_max_channels.max(1),
+        },
+    );
+    let retry = crate::retry::Backoff {
+        base: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        max_attempts: 4,
+    };
+    let rds =
+        crate::routeros::RouterOsRds::new(transport, &layout, retry, entropy).map_err(|e| {
+            ServeError::Config(format!("--rds-volume-path / --rds-pool-mount-point: {e}"))
+        })?;
+    tracing::info!(rds = %address, port = cli.rds_port, user = %cli.rds_user, volume_path = %layout.volume_base_path, pool = %layout.pool_mount_point, "RDS backend: RouterOS over SSH");
+    Ok(Some(Arc::new(rds)))
 }
 
 /// Runs the plugin until SIGTERM/SIGINT.

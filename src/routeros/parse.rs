@@ -539,7 +539,7 @@ pub struct DiskInfo {
     pub slot: String,
     /// `type` (`file` for file-backed disks).
     pub kind: Option<String>,
-    /// `file-path` (file-backed disks).
+    /// `file-path` (file-backed disks), without a leading `/` (as `/file` names it).
     pub file_path: Option<String>,
     /// `file-size` in bytes (file-backed disks).
     pub file_size: Option<u64>,
@@ -593,7 +593,11 @@ impl DiskInfo {
             nonempty(r, "nvme-tcp-server-nqn").or_else(|| nvme_export.then(|| slot.clone()));
         Ok(Self {
             kind: nonempty(r, "type"),
-            file_path: nonempty(r, "file-path"),
+            // Kept as the `/file` name: `/disk` prints the path as given, usually with `/`.
+            file_path: nonempty(r, "file-path").map(|p| match p.strip_prefix('/') {
+                Some(rest) => rest.to_string(),
+                None => p,
+            }),
             file_size: size_prop(r, "file-size")?,
             size: size_prop(r, "size")?,
             free: size_prop(r, "free")?,

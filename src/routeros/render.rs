@@ -73,10 +73,12 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// A renderer whose disks live under `base_path` (e.g. `storage-pool/rds-csi`, no
-    /// leading or trailing `/`). The base path itself is checked like any path.
+    /// A renderer whose disks live under `base_path` (e.g. `/storage-pool/kubernetes`; a
+    /// leading or trailing `/` is dropped: paths are kept as RouterOS `/file` names). The
+    /// base path itself is checked like any path.
     pub fn new(base_path: &str) -> Result<Self, RenderError> {
         let trimmed = base_path.trim_end_matches('/');
+        let trimmed = trimmed.strip_prefix('/').unwrap_or(trimmed);
         check_path_syntax("volume base path", trimmed)?;
         Ok(Self {
             base_path: trimmed.to_string(),
@@ -165,9 +167,13 @@ impl Renderer {
         if let Some(src) = &add.copy_from {
             out.push_str(&format!(" copy-from={}", find_slot(src)?));
         }
+        // `/disk add` takes an absolute path; `/file` names the same file without the `/`.
         out.push_str(&format!(
             " file-path={}",
-            quoted(self.file_path("file-path", &add.file_path)?)
+            quoted(&format!(
+                "/{}",
+                self.file_path("file-path", &add.file_path)?
+            ))
         ));
         match (add.size_bytes, &add.copy_from) {
             (Some(n), _) => out.push_str(&format!(" file-size={}", size("file-size", n)?)),
@@ -621,6 +627,7 @@ pub(crate) mod tests {
             "raid1/rds-csi/../../etc/passwd",
             "raid1/other/x.img",
             "/raid1/rds-csi/x.img",
+            "raid1/rds-csi/x.img/",
             "raid1/rds-csi",
             "raid1/rds-csi//x.img",
             "raid1/rds-csi/./x.img",
@@ -632,6 +639,9 @@ pub(crate) mod tests {
             assert!(matches!(err, RenderError::Unsafe { .. }), "{p}: {err:?}");
         }
         assert!(Renderer::new("../x").is_err());
-        assert!(Renderer::new("/abs").is_err());
+        assert_eq!(
+            Renderer::new("/raid1/k8s/").unwrap().base_path(),
+            "raid1/k8s"
+        );
     }
 }

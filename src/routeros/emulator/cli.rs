@@ -307,7 +307,11 @@ fn disk_add(rest: &[Tok]) -> Result<Command, CliError> {
                 }
             }
             "slot" => add.slot = text(v, k)?,
-            "file-path" => add.file_path = text(v, k)?,
+            // RouterOS resolves the absolute path to the `/file` name (no leading `/`).
+            "file-path" => {
+                let p = text(v, k)?;
+                add.file_path = p.strip_prefix('/').unwrap_or(&p).to_string();
+            }
             "file-size" => add.size_bytes = Some(size_arg(v, k)?),
             "copy-from" => match v {
                 Value::Find(fk, fv) if fk == "slot" => add.copy_from = Some(fv.clone()),

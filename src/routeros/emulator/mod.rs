@@ -21,7 +21,7 @@ pub mod backing;
 pub mod cli;
 pub mod faults;
 pub mod output;
-
+pub mod ssh_server;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -471,7 +471,7 @@ impl Emulator {
             let mut props = vec![
                 ("slot", Val::Str(d.slot.clone())),
                 ("type", Val::Bare("file".into())),
-                ("file-path", Val::Str(d.file_path.clone())),
+                ("file-path", Val::Str(format!("/{}", d.file_path))),
                 ("file-size", Val::Size(d.file_size)),
                 (
                     "nvme-tcp-export",

@@ -8,7 +8,7 @@
 //! [`RdsError::HostKey`] for a host key mismatch.
 
 pub mod inproc;
-
+pub mod ssh;
 pub mod tcp;
 
 use async_trait::async_trait;
