@@ -8,6 +8,8 @@
 //! The gRPC Node service (`NodeService`) is driven directly through its trait methods with
 //! the embedded adapters (loop initiator + real mounter), exactly as the plugin wires them.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -666,4 +668,74 @@ async fn paths_outside_the_kubelet_root_are_invalid_arguments() {
     }
     // Nothing was attached by the refused calls.
     assert_eq!(w.loop_device(vol), None);
+}
+
+#[tokio::test]
+async fn the_plugin_binary_attaches_over_its_socket_and_recovers_after_a_restart() {
+    use rds_csi::proto::csi::node_client::NodeClient;
+    let w = World::new();
+    let state = w.root.join("state");
+    let socket = w.root.join("csi.sock");
+    let vol = "pvc-plugin-e2e";
+    w.create_volume(vol, 64 * MIB);
+    let mut plugin = common::Plugin::start(&socket, &state, &["--mode", "all"]);
+    let mut node = NodeClient::new(plugin.channel().await);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    let staging = w.staging(vol);
+    let target = w.target(vol, "pod-a");
+    node.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(cap.clone()),
+        volume_context: volume_context(vol),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(cap.clone()),
+        volume_context: volume_context(vol),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(w.loop_device(vol).is_some());
+
+    // Crash and restart: the new process learns the attachment from the kernel before
+    // serving.
+    drop(node);
+    plugin.signal("KILL");
+    let _ = plugin.child.wait();
+    drop(plugin);
+    let mut plugin = common::Plugin::spawn(&socket, &state, &["--mode", "all"]);
+    plugin.wait_for_log(&format!("nqn={PREFIX}{vol}"));
+    plugin.wait_for_log("serving");
+    let mut node = NodeClient::new(plugin.channel().await);
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: vol.into(),
+            volume_path: target.clone(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging,
+    })
+    .await
+    .unwrap();
+    assert_eq!(w.loop_device(vol), None);
+    assert!(!Path::new(&target).exists());
 }
