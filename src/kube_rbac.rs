@@ -11,6 +11,11 @@
 //! The CSI sidecars (provisioner, attacher, resizer, snapshotter) have their own, separate
 //! rules in the chart; they are not listed here.
 //!
+//! The list is checked against the code too: a test here drives every method of the
+//! `AttachmentStore` and `Cluster` production adapters against the simulated API server
+//! and requires the requests it sees to be exactly [`API_ACCESS`] (the simulated server
+//! counts a `watch=true` GET as a list, so a watch cannot be detected that way).
+//!
 //! Invariants: entries are unique per (api group, resource); verbs are Kubernetes RBAC verbs
 //! (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`).
 
@@ -22,16 +27,18 @@ pub type ApiAccess = (&'static str, &'static str, &'static [&'static str]);
 ///
 /// - `persistentvolumes` get/list/patch: attachment records live in PV annotations
 ///   (`rds.csi.srvlab.io/attached-node`, `rds.csi.srvlab.io/attached-at`), written by a
-///   patch with a resourceVersion precondition and rebuilt at start-up by a paginated list;
-/// - `nodes` get: a stale record is cleared only when its node's Node object is gone;
-/// - `volumeattachments` list/watch: the start-up rebuild cross-checks the records;
+///   patch with a resourceVersion precondition (re-read by a get after a conflict) and
+///   rebuilt at start-up by a paginated list; an event names its PV (get);
+/// - `nodes` get: a stale record is cleared only when its node's Node object is gone; the
+///   data-path fence reads the node's host NQN annotation;
+/// - `volumeattachments` list: the start-up rebuild cross-checks the records;
 /// - `events` create: a fenced publish is reported as an Event.
 ///
 /// No `leases`: leader election is done by the sidecars, not by the plugin.
 pub const API_ACCESS: &[ApiAccess] = &[
     ("", "persistentvolumes", &["get", "list", "patch"]),
     ("", "nodes", &["get"]),
-    ("storage.k8s.io", "volumeattachments", &["list", "watch"]),
+    ("storage.k8s.io", "volumeattachments", &["list"]),
     ("", "events", &["create"]),
 ];
 
@@ -72,5 +79,128 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The RBAC grant of a request the simulated API server counted as `"METHOD resource"`.
+    fn grant_of(request: &str) -> (String, String, String) {
+        let (method, resource) = request.split_once(' ').expect("METHOD resource");
+        let verb = match method {
+            "GET" => "get",
+            "LIST" => "list",
+            "POST" => "create",
+            "PATCH" => "patch",
+            "PUT" => "update",
+            "DELETE" => "delete",
+            other => panic!("unexpected method {other} in {request}"),
+        };
+        let group = match resource {
+            "volumeattachments" => "storage.k8s.io",
+            _ => "",
+        };
+        (group.to_owned(), resource.to_owned(), verb.to_owned())
+    }
+
+    #[tokio::test]
+    async fn api_access_is_exactly_what_the_kubernetes_adapters_call() {
+        use std::collections::BTreeSet;
+        use std::sync::Arc;
+        use std::time::{Duration, UNIX_EPOCH};
+
+        use serde_json::json;
+
+        use crate::kube::fake_api::{FakeApi, Kind};
+        use crate::ports::cluster::ClusterEvent;
+        use crate::ports::store::AttachmentRecord;
+        use crate::ports::time::SeededEntropy;
+        use crate::ports::{AttachmentStore, Clock, Cluster};
+        use crate::retry::Backoff;
+        use crate::types::{AccessMode, NodeId, VolumeId};
+
+        struct FixedClock;
+        impl Clock for FixedClock {
+            fn now(&self) -> std::time::SystemTime {
+                UNIX_EPOCH + Duration::from_secs(1_760_000_000)
+            }
+        }
+        const DRIVER: &str = "rds.csi.srvlab.io";
+        let api = FakeApi::new();
+        let pv = |name: &str, handle: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": { "name": name, "annotations": {} },
+                "spec": { "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
+                          "csi": { "driver": DRIVER, "volumeHandle": handle } },
+            })
+        };
+        api.put_object(Kind::PersistentVolume, "", pv("pv-1", "vol-1"));
+        api.put_object(Kind::PersistentVolume, "", pv("pv-2", "vol-2"));
+        api.put_object(
+            Kind::Node,
+            "",
+            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a",
+                    "annotations": { "rds.csi.srvlab.io/host-nqn": "nqn.2014-08.org.nvmexpress:uuid:a" } } }),
+        );
+        api.put_object(
+            Kind::VolumeAttachment,
+            "",
+            json!({ "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+                    "metadata": { "name": "csi-a" },
+                    "spec": { "attacher": DRIVER, "nodeName": "node-a",
+                              "source": { "persistentVolumeName": "pv-1" } },
+                    "status": { "attached": true } }),
+        );
+        let fast = Backoff {
+            base: Duration::from_micros(1),
+            max: Duration::from_micros(50),
+            max_attempts: 8,
+        };
+        let (store, cluster) = crate::kube::adapters(
+            api.client(),
+            DRIVER,
+            Arc::new(FixedClock),
+            Arc::new(SeededEntropy::from_seed(7)),
+            fast,
+        );
+        let vol = VolumeId::new("vol-1").unwrap();
+        let node = NodeId::new("node-a").unwrap();
+        let record = AttachmentRecord {
+            volume_id: vol.clone(),
+            node_id: node.clone(),
+            attached_at: FixedClock.now(),
+            access_mode: AccessMode::SingleNode,
+            readonly: false,
+        };
+        // Every method of both ports, including the conflict path (re-read, then retry) and
+        // a volume the index has not seen.
+        store.load_all().await.unwrap();
+        store.write_volume(&vol, std::slice::from_ref(&record)).await.unwrap();
+        api.conflict_next_writes(1);
+        store.write_volume(&vol, &[]).await.unwrap();
+        store.write_volume(&VolumeId::new("vol-2").unwrap(), &[]).await.unwrap();
+        assert!(cluster.node_exists(&node).await.unwrap());
+        assert!(!cluster.node_exists(&NodeId::new("node-gone").unwrap()).await.unwrap());
+        assert!(cluster.node_known(&node).await.unwrap());
+        assert!(cluster.node_host_nqn(&node).await.unwrap().is_some());
+        assert!(cluster.volume_attachments().await.unwrap().is_some());
+        let event = ClusterEvent {
+            volume_id: vol.clone(),
+            reason: "AttachFenced".into(),
+            message: "test".into(),
+            warning: true,
+        };
+        cluster.record_event(&event).await.unwrap();
+
+        let called: BTreeSet<_> = api.requests().keys().map(|r| grant_of(r)).collect();
+        let listed: BTreeSet<_> = API_ACCESS
+            .iter()
+            .flat_map(|(g, r, verbs)| verbs.iter().map(|v| (g.to_string(), r.to_string(), v.to_string())))
+            .collect();
+        assert_eq!(
+            called, listed,
+            "the Kubernetes adapters' API calls (left) differ from kube_rbac::API_ACCESS (right): \
+             update API_ACCESS to what the code calls, then \
+             deploy/helm/rds-csi/templates/rbac-plugin.yaml, then run \
+             `python3 deploy/tools/deploycheck.py sync` (tests/deploy.rs checks the chart)"
+        );
     }
 }
