@@ -732,6 +732,12 @@ fn check_node(docs: &[Value], p: &mut Vec<String>) {
         return;
     };
     let kubelet_dir = kubelet["mountPath"].as_str().unwrap_or("");
+    // The node service accepts staging/target paths only below --kubelet-root.
+    if flag(&strs(&plugin["args"]), "kubelet-root").as_deref() != Some(kubelet_dir) {
+        p.push(format!(
+            "{pw}: --kubelet-root is not the mounted kubelet directory {kubelet_dir}"
+        ));
+    }
     match container(pod, "node-driver-registrar") {
         None => p.push(format!("{what}: sidecar node-driver-registrar is missing")),
         Some(r) => {
@@ -1105,6 +1111,13 @@ fn other_faults_fail() {
             .unwrap()
             .push(json!({"name": "RDS_HOSTKEY", "value": "x"}));
     });
+    assert_caught("kubelet root", "--kubelet-root", |docs| {
+        let c = container_mut(docs, "DaemonSet", "rds-csi-node", PLUGIN);
+        c["args"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|a| !a.as_str().unwrap().starts_with("--kubelet-root"));
+    });
     assert_caught("no propagation", "Bidirectional", |docs| {
         let c = container_mut(docs, "DaemonSet", "rds-csi-node", PLUGIN);
         for m in c["volumeMounts"].as_array_mut().unwrap() {
@@ -1184,7 +1197,7 @@ fn dockerfile_builds_the_plugin_onto_a_runtime_with_the_node_tools() {
 
 /// Chart values the plugin has no flag for yet: the chart accepts them, the templates do not
 /// pass them. When the flag lands on main, wire the value in the templates and remove it here.
-const NOT_YET_WIRED: &[&str] = &["dataPathFence", "nqnPrefix", "volumePath"];
+const NOT_YET_WIRED: &[&str] = &["volumePath"];
 
 #[test]
 fn every_chart_value_reaches_a_template() {
@@ -1218,5 +1231,41 @@ fn mistyped_values_are_rejected_by_the_values_schema() {
     assert!(
         t.contains("'adress' was unexpected") && t.contains("'xml'"),
         "{t}"
+    );
+}
+
+#[test]
+fn data_path_fence_value_reaches_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, "dataPathFence: true\n").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = tool(&[
+        "render",
+        "--values",
+        values.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let docs = load_docs(&out_dir);
+    assert_no_problems(&docs);
+    let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
+    let plugin = container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap();
+    let args = strs(&plugin["args"]);
+    assert!(args.iter().any(|a| a == "--data-path-fence"), "{args:?}");
+    let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
+    assert!(cli.data_path_fence);
+    // Off by default: nothing sets the nodes' host-NQN annotation yet.
+    let default = find(&default_docs(), "Deployment", "rds-csi-controller")
+        .cloned()
+        .unwrap();
+    let plugin = container(&default["spec"]["template"]["spec"], PLUGIN)
+        .unwrap()
+        .clone();
+    assert!(
+        !strs(&plugin["args"])
+            .iter()
+            .any(|a| a == "--data-path-fence")
     );
 }
