@@ -1197,16 +1197,13 @@ fn dockerfile_builds_the_plugin_onto_a_runtime_with_the_node_tools() {
 
 /// Chart values the plugin has no flag for yet: the chart accepts them, the templates do not
 /// pass them. When the flag lands on main, wire the value in the templates and remove it here.
-const NOT_YET_WIRED: &[&str] = &["volumePath"];
+const NOT_YET_WIRED: &[&str] = &[];
 
 #[test]
 fn every_chart_value_reaches_a_template() {
     let out = tool(&["unused-values"]);
     assert!(out.status.success(), "{}", text(&out));
-    let unused: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let unused: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
     assert_eq!(
         unused, NOT_YET_WIRED,
         "values.yaml entries no template reads (a value that does nothing misleads admins): \
@@ -1238,7 +1235,7 @@ fn mistyped_values_are_rejected_by_the_values_schema() {
 fn data_path_fence_value_reaches_the_controller() {
     let dir = tempfile::tempdir().unwrap();
     let values = dir.path().join("values.yaml");
-    std::fs::write(&values, "dataPathFence: true\n").unwrap();
+    std::fs::write(&values, "dataPathFence: true\npoolMountPoint: \"raid1\"\n").unwrap();
     let out_dir = dir.path().join("out");
     let out = tool(&[
         "render",
@@ -1256,6 +1253,7 @@ fn data_path_fence_value_reaches_the_controller() {
     assert!(args.iter().any(|a| a == "--data-path-fence"), "{args:?}");
     let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
     assert!(cli.data_path_fence);
+    assert_eq!(cli.rds_pool_mount_point.as_deref(), Some("raid1"));
     // Off by default: nothing sets the nodes' host-NQN annotation yet.
     let default = find(&default_docs(), "Deployment", "rds-csi-controller")
         .cloned()

@@ -547,7 +547,8 @@ def main(argv):
                 return 1
             print(f"all documents valid (Kubernetes {KUBERNETES_VERSION}, strict)")
         elif args.cmd == "unused-values":
-            print("\n".join(unused_values()))
+            for path in unused_values():
+                print(path)
         elif args.cmd == "json":
             docs = [{"file": path, "doc": doc} for path, doc in documents(args.paths)]
             json.dump(docs, sys.stdout)
