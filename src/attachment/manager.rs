@@ -46,14 +46,8 @@ impl State {
     /// Replaces the holders of `volume`, keeping `per_node` in step. Returns the previous
     /// holders.
     fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
-        let previous = if next.is_empty() {
-            self.volumes.remove(volume).unwrap_or_default()
-        } else {
-            self.volumes
-                .insert(volume.clone(), next.clone())
-                .unwrap_or_default()
-        };
-        for node in previous.keys().filter(|n| !next.contains_key(*n)) {
+        let previous = self.volumes.remove(volume).unwrap_or_default();
+        for node in previous.nodes().filter(|n| !next.contains(n)) {
             if let Some(count) = self.per_node.get_mut(node) {
                 *count = count.saturating_sub(1);
                 if *count == 0 {
@@ -61,8 +55,11 @@ impl State {
                 }
             }
         }
-        for node in next.keys().filter(|n| !previous.contains_key(*n)) {
+        for node in next.nodes().filter(|n| !previous.contains(n)) {
             *self.per_node.entry(node.clone()).or_insert(0) += 1;
+        }
+        if !next.is_empty() {
+            self.volumes.insert(volume.clone(), next);
         }
         previous
     }
@@ -149,14 +146,14 @@ impl AttachmentManager {
     /// Replaces the whole in-memory state (start-up only).
     pub(crate) fn replace_all(&self, records: Vec<AttachmentRecord>) {
         let mut state = State::default();
-        let mut by_volume: BTreeMap<VolumeId, Holders> = BTreeMap::new();
-        for r in records {
-            by_volume
-                .entry(r.volume_id.clone())
-                .or_default()
-                .insert(r.node_id.clone(), r);
-        }
-        for (volume, holders) in by_volume {
+        let mut records = records.into_iter().peekable();
+        while let Some(first) = records.next() {
+            let volume = first.volume_id.clone();
+            let mut holders = state.volumes.remove(&volume).unwrap_or_default();
+            holders.insert(first);
+            while let Some(r) = records.next_if(|r| r.volume_id == volume) {
+                holders.insert(r);
+            }
             state.set(&volume, holders);
         }
         *self.state() = state;
@@ -172,7 +169,7 @@ impl AttachmentManager {
         self.state()
             .volumes
             .get(volume)
-            .map(|h| h.values().cloned().collect())
+            .map(|h| h.as_slice().to_vec())
             .unwrap_or_default()
     }
 
@@ -181,7 +178,7 @@ impl AttachmentManager {
         self.state()
             .volumes
             .values()
-            .flat_map(|h| h.values().cloned())
+            .flat_map(|h| h.iter().cloned())
             .collect()
     }
 
@@ -273,7 +270,8 @@ impl AttachmentManager {
             )));
         }
         let mut next = current.clone();
-        for (other, held) in &current {
+        for held in current.iter() {
+            let other = &held.node_id;
             let exclusive =
                 record.access_mode.is_single_node() || held.access_mode.is_single_node();
             if !exclusive {
@@ -307,7 +305,7 @@ impl AttachmentManager {
                 .await;
             next.remove(other);
         }
-        next.insert(node.clone(), record);
+        next.insert(record);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
         before_persist().await?;
         write_holders(&*self.store, &volume, &next).await?;
@@ -328,16 +326,14 @@ impl AttachmentManager {
             .get(volume)
             .cloned()
             .unwrap_or_default();
-        let (removed, next): (Holders, Holders) = current
-            .into_iter()
-            .partition(|(n, _)| node.is_none_or(|want| want == n));
+        let (removed, next) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
         if removed.is_empty() {
             return Ok(Vec::new());
         }
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
         write_holders(&*self.store, volume, &next).await?;
         tentative.commit();
-        Ok(removed.into_values().collect())
+        Ok(removed.into_vec())
     }
 
     async fn event(&self, volume: &VolumeId, reason: &str, message: &str, warning: bool) {

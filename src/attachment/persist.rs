@@ -7,7 +7,7 @@
 //! (retrying will not help until a PV exists); a write that empties the holder set on a
 //! missing PV succeeds in the store itself (nothing left that could resurrect it).
 
-use crate::attachment::types::{AttachmentRecord, Holders};
+use crate::attachment::types::Holders;
 use crate::error::{Error, Result};
 use crate::ports::store::{AttachmentStore, StoreError};
 use crate::types::VolumeId;
@@ -18,9 +18,8 @@ pub(crate) async fn write_holders(
     volume: &VolumeId,
     holders: &Holders,
 ) -> Result<()> {
-    let list: Vec<AttachmentRecord> = holders.values().cloned().collect();
     store
-        .write_volume(volume, &list)
+        .write_volume(volume, holders.as_slice())
         .await
         .map_err(|e| match e {
             StoreError::NotFound(what) => Error::FailedPrecondition(format!(

@@ -8,13 +8,14 @@
 //! earlier Go driver). A record with a VolumeAttachment (attached, pending, or being
 //! deleted) is kept: the CO will publish or unpublish it again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use crate::attachment::manager::AttachmentManager;
 use crate::attachment::persist::write_holders;
 use crate::attachment::types::{AttachmentRecord, Holders};
 use crate::error::Result;
 use crate::types::{NodeId, VolumeId};
+
 
 /// What a rebuild found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,7 +48,7 @@ impl AttachmentManager {
             .map(|va| (va.volume_id, va.node_id))
             .collect();
         let mut kept: Vec<AttachmentRecord> = Vec::with_capacity(records.len());
-        let mut to_clear: BTreeMap<VolumeId, Holders> = BTreeMap::new();
+        let mut touched: BTreeSet<VolumeId> = BTreeSet::new();
         let mut report = RebuildReport::default();
         for r in records {
             if live.contains(&(r.volume_id.clone(), r.node_id.clone())) {
@@ -56,25 +57,19 @@ impl AttachmentManager {
                 tracing::info!(volume_id = %r.volume_id, node_id = %r.node_id,
                     "dropping attachment record: its VolumeAttachment is gone (detach completed)");
                 report.dropped += 1;
-                to_clear
-                    .entry(r.volume_id.clone())
-                    .or_default()
-                    .insert(r.node_id.clone(), r);
+                touched.insert(r.volume_id);
             }
         }
+        drop(live);
         // Rewrite the volumes that lost a record, with the holders that remain.
-        let mut remaining: BTreeMap<VolumeId, Holders> = BTreeMap::new();
-        for r in &kept {
-            remaining
-                .entry(r.volume_id.clone())
-                .or_default()
-                .insert(r.node_id.clone(), r.clone());
-        }
-        for (volume, dropped) in &to_clear {
-            if dropped.is_empty() {
-                continue;
-            }
-            let holders = remaining.get(volume).cloned().unwrap_or_default();
+        for volume in &touched {
+            // `kept` is sorted by (volume, node), as `load_all` returns records.
+            let start = kept.partition_point(|r| r.volume_id < *volume);
+            let holders: Holders = kept[start..]
+                .iter()
+                .take_while(|r| r.volume_id == *volume)
+                .cloned()
+                .collect();
             if let Err(e) = write_holders(self.store(), volume, &holders).await {
                 tracing::warn!(volume_id = %volume, error = %e,
                     "cannot clear stale attachment records; they stay ignored in memory");

@@ -1,13 +1,82 @@
 //! Attachment vocabulary: the record (re-exported from the store port), the validated
 //! arguments of publish/unpublish, and the manager's configuration.
 
-use std::collections::BTreeMap;
-
 pub use crate::ports::store::AttachmentRecord;
 use crate::types::{AccessMode, NodeId, VolumeId};
 
-/// Holders of one volume, by node.
-pub type Holders = BTreeMap<NodeId, AttachmentRecord>;
+/// Holders of one volume, sorted by node, at most one record per node. A small sorted
+/// vector: almost every volume has one holder, and a map per volume would cost a B-tree
+/// node (over a KiB) each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders(Vec<AttachmentRecord>);
+
+impl Holders {
+    /// No holder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn find(&self, node: &NodeId) -> Result<usize, usize> {
+        self.0.binary_search_by(|r| r.node_id.cmp(node))
+    }
+    /// Whether no node holds the volume.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Number of holders.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// `node`'s record.
+    pub fn get(&self, node: &NodeId) -> Option<&AttachmentRecord> {
+        self.find(node).ok().map(|i| &self.0[i])
+    }
+    /// Whether `node` holds the volume.
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.find(node).is_ok()
+    }
+    /// Adds or replaces the record of `record.node_id`.
+    pub fn insert(&mut self, record: AttachmentRecord) {
+        match self.find(&record.node_id) {
+            Ok(i) => self.0[i] = record,
+            Err(i) => self.0.insert(i, record),
+        }
+    }
+    /// Removes `node`'s record.
+    pub fn remove(&mut self, node: &NodeId) -> Option<AttachmentRecord> {
+        self.find(node).ok().map(|i| self.0.remove(i))
+    }
+    /// The holder nodes, sorted.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeId> {
+        self.0.iter().map(|r| &r.node_id)
+    }
+    /// The records, sorted by node.
+    pub fn iter(&self) -> std::slice::Iter<'_, AttachmentRecord> {
+        self.0.iter()
+    }
+    /// The records, sorted by node.
+    pub fn as_slice(&self) -> &[AttachmentRecord] {
+        &self.0
+    }
+    /// The records, sorted by node.
+    pub fn into_vec(self) -> Vec<AttachmentRecord> {
+        self.0
+    }
+    /// Splits into (matching, the rest).
+    pub fn partition(self, pred: impl Fn(&AttachmentRecord) -> bool) -> (Holders, Holders) {
+        let (a, b) = self.0.into_iter().partition(|r| pred(r));
+        (Holders(a), Holders(b))
+    }
+}
+
+impl FromIterator<AttachmentRecord> for Holders {
+    fn from_iter<I: IntoIterator<Item = AttachmentRecord>>(iter: I) -> Self {
+        let mut h = Holders::new();
+        for r in iter {
+            h.insert(r);
+        }
+        h
+    }
+}
 
 /// Validated ControllerPublishVolume arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
