@@ -706,6 +706,21 @@ mod tests {
                 .into_inner();
             let cond = bad.volume_condition.unwrap();
             assert!(cond.abnormal && cond.message.contains("gone"), "{cond:?}");
+
+            // The CO can still tear the broken volume down.
+            svc.node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
+                volume_id: "pvc-1".into(),
+                target_path: "/k/pods/p/pvc-1".into(),
+            }))
+            .await
+            .unwrap();
+            svc.node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+                volume_id: "pvc-1".into(),
+                staging_target_path: "/k/stage/pvc-1".into(),
+            }))
+            .await
+            .unwrap();
+            assert!(k.mount_table().is_empty());
         }
 
         #[tokio::test]

@@ -104,3 +104,49 @@ pub fn node_deps_from_cli(
         InitiatorKind::Nvme => nvme_deps(cli.nvme_host_nqn.clone(), opts),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::Initiator;
+    use crate::ports::rds::{DiskSpec, NvmeExport};
+    use crate::ports::time::{SeededEntropy, SystemClock};
+
+    /// The contract between the embedded RDS and the loop initiator: the file a CreateVolume
+    /// makes is the file the node attaches, found from the NQN alone.
+    #[tokio::test]
+    async fn the_loop_initiator_finds_the_files_the_embedded_rds_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let rds = crate::driver::embedded_rds(
+            dir.path(),
+            Arc::new(SystemClock),
+            Arc::new(SeededEntropy::from_seed(1)),
+        )
+        .unwrap();
+        let nqn = format!("{DEFAULT_NQN_PREFIX}pvc-contract");
+        rds.create_disk(&DiskSpec {
+            slot: "pvc-contract".into(),
+            size_bytes: 1 << 20,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: nqn.clone(),
+            }),
+            copy_from: None,
+        })
+        .await
+        .unwrap();
+        let runner = Arc::new(exec::TokioRunner::new(COMMAND_TIMEOUT));
+        let l = loopdev::LoopInitiator::new(
+            runner,
+            &embedded_volume_dir(dir.path()),
+            DEFAULT_NQN_PREFIX.into(),
+            "nqn.host".into(),
+        );
+        let file = l.file_for(&nqn).unwrap();
+        assert!(file.is_file(), "{} missing", file.display());
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 20);
+        // Nothing attached yet, and a foreign NQN maps to nothing.
+        assert_eq!(l.find_device(&nqn).await.unwrap(), None);
+        assert!(l.file_for("nqn.other:pvc-contract").is_err());
+    }
+}

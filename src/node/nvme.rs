@@ -260,8 +260,9 @@ impl Initiator for NvmeCli {
     async fn connect(&self, target: &NvmeTarget) -> Result<PathBuf, InitiatorError> {
         self.check_ours(&target.nqn)?;
         // Observe first: an existing connection with its device is success.
-        if let Some(sub) = self.subsystem(&target.nqn).await?
-            && let Some(dev) = self.device_of(&sub)
+        let existing = self.subsystem(&target.nqn).await?;
+        if let Some(sub) = &existing
+            && let Some(dev) = self.device_of(sub)
         {
             return Ok(dev);
         }
@@ -281,8 +282,11 @@ impl Initiator for NvmeCli {
         match self.wait_for_device(&target.nqn).await? {
             Some(dev) => Ok(dev),
             None => {
-                // Never leave a connection without a usable device behind.
-                if let Err(e) = self.disconnect(&target.nqn).await {
+                // Never leave a connection we made without a usable device behind; one that
+                // existed before this call (e.g. reconnecting) is not ours to tear down.
+                if existing.is_none()
+                    && let Err(e) = self.disconnect(&target.nqn).await
+                {
                     tracing::warn!(nqn = %target.nqn, error = %e, "cleanup after device wait failed");
                 }
                 Err(InitiatorError::Timeout(format!(
@@ -641,6 +645,21 @@ mod tests {
                 "--nqn=nqn.2000-02.com.mikrotik:pvc-nodev"
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnecting_subsystem_is_not_torn_down_when_its_device_is_late() {
+        let h = busy_host();
+        let nqn = format!("{PREFIX}pvc-reconnecting");
+        // Present before the call, but its namespace is not (controller reconnecting).
+        let d = h.sys().join("class/nvme-subsystem/nvme-subsys12");
+        fs::create_dir_all(d.join("nvme12")).unwrap();
+        fs::write(d.join("subsysnqn"), &nqn).unwrap();
+        let runner = Arc::new(ScriptedRunner::new(|_| fail(EALREADY, "already connected")));
+        let nvme = NvmeCli::new(h.cfg(), runner.clone());
+        let err = nvme.connect(&target(&nqn)).await.unwrap_err();
+        assert!(matches!(err, InitiatorError::Timeout(_)), "{err}");
+        assert!(runner.calls().iter().all(|c| c[1] != "disconnect"), "{:?}", runner.calls());
     }
 
     #[tokio::test]

@@ -262,13 +262,15 @@ impl NodeOps {
                     }
                 }
             }
-            if !ours {
+            if !ours && self.mount_device_alive(&m).await {
                 return Err(Error::FailedPrecondition(format!(
                     "staging_target_path {} has {} mounted, which is not volume {volume_id}",
                     staging_path.display(),
                     m.source
                 )));
             }
+            // Ours, or a mount whose device is gone (a lost connection): unmount it either
+            // way, or the CO could never finish unstaging a broken volume.
             self.unmount_all(staging_path).await?;
         }
         // Spec: "If the volume corresponding to the volume_id is not staged to the
