@@ -93,7 +93,8 @@ pub trait Rds: Send + Sync + 'static {
     async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError>;
     /// The disk in `slot`, if any.
     async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError>;
-    /// All disks whose slot starts with `slot_prefix`, sorted by slot.
+    /// All disks whose slot starts with `slot_prefix`, sorted by slot. Only disks this
+    /// driver manages (backing file under its volume path) are listed.
     async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError>;
     /// Sets the exact size of a disk (grow only; the caller checks).
     async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError>;

@@ -396,8 +396,12 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         let mut out = Vec::new();
         for r in &records {
             let d = DiskInfo::from_record(r)?;
-            // `slot~"^p"` is a regex: re-check the prefix exactly; skip pools and drives.
-            if !d.slot.starts_with(slot_prefix) || d.kind.as_deref() != Some("file") {
+            // `slot~"^p"` is a regex: re-check the prefix exactly; skip pools, drives and
+            // disks whose files are not under our base path (not ours to manage).
+            if !d.slot.starts_with(slot_prefix)
+                || d.kind.as_deref() != Some("file")
+                || self.check_owned(&d).is_err()
+            {
                 continue;
             }
             let t = d.file_path.as_ref().and_then(|p| created.get(p).copied());
@@ -821,6 +825,7 @@ mod tests {
             rds.delete_disk("pvc-x").await,
             Err(RdsError::Rejected(_))
         ));
+        assert_eq!(rds.list_disks("pvc-").await.unwrap(), vec![]);
         assert!(matches!(
             rds.resize_disk("pvc-x", 2 * GIB).await,
             Err(RdsError::Rejected(_))

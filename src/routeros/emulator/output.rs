@@ -112,9 +112,11 @@ pub fn detail(legend: &str, items: &[Item]) -> String {
             }
             // A pair longer than a whole line is split inside its quotes.
             let mut rest = pair.as_str();
+            let mut inside = false;
             while line.len() + rest.len() > WIDTH && rest.contains('"') {
                 let room = WIDTH.saturating_sub(line.len()).max(8);
-                let cut = split_point(rest, room);
+                let cut = split_point(rest, room, inside);
+                inside = true;
                 if cut == 0 || cut >= rest.len() {
                     break;
                 }
@@ -133,15 +135,23 @@ pub fn detail(legend: &str, items: &[Item]) -> String {
     out
 }
 
-/// A byte offset ≤ `room` to split a pair at: after the opening quote, on a char
+/// A byte offset ≤ `room` to split a pair (or, `inside` the quotes, the rest of its
+/// value) at: after the opening quote, on a char
 /// boundary, never right after a backslash, never next to a space (the parser strips the
 /// continuation's indentation).
-fn split_point(s: &str, room: usize) -> usize {
-    let Some(open) = s.find('"') else {
-        return 0;
+fn split_point(s: &str, room: usize, inside: bool) -> usize {
+    // The first chunk keeps at least one character after the opening quote; later
+    // chunks are already inside the quotes.
+    let min = if inside {
+        1
+    } else {
+        match s.find('"') {
+            Some(open) => open + 2,
+            None => return 0,
+        }
     };
     let mut cut = room.min(s.len().saturating_sub(2));
-    while cut > open + 1 {
+    while cut >= min {
         let ok = s.is_char_boundary(cut)
             && !s[..cut].ends_with(['\\', ' '])
             && !s[cut..].starts_with([' ', '"']);
@@ -177,4 +187,76 @@ pub fn monitor(pairs: &[(&str, String)]) -> String {
         out.push_str(&format!("{k:>w$}: {v}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detail_output_wraps_groups_and_splits_long_quoted_values() {
+        let items = vec![
+            Item {
+                index: 0,
+                flags: "M".into(),
+                props: vec![
+                    ("slot", Val::Str("raid1".into())),
+                    ("type", Val::Bare("raid".into())),
+                    ("mount-point", Val::Str("storage-pool".into())),
+                    ("size", Val::Bytes(7_681_501_126_656)),
+                    ("free", Val::Bytes(53_687_091_200)),
+                ],
+            },
+            Item {
+                index: 1,
+                flags: String::new(),
+                props: vec![
+                    ("slot", Val::Str("pvc-3f1c2a9e-8d7b-4c1e-9a0f-1b2c3d4e5f60".into())),
+                    ("type", Val::Bare("file".into())),
+                    (
+                        "file-path",
+                        Val::Str("/storage-pool/kubernetes/pvc-3f1c2a9e-8d7b-4c1e-9a0f-1b2c3d4e5f60.img".into()),
+                    ),
+                    ("file-size", Val::Size(3 << 29)),
+                    ("nvme-tcp-export", Val::Bare("yes".into())),
+                    ("nvme-tcp-server-port", Val::Bare("4420".into())),
+                    (
+                        "nvme-tcp-server-nqn",
+                        Val::Str(format!("nqn.2000-02.com.mikrotik:{}", "x".repeat(120))),
+                    ),
+                ],
+            },
+            Item {
+                index: 2,
+                flags: String::new(),
+                props: vec![
+                    ("name", Val::Str("a \"quoted\" $name".into())),
+                    ("size", Val::Size((1 << 30) + 1)),
+                    ("creation-time", Val::Time(1_762_907_773)),
+                ],
+            },
+        ];
+        let text = detail("Flags: M - MOUNTED", &items);
+        assert!(text.lines().all(|l| l.len() <= WIDTH), "{text}");
+        let parsed = crate::routeros::parse::parse_print(&text).unwrap();
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed[1].get("nvme-tcp-server-nqn").map(str::len), Some(25 + 120));
+        assert_eq!(parsed[2].get("name"), Some("a \"quoted\" $name"));
+        let out = format!("{text}--- terse ---\n{}", terse(&items));
+        insta::with_settings!({
+            snapshot_path => concat!(env!("CARGO_MANIFEST_DIR"), "/snapshots"),
+            prepend_module_to_snapshot => false,
+        }, {
+            insta::assert_snapshot!("routeros_emulator_print_output", out);
+        });
+    }
+
+    #[test]
+    fn sizes_print_with_units_only_when_exact() {
+        assert_eq!(unit_size(3 << 29), "1.5GiB");
+        assert_eq!(unit_size(50 << 30), "50.0GiB");
+        assert_eq!(unit_size((1 << 30) + 1), "1 073 741 825");
+        assert_eq!(group_thousands(53_687_091_200), "53 687 091 200");
+        assert_eq!(timestamp(1_762_907_773), "2025-11-12 00:36:13");
+    }
 }

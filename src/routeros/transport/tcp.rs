@@ -157,3 +157,103 @@ impl<C: Connector> Transport for TcpTransport<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::Rds;
+    use crate::ports::rds::{DiskSpec, NvmeExport};
+    use crate::ports::time::{SeededEntropy, SystemClock};
+    use crate::routeros::command::CommandKind;
+    use crate::routeros::emulator::PoolConfig;
+    use crate::routeros::emulator::faults::Fault;
+    use crate::routeros::{RdsLayout, RouterOsRds};
+
+    /// A connector over in-memory duplex pipes, each served by the emulator: the same
+    /// shape as a turmoil `TcpStream` connector in the simulation.
+    struct Pipe(Arc<Emulator>);
+
+    #[async_trait]
+    impl Connector for Pipe {
+        type Io = tokio::io::DuplexStream;
+        async fn connect(&self) -> std::io::Result<Self::Io> {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve_connection(Arc::clone(&self.0), server));
+            Ok(client)
+        }
+        fn describe(&self) -> String {
+            "pipe".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn adapter_over_the_line_protocol_survives_lost_replies() {
+        let emu = Arc::new(Emulator::in_memory(
+            PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes: 10 << 30,
+            },
+            Arc::new(SystemClock),
+        ));
+        let transport = TcpTransport::new(
+            Pipe(Arc::clone(&emu)),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let rds = RouterOsRds::new(
+            transport,
+            &RdsLayout {
+                volume_base_path: "raid1/k8s".into(),
+                pool_mount_point: "raid1".into(),
+            },
+            crate::retry::Backoff {
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+                max_attempts: 3,
+            },
+            Arc::new(SeededEntropy::from_seed(5)),
+        )
+        .unwrap();
+        let spec = DiskSpec {
+            slot: "pvc-1".into(),
+            size_bytes: 1 << 30,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: "nqn.2000-02.com.mikrotik:pvc-1".into(),
+            }),
+            copy_from: None,
+        };
+        // The reply is dropped: the connection closes, the adapter reconnects and observes.
+        emu.faults().push(CommandKind::DiskAdd, Fault::DropReply);
+        assert_eq!(rds.create_disk(&spec).await.unwrap().size_bytes, 1 << 30);
+        assert_eq!(rds.capacity().await.unwrap().free_bytes, 9 << 30);
+        rds.delete_disk("pvc-1").await.unwrap();
+        assert!(emu.file_names().is_empty());
+    }
+
+    #[tokio::test]
+    async fn oversized_and_garbage_lines_close_the_connection_without_panicking() {
+        let emu = Arc::new(Emulator::in_memory(
+            PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes: 1 << 30,
+            },
+            Arc::new(SystemClock),
+        ));
+        let (mut client, server) = tokio::io::duplex(4 * MAX_LINE);
+        let task = tokio::spawn(serve_connection(Arc::clone(&emu), server));
+        client.write_all(b"/disk frobnicate\n").await.unwrap();
+        let mut head = String::new();
+        let mut reader = BufReader::new(&mut client);
+        reader.read_line(&mut head).await.unwrap();
+        assert!(head.starts_with("err "), "{head}");
+        let len: usize = head.trim_end()[4..].parse().unwrap();
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).await.unwrap();
+        assert!(String::from_utf8(body).unwrap().starts_with("bad command name"));
+        client.write_all(&vec![b'a'; MAX_LINE + 10]).await.unwrap();
+        assert!(task.await.unwrap().is_err());
+    }
+}
