@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::attachment::lock::{LockGuard, LockTable};
-use crate::attachment::persist::write_holders;
+use crate::attachment::persist::store_error;
 use crate::attachment::types::{
     AttachmentConfig, AttachmentRecord, Holders, PublishArgs, UnpublishArgs,
 };
@@ -308,9 +308,7 @@ impl AttachmentManager {
         next.insert(record);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
         before_persist().await?;
-        write_holders(&*self.store, &volume, &next).await?;
-        tentative.commit();
-        Ok(())
+        self.write(&volume, &current, &next, tentative).await
     }
 
     /// Removes `node` (or, with `None`, every holder) from `volume`; returns the removed
@@ -330,10 +328,46 @@ impl AttachmentManager {
         if removed.is_empty() {
             return Ok(Vec::new());
         }
+        let previous: Holders = removed.iter().chain(next.iter()).cloned().collect();
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
-        write_holders(&*self.store, volume, &next).await?;
-        tentative.commit();
+        self.write(volume, &previous, &next, tentative).await?;
         Ok(removed.into_vec())
+    }
+
+    /// Writes `next` where the store still holds `previous`; on failure rolls the
+    /// tentative change back, and on a conflict — another writer changed the volume's
+    /// holders — resynchronises memory from the store, so the CO's retry (the call is
+    /// ABORTED) meets the current state instead of overwriting it.
+    async fn write(
+        &self,
+        volume: &VolumeId,
+        previous: &Holders,
+        next: &Holders,
+        tentative: Tentative<'_>,
+    ) -> Result<()> {
+        let Err(e) = self
+            .store
+            .write_volume_if(volume, previous.as_slice(), next.as_slice())
+            .await
+        else {
+            tentative.commit();
+            return Ok(());
+        };
+        drop(tentative);
+        if matches!(e, crate::ports::store::StoreError::Conflict(_)) {
+            match self.store.read_volume(volume).await {
+                Ok(records) => {
+                    let holders: Holders = records.into_iter().collect();
+                    tracing::warn!(volume_id = %volume, holders = ?holders.nodes().collect::<Vec<_>>(),
+                        "attachments changed by another writer; memory resynchronised from the store");
+                    self.state().set(volume, holders);
+                }
+                Err(read) => {
+                    tracing::warn!(volume_id = %volume, error = %read, "cannot re-read the attachments after a conflict");
+                }
+            }
+        }
+        Err(store_error(volume, e))
     }
 
     async fn event(&self, volume: &VolumeId, reason: &str, message: &str, warning: bool) {

@@ -21,15 +21,20 @@ pub(crate) async fn write_holders(
     store
         .write_volume(volume, holders.as_slice())
         .await
-        .map_err(|e| match e {
-            StoreError::NotFound(what) => Error::FailedPrecondition(format!(
-                "cannot record the attachment of volume {volume} durably: {what}; \
-                 the volume needs a PersistentVolume of this driver before it can be published"
-            )),
-            StoreError::Conflict(what) => Error::Aborted(format!(
-                "recording the attachment of volume {volume} kept conflicting with concurrent \
-                 updates ({what}); retry"
-            )),
-            other => Error::Store(other),
-        })
+        .map_err(|e| store_error(volume, e))
+}
+
+/// The answer for a failed write of `volume`'s holders.
+pub(crate) fn store_error(volume: &VolumeId, e: StoreError) -> Error {
+    match e {
+        StoreError::NotFound(what) => Error::FailedPrecondition(format!(
+            "cannot record the attachment of volume {volume} durably: {what}; \
+             the volume needs a PersistentVolume of this driver before it can be published"
+        )),
+        StoreError::Conflict(what) => Error::Aborted(format!(
+            "recording the attachment of volume {volume} conflicted with a concurrent \
+             update ({what}); retry"
+        )),
+        other => Error::Store(other),
+    }
 }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::ports::Entropy;
-use crate::ports::store::{AttachmentRecord, AttachmentStore, StoreError};
+use crate::ports::store::{AttachmentRecord, AttachmentStore, StoreError, same_holders};
 use crate::retry::Backoff;
 use crate::types::{AccessMode, NodeId, VolumeId};
 
@@ -443,13 +443,16 @@ fn clone_req(req: &http::Request<Vec<u8>>) -> http::Request<Vec<u8>> {
     out
 }
 
-#[async_trait]
-impl AttachmentStore for PvStore {
-    async fn write_volume(
+impl PvStore {
+    /// Writes `holders` as `volume`'s annotations (see the module doc), checking on a
+    /// conflict that the stored holders still are `previous` when given.
+    async fn write(
         &self,
         volume: &VolumeId,
+        previous: Option<&[AttachmentRecord]>,
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError> {
+        let cached = self.index.get(volume).is_some();
         let Some(mut pv) = self.locate(volume).await? else {
             if holders.is_empty() {
                 return Ok(());
@@ -459,6 +462,10 @@ impl AttachmentStore for PvStore {
                 self.driver_name
             )));
         };
+        // A PV we had not seen (or forgot after a failure): check its holders first.
+        if !cached && previous.is_some() && !self.refresh(volume, &mut pv, previous).await? {
+            return gone(holders);
+        }
         let annotations = annotations_for(holders);
         let mut attempt = 0u32;
         loop {
@@ -510,22 +517,89 @@ impl AttachmentStore for PvStore {
             tracing::debug!(volume_id = %volume, attempt, error = %failure.describe(), "retrying the attachment write");
             self.pause(attempt - 1).await;
             // Someone else changed the PV (or our write's fate is unknown): read it again.
-            match self.get_pv(&pv.name).await? {
-                Some(fresh) => {
-                    pv.rv = fresh.metadata.resource_version.unwrap_or_default();
-                }
-                None => {
-                    self.index.forget(volume);
-                    if holders.is_empty() {
-                        return Ok(());
-                    }
-                    return Err(StoreError::NotFound(format!(
-                        "PersistentVolume {} of volume {volume} was deleted",
-                        pv.name
-                    )));
-                }
+            if !self.refresh(volume, &mut pv, previous).await? {
+                return gone(holders);
             }
         }
+    }
+
+    /// Re-reads `pv` (its resourceVersion) and, with `previous`, checks that its holders
+    /// are unchanged. `Ok(false)`: the PV is gone.
+    async fn refresh(
+        &self,
+        volume: &VolumeId,
+        pv: &mut PvRef,
+        previous: Option<&[AttachmentRecord]>,
+    ) -> Result<bool, StoreError> {
+        let Some(fresh) = self.get_pv(&pv.name).await? else {
+            self.index.forget(volume);
+            return Ok(false);
+        };
+        pv.rv = fresh.metadata.resource_version.clone().unwrap_or_default();
+        self.index.set(volume.clone(), pv.clone());
+        if let Some(previous) = previous {
+            let now = records_from(volume, &fresh.metadata.annotations.unwrap_or_default())
+                .map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", pv.name)))?;
+            if !same_holders(previous, &now) {
+                let nodes: Vec<String> = now.iter().map(|r| r.node_id.to_string()).collect();
+                return Err(StoreError::Conflict(format!(
+                    "the attachments on PersistentVolume {} were changed by another writer \
+                     (now held by {nodes:?})",
+                    pv.name
+                )));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The outcome of a write whose PV does not exist (see the module doc).
+fn gone(holders: &[AttachmentRecord]) -> Result<(), StoreError> {
+    if holders.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(
+            "the PersistentVolume of the volume does not exist (deleted?)".into(),
+        ))
+    }
+}
+
+#[async_trait]
+impl AttachmentStore for PvStore {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.write(volume, None, holders).await
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.write(volume, Some(previous), holders).await
+    }
+
+    async fn read_volume(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>, StoreError> {
+        let Some(r) = self.locate(volume).await? else {
+            return Ok(Vec::new());
+        };
+        let Some(pv) = self.get_pv(&r.name).await? else {
+            self.index.forget(volume);
+            return Ok(Vec::new());
+        };
+        self.index.set(
+            volume.clone(),
+            PvRef {
+                name: r.name.clone(),
+                rv: pv.metadata.resource_version.clone().unwrap_or_default(),
+            },
+        );
+        records_from(volume, &pv.metadata.annotations.unwrap_or_default())
+            .map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", r.name)))
     }
 
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {

@@ -392,3 +392,25 @@ async fn a_kubeconfig_selects_the_kubernetes_adapters() {
     let err = crate::server::build_driver(&missing).err().unwrap();
     assert!(err.to_string().contains("--kubeconfig /nonexistent/kubeconfig"), "{err}");
 }
+
+#[tokio::test]
+async fn a_stale_controller_cannot_overwrite_a_newer_attachment() {
+    let w = World::new(&["pvc-1"]).await;
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", "node-a", true));
+    let old = w.controller(AttachmentConfig::default()).await;
+    old.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    // Failover: a new controller takes over, detaches node-a and attaches node-b.
+    let new = w.controller(AttachmentConfig::default()).await;
+    new.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    new.publish(&publish("pvc-1", "node-b")).await.unwrap();
+    // A late unpublish reaches the old controller, which still believes node-a holds it.
+    let err = old.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+    // Its memory was resynchronised: the retry is a no-op, and node-b stays fenced in.
+    let holders: Vec<String> = old.list().into_iter().map(|r| r.node_id.to_string()).collect();
+    assert_eq!(holders, vec!["node-b"]);
+    old.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+    assert!(matches!(old.publish(&publish("pvc-1", "node-a")).await, Err(Error::FailedPrecondition(_))));
+}

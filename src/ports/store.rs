@@ -60,6 +60,37 @@ pub trait AttachmentStore: Send + Sync + 'static {
         volume: &VolumeId,
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError>;
+    /// Like [`Self::write_volume`], but only while the stored holders of `volume` still
+    /// are `previous` (same nodes, access mode and readonly flags): when another writer
+    /// changed them (e.g. a second controller during a failover), fails with
+    /// `StoreError::Conflict` and writes nothing, so a stale view never overwrites a newer
+    /// one. Stores with a single writer need not check (the default).
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let _ = previous;
+        self.write_volume(volume, holders).await
+    }
+    /// The stored holders of `volume`, sorted by node.
+    async fn read_volume(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>, StoreError> {
+        Ok(self
+            .load_all()
+            .await?
+            .into_iter()
+            .filter(|r| r.volume_id == *volume)
+            .collect())
+    }
     /// Every stored record, sorted by (volume, node).
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError>;
+}
+
+/// What [`AttachmentStore::write_volume_if`] compares: who holds, how.
+pub fn same_holders(a: &[AttachmentRecord], b: &[AttachmentRecord]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.node_id == y.node_id && x.access_mode == y.access_mode && x.readonly == y.readonly
+        })
 }
