@@ -56,41 +56,62 @@ pub(crate) struct PvRef {
 }
 
 /// Volume id ↔ PV name (and last seen resourceVersion), shared by the kube adapters.
+///
+/// PVs of a CSI provisioner are named after the volume; the reverse map holds only the
+/// others (statically provisioned PVs), so it costs nothing in the common case.
 #[derive(Debug, Default)]
 pub struct PvIndex {
-    by_volume: Mutex<BTreeMap<VolumeId, PvRef>>,
+    inner: Mutex<IndexMaps>,
+}
+
+#[derive(Debug, Default)]
+struct IndexMaps {
+    by_volume: BTreeMap<VolumeId, PvRef>,
+    /// PV name → volume, for PVs not named after their volume.
+    by_other_name: BTreeMap<String, VolumeId>,
 }
 
 impl PvIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<VolumeId, PvRef>> {
-        self.by_volume.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, IndexMaps> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
     pub(crate) fn get(&self, volume: &VolumeId) -> Option<PvRef> {
-        self.lock().get(volume).cloned()
+        self.lock().by_volume.get(volume).cloned()
     }
     pub(crate) fn set(&self, volume: VolumeId, r: PvRef) {
-        self.lock().insert(volume, r);
+        let mut maps = self.lock();
+        let renamed = maps
+            .by_volume
+            .get(&volume)
+            .filter(|old| old.name != r.name)
+            .map(|old| old.name.clone());
+        if let Some(old_name) = renamed {
+            maps.by_other_name.remove(&old_name);
+        }
+        if r.name != volume.as_str() {
+            maps.by_other_name.insert(r.name.clone(), volume.clone());
+        }
+        maps.by_volume.insert(volume, r);
     }
     pub(crate) fn forget(&self, volume: &VolumeId) {
-        self.lock().remove(volume);
+        let mut maps = self.lock();
+        if let Some(old) = maps.by_volume.remove(volume) {
+            maps.by_other_name.remove(&old.name);
+        }
     }
     /// The volume whose PV is named `pv_name`.
     pub(crate) fn volume_of(&self, pv_name: &str) -> Option<VolumeId> {
-        // PVs of CSI provisioners are named after the volume: try that first.
-        let index = self.lock();
+        let maps = self.lock();
         if let Ok(v) = VolumeId::new(pv_name)
-            && index.get(&v).is_some_and(|r| r.name == pv_name)
+            && maps.by_volume.get(&v).is_some_and(|r| r.name == pv_name)
         {
             return Some(v);
         }
-        index
-            .iter()
-            .find(|(_, r)| r.name == pv_name)
-            .map(|(v, _)| v.clone())
+        maps.by_other_name.get(pv_name).cloned()
     }
     /// Number of PVs indexed.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_volume.len()
     }
     /// Whether no PV is indexed.
     pub fn is_empty(&self) -> bool {

@@ -414,3 +414,22 @@ async fn a_stale_controller_cannot_overwrite_a_newer_attachment() {
     assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
     assert!(matches!(old.publish(&publish("pvc-1", "node-a")).await, Err(Error::FailedPrecondition(_))));
 }
+
+#[tokio::test]
+async fn statically_provisioned_pvs_map_their_names_to_volume_handles() {
+    let w = World::new(&["vol-static"]).await;
+    // The PV is not named after the volume (a static PV); remove the default one.
+    w.api.remove_object(Kind::PersistentVolume, "", "vol-static");
+    w.api.put_object(Kind::PersistentVolume, "", pv_json("my-static-pv", "vol-static", DRIVER, json!({})));
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("my-static-pv", "node-a", true));
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&publish("vol-static", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("my-static-pv")["rds.csi.srvlab.io/attached-node"], "node-a");
+    // After a restart the record is kept: its VolumeAttachment names the PV, not the volume.
+    let m = w.controller(AttachmentConfig::default()).await;
+    assert_eq!(m.list().len(), 1);
+    let (store, cluster) = w.ports();
+    store.load_all().await.unwrap();
+    let vas = cluster.volume_attachments().await.unwrap().unwrap();
+    assert_eq!(vas[0].volume_id.as_str(), "vol-static");
+}
