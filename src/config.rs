@@ -250,6 +250,23 @@ pub struct Cli {
     #[arg(long, hide_env_values = true, env = "RDS_CSI_NQN_PREFIX", default_value = crate::node::DEFAULT_NQN_PREFIX)]
     pub nvme_nqn_prefix: String,
 
+    /// NVMe/TCP address nodes connect to [default: the --rds-address host, else 127.0.0.1].
+    #[arg(long, hide_env_values = true, env = "RDS_NVME_ADDRESS")]
+    pub nvme_address: Option<String>,
+
+    /// NVMe/TCP port of volume exports.
+    #[arg(long, hide_env_values = true, env = "RDS_NVME_PORT", default_value_t = crate::controller::DEFAULT_NVME_PORT)]
+    pub nvme_port: u16,
+
+    /// Most volumes attached to one node (0: no limit).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_MAX_VOLUMES_PER_NODE",
+        default_value_t = 0
+    )]
+    pub max_volumes_per_node: u32,
+
     /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(
         long,

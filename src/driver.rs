@@ -38,6 +38,8 @@ pub struct DriverConfig {
     pub mode: Mode,
     /// Max volumes per node reported by NodeGetInfo (0: no limit).
     pub max_volumes_per_node: i64,
+    /// Controller settings (NQN prefix, NVMe/TCP address and port).
+    pub controller: crate::controller::ControllerConfig,
 }
 
 /// Ports the Controller service needs.

@@ -23,6 +23,7 @@ not_under_loom! {
     pub mod backend;
     pub mod client;
     pub mod config;
+    pub mod controller;
     pub mod csi;
     pub mod driver;
     pub mod error;

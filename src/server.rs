@@ -161,20 +161,21 @@ pub async fn bind_unix(path: &Path) -> Result<(tokio::net::UnixListener, SocketG
     ))
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (so a signal that arrives before serving starts
+/// is not lost to the default action) and returns a future resolving on the first of them.
+pub fn termination_signal() -> Result<impl Future<Output = ()> + Send + 'static, ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the plugin stops only when killed");
-        return std::future::pending().await;
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| ServeError::Config(format!("cannot handle {name}: {e}")))
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// The state directory: the flag, or a fixed directory under the system temp dir.
@@ -231,7 +232,7 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
     let deps = deps.with_attachments(
         kube_ports,
         crate::attachment::AttachmentConfig {
-            max_volumes_per_node: 0,
+            max_volumes_per_node: u64::from(cli.max_volumes_per_node),
             data_path_fence: cli.data_path_fence,
         },
     );
@@ -240,7 +241,8 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         node_id,
         mode: cli.mode,
-        max_volumes_per_node: 0,
+        max_volumes_per_node: i64::from(cli.max_volumes_per_node),
+        controller: controller_config(cli)?,
     };
     Ok(Driver::new(cfg, deps)?)
 }
@@ -335,8 +337,31 @@ pub fn ssh_rds(
     Ok(Some(Arc::new(rds)))
 }
 
+/// Controller settings from the CLI.
+fn controller_config(cli: &Cli) -> Result<crate::controller::ControllerConfig, ServeError> {
+    use crate::controller::{ControllerConfig, params::Expected};
+    crate::types::Nqn::new(format!("{}x", cli.nvme_nqn_prefix)).map_err(|e| {
+        ServeError::Config(format!("--nvme-nqn-prefix {:?}: {e}", cli.nvme_nqn_prefix))
+    })?;
+    let nvme_address = cli
+        .nvme_address
+        .clone()
+        .or_else(|| cli.rds_address.clone())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    Ok(ControllerConfig {
+        nqn_prefix: cli.nvme_nqn_prefix.clone(),
+        nvme_address,
+        nvme_port: cli.nvme_port,
+        expected: Expected {
+            rds_address: cli.rds_address.clone(),
+            volume_path: Some(cli.rds_volume_path.trim_matches('/').to_string()),
+        },
+    })
+}
+
 /// Runs the plugin until SIGTERM/SIGINT.
 pub async fn run(cli: Cli) -> Result<(), ServeError> {
+    let stop = termination_signal()?;
     let driver = build_driver(&cli)?;
     // Start-up (state rebuild) finishes before the socket exists, so nothing is answered
     // from half-built state.
@@ -356,7 +381,7 @@ pub async fn run(cli: Cli) -> Result<(), ServeError> {
             let (listener, _guard) = bind_unix(path).await?;
             tracing::info!(endpoint = %cli.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, node_id = %cfg.node_id, "serving");
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            serve(services, incoming, termination_signal(), drain).await
+            serve(services, incoming, stop, drain).await
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -364,7 +389,7 @@ pub async fn run(cli: Cli) -> Result<(), ServeError> {
                 .map_err(|e| ServeError::Bind(format!("{addr}: {e}")))?;
             tracing::info!(endpoint = %cli.endpoint, driver = %cfg.driver_name, mode = ?cfg.mode, "serving");
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            serve(services, incoming, termination_signal(), drain).await
+            serve(services, incoming, stop, drain).await
         }
     }
 }

@@ -104,6 +104,7 @@ impl World {
             node_id,
             mode: Mode::Node,
             max_volumes_per_node: 0,
+            controller: Default::default(),
         };
         NodeService::new(Arc::new(cfg), deps)
     }

@@ -247,6 +247,7 @@ async fn stop_signal_drains_an_in_flight_rpc() {
         node_id: node,
         mode: Mode::Controller,
         max_volumes_per_node: 0,
+        controller: Default::default(),
     };
     let driver = Driver::new(cfg, deps).unwrap();
     driver.start().await.unwrap();

@@ -80,6 +80,7 @@ proptest! {
                 file_path: renderer.file_path_for(&w.slot),
                 size_bytes: Some(w.size),
                 copy_from: None,
+                comment: None,
                 export: w.export.clone(),
             });
             let line = renderer.render(&cmd).unwrap();

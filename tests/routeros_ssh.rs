@@ -108,6 +108,7 @@ fn spec(slot: &str, size: u64) -> DiskSpec {
             nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
         }),
         copy_from: None,
+        comment: None,
     }
 }
 
@@ -149,7 +150,10 @@ async fn adapter_over_ssh_creates_lists_resizes_snapshots_clones_and_deletes() {
                 .size_bytes,
             5 * GIB + 3
         );
-        let snap = rds.create_snapshot("pvc-a", "snap-a").await.unwrap();
+        let snap = rds
+            .create_snapshot("pvc-a", "snap-a", "rds-csi-snapshot-of:pvc-a")
+            .await
+            .unwrap();
         assert_eq!((snap.size_bytes, snap.export), (5 * GIB + 3, None));
         assert_eq!(rds.list_snapshots("snap-").await.unwrap().len(), 1);
         let clone = rds

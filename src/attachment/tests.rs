@@ -47,6 +47,7 @@ async fn world(cfg: AttachmentConfig) -> World {
                 nqn: format!("nqn.2000-02.com.mikrotik:{v}"),
             }),
             copy_from: None,
+            comment: None,
         })
         .await
         .unwrap();

@@ -628,6 +628,7 @@ mod tests {
                 node_id: NodeId::new("n1").unwrap(),
                 mode: PluginMode::Node,
                 max_volumes_per_node: 7,
+                controller: Default::default(),
             };
             let deps = NodeDeps {
                 initiator: Arc::new(k.clone()),

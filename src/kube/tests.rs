@@ -76,6 +76,7 @@ impl World {
                 size_bytes: 1 << 20,
                 export: Some(NvmeExport { port: 4420, nqn: format!("nqn.2000-02.com.mikrotik:{v}") }),
                 copy_from: None,
+                comment: None,
             })
             .await
             .unwrap();

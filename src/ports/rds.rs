@@ -55,6 +55,8 @@ pub struct DiskSpec {
     pub export: Option<NvmeExport>,
     /// Create as a copy of this slot (`copy-from`): snapshot, restore or clone.
     pub copy_from: Option<String>,
+    /// A note kept with the disk entry (e.g. a snapshot's source volume).
+    pub comment: Option<String>,
 }
 
 /// A disk as the RDS reports it.
@@ -72,6 +74,8 @@ pub struct Disk {
     pub allowed_host_nqn: Option<String>,
     /// Creation time of the backing file, seconds since the Unix epoch, when known.
     pub created_unix: Option<i64>,
+    /// The note kept with the disk entry, if any.
+    pub comment: Option<String>,
 }
 
 /// Size and free space of the pool volumes are carved from.
@@ -105,9 +109,15 @@ pub trait Rds: Send + Sync + 'static {
     /// Sets (or with `None` clears) the host NQN allowed to connect to the disk's export.
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError>;
 
-    /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size.
-    /// `NotFound` when the source is absent; `AlreadyExists` when `slot` is taken.
-    async fn create_snapshot(&self, source: &str, slot: &str) -> Result<Disk, RdsError> {
+    /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size,
+    /// carrying `comment`. `NotFound` when the source is absent; `AlreadyExists` when
+    /// `slot` is taken.
+    async fn create_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        comment: &str,
+    ) -> Result<Disk, RdsError> {
         let src = self
             .get_disk(source)
             .await?
@@ -117,6 +127,7 @@ pub trait Rds: Send + Sync + 'static {
             size_bytes: src.size_bytes,
             export: None,
             copy_from: Some(source.to_string()),
+            comment: Some(comment.to_string()),
         })
         .await
     }
@@ -138,6 +149,7 @@ pub trait Rds: Send + Sync + 'static {
     async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
         self.create_disk(&DiskSpec {
             copy_from: Some(source.to_string()),
+            comment: None,
             ..spec.clone()
         })
         .await

@@ -266,6 +266,7 @@ impl<T: Transport> RouterOsRds<T> {
             export,
             allowed_host_nqn: d.allow_host,
             created_unix,
+            comment: d.comment,
         })
     }
 
@@ -311,6 +312,7 @@ impl<T: Transport> Rds for RouterOsRds<T> {
             file_path: file_path.clone(),
             size_bytes: Some(spec.size_bytes),
             copy_from: spec.copy_from.clone(),
+            comment: spec.comment.clone(),
             export: spec.export.as_ref().map(|e| ExportSpec {
                 port: e.port,
                 nqn: e.nqn.clone(),
@@ -589,6 +591,7 @@ mod tests {
                 nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
             }),
             copy_from: None,
+            comment: None,
         }
     }
 
@@ -638,10 +641,19 @@ mod tests {
             None
         );
 
-        let snap = rds.create_snapshot("pvc-a", "snap-a").await.unwrap();
+        let snap = rds
+            .create_snapshot("pvc-a", "snap-a", "rds-csi-snapshot-of:pvc-a")
+            .await
+            .unwrap();
         assert_eq!(
             (snap.size_bytes, snap.export.is_none()),
             (3 * GIB + 7, true)
+        );
+        // The comment survives the RouterOS round trip (rendered, stored, printed, parsed).
+        let listed = rds.list_snapshots("snap-").await.unwrap();
+        assert_eq!(
+            listed[0].comment.as_deref(),
+            Some("rds-csi-snapshot-of:pvc-a")
         );
         let clone = rds
             .clone_disk("snap-a", &spec("pvc-b", 4 * GIB))
@@ -675,7 +687,7 @@ mod tests {
             Err(RdsError::NoSpace(_))
         ));
         assert!(matches!(
-            rds.create_snapshot("pvc-none", "snap-x").await,
+            rds.create_snapshot("pvc-none", "snap-x", "c").await,
             Err(RdsError::NotFound(_))
         ));
         assert!(matches!(

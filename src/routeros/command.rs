@@ -35,6 +35,8 @@ pub struct DiskAdd {
     pub copy_from: Option<String>,
     /// NVMe/TCP export; `None` leaves the disk unexported (snapshots).
     pub export: Option<ExportSpec>,
+    /// `comment`: a note RouterOS keeps with the entry (a snapshot's source volume).
+    pub comment: Option<String>,
 }
 
 /// Which disks a `print` selects.

@@ -557,6 +557,8 @@ pub struct DiskInfo {
     pub nvme_nqn: Option<String>,
     /// `nvme-tcp-server-allow-host-name`.
     pub allow_host: Option<String>,
+    /// The entry's comment (`;;; ` line in `print detail`, `comment=` in `print terse`).
+    pub comment: Option<String>,
 }
 
 fn size_prop(r: &Record, key: &str) -> Result<Option<u64>, RosError> {
@@ -606,6 +608,7 @@ impl DiskInfo {
             nvme_port,
             nvme_nqn,
             allow_host: nonempty(r, "nvme-tcp-server-allow-host-name"),
+            comment: r.comment.clone().or_else(|| nonempty(r, "comment")),
             slot,
         })
     }

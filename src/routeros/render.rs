@@ -186,6 +186,9 @@ impl Renderer {
             }
         }
         out.push_str(&format!(" slot={}", quoted(ident("slot", &add.slot)?)));
+        if let Some(c) = &add.comment {
+            out.push_str(&format!(" comment={}", quoted(ident("comment", c)?)));
+        }
         if let Some(e) = &add.export {
             if e.port == 0 {
                 return Err(RenderError::BadSize {
@@ -377,6 +380,7 @@ pub(crate) mod tests {
                     file_path: path.clone(),
                     size_bytes: Some(50 * GIB),
                     copy_from: None,
+                    comment: None,
                     export: Some(ExportSpec {
                         port: 4420,
                         nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
@@ -391,6 +395,7 @@ pub(crate) mod tests {
                     file_path: r().file_path_for("pvc-a"),
                     size_bytes: Some(GIB + GIB / 2),
                     copy_from: None,
+                    comment: None,
                     export: Some(ExportSpec {
                         port: 4421,
                         nqn: "nqn.2000-02.com.mikrotik:pvc-a".into(),
@@ -405,6 +410,7 @@ pub(crate) mod tests {
                     file_path: r().file_path_for("snap-1"),
                     size_bytes: None,
                     copy_from: Some(slot.clone()),
+                    comment: None,
                     export: None,
                 }),
             ),
@@ -415,6 +421,7 @@ pub(crate) mod tests {
                     file_path: r().file_path_for("pvc-clone"),
                     size_bytes: Some(1_000_000_007),
                     copy_from: Some("snap-1".into()),
+                    comment: None,
                     export: Some(ExportSpec {
                         port: 4420,
                         nqn: "nqn.2000-02.com.mikrotik:pvc-clone".into(),
@@ -592,6 +599,7 @@ pub(crate) mod tests {
                     file_path: r().file_path_for("ok"),
                     size_bytes: Some(1),
                     copy_from: Some(h.clone()),
+                    comment: None,
                     export: None,
                 }),
                 Command::DiskAdd(DiskAdd {
@@ -599,6 +607,7 @@ pub(crate) mod tests {
                     file_path: r().file_path_for("ok"),
                     size_bytes: Some(1),
                     copy_from: None,
+                    comment: None,
                     export: Some(ExportSpec {
                         port: 4420,
                         nqn: h.clone(),

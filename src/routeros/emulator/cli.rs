@@ -288,6 +288,7 @@ fn disk_add(rest: &[Tok]) -> Result<Command, CliError> {
         file_path: String::new(),
         size_bytes: None,
         copy_from: None,
+        comment: None,
         export: None,
     };
     let mut export = false;
@@ -312,6 +313,7 @@ fn disk_add(rest: &[Tok]) -> Result<Command, CliError> {
                 let p = text(v, k)?;
                 add.file_path = p.strip_prefix('/').unwrap_or(&p).to_string();
             }
+            "comment" => add.comment = Some(text(v, k)?),
             "file-size" => add.size_bytes = Some(size_arg(v, k)?),
             "copy-from" => match v {
                 Value::Find(fk, fv) if fk == "slot" => add.copy_from = Some(fv.clone()),

@@ -65,6 +65,8 @@ struct DiskEntry {
     file_path: String,
     file_size: u64,
     export: Option<Export>,
+    #[serde(default)]
+    comment: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +386,7 @@ impl Emulator {
                 nqn: e.nqn.clone(),
                 allow_host: e.allow_host.clone(),
             }),
+            comment: add.comment.clone(),
         });
         Ok(())
     }
@@ -446,6 +449,7 @@ impl Emulator {
             items.push(Item {
                 index: 0,
                 flags: "M".into(),
+                comment: None,
                 props: vec![
                     ("slot", Val::Str(self.pool.slot.clone())),
                     ("type", Val::Bare("raid".into())),
@@ -488,6 +492,7 @@ impl Emulator {
             items.push(Item {
                 index: i + 1,
                 flags: String::new(),
+                comment: d.comment.clone(),
                 props,
             });
         }
@@ -511,6 +516,7 @@ impl Emulator {
                 }
             })
             .map(|(i, (n, f))| Item {
+                comment: None,
                 index: i,
                 flags: String::new(),
                 props: vec![

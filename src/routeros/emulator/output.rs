@@ -33,6 +33,8 @@ pub struct Item {
     pub index: usize,
     /// Flag letters.
     pub flags: String,
+    /// The entry's comment, printed as a `;;; ` line before its properties.
+    pub comment: Option<String>,
     /// Properties in print order.
     pub props: Vec<(&'static str, Val)>,
 }
@@ -99,6 +101,10 @@ pub fn detail(legend: &str, items: &[Item]) -> String {
     for item in items {
         let mut line = format!("{:>2} {:<3}", item.index, item.flags);
         let mut first_on_line = true;
+        if let Some(c) = &item.comment {
+            out.push_str(&format!("{line};;; {c}\n"));
+            line = INDENT.to_string();
+        }
         for (k, v) in &item.props {
             let pair = format!("{k}={}", detail_value(v));
             if !first_on_line && line.len() + 1 + pair.len() > WIDTH {
@@ -168,6 +174,10 @@ pub fn terse(items: &[Item]) -> String {
     let mut out = String::new();
     for item in items {
         out.push_str(&format!("{:>2} {:<2}", item.index, item.flags));
+        if let Some(c) = &item.comment {
+            out.push_str(" comment=");
+            out.push_str(&terse_value(&Val::Str(c.clone())));
+        }
         for (k, v) in &item.props {
             out.push(' ');
             out.push_str(k);
