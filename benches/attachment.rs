@@ -49,6 +49,7 @@ impl Rds for AnyDisk {
             }),
             allowed_host_nqn: None,
             created_unix: None,
+            comment: None,
         }))
     }
     async fn list_disks(&self, _: &str) -> Result<Vec<Disk>, RdsError> {

@@ -132,6 +132,7 @@ mod tests {
                 nqn: nqn.clone(),
             }),
             copy_from: None,
+            comment: None,
         })
         .await
         .unwrap();
