@@ -38,6 +38,7 @@ fn emulator_with(n: usize, renderer: &Renderer) -> Arc<Emulator> {
             file_path: renderer.file_path_for(&slot),
             size_bytes: Some(((i as u64 % 97) + 1) << 30),
             copy_from: None,
+            comment: None,
             export: Some(ExportSpec {
                 port: 4420,
                 nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),

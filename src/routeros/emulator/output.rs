@@ -209,6 +209,7 @@ mod tests {
             Item {
                 index: 0,
                 flags: "M".into(),
+                comment: None,
                 props: vec![
                     ("slot", Val::Str("raid1".into())),
                     ("type", Val::Bare("raid".into())),
@@ -220,6 +221,7 @@ mod tests {
             Item {
                 index: 1,
                 flags: String::new(),
+                comment: None,
                 props: vec![
                     ("slot", Val::Str("pvc-3f1c2a9e-8d7b-4c1e-9a0f-1b2c3d4e5f60".into())),
                     ("type", Val::Bare("file".into())),
@@ -239,6 +241,7 @@ mod tests {
             Item {
                 index: 2,
                 flags: String::new(),
+                comment: None,
                 props: vec![
                     ("name", Val::Str("a \"quoted\" $name".into())),
                     ("size", Val::Size((1 << 30) + 1)),

@@ -223,6 +223,7 @@ mod tests {
                 nqn: "nqn.2000-02.com.mikrotik:pvc-1".into(),
             }),
             copy_from: None,
+            comment: None,
         };
         // The reply is dropped: the connection closes, the adapter reconnects and observes.
         emu.faults().push(CommandKind::DiskAdd, Fault::DropReply);
