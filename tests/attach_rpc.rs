@@ -63,6 +63,7 @@ async fn publish_is_durable_across_kill_nine_and_an_acknowledged_unpublish_stays
                 nqn: "nqn.2000-02.com.mikrotik:pvc-rpc".into(),
             }),
             copy_from: None,
+            comment: None,
         })
         .await
         .unwrap();
