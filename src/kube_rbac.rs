@@ -170,13 +170,23 @@ mod tests {
             access_mode: AccessMode::SingleNode,
             readonly: false,
         };
-        // Every method of both ports, including the conflict path (re-read, then retry) and
-        // a volume the index has not seen.
+        // Every method of both ports (add new port methods here), including the conflict
+        // paths (re-read, then retry) and a volume the index has not seen.
         store.load_all().await.unwrap();
         store.write_volume(&vol, std::slice::from_ref(&record)).await.unwrap();
         api.conflict_next_writes(1);
         store.write_volume(&vol, &[]).await.unwrap();
         store.write_volume(&VolumeId::new("vol-2").unwrap(), &[]).await.unwrap();
+        store.read_volume(&vol).await.unwrap();
+        store
+            .write_volume_if(&vol, &[], std::slice::from_ref(&record))
+            .await
+            .unwrap();
+        api.conflict_next_writes(1);
+        store
+            .write_volume_if(&vol, std::slice::from_ref(&record), &[])
+            .await
+            .unwrap();
         assert!(cluster.node_exists(&node).await.unwrap());
         assert!(!cluster.node_exists(&NodeId::new("node-gone").unwrap()).await.unwrap());
         assert!(cluster.node_known(&node).await.unwrap());
