@@ -187,14 +187,14 @@ impl<T: Transport> RouterOsRds<T> {
 
     async fn applied(&self, expect: &Expect<'_>) -> Result<bool, RdsError> {
         Ok(match expect {
-            Expect::Created(spec) => match self.observe_disk(&spec.slot).await? {
+            Expect::Created(spec) => match self.get_disk(&spec.slot).await? {
                 Some(d) => matches_spec(&d, spec, &self.renderer.file_path_for(&spec.slot)),
                 None => false,
             },
             Expect::Size(slot, size) => self
-                .observe_disk(slot)
+                .get_disk(slot)
                 .await?
-                .is_some_and(|d| d.file_size == Some(*size)),
+                .is_some_and(|d| d.size_bytes == *size),
             Expect::AllowHost(slot, host) => self
                 .observe_disk(slot)
                 .await?
@@ -237,7 +237,9 @@ impl<T: Transport> RouterOsRds<T> {
         Ok(None)
     }
 
-    fn to_disk(&self, d: DiskInfo, created_unix: Option<i64>) -> Result<Disk, RdsError> {
+    /// A disk in port terms. Its size is the backing file's exact byte count when the
+    /// file is known (`/disk` may print `file-size` rounded to a unit).
+    fn to_disk(&self, d: DiskInfo, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
         if d.kind.as_deref() != Some("file") {
             return Err(RdsError::Rejected(format!(
                 "disk slot={} is not a file-backed disk (type={})",
@@ -248,8 +250,9 @@ impl<T: Transport> RouterOsRds<T> {
         let file_path = d
             .file_path
             .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-path", d.slot)))?;
-        let size_bytes = d
-            .file_size
+        let size_bytes = file
+            .and_then(|f| f.size)
+            .or(d.file_size)
             .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-size", d.slot)))?;
         let export = if d.nvme_export {
             Some(NvmeExport {
@@ -265,38 +268,35 @@ impl<T: Transport> RouterOsRds<T> {
             size_bytes,
             export,
             allowed_host_nqn: d.allow_host,
-            created_unix,
+            created_unix: file.and_then(|f| f.created_unix),
             comment: d.comment,
         })
     }
 
     /// Refuses to touch a disk whose file is not under our base path.
     fn check_owned(&self, d: &DiskInfo) -> Result<(), RdsError> {
+        self.check_owned_path(&d.slot, d.file_path.as_deref())
+    }
+
+    fn check_owned_path(&self, slot: &str, file_path: Option<&str>) -> Result<(), RdsError> {
         let base = format!("{}/", self.renderer.base_path());
-        match &d.file_path {
+        match file_path {
             Some(p) if p.starts_with(&base) => Ok(()),
             other => Err(RdsError::Rejected(format!(
-                "disk slot={} has file-path {:?}, outside the volume base path {:?}; \
+                "disk slot={slot} has file-path {:?}, outside the volume base path {:?}; \
                  refusing to change it",
-                d.slot,
-                other.as_deref().unwrap_or(""),
+                other.unwrap_or(""),
                 self.renderer.base_path()
             ))),
         }
     }
 }
 
-fn matches_spec(d: &DiskInfo, spec: &DiskSpec, file_path: &str) -> bool {
-    d.file_path.as_deref() == Some(file_path)
-        && d.file_size == Some(spec.size_bytes)
-        && match &spec.export {
-            Some(e) => {
-                d.nvme_export
-                    && d.nvme_port.unwrap_or(DEFAULT_NVME_PORT) == e.port
-                    && d.nvme_nqn.as_deref() == Some(e.nqn.as_str())
-            }
-            None => !d.nvme_export,
-        }
+fn matches_spec(d: &Disk, spec: &DiskSpec, file_path: &str) -> bool {
+    d.file_path == file_path
+        && d.size_bytes == spec.size_bytes
+        && d.export == spec.export
+        && (spec.comment.is_none() || d.comment == spec.comment)
 }
 
 #[async_trait]
@@ -353,7 +353,7 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         let Some(d) = self.observe_disk(slot).await? else {
             return Ok(None);
         };
-        let created = match &d.file_path {
+        let file = match &d.file_path {
             Some(p)
                 if self
                     .renderer
@@ -363,11 +363,11 @@ impl<T: Transport> Rds for RouterOsRds<T> {
                     })
                     .is_ok() =>
             {
-                self.observe_file(p).await?.and_then(|f| f.created_unix)
+                self.observe_file(p).await?
             }
             _ => None,
         };
-        self.to_disk(d, created).map(Some)
+        self.to_disk(d, file.as_ref()).map(Some)
     }
 
     async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
@@ -388,12 +388,10 @@ impl<T: Transport> Rds for RouterOsRds<T> {
                 exact: false,
             })
             .await?;
-        let mut created = std::collections::BTreeMap::new();
+        let mut by_name = std::collections::BTreeMap::new();
         for r in &files {
             let f = FileInfo::from_record(r)?;
-            if let Some(t) = f.created_unix {
-                created.insert(f.name, t);
-            }
+            by_name.insert(f.name.clone(), f);
         }
         let mut out = Vec::new();
         for r in &records {
@@ -406,8 +404,8 @@ impl<T: Transport> Rds for RouterOsRds<T> {
             {
                 continue;
             }
-            let t = d.file_path.as_ref().and_then(|p| created.get(p).copied());
-            out.push(self.to_disk(d, t)?);
+            let f = d.file_path.as_ref().and_then(|p| by_name.get(p));
+            out.push(self.to_disk(d, f)?);
         }
         out.sort_by(|a, b| a.slot.cmp(&b.slot));
         Ok(out)
@@ -420,18 +418,18 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         };
         self.renderer.render(&cmd)?;
         let d = self
-            .observe_disk(slot)
+            .get_disk(slot)
             .await?
             .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
-        self.check_owned(&d)?;
-        match d.file_size {
-            Some(cur) if cur == size_bytes => {}
-            Some(cur) if cur > size_bytes => {
-                return Err(RdsError::Rejected(format!(
-                    "disk slot={slot} is {cur} bytes; shrinking to {size_bytes} is not supported"
-                )));
-            }
-            _ => self.write(&cmd, Expect::Size(slot, size_bytes)).await?,
+        self.check_owned_path(slot, Some(&d.file_path))?;
+        let cur = d.size_bytes;
+        if cur > size_bytes {
+            return Err(RdsError::Rejected(format!(
+                "disk slot={slot} is {cur} bytes; shrinking to {size_bytes} is not supported"
+            )));
+        }
+        if cur < size_bytes {
+            self.write(&cmd, Expect::Size(slot, size_bytes)).await?;
         }
         let disk = self.get_disk(slot).await?.ok_or_else(|| {
             RdsError::NotFound(format!("disk slot={slot} vanished during resize"))
@@ -821,6 +819,56 @@ mod tests {
         }
         assert_eq!(*rds.transport().lines.lock().unwrap(), Vec::<String>::new());
         assert!(emu.disk_slots().is_empty());
+    }
+
+    /// Prints `file-size` rounded to one decimal GiB, as RouterOS may for odd sizes.
+    struct RoundingSizes(InProcess);
+
+    #[async_trait]
+    impl Transport for RoundingSizes {
+        async fn run(&self, cmd: &CommandLine) -> Result<String, RdsError> {
+            let out = self.0.run(cmd).await?;
+            let Some(at) = out.find("file-size=") else {
+                return Ok(out);
+            };
+            let start = at + "file-size=".len();
+            let rest = &out[start..];
+            let mut end = 0;
+            let b = rest.as_bytes();
+            while end < b.len()
+                && (b[end].is_ascii_digit()
+                    || (b[end] == b' ' && b.get(end + 1).is_some_and(u8::is_ascii_digit)))
+            {
+                end += 1;
+            }
+            let Some(n) = crate::routeros::parse::parse_size(&rest[..end]) else {
+                return Ok(out);
+            };
+            let tenths = (n as f64 / GIB as f64 * 10.0).round() / 10.0;
+            Ok(format!("{}{tenths:.1}GiB{}", &out[..start], &rest[end..]))
+        }
+    }
+
+    #[tokio::test]
+    async fn sizes_stay_exact_when_disk_print_rounds_them() {
+        let emu = emulator(100 * GIB);
+        let rds = RouterOsRds::new(
+            RoundingSizes(InProcess::new(Arc::clone(&emu))),
+            &RdsLayout {
+                volume_base_path: "raid1/rds-csi".into(),
+                pool_mount_point: "raid1".into(),
+            },
+            Backoff::API,
+            Arc::new(SeededEntropy::from_seed(1)),
+        )
+        .unwrap();
+        let d = rds.create_disk(&spec("pvc-odd", GIB + 4097)).await.unwrap();
+        assert_eq!(d.size_bytes, GIB + 4097);
+        assert_eq!(
+            rds.resize_disk("pvc-odd", GIB + 8193).await.unwrap().size_bytes,
+            GIB + 8193
+        );
+        assert_eq!(rds.list_disks("pvc-").await.unwrap()[0].size_bytes, GIB + 8193);
     }
 
     #[tokio::test]

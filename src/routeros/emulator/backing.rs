@@ -12,7 +12,8 @@ use std::sync::Mutex;
 pub trait Backing: Send + Sync + 'static {
     /// Creates a sparse file of `size` bytes. Fails if it exists.
     fn create(&self, name: &str, size: u64) -> std::io::Result<()>;
-    /// Copies `src` to a new file `dst` and sets its size to `size` (≥ the source's).
+    /// Copies `src` to a new file `dst` (holes kept) and sets its size to `size` (≥ the
+    /// source's).
     fn copy(&self, src: &str, dst: &str, size: u64) -> std::io::Result<()>;
     /// Sets the size of an existing file.
     fn resize(&self, name: &str, size: u64) -> std::io::Result<()>;
@@ -76,10 +77,7 @@ impl Backing for FileBacking {
         if let Some(dir) = d.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::copy(&s, &d)?;
-        let f = std::fs::OpenOptions::new().write(true).open(&d)?;
-        f.set_len(size)?;
-        f.sync_all()?;
+        copy_sparse(&s, &d, size)?;
         sync_parent(&d)
     }
 
@@ -103,6 +101,71 @@ impl Backing for FileBacking {
     fn host_path(&self, name: &str) -> Option<PathBuf> {
         Some(self.path(name))
     }
+}
+
+/// Copies `src` to a new file `dst` of `size` bytes, keeping holes: only the data
+/// extents `SEEK_DATA`/`SEEK_HOLE` report are read and written, so a snapshot of a mostly
+/// empty 1 TiB volume costs what the volume holds, not 1 TiB.
+fn copy_sparse(src: &Path, dst: &Path, size: u64) -> std::io::Result<()> {
+    let from = std::fs::File::open(src)?;
+    let len = from.metadata()?.len();
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    // From here on `dst` is ours: a failed copy leaves no half file behind.
+    let result = copy_extents(&from, &to, len, size);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+fn copy_extents(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    len: u64,
+    size: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    to.set_len(size.max(len))?;
+    let seek = |off: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        let off = i64::try_from(off).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on a file descriptor we own; no memory is passed.
+        let r = unsafe { libc::lseek(from.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `off`.
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut off = data;
+        while off < hole {
+            let want = usize::try_from((hole - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = from.read_at(&mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            to.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    to.set_len(size)?;
+    to.sync_all()
 }
 
 /// File sizes in memory (no content).
@@ -168,5 +231,45 @@ impl Backing for MemBacking {
 
     fn host_path(&self, _name: &str) -> Option<PathBuf> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn copies_keep_content_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBacking::new(dir.path()).unwrap();
+        let gib = 1u64 << 30;
+        b.create("pool/v/a.img", 4 * gib).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("pool/v/a.img"))
+            .unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"middle", 2 * gib + 12345).unwrap();
+        f.write_all_at(b"tail", 4 * gib - 4).unwrap();
+        drop(f);
+        b.copy("pool/v/a.img", "pool/v/b.img", 5 * gib).unwrap();
+        let c = std::fs::File::open(dir.path().join("pool/v/b.img")).unwrap();
+        let meta = c.metadata().unwrap();
+        assert_eq!(meta.len(), 5 * gib);
+        // Sparse: a few data blocks, not 4 GiB.
+        assert!(meta.blocks() * 512 < 64 << 20, "{} blocks", meta.blocks());
+        let mut buf = [0u8; 6];
+        c.read_exact_at(&mut buf[..4], 0).unwrap();
+        assert_eq!(&buf[..4], b"head");
+        c.read_exact_at(&mut buf, 2 * gib + 12345).unwrap();
+        assert_eq!(&buf, b"middle");
+        c.read_exact_at(&mut buf[..4], 4 * gib - 4).unwrap();
+        assert_eq!(&buf[..4], b"tail");
+        c.read_exact_at(&mut buf[..4], 4 * gib).unwrap();
+        assert_eq!(&buf[..4], &[0, 0, 0, 0]);
+        assert!(b.copy("pool/v/a.img", "pool/v/b.img", 5 * gib).is_err());
+        assert!(b.copy("pool/v/none.img", "pool/v/c.img", gib).is_err());
+        assert!(!dir.path().join("pool/v/c.img").exists());
     }
 }
