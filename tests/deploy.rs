@@ -691,6 +691,11 @@ fn check_node(docs: &[Value], p: &mut Vec<String>) {
             "{pw}: not privileged (it connects NVMe devices and mounts)"
         ));
     }
+    // deploy/Dockerfile's USER is unprivileged: a privileged container running as that user
+    // has no capabilities.
+    if plugin["securityContext"]["runAsUser"] != json!(0) {
+        p.push(format!("{pw}: does not run as root (runAsUser: 0)"));
+    }
     let node_id = flag(&strs(&plugin["args"]), "node-id").unwrap_or_default();
     let node_name_env = arr(&plugin["env"]).iter().any(|e| {
         node_id == format!("$({})", e["name"].as_str().unwrap_or("?"))
@@ -1124,6 +1129,13 @@ fn other_faults_fail() {
             m.as_object_mut().unwrap().remove("mountPropagation");
         }
     });
+    assert_caught("node not root", "does not run as root", |docs| {
+        let c = container_mut(docs, "DaemonSet", "rds-csi-node", PLUGIN);
+        c["securityContext"]
+            .as_object_mut()
+            .unwrap()
+            .remove("runAsUser");
+    });
     assert_caught("node not privileged", "not privileged", |docs| {
         let c = container_mut(docs, "DaemonSet", "rds-csi-node", PLUGIN);
         c["securityContext"]["privileged"] = json!(false);
@@ -1175,6 +1187,8 @@ fn dockerfile_builds_the_plugin_onto_a_runtime_with_the_node_tools() {
         );
     }
     assert!(df.contains("ENTRYPOINT [\"/usr/local/bin/rds-csi-plugin\"]"));
+    // The controller pod runs as 65532 (chart); the node pod overrides it with root.
+    assert!(df.contains("USER 65532:65532"));
     // The image must not carry a host NQN of its own (all nodes would share it).
     assert!(df.contains("rm -f /etc/nvme/hostnqn /etc/nvme/hostid"));
     // The build stage's Rust is at least the crate's rust-version.
