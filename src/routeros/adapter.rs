@@ -893,7 +893,8 @@ mod tests {
         assert_eq!(emu.disk_slots(), ["pvc-x"]);
     }
 
-    #[tokio::test]
+    // Multi-threaded: the file-backed emulator moves its blocking I/O off the runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn embedded_emulator_persists_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);

@@ -226,7 +226,15 @@ impl Emulator {
             Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
             Some(Fault::DropReply) | None => {}
         }
-        let reply = self.apply(&cmd);
+        // File-backed commands do blocking file I/O (a copy may take long): on a
+        // multi-threaded runtime, let the other tasks move off this worker meanwhile.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let reply = if multi_thread && self.state_file.is_some() {
+            tokio::task::block_in_place(|| self.apply(&cmd))
+        } else {
+            self.apply(&cmd)
+        };
         if fault == Some(Fault::DropReply) {
             Outcome::Dropped
         } else {
