@@ -484,6 +484,55 @@ impl tower::Service<http::Request<::kube::client::Body>> for FakeApi {
 }
 
 impl FakeApi {
+    /// Serves HTTP/1.1 on one accepted connection (a tokio or turmoil `TcpStream`, any
+    /// async byte stream) until the peer closes it: the transport for the simulation.
+    pub async fn serve_connection<IO>(&self, io: IO) -> Result<(), hyper::Error>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let api = self.clone();
+        let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let mut body = std::pin::pin!(body);
+                let mut bytes = Vec::new();
+                while let Some(frame) = std::future::poll_fn(|cx| {
+                    hyper::body::Body::poll_frame(body.as_mut(), cx)
+                })
+                .await
+                {
+                    if let Ok(data) = frame?.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default();
+                let answer = api.handle(&parts.method, &path, &bytes).await;
+                let text = String::from_utf8_lossy(&answer.body).into_owned();
+                let mut resp = http::Response::new(text);
+                *resp.status_mut() = answer.status;
+                let headers = resp.headers_mut();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                // hyper stamps a wall-clock date only when the header is absent.
+                headers.insert(
+                    http::header::DATE,
+                    http::HeaderValue::from_static(FIXED_DATE),
+                );
+                Ok::<_, hyper::Error>(resp)
+            }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+            .await
+    }
+
     /// A kube client over this fake (no kube retries: the adapters retry with our seeded
     /// backoff). Must be called inside a tokio runtime (kube spawns its buffer task).
     pub fn client(&self) -> ::kube::Client {

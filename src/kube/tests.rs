@@ -434,3 +434,34 @@ async fn statically_provisioned_pvs_map_their_names_to_volume_handles() {
     let vas = cluster.volume_attachments().await.unwrap().unwrap();
     assert_eq!(vas[0].volume_id.as_str(), "vol-static");
 }
+
+#[tokio::test]
+async fn the_fake_api_serves_the_real_client_over_tcp() {
+    let api = FakeApi::new();
+    api.put_object(Kind::PersistentVolume, "", pv_json("pvc-tcp", "pvc-tcp", DRIVER, json!({})));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = api.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve_connection(stream).await });
+        }
+    });
+    let mut config = ::kube::Config::new(format!("http://{addr}").parse().unwrap());
+    config.default_retry = false;
+    let client = ::kube::Client::try_from(config).unwrap();
+    let (store, _) = adapters(client, DRIVER, Arc::new(FixedClock), Arc::new(SeededEntropy::from_seed(3)), FAST);
+    let v = VolumeId::new("pvc-tcp").unwrap();
+    let rec = crate::ports::store::AttachmentRecord {
+        volume_id: v.clone(),
+        node_id: NodeId::new("node-a").unwrap(),
+        attached_at: FixedClock.now(),
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+    };
+    api.conflict_next_writes(2);
+    store.write_volume(&v, std::slice::from_ref(&rec)).await.unwrap();
+    assert_eq!(store.read_volume(&v).await.unwrap(), vec![rec]);
+    assert_eq!(store.load_all().await.unwrap().len(), 1);
+}
