@@ -265,3 +265,96 @@ async fn silent_reply_times_out_and_a_write_is_resolved_by_observing() {
     assert_eq!(d.size_bytes, GIB);
     assert_eq!(srv.emulator.disk_slots(), ["pvc-a"]);
 }
+
+fn cli(args: &[&str]) -> rds_csi::config::Cli {
+    use clap::Parser;
+    let mut all = vec!["rds-csi-plugin"];
+    all.extend_from_slice(args);
+    rds_csi::config::Cli::try_parse_from(all).unwrap()
+}
+
+fn config_error(args: &[&str]) -> String {
+    match rds_csi::server::ssh_rds(&cli(args), Arc::new(SeededEntropy::from_seed(1))) {
+        Err(rds_csi::server::ServeError::Config(m)) => m,
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("expected a configuration error for {args:?}"),
+    }
+}
+
+#[tokio::test]
+async fn rds_flags_build_the_ssh_adapter_and_refuse_unsafe_configurations() {
+    let key = format!("{KEYS}/client_ed25519");
+    let host = public("host_ed25519");
+    // Without an address: the embedded backend.
+    assert!(
+        rds_csi::server::ssh_rds(&cli(&[]), Arc::new(SeededEntropy::from_seed(1)))
+            .unwrap()
+            .is_none()
+    );
+    assert!(config_error(&["--rds-address", "127.0.0.1"]).contains("--rds-key-file"));
+    assert!(
+        config_error(&["--rds-address", "127.0.0.1", "--rds-key-file", &key])
+            .contains("--rds-host-key: required")
+    );
+    assert!(
+        config_error(&[
+            "--rds-address",
+            "127.0.0.1",
+            "--rds-key-file",
+            &key,
+            "--rds-host-key",
+            &host,
+            "--rds-insecure-skip-host-key-verification",
+        ])
+        .contains("exclude each other")
+    );
+    assert!(
+        config_error(&[
+            "--rds-address",
+            "127.0.0.1",
+            "--rds-key-file",
+            &format!("{KEYS}/missing"),
+            "--rds-host-key",
+            &host,
+        ])
+        .contains("cannot load the SSH private key")
+    );
+    assert!(
+        config_error(&[
+            "--rds-address",
+            "127.0.0.1",
+            "--rds-key-file",
+            &key,
+            "--rds-host-key",
+            "not a key",
+        ])
+        .contains("--rds-host-key")
+    );
+    // The flags as a deployment passes them reach a working adapter.
+    let srv = server().await;
+    let (ip, port) = srv.addr.rsplit_once(':').unwrap();
+    let rds = rds_csi::server::ssh_rds(
+        &cli(&[
+            "--rds-address",
+            ip,
+            "--rds-port",
+            port,
+            "--rds-user",
+            "rds-csi",
+            "--rds-key-file",
+            &key,
+            "--rds-host-key",
+            &host,
+            "--rds-volume-path",
+            "/storage-pool/kubernetes",
+        ]),
+        Arc::new(SeededEntropy::from_seed(1)),
+    )
+    .unwrap()
+    .unwrap();
+    let d = bounded(rds.create_disk(&spec("pvc-flags", GIB)))
+        .await
+        .unwrap();
+    assert_eq!(d.file_path, "storage-pool/kubernetes/pvc-flags.img");
+    assert_eq!(bounded(rds.capacity()).await.unwrap().free_bytes, 99 * GIB);
+}
