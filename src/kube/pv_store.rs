@@ -484,8 +484,12 @@ impl PvStore {
             )));
         };
         // A PV we had not seen (or forgot after a failure): check its holders first.
-        if !cached && previous.is_some() && !self.refresh(volume, &mut pv, previous).await? {
-            return gone(holders);
+        if !cached && previous.is_some() {
+            match self.refresh(volume, &mut pv, previous, holders).await? {
+                Fresh::Gone => return gone(holders),
+                Fresh::Written => return Ok(()),
+                Fresh::Unchanged => {}
+            }
         }
         let annotations = annotations_for(holders);
         let mut attempt = 0u32;
@@ -538,29 +542,37 @@ impl PvStore {
             tracing::debug!(volume_id = %volume, attempt, error = %failure.describe(), "retrying the attachment write");
             self.pause(attempt - 1).await;
             // Someone else changed the PV (or our write's fate is unknown): read it again.
-            if !self.refresh(volume, &mut pv, previous).await? {
-                return gone(holders);
+            match self.refresh(volume, &mut pv, previous, holders).await? {
+                Fresh::Gone => return gone(holders),
+                // A previous attempt whose answer was lost did land.
+                Fresh::Written => return Ok(()),
+                Fresh::Unchanged => {}
             }
         }
     }
 
     /// Re-reads `pv` (its resourceVersion) and, with `previous`, checks that its holders
-    /// are unchanged. `Ok(false)`: the PV is gone.
+    /// are unchanged — or already are `holders` (an earlier attempt landed although its
+    /// answer was lost).
     async fn refresh(
         &self,
         volume: &VolumeId,
         pv: &mut PvRef,
         previous: Option<&[AttachmentRecord]>,
-    ) -> Result<bool, StoreError> {
+        holders: &[AttachmentRecord],
+    ) -> Result<Fresh, StoreError> {
         let Some(fresh) = self.get_pv(&pv.name).await? else {
             self.index.forget(volume);
-            return Ok(false);
+            return Ok(Fresh::Gone);
         };
         pv.rv = fresh.metadata.resource_version.clone().unwrap_or_default();
         self.index.set(volume.clone(), pv.clone());
         if let Some(previous) = previous {
             let now = records_from(volume, &fresh.metadata.annotations.unwrap_or_default())
                 .map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", pv.name)))?;
+            if same_holders(holders, &now) && !same_holders(previous, holders) {
+                return Ok(Fresh::Written);
+            }
             if !same_holders(previous, &now) {
                 let nodes: Vec<String> = now.iter().map(|r| r.node_id.to_string()).collect();
                 return Err(StoreError::Conflict(format!(
@@ -570,8 +582,18 @@ impl PvStore {
                 )));
             }
         }
-        Ok(true)
+        Ok(Fresh::Unchanged)
     }
+}
+
+/// What a re-read of the PV found.
+enum Fresh {
+    /// The PV does not exist.
+    Gone,
+    /// It already holds the holders being written.
+    Written,
+    /// It holds the expected previous holders: write.
+    Unchanged,
 }
 
 /// The outcome of a write whose PV does not exist (see the module doc).

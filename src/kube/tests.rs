@@ -465,3 +465,28 @@ async fn the_fake_api_serves_the_real_client_over_tcp() {
     assert_eq!(store.read_volume(&v).await.unwrap(), vec![rec]);
     assert_eq!(store.load_all().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_write_whose_answer_was_lost_is_recognised_on_retry() {
+    let w = World::new(&["pvc-1"]).await;
+    let (store, _) = w.ports();
+    store.load_all().await.unwrap();
+    let v = VolumeId::new("pvc-1").unwrap();
+    let rec = crate::ports::store::AttachmentRecord {
+        volume_id: v.clone(),
+        node_id: NodeId::new("node-a").unwrap(),
+        attached_at: FixedClock.now(),
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+    };
+    // Another path writes exactly what we are about to write (as if our earlier attempt had
+    // landed and its answer was lost); our cached version is now stale.
+    let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
+    pv["metadata"]["annotations"] = serde_json::Value::Object(crate::kube::pv_store::annotations_for(std::slice::from_ref(&rec)));
+    w.api.put_object(Kind::PersistentVolume, "", pv);
+    w.api.reset_requests();
+    store.write_volume_if(&v, &[], std::slice::from_ref(&rec)).await.unwrap();
+    let reqs = w.api.requests();
+    assert_eq!((reqs.get("PATCH persistentvolumes"), reqs.get("GET persistentvolumes")), (Some(&1), Some(&1)));
+    assert_eq!(store.read_volume(&v).await.unwrap(), vec![rec]);
+}
