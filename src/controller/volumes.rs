@@ -64,45 +64,39 @@ impl Source {
     }
 }
 
-/// Checks the capabilities of a request and returns the filesystem mount capabilities ask
-/// for (`ext4` when they name none), or `None` when all are block.
+/// Checks the capabilities of a request and returns the filesystem its mount capabilities
+/// name (empty when they name none), or `None` when all are block.
 pub fn validate_capabilities(caps: &[VolumeCapability], field: &str) -> Result<Option<String>> {
     if caps.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{field} must list at least one capability"
         )));
     }
-    let mut fs: Option<String> = None;
+    let mut any_mount = false;
+    let mut named: std::collections::BTreeSet<&str> = Default::default();
     for cap in caps {
         crate::csi::publish::access(cap)
             .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
         if let Some(AccessType::Mount(m)) = &cap.access_type {
-            let wanted = if m.fs_type.is_empty() {
-                None
-            } else {
-                Some(m.fs_type.clone())
-            };
-            if let Some(w) = &wanted
-                && !params::SUPPORTED_FS.contains(&w.as_str())
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "{field}: fs_type {w:?} is not supported; use one of {:?}",
-                    params::SUPPORTED_FS
-                )));
-            }
-            match (&fs, wanted) {
-                (Some(a), Some(b)) if *a != b => {
+            any_mount = true;
+            if !m.fs_type.is_empty() {
+                if !params::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
                     return Err(Error::InvalidArgument(format!(
-                        "{field}: capabilities ask for two filesystems ({a} and {b})"
+                        "{field}: fs_type {:?} is not supported; use one of {:?}",
+                        m.fs_type,
+                        params::SUPPORTED_FS
                     )));
                 }
-                (None, w) => fs = Some(w.unwrap_or_default()),
-                (Some(a), Some(_)) if a.is_empty() => fs = Some(a.clone()),
-                _ => {}
+                named.insert(&m.fs_type);
             }
         }
     }
-    Ok(fs)
+    if named.len() > 1 {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: capabilities ask for more than one filesystem ({named:?})"
+        )));
+    }
+    Ok(any_mount.then(|| named.into_iter().next().unwrap_or_default().to_string()))
 }
 
 /// Validates a CreateVolume request (pure).

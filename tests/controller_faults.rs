@@ -1,0 +1,206 @@
+//! Controller behaviour under faults, in process over a real unix socket: a `/disk add`
+//! whose reply is lost, and concurrent operations on one volume.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rds_csi::attachment::AttachmentConfig;
+use rds_csi::backend::{local_cluster::LocalCluster, mem_store::MemStore};
+use rds_csi::config::Mode;
+use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig};
+use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, Rds, RdsError};
+use rds_csi::ports::time::{SeededEntropy, SystemClock};
+use rds_csi::proto::csi::{
+    CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability,
+    controller_client::ControllerClient,
+    volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode as CsiMode},
+};
+use rds_csi::routeros::command::CommandKind;
+use rds_csi::routeros::emulator::faults::Fault;
+use rds_csi::types::NodeId;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn create_req(name: &str) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 2 << 30,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode {
+                mode: CsiMode::SingleNodeWriter as i32,
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Serves a controller over `rds` on a socket in `dir`; returns a client.
+async fn serve(rds: Arc<dyn Rds>, dir: &std::path::Path) -> ControllerClient<Channel> {
+    let node = NodeId::new("node-a").unwrap();
+    let clock = Arc::new(SystemClock);
+    let deps = Deps {
+        clock: clock.clone(),
+        entropy: Arc::new(SeededEntropy::from_seed(7)),
+        controller: Some(ControllerDeps::new(
+            rds,
+            Arc::new(MemStore::new()),
+            Arc::new(LocalCluster::new([node.clone()])),
+            clock,
+            AttachmentConfig::default(),
+        )),
+        node: None,
+    };
+    let cfg = DriverConfig {
+        driver_name: "rds.csi.srvlab.io".into(),
+        version: "test".into(),
+        node_id: node,
+        mode: Mode::Controller,
+        max_volumes_per_node: 0,
+        controller: Default::default(),
+    };
+    let driver = Driver::new(cfg, deps).unwrap();
+    driver.start().await.unwrap();
+    let socket = dir.join("csi.sock");
+    let (listener, guard) = rds_csi::server::bind_unix(&socket).await.unwrap();
+    tokio::spawn(async move {
+        let _guard = guard;
+        rds_csi::server::serve(
+            driver.services(),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            std::future::pending(),
+            Duration::from_secs(1),
+        )
+        .await
+    });
+    ControllerClient::new(rds_csi::client::connect_unix(socket).await.unwrap())
+}
+
+#[tokio::test]
+async fn a_lost_disk_add_reply_leaves_exactly_one_disk_and_the_retry_gets_the_same_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let rds = rds_csi::routeros::in_memory_rds(1 << 40);
+    let emulator = Arc::clone(rds.transport().emulator());
+    // The RDS applies `/disk add` but the reply never arrives.
+    emulator
+        .faults()
+        .push(CommandKind::DiskAdd, Fault::DropReply);
+    let mut c = serve(rds, dir.path()).await;
+
+    let first = c.create_volume(create_req("pvc-lost")).await;
+    // The CO retries (the external-provisioner retries until success, with the same name).
+    let retry = c
+        .create_volume(create_req("pvc-lost"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    if let Ok(first) = first {
+        assert_eq!(first.into_inner().volume.unwrap(), retry);
+    }
+    assert_eq!(retry.volume_id, "pvc-lost");
+    assert_eq!(retry.capacity_bytes, 2 << 30);
+    let slots: Vec<String> = emulator
+        .disk_slots()
+        .into_iter()
+        .filter(|s| s != "pool")
+        .collect();
+    assert_eq!(
+        slots,
+        vec!["pvc-lost".to_string()],
+        "exactly one disk for the name"
+    );
+    assert_eq!(
+        emulator.file_names().len(),
+        1,
+        "{:?}",
+        emulator.file_names()
+    );
+    // The fault was consumed: it really happened.
+    assert_eq!(emulator.faults().take(CommandKind::DiskAdd), None);
+}
+
+/// An RDS whose `get_disk` of one slot waits until released: an operation held in flight.
+struct Held {
+    inner: Arc<dyn Rds>,
+    slot: String,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Rds for Held {
+    async fn ping(&self) -> Result<(), RdsError> {
+        self.inner.ping().await
+    }
+    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.inner.create_disk(spec).await
+    }
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        if slot == self.slot {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.get_disk(slot).await
+    }
+    async fn list_disks(&self, prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_disks(prefix).await
+    }
+    async fn resize_disk(&self, slot: &str, size: u64) -> Result<Disk, RdsError> {
+        self.inner.resize_disk(slot, size).await
+    }
+    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.delete_disk(slot).await
+    }
+    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
+        self.inner.capacity().await
+    }
+    async fn set_allowed_host(&self, slot: &str, host: Option<&str>) -> Result<(), RdsError> {
+        self.inner.set_allowed_host(slot, host).await
+    }
+}
+
+#[tokio::test]
+async fn a_second_operation_on_a_volume_in_flight_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = Arc::new(Held {
+        inner: rds_csi::routeros::in_memory_rds(1 << 40),
+        slot: "pvc-busy".into(),
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let c = serve(held.clone(), dir.path()).await;
+    let mut first_client = c.clone();
+    let first =
+        tokio::spawn(async move { first_client.create_volume(create_req("pvc-busy")).await });
+    held.entered.notified().await;
+
+    let mut c2 = c.clone();
+    let err = c2.create_volume(create_req("pvc-busy")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err}");
+    assert!(err.message().contains("pvc-busy"), "{err}");
+    let err = c2
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-busy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    // Other volumes never wait on this one.
+    c2.create_volume(create_req("pvc-free")).await.unwrap();
+
+    held.release.notify_one();
+    first.await.unwrap().unwrap();
+    // Once the first ended, the same call succeeds (the held slot is released every time).
+    let again = tokio::spawn(async move { c2.create_volume(create_req("pvc-busy")).await });
+    held.entered.notified().await;
+    held.release.notify_one();
+    again.await.unwrap().unwrap();
+}
