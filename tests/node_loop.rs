@@ -395,6 +395,8 @@ async fn block_volume_lifecycle_with_repeated_calls() {
     let target = w.path(&format!(
         "plugins/kubernetes.io/csi/volumeDevices/publish/{vol}/pod-a"
     ));
+    // Some COs (csi-sanity) pre-create every target as a directory: replaced by a file.
+    std::fs::create_dir_all(&target).unwrap();
     for _ in 0..2 {
         w.publish(vol, &target, cap.clone(), false).await.unwrap();
     }

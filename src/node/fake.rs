@@ -412,6 +412,15 @@ impl Mounter for FakeKernel {
         let mut st = self.st();
         match st.paths.get(path) {
             Some(k) if *k == kind => Ok(()),
+            // An empty directory is replaced by the file a raw block publish needs.
+            Some(TargetKind::Directory)
+                if kind == TargetKind::File
+                    && !st.paths.keys().any(|p| p != path && p.starts_with(path))
+                    && !st.mounts.iter().any(|m| m.target == path) =>
+            {
+                st.paths.insert(path.to_path_buf(), kind);
+                Ok(())
+            }
             Some(_) => Err(MountError::Io(format!("{} exists as another kind", path.display()))),
             None => {
                 st.paths.insert(path.to_path_buf(), kind);

@@ -218,7 +218,7 @@ impl Mounter for RealMounter {
         let path = self.mountinfo.clone();
         let text = self
             .blocking(format!("reading {}", path.display()), move || {
-                std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))
+                consistent_read(&path)
             })
             .await?;
         mountinfo::parse(&text)
@@ -343,6 +343,9 @@ impl Mounter for RealMounter {
                 (Ok(m), TargetKind::File) if m.is_file() || m.file_type().is_block_device() => {
                     return Ok(());
                 }
+                // Some COs (csi-sanity) create every target as a directory; a raw block
+                // publish needs a file there. Only an empty directory is replaced.
+                (Ok(m), TargetKind::File) if m.is_dir() && std::fs::remove_dir(&p).is_ok() => {}
                 (Ok(_), _) => {
                     return Err(MountError::Io(format!(
                         "{} exists and is not a {}",
@@ -408,6 +411,25 @@ impl Mounter for RealMounter {
         })
         .await
     }
+}
+
+/// Reads a /proc table until two consecutive reads agree. The kernel generates
+/// `/proc/self/mountinfo` chunk by chunk; a mount or unmount elsewhere between two chunks
+/// can drop or repeat lines, and a missed line would make a mounted path look unmounted.
+fn consistent_read(path: &Path) -> Result<String, MountError> {
+    const ATTEMPTS: usize = 8;
+    let mut last = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    for _ in 0..ATTEMPTS {
+        let next = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        if next == last {
+            return Ok(next);
+        }
+        last = next;
+    }
+    Err(MountError::Io(format!(
+        "{} kept changing over {ATTEMPTS} reads (mount storm?); retry",
+        path.display()
+    )))
 }
 
 /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of `CapEff` in /proc/self/status).
@@ -532,5 +554,25 @@ mod tests {
                 vec!["mount", "-o", "remount,bind,ro", "/target"],
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+    use crate::node::exec::testing::{ScriptedRunner, ok};
+
+    #[tokio::test]
+    async fn a_block_target_replaces_an_empty_directory_but_not_a_full_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = RealMounter::new(Arc::new(ScriptedRunner::new(|_| ok(""))), Duration::from_secs(10));
+        let t = dir.path().join("a/b");
+        std::fs::create_dir_all(&t).unwrap();
+        m.prepare_target(&t, TargetKind::File).await.unwrap();
+        assert!(t.is_file());
+        let full = dir.path().join("full");
+        std::fs::create_dir_all(full.join("x")).unwrap();
+        assert!(m.prepare_target(&full, TargetKind::File).await.is_err());
+        assert!(full.join("x").is_dir());
     }
 }
