@@ -1249,7 +1249,11 @@ fn mistyped_values_are_rejected_by_the_values_schema() {
 fn data_path_fence_value_reaches_the_controller() {
     let dir = tempfile::tempdir().unwrap();
     let values = dir.path().join("values.yaml");
-    std::fs::write(&values, "dataPathFence: true\npoolMountPoint: \"raid1\"\n").unwrap();
+    std::fs::write(
+        &values,
+        "dataPathFence: true\npoolMountPoint: \"raid1\"\nrds:\n  nvmeAddress: \"10.0.40.2\"\n",
+    )
+    .unwrap();
     let out_dir = dir.path().join("out");
     let out = tool(&[
         "render",
@@ -1268,6 +1272,7 @@ fn data_path_fence_value_reaches_the_controller() {
     let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
     assert!(cli.data_path_fence);
     assert_eq!(cli.rds_pool_mount_point.as_deref(), Some("raid1"));
+    assert_eq!(cli.nvme_address.as_deref(), Some("10.0.40.2"));
     // Off by default: nothing sets the nodes' host-NQN annotation yet.
     let default = find(&default_docs(), "Deployment", "rds-csi-controller")
         .cloned()
@@ -1279,5 +1284,56 @@ fn data_path_fence_value_reaches_the_controller() {
         !strs(&plugin["args"])
             .iter()
             .any(|a| a == "--data-path-fence")
+    );
+}
+
+/// Every example StorageClass must be one the controller accepts: its parameters, as the
+/// csi-provisioner passes them (the `csi.storage.k8s.io/fstype` key becomes the capability's
+/// fs_type; `--extra-create-metadata` adds the PVC/PV names), go through the controller's
+/// own parser with the controller's --rds-address and --rds-volume-path from the manifests.
+/// An unknown or mistyped parameter would fail every PVC of that class.
+#[test]
+fn example_storage_classes_pass_the_controllers_parameter_parser() {
+    use rds_csi::controller::params::{Expected, parse};
+    let docs = default_docs();
+    let deploy = find(&docs, "Deployment", "rds-csi-controller").expect("controller");
+    let args = strs(&container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap()["args"]);
+    let expected = Expected {
+        rds_address: flag(&args, "rds-address"),
+        volume_path: flag(&args, "rds-volume-path"),
+    };
+    let mut checked = 0;
+    for sc in docs.iter().filter(|d| d["kind"] == "StorageClass") {
+        let name = sc["metadata"]["name"].as_str().unwrap();
+        let mut params: std::collections::HashMap<String, String> = sc["parameters"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("<not a string>").to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        params.remove("csi.storage.k8s.io/fstype");
+        for (k, v) in [
+            ("csi.storage.k8s.io/pvc/name", "data"),
+            ("csi.storage.k8s.io/pvc/namespace", "default"),
+            ("csi.storage.k8s.io/pv/name", "pvc-0a1b"),
+        ] {
+            params.insert(k.to_owned(), v.to_owned());
+        }
+        if let Err(e) = parse(&params, &expected) {
+            panic!("StorageClass {name}: the controller rejects its parameters: {e}");
+        }
+        checked += 1;
+    }
+    // The check has teeth: a mistyped key is refused by the same parser.
+    let typo = std::collections::HashMap::from([("nvmeAdress".to_owned(), "x".to_owned())]);
+    assert!(
+        parse(&typo, &expected).is_err(),
+        "the parser accepted a mistyped key"
+    );
+    assert_eq!(
+        checked, 3,
+        "expected the ext4, xfs and block example classes"
     );
 }
