@@ -742,3 +742,103 @@ async fn the_plugin_binary_attaches_over_its_socket_and_recovers_after_a_restart
     assert_eq!(w.loop_device(vol), None);
     assert!(!Path::new(&target).exists());
 }
+
+#[tokio::test]
+async fn a_volume_travels_create_publish_stage_and_back_in_one_embedded_plugin() {
+    use rds_csi::proto::csi::controller_client::ControllerClient;
+    use rds_csi::proto::csi::node_client::NodeClient;
+    let w = World::new();
+    let state = w.root.join("state");
+    let plugin = common::Plugin::start(&w.root.join("csi.sock"), &state, &["--mode", "all"]);
+    let channel = plugin.channel().await;
+    let mut ctl = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
+    let cap = mount_cap("xfs", AM::SingleNodeWriter);
+
+    let vol = ctl
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-e2e-embedded".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: (320 * MIB) as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = vol.volume_id.clone();
+    let pc = ctl
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "test-node".into(),
+            volume_capability: Some(cap.clone()),
+            volume_context: vol.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let staging = w.staging(&id);
+    let target = w.target(&id, "pod-a");
+    node.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        publish_context: pc.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(cap.clone()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        publish_context: pc,
+        staging_target_path: staging.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(cap.clone()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The loop device sits on the very file the embedded RDS created for the volume.
+    assert!(
+        w.loop_device(&id).is_some(),
+        "no loop device over {}",
+        w.backing(&id).display()
+    );
+    std::fs::write(Path::new(&target).join("hello"), b"world").unwrap();
+
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging,
+    })
+    .await
+    .unwrap();
+    assert_eq!(w.loop_device(&id), None);
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "test-node".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!w.backing(&id).exists());
+}
