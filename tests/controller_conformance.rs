@@ -3,6 +3,8 @@
 //! table in DESIGN.md, every controller RPC, and repeats every successful call ten times
 //! (the spec: "all of the following RPCs MUST be idempotent").
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -51,21 +53,13 @@ async fn start(args: &[&str]) -> Fixture {
     let cli = Cli::try_parse_from(argv).unwrap();
     let driver = rds_csi::server::build_driver(&cli).unwrap();
     driver.start().await.unwrap();
-    let (listener, guard) = rds_csi::server::bind_unix(&socket).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _guard = guard;
-        rds_csi::server::serve(
-            driver.services(),
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        )
-        .await
-    });
-    let c = ControllerClient::new(rds_csi::client::connect_unix(socket).await.unwrap());
+    let stopped = async move {
+        let _ = stopped.await;
+    };
+    let (channel, _server) =
+        common::serve_driver(driver, dir.path(), stopped, Duration::from_secs(5)).await;
+    let c = ControllerClient::new(channel);
     Fixture {
         _dir: dir,
         _stop: stop,

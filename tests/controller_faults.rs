@@ -6,12 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rds_csi::attachment::AttachmentConfig;
-use rds_csi::backend::{local_cluster::LocalCluster, mem_store::MemStore};
-use rds_csi::config::Mode;
-use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig};
 use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, Rds, RdsError};
-use rds_csi::ports::time::{SeededEntropy, SystemClock};
 use rds_csi::proto::csi::{
     CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
@@ -19,7 +14,6 @@ use rds_csi::proto::csi::{
 };
 use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
-use rds_csi::types::NodeId;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -42,43 +36,10 @@ fn create_req(name: &str) -> CreateVolumeRequest {
 
 /// Serves a controller over `rds` on a socket in `dir`; returns a client.
 async fn serve(rds: Arc<dyn Rds>, dir: &std::path::Path) -> ControllerClient<Channel> {
-    let node = NodeId::new("node-a").unwrap();
-    let clock = Arc::new(SystemClock);
-    let deps = Deps {
-        clock: clock.clone(),
-        entropy: Arc::new(SeededEntropy::from_seed(7)),
-        controller: Some(ControllerDeps::new(
-            rds,
-            Arc::new(MemStore::new()),
-            Arc::new(LocalCluster::new([node.clone()])),
-            clock,
-            AttachmentConfig::default(),
-        )),
-        node: None,
-    };
-    let cfg = DriverConfig {
-        driver_name: "rds.csi.srvlab.io".into(),
-        version: "test".into(),
-        node_id: node,
-        mode: Mode::Controller,
-        max_volumes_per_node: 0,
-        controller: Default::default(),
-    };
-    let driver = Driver::new(cfg, deps).unwrap();
-    driver.start().await.unwrap();
-    let socket = dir.join("csi.sock");
-    let (listener, guard) = rds_csi::server::bind_unix(&socket).await.unwrap();
-    tokio::spawn(async move {
-        let _guard = guard;
-        rds_csi::server::serve(
-            driver.services(),
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            std::future::pending(),
-            Duration::from_secs(1),
-        )
-        .await
-    });
-    ControllerClient::new(rds_csi::client::connect_unix(socket).await.unwrap())
+    let driver = common::controller_driver(rds).await;
+    let (channel, _server) =
+        common::serve_driver(driver, dir, std::future::pending(), Duration::from_secs(1)).await;
+    ControllerClient::new(channel)
 }
 
 #[tokio::test]

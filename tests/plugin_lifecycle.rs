@@ -176,12 +176,7 @@ fn a_bad_driver_name_is_refused() {
 /// the stop signal, and the server returns only afterwards.
 #[tokio::test]
 async fn stop_signal_drains_an_in_flight_rpc() {
-    use rds_csi::backend::{file_store::FileStore, local_cluster::LocalCluster};
-    use rds_csi::config::Mode;
-    use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig};
     use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, Rds, RdsError};
-    use rds_csi::ports::time::{SeededEntropy, SystemClock};
-    use rds_csi::types::NodeId;
     use tokio::sync::Notify;
 
     /// An RDS whose ping waits until released (after the first, start-up, ping).
@@ -228,45 +223,18 @@ async fn stop_signal_drains_an_in_flight_rpc() {
         release: Notify::new(),
         pings: 0.into(),
     });
-    let node = NodeId::new("n1").unwrap();
-    let deps = Deps {
-        clock: Arc::new(SystemClock),
-        entropy: Arc::new(SeededEntropy::from_seed(1)),
-        controller: Some(ControllerDeps::new(
-            rds.clone(),
-            Arc::new(FileStore::open(dir.path()).unwrap()),
-            Arc::new(LocalCluster::new([node.clone()])),
-            Arc::new(SystemClock),
-            Default::default(),
-        )),
-        node: None,
-    };
-    let cfg = DriverConfig {
-        driver_name: "rds.csi.srvlab.io".into(),
-        version: "test".into(),
-        node_id: node,
-        mode: Mode::Controller,
-        max_volumes_per_node: 0,
-        controller: Default::default(),
-    };
-    let driver = Driver::new(cfg, deps).unwrap();
-    driver.start().await.unwrap();
-    let socket = dir.path().join("csi.sock");
-    let (listener, _guard) = rds_csi::server::bind_unix(&socket).await.unwrap();
+    let driver = common::controller_driver(rds.clone()).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(rds_csi::server::serve(
-        driver.services(),
-        tokio_stream::wrappers::UnixListenerStream::new(listener),
-        async move {
-            let _ = stop_rx.await;
-            // The server polls this future; once it resolves, graceful shutdown has begun.
-            let _ = seen_tx.send(());
-        },
-        Duration::from_secs(3600),
-    ));
+    let stop = async move {
+        let _ = stop_rx.await;
+        // The server polls this future; once it resolves, graceful shutdown has begun.
+        let _ = seen_tx.send(());
+    };
+    let (channel, server) =
+        common::serve_driver(driver, dir.path(), stop, Duration::from_secs(3600)).await;
 
-    let mut client = IdentityClient::new(rds_csi::client::connect_unix(socket).await.unwrap());
+    let mut client = IdentityClient::new(channel);
     let probe = tokio::spawn(async move { client.probe(ProbeRequest {}).await });
     rds.entered.notified().await;
     stop_tx.send(()).unwrap();

@@ -106,3 +106,69 @@ impl Drop for Plugin {
         let _ = self.child.wait();
     }
 }
+
+/// Node id of the clusters the in-process drivers run in.
+pub const TEST_NODE: &str = "node-a";
+
+/// A started controller-mode driver over `rds`, with an in-memory attachment store and a
+/// local cluster holding the node [`TEST_NODE`].
+pub async fn controller_driver(
+    rds: std::sync::Arc<dyn rds_csi::ports::Rds>,
+) -> rds_csi::driver::Driver {
+    use rds_csi::backend::{local_cluster::LocalCluster, mem_store::MemStore};
+    use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig};
+    use rds_csi::ports::time::{SeededEntropy, SystemClock};
+    use std::sync::Arc;
+    let node = rds_csi::types::NodeId::new(TEST_NODE).unwrap();
+    let clock = Arc::new(SystemClock);
+    let deps = Deps {
+        clock: clock.clone(),
+        entropy: Arc::new(SeededEntropy::from_seed(7)),
+        controller: Some(ControllerDeps::new(
+            rds,
+            Arc::new(MemStore::new()),
+            Arc::new(LocalCluster::new([node.clone()])),
+            clock,
+            Default::default(),
+        )),
+        node: None,
+    };
+    let cfg = DriverConfig {
+        driver_name: "rds.csi.srvlab.io".into(),
+        version: "test".into(),
+        node_id: node,
+        mode: rds_csi::config::Mode::Controller,
+        max_volumes_per_node: 0,
+        controller: Default::default(),
+    };
+    let driver = Driver::new(cfg, deps).unwrap();
+    driver.start().await.unwrap();
+    driver
+}
+
+/// Serves `driver` in this process on a unix socket in `dir` until `stop` resolves (then
+/// drains for at most `drain`); returns a channel to it and the server task.
+pub async fn serve_driver(
+    driver: rds_csi::driver::Driver,
+    dir: &Path,
+    stop: impl Future<Output = ()> + Send + 'static,
+    drain: std::time::Duration,
+) -> (
+    Channel,
+    tokio::task::JoinHandle<Result<(), rds_csi::server::ServeError>>,
+) {
+    let socket = dir.join("csi.sock");
+    let (listener, guard) = rds_csi::server::bind_unix(&socket).await.unwrap();
+    let server = tokio::spawn(async move {
+        let _guard = guard;
+        rds_csi::server::serve(
+            driver.services(),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop,
+            drain,
+        )
+        .await
+    });
+    let channel = rds_csi::client::connect_unix(socket).await.unwrap();
+    (channel, server)
+}
