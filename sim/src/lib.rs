@@ -1,10 +1,171 @@
-//! The simulation harness: turmoil worlds that run the real driver code under seeded chaos.
+//! The simulation harness: seeded turmoil worlds that run the real driver code (controller
+//! and node plugins, kube adapters, RouterOS adapter and emulator) under chaos, check the
+//! safety properties after every step and convergence at the end, and replay any seed
+//! exactly.
 //!
-//! It grows with the simulation issue; today it holds the seed plumbing every scenario uses.
+//! One concern per module: [`options`] (knobs from the seed), [`world`] (hosts and network
+//! plumbing), [`workload`] (the CO), [`faults`] (fault schedule, crash points), [`bugs`]
+//! (planted bugs for the proof-of-power tests), [`checkers`] (safety and liveness),
+//! [`trace`] (events and hash). [`run`] drives one scenario.
 
-/// Knobs derived from a seed, printed first as `SEED=<n> <knobs>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Options {
-    /// The seed.
-    pub seed: u64,
+pub mod bugs;
+pub mod checkers;
+pub mod faults;
+pub mod options;
+pub mod trace;
+pub mod workload;
+pub mod world;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rds_csi::kube::fake_api::Kind;
+use serde_json::json;
+
+pub use options::{Bug, Options};
+
+use crate::faults::Injector;
+use crate::world::{Shared, node_name};
+
+/// Turmoil tick: the granularity of virtual time.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// The outcome of one scenario.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The knobs.
+    pub opts: Options,
+    /// The rendered trace (knobs first).
+    pub trace: String,
+    /// Hash of the trace.
+    pub hash: u64,
+    /// Violations found (empty: passed); the first one stops the scenario.
+    pub failures: Vec<String>,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Checker runs.
+    pub checks: u64,
+    /// Simulated time.
+    pub sim_time: Duration,
+    /// Wall time (not part of the trace).
+    pub wall: Duration,
+}
+
+impl Report {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// The command that replays this scenario.
+    pub fn replay_command(&self) -> String {
+        match self.opts.bug {
+            None => format!("cargo run -p sim --release -- replay {}", self.opts.seed),
+            Some(b) => format!(
+                "cargo run -p sim --release -- replay {} --bug {b:?}",
+                self.opts.seed
+            ),
+        }
+    }
+}
+
+/// Runs one scenario.
+pub fn run(opts: Options) -> Report {
+    let started = Instant::now();
+    let sh = Shared::new(opts.clone());
+    sh.trace.at(Duration::ZERO, "sim", opts.to_string());
+    for i in 0..opts.nodes {
+        sh.api.put_object(
+            Kind::Node,
+            "",
+            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node_name(i) } }),
+        );
+    }
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(opts.seed)
+        .epoch(std::time::UNIX_EPOCH + Duration::from_secs(world::EPOCH_SECS))
+        .tick_duration(TICK)
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(5))
+        .simulation_duration(Duration::from_secs(
+            opts.chaos_secs + options::LIVENESS_SECS + 60,
+        ))
+        .build();
+    let api = sh.api.clone();
+    sim.host("kube", move || world::kube_host(api.clone()));
+    let emulator = sh.emulator.clone();
+    sim.host("rds", move || world::rds_host(emulator.clone()));
+    let s = sh.clone();
+    sim.host("controller", move || world::controller_host(s.clone()));
+    for i in 0..opts.nodes {
+        let s = sh.clone();
+        sim.host(node_name(i), move || world::node_host(s.clone(), i));
+    }
+    sim.client("co", workload::run(sh.clone()));
+
+    let mut injector = Injector::new(&sh);
+    let mut failures = Vec::new();
+    let mut checks = 0u64;
+    let mut seen = 0usize;
+    let bound = injector.chaos_end() + Duration::from_secs(options::LIVENESS_SECS);
+    loop {
+        let done = match sim.step() {
+            Ok(done) => done,
+            Err(e) => {
+                failures.push(format!("simulation error: {e}"));
+                break;
+            }
+        };
+        let now = sim.elapsed();
+        injector.tick(&mut sim, &sh, now);
+        if sh.trace.len() != seen || done {
+            checks += 1;
+            let bad = checkers::safety::check(&sh);
+            if !bad.is_empty() {
+                for b in &bad {
+                    sh.trace.at(now, "check", format!("VIOLATION {b}"));
+                }
+                failures.extend(bad);
+                break;
+            }
+            seen = sh.trace.len();
+        }
+        if done {
+            checks += 1;
+            let bad = checkers::liveness::check(&sh);
+            for b in &bad {
+                sh.trace.at(now, "check", format!("LIVENESS {b}"));
+            }
+            failures.extend(bad);
+            break;
+        }
+        if now > bound {
+            let msg = format!(
+                "liveness: the workload did not finish within {}s of the heal",
+                options::LIVENESS_SECS
+            );
+            sh.trace.at(now, "check", msg.clone());
+            failures.push(msg);
+            break;
+        }
+    }
+    let sim_time = sim.elapsed();
+    sh.trace.at(
+        sim_time,
+        "sim",
+        format!(
+            "end: {} after {checks} checks",
+            if failures.is_empty() { "PASS" } else { "FAIL" }
+        ),
+    );
+    Report {
+        hash: sh.trace.hash(),
+        trace: sh.trace.render(),
+        opts,
+        failures,
+        faults: injector.counts,
+        checks,
+        sim_time,
+        wall: started.elapsed(),
+    }
 }

@@ -1,0 +1,107 @@
+//! Planted bugs for the proof-of-power tests: faulty test-only wrappers at the port
+//! boundaries (the driver has no switch for them). A normal run plants none.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use rds_csi::ports::store::{AttachmentRecord, StoreError};
+use rds_csi::ports::{AttachmentStore, Cluster, Rds};
+use rds_csi::types::{NodeId, VolumeId};
+
+use crate::options::Bug;
+
+/// A store that acknowledges a write at once and persists it later (lost if the
+/// controller crashes meanwhile), or one that ignores the precondition of
+/// `write_volume_if`.
+struct BuggyStore {
+    inner: Arc<dyn AttachmentStore>,
+    bug: Bug,
+}
+
+#[async_trait]
+impl AttachmentStore for BuggyStore {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        if self.bug == Bug::AckBeforePersist {
+            let inner = Arc::clone(&self.inner);
+            let (volume, holders) = (volume.clone(), holders.to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = inner.write_volume(&volume, &holders).await;
+            });
+            return Ok(());
+        }
+        self.inner.write_volume(volume, holders).await
+    }
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        match self.bug {
+            Bug::AckBeforePersist | Bug::DropPrecondition => {
+                self.write_volume(volume, holders).await
+            }
+            _ => self.inner.write_volume_if(volume, previous, holders).await,
+        }
+    }
+    async fn read_volume(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>, StoreError> {
+        self.inner.read_volume(volume).await
+    }
+    async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+/// A cluster that reports every node gone when asked fresh (while they are alive).
+struct NodeGone {
+    inner: Arc<dyn Cluster>,
+}
+
+#[async_trait]
+impl Cluster for NodeGone {
+    async fn node_exists(&self, _node: &NodeId) -> Result<bool, ClusterError> {
+        Ok(false)
+    }
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_known(node).await
+    }
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
+        self.inner.node_host_nqn(node).await
+    }
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments().await
+    }
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        self.inner.record_event(event).await
+    }
+}
+
+/// The store with `bug` planted, if it is a store bug.
+pub fn wrap_store(inner: Arc<dyn AttachmentStore>, bug: Option<Bug>) -> Arc<dyn AttachmentStore> {
+    match bug {
+        Some(bug @ (Bug::AckBeforePersist | Bug::DropPrecondition)) => {
+            Arc::new(BuggyStore { inner, bug })
+        }
+        _ => inner,
+    }
+}
+
+/// The cluster with `bug` planted, if it is a cluster bug.
+pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluster> {
+    match bug {
+        Some(Bug::NodeGoneWhileAlive) => Arc::new(NodeGone { inner }),
+        _ => inner,
+    }
+}
+
+/// The RDS with `bug` planted, if it is an RDS bug (none yet).
+pub fn wrap_rds(inner: Arc<dyn Rds>, _bug: Option<Bug>) -> Arc<dyn Rds> {
+    inner
+}

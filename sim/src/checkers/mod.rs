@@ -1,0 +1,72 @@
+//! Checkers: what must hold at every step of a scenario ([`safety`]) and at its end, after
+//! the heal ([`liveness`]); and the workload's acknowledged history they judge ([`Model`]).
+//!
+//! The model records what the CO was told: a call counts once the plugin answered OK.
+//! While a call on a (volume, node) pair is outstanding (sent, not yet acknowledged), its
+//! effect may or may not have happened, so the per-pair checks skip that pair.
+
+pub mod liveness;
+pub mod safety;
+
+use std::collections::BTreeMap;
+
+/// The last acknowledged attachment call on a (volume, node) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// ControllerPublishVolume answered OK.
+    Publish,
+    /// ControllerUnpublishVolume answered OK.
+    Unpublish,
+}
+
+/// One (volume, node) pair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pair {
+    /// Last acknowledged call.
+    pub acked: Option<Op>,
+    /// A call sent and not acknowledged yet.
+    pub pending: Option<Op>,
+}
+
+/// One volume's lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Volume {
+    /// CreateVolume answered OK.
+    pub created: bool,
+    /// DeleteVolume answered OK.
+    pub deleted: bool,
+    /// DeleteVolume sent, not acknowledged.
+    pub deleting: bool,
+}
+
+/// The acknowledged history of the workload.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    /// By (volume, node).
+    pub pairs: BTreeMap<(String, String), Pair>,
+    /// By volume.
+    pub volumes: BTreeMap<String, Volume>,
+}
+
+impl Model {
+    /// A call on (volume, node) is sent.
+    pub fn begin(&mut self, volume: &str, node: &str, op: Op) {
+        self.pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default()
+            .pending = Some(op);
+    }
+    /// A call on (volume, node) was acknowledged.
+    pub fn ack(&mut self, volume: &str, node: &str, op: Op) {
+        let p = self
+            .pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default();
+        p.acked = Some(op);
+        p.pending = None;
+    }
+    /// The lifecycle record of `volume`.
+    pub fn volume(&mut self, volume: &str) -> &mut Volume {
+        self.volumes.entry(volume.to_string()).or_default()
+    }
+}

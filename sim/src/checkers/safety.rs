@@ -1,0 +1,90 @@
+//! Safety checks, run after every simulation step in which something happened:
+//! - no single-node volume is acknowledged published to two nodes at once;
+//! - every acknowledged publish is in the durable store (PV annotations in the API server),
+//!   so it survives any restart;
+//! - no acknowledged unpublish is resurrected in the store;
+//! - no two disks share a name on the RDS;
+//! - nothing is deleted while published, and an acknowledged delete stays deleted.
+//!
+//! Every volume of the workload is single-node (`SINGLE_NODE_WRITER`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rds_csi::kube::fake_api::Kind;
+use rds_csi::kube::pv_store::ANN_ATTACHED_NODE;
+
+use super::{Model, Op};
+use crate::world::Shared;
+
+/// The holders of `volume` as stored on its PV (`None`: no PV).
+pub fn stored_holders(sh: &Shared, volume: &str) -> Option<BTreeSet<String>> {
+    let pv = sh.api.object(Kind::PersistentVolume, "", volume)?;
+    let nodes = pv
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(ANN_ATTACHED_NODE))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    Some(
+        nodes
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Violations in the current state (empty: all good).
+pub fn check(sh: &Shared) -> Vec<String> {
+    let model: Model = sh.model.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut bad = Vec::new();
+    let slots = sh.emulator.disk_slots();
+    let mut seen = BTreeSet::new();
+    for s in &slots {
+        if !seen.insert(s) {
+            bad.push(format!("two disks named {s} on the RDS"));
+        }
+    }
+    let mut published: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for ((v, n), p) in &model.pairs {
+        if p.acked == Some(Op::Publish) {
+            published.entry(v).or_default().push(n);
+        }
+        if p.pending.is_some() {
+            continue;
+        }
+        let stored = stored_holders(sh, v);
+        let holds = stored.as_ref().is_some_and(|s| s.contains(n));
+        match p.acked {
+            Some(Op::Publish) => {
+                if !holds {
+                    bad.push(format!(
+                        "acknowledged publish of {v} to {n} is not in the store (stored: {stored:?})"
+                    ));
+                }
+                if !seen.contains(v) {
+                    bad.push(format!("{v} is gone from the RDS while published to {n}"));
+                }
+            }
+            Some(Op::Unpublish) if holds => {
+                bad.push(format!(
+                    "acknowledged unpublish of {v} from {n} is resurrected"
+                ));
+            }
+            _ => {}
+        }
+    }
+    for (v, nodes) in published {
+        if nodes.len() > 1 {
+            bad.push(format!(
+                "single-node volume {v} acknowledged published to {} at once",
+                nodes.join(" and ")
+            ));
+        }
+    }
+    for (v, vol) in &model.volumes {
+        if vol.deleted && seen.contains(v) {
+            bad.push(format!("{v} still on the RDS after an acknowledged delete"));
+        }
+    }
+    bad
+}

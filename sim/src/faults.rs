@@ -1,0 +1,285 @@
+//! Fault injection: a seeded schedule of controller crashes, crash points around the
+//! attachment write, partitions controller↔kube and controller↔rds, 409 storms, API 5xx
+//! bursts, RDS command failures and lost replies, and node plugin crashes; and the heal that
+//! starts the liveness phase.
+//!
+//! Crash points are reached by a wrapper at the `AttachmentStore` port boundary
+//! ([`wrap_store`]), never by luck: when armed, the next write either crashes before reaching
+//! the API (between the manager's decision and the API write) or right after the API
+//! acknowledged it (between the API write and the RPC reply). The wrapper then never
+//! returns; the driver loop sees the crash fired and bounces the controller.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use rds_csi::ports::AttachmentStore;
+use rds_csi::ports::store::{AttachmentRecord, StoreError};
+use rds_csi::routeros::command::CommandKind;
+use rds_csi::routeros::emulator::faults::Fault;
+use rds_csi::types::VolumeId;
+
+use crate::world::{Shared, node_name};
+
+/// Where a crash point stops the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// The manager decided, the API write was not sent.
+    BeforeWrite,
+    /// The API acknowledged the write, the reply was not sent.
+    AfterWrite,
+}
+
+/// An armed crash point and whether it fired.
+#[derive(Debug, Default)]
+pub struct CrashPoint {
+    armed: Mutex<Option<Point>>,
+    fired: Mutex<Option<Point>>,
+}
+
+impl CrashPoint {
+    /// Arms `p` for the next attachment write.
+    pub fn arm(&self, p: Point) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+    /// Disarms.
+    pub fn disarm(&self) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    fn take_armed(&self) -> Option<Point> {
+        self.armed.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    fn fire(&self, p: Point) {
+        *self.fired.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+    /// The point that fired since the last call, if any.
+    pub fn take_fired(&self) -> Option<Point> {
+        self.fired.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The store wrapper that reaches the crash points.
+struct CrashingStore {
+    inner: Arc<dyn AttachmentStore>,
+    crash: Arc<CrashPoint>,
+}
+
+impl CrashingStore {
+    async fn around<F>(&self, write: F) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        match self.crash.take_armed() {
+            None => write.await,
+            Some(Point::BeforeWrite) => {
+                self.crash.fire(Point::BeforeWrite);
+                std::future::pending().await
+            }
+            Some(Point::AfterWrite) => {
+                write.await?;
+                self.crash.fire(Point::AfterWrite);
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AttachmentStore for CrashingStore {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.around(self.inner.write_volume(volume, holders)).await
+    }
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.around(self.inner.write_volume_if(volume, previous, holders))
+            .await
+    }
+    async fn read_volume(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>, StoreError> {
+        self.inner.read_volume(volume).await
+    }
+    async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+/// Wraps the controller's store with the scenario's crash point.
+pub fn wrap_store(inner: Arc<dyn AttachmentStore>, sh: &Shared) -> Arc<dyn AttachmentStore> {
+    Arc::new(CrashingStore {
+        inner,
+        crash: Arc::clone(&sh.crash),
+    })
+}
+
+const RDS_KINDS: [CommandKind; 5] = [
+    CommandKind::DiskAdd,
+    CommandKind::DiskSet,
+    CommandKind::DiskPrint,
+    CommandKind::DiskRemove,
+    CommandKind::FileRemove,
+];
+
+/// The seeded fault schedule of one scenario.
+pub struct Injector {
+    rng: StdRng,
+    next: Duration,
+    every: Duration,
+    chaos_end: Duration,
+    partitions: Vec<(Duration, &'static str, &'static str)>,
+    healed: bool,
+    /// Faults injected, by kind.
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+impl Injector {
+    /// The schedule of `sh`'s options.
+    pub fn new(sh: &Shared) -> Self {
+        let o = &sh.opts;
+        Self {
+            rng: StdRng::seed_from_u64(o.seed ^ 0xfa_17),
+            next: Duration::from_millis(o.fault_every_ms),
+            every: Duration::from_millis(o.fault_every_ms),
+            chaos_end: Duration::from_secs(o.chaos_secs),
+            partitions: Vec::new(),
+            healed: false,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// When the chaos phase ends.
+    pub fn chaos_end(&self) -> Duration {
+        self.chaos_end
+    }
+
+    /// Whether the world is healed (liveness phase).
+    pub fn healed(&self) -> bool {
+        self.healed
+    }
+
+    fn count(&mut self, kind: &'static str, sh: &Shared, now: Duration, what: String) {
+        *self.counts.entry(kind).or_default() += 1;
+        sh.trace.at(now, "fault", what);
+    }
+
+    fn roll(&mut self, pct: u32) -> bool {
+        pct > 0 && self.rng.random_range(0..100) < pct
+    }
+
+    /// Called after every simulation step at virtual time `now`.
+    pub fn tick(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, now: Duration) {
+        if let Some(p) = sh.crash.take_fired() {
+            self.count(
+                "crash_point",
+                sh,
+                now,
+                format!("controller crashes at {p:?}"),
+            );
+            sim.bounce("controller");
+        }
+        let mut i = 0;
+        while i < self.partitions.len() {
+            if self.partitions[i].0 <= now || (now >= self.chaos_end) {
+                let (_, a, b) = self.partitions.remove(i);
+                sim.repair(a, b);
+                sh.trace.at(now, "fault", format!("repair {a}<->{b}"));
+            } else {
+                i += 1;
+            }
+        }
+        if now >= self.chaos_end {
+            if !self.healed {
+                self.healed = true;
+                sh.emulator.faults().clear();
+                sh.crash.disarm();
+                sh.trace
+                    .at(now, "fault", "heal: faults off, liveness phase");
+            }
+            return;
+        }
+        if now < self.next {
+            return;
+        }
+        self.next += self.every;
+        let o = Arc::clone(&sh.opts);
+        if self.roll(o.bounce_pct) {
+            self.count("bounce", sh, now, "controller crash + restart".into());
+            sim.bounce("controller");
+        }
+        if self.roll(o.crash_point_pct) {
+            let p = if self.rng.random_bool(0.5) {
+                Point::BeforeWrite
+            } else {
+                Point::AfterWrite
+            };
+            sh.crash.arm(p);
+            sh.trace.at(now, "fault", format!("arm crash point {p:?}"));
+        }
+        if self.roll(o.partition_pct) {
+            let other = if self.rng.random_bool(0.5) {
+                "kube"
+            } else {
+                "rds"
+            };
+            let ms = self.rng.random_range(500..=15_000);
+            sim.partition("controller", other);
+            self.partitions
+                .push((now + Duration::from_millis(ms), "controller", other));
+            self.count(
+                "partition",
+                sh,
+                now,
+                format!("partition controller<->{other} for {ms}ms"),
+            );
+        }
+        if self.roll(o.api_conflict_pct) {
+            let n = self.rng.random_range(1..=6);
+            sh.api.conflict_next_writes(n);
+            self.count("api_409", sh, now, format!("409 storm: next {n} writes"));
+        }
+        if self.roll(o.api_5xx_pct) {
+            let n = self.rng.random_range(1..=4);
+            let codes: Vec<u16> = (0..n)
+                .map(|_| if self.rng.random_bool(0.5) { 500 } else { 503 })
+                .collect();
+            self.count("api_5xx", sh, now, format!("API answers {codes:?}"));
+            sh.api.fail_next_requests(codes);
+        }
+        if self.roll(o.rds_fail_pct) {
+            let kind = RDS_KINDS[self.rng.random_range(0..RDS_KINDS.len())];
+            sh.emulator
+                .faults()
+                .push(kind, Fault::Fail("failure: device busy".into()));
+            self.count("rds_fail", sh, now, format!("RDS {kind:?} fails"));
+        }
+        if self.roll(o.rds_lost_reply_pct) {
+            let kind = RDS_KINDS[self.rng.random_range(0..RDS_KINDS.len())];
+            sh.emulator.faults().push(kind, Fault::DropReply);
+            self.count(
+                "rds_lost_reply",
+                sh,
+                now,
+                format!("RDS {kind:?} reply lost"),
+            );
+        }
+        if self.roll(o.node_crash_pct) {
+            let i = self.rng.random_range(0..o.nodes);
+            let name = node_name(i);
+            self.count(
+                "node_crash",
+                sh,
+                now,
+                format!("{name} plugin crash + restart"),
+            );
+            sim.bounce(name);
+        }
+    }
+}

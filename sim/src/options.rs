@@ -1,0 +1,169 @@
+//! Every knob of a scenario, derived from its seed alone and printed first as
+//! `SEED=<n> <knobs>`, so a failing seed replays exactly.
+//!
+//! Rates are per cent per fault tick (one tick every `fault_every_ms` of virtual time during
+//! the chaos phase); the liveness phase that follows has every fault off.
+
+use std::fmt;
+
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+/// A bug planted at a port boundary by a test-only wrapper (proof of power): the harness
+/// must find a failing seed for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bug {
+    /// The attachment store acknowledges a write before it is persisted.
+    AckBeforePersist,
+    /// The attachment store drops the precondition of conditional writes.
+    DropPrecondition,
+    /// The cluster reports a live node as gone.
+    NodeGoneWhileAlive,
+}
+
+impl Bug {
+    /// Every planted bug.
+    pub const ALL: [Bug; 3] = [
+        Bug::AckBeforePersist,
+        Bug::DropPrecondition,
+        Bug::NodeGoneWhileAlive,
+    ];
+}
+
+/// The knobs of one scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// The seed everything below is derived from.
+    pub seed: u64,
+    /// Node hosts (`node-1..N`).
+    pub nodes: usize,
+    /// Volumes the workload creates, moves and deletes (concurrently).
+    pub volumes: usize,
+    /// Moves of each volume between nodes.
+    pub moves: usize,
+    /// Chance (%) the CO repeats a call that already succeeded.
+    pub repeat_pct: u32,
+    /// Chance (%) the CO sends a conflicting attach to a second node.
+    pub conflict_attach_pct: u32,
+    /// Chance (%) per tick of a 409 storm on the API.
+    pub api_conflict_pct: u32,
+    /// Chance (%) per tick of a burst of API 5xx answers.
+    pub api_5xx_pct: u32,
+    /// Fixed latency of every API request (ms).
+    pub api_latency_ms: u64,
+    /// Chance (%) per tick that an RDS command fails.
+    pub rds_fail_pct: u32,
+    /// Chance (%) per tick that an RDS command is applied but its reply lost.
+    pub rds_lost_reply_pct: u32,
+    /// Chance (%) per tick of a controller crash + restart.
+    pub bounce_pct: u32,
+    /// Chance (%) per tick of arming a crash point around the next attachment write.
+    pub crash_point_pct: u32,
+    /// Chance (%) per tick of a partition controller↔kube or controller↔rds.
+    pub partition_pct: u32,
+    /// Chance (%) per tick of a node plugin crash + restart.
+    pub node_crash_pct: u32,
+    /// Virtual time between fault ticks (ms).
+    pub fault_every_ms: u64,
+    /// Length of the chaos phase (virtual s).
+    pub chaos_secs: u64,
+    /// Planted bug (proof-of-power tests only; `None` in every normal run).
+    pub bug: Option<Bug>,
+}
+
+/// Bound on the liveness phase: after healing, the workload must finish within this.
+pub const LIVENESS_SECS: u64 = 600;
+
+impl Options {
+    /// The knobs of `seed`.
+    pub fn from_seed(seed: u64) -> Self {
+        let mut r = StdRng::seed_from_u64(seed);
+        // A quarter of the seeds run calm (no faults at all), so plain workloads are
+        // covered too; the others draw each rate independently.
+        let calm = r.random_range(0..4u32) == 0;
+        let mut rate = |max: u32| if calm { 0 } else { r.random_range(0..=max) };
+        let api_conflict_pct = rate(30);
+        let api_5xx_pct = rate(20);
+        let rds_fail_pct = rate(25);
+        let rds_lost_reply_pct = rate(25);
+        let bounce_pct = rate(12);
+        let crash_point_pct = rate(25);
+        let partition_pct = rate(12);
+        let node_crash_pct = rate(10);
+        Self {
+            seed,
+            nodes: r.random_range(2..=4),
+            volumes: r.random_range(1..=4),
+            moves: r.random_range(1..=3),
+            repeat_pct: r.random_range(0..=40),
+            conflict_attach_pct: r.random_range(0..=50),
+            api_conflict_pct,
+            api_5xx_pct,
+            api_latency_ms: r.random_range(0..=20),
+            rds_fail_pct,
+            rds_lost_reply_pct,
+            bounce_pct,
+            crash_point_pct,
+            partition_pct,
+            node_crash_pct,
+            fault_every_ms: r.random_range(200..=2_000),
+            chaos_secs: r.random_range(10..=60),
+            bug: None,
+        }
+    }
+
+    /// With `bug` planted.
+    pub fn with_bug(mut self, bug: Bug) -> Self {
+        self.bug = Some(bug);
+        self
+    }
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SEED={} nodes={} volumes={} moves={} repeat={}% conflict_attach={}% api_409={}% \
+             api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
+             crash_point={}% partition={}% node_crash={}% fault_every={}ms chaos={}s",
+            self.seed,
+            self.nodes,
+            self.volumes,
+            self.moves,
+            self.repeat_pct,
+            self.conflict_attach_pct,
+            self.api_conflict_pct,
+            self.api_5xx_pct,
+            self.api_latency_ms,
+            self.rds_fail_pct,
+            self.rds_lost_reply_pct,
+            self.bounce_pct,
+            self.crash_point_pct,
+            self.partition_pct,
+            self.node_crash_pct,
+            self.fault_every_ms,
+            self.chaos_secs,
+        )?;
+        if let Some(bug) = self.bug {
+            write!(f, " bug={bug:?}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knobs_are_a_function_of_the_seed() {
+        assert_eq!(Options::from_seed(7), Options::from_seed(7));
+        assert!(
+            Options::from_seed(7)
+                .to_string()
+                .starts_with("SEED=7 nodes=")
+        );
+        let distinct: std::collections::BTreeSet<String> =
+            (0..50).map(|s| Options::from_seed(s).to_string()).collect();
+        assert_eq!(distinct.len(), 50);
+    }
+}

@@ -1,0 +1,454 @@
+//! The simulated world: turmoil hosts running the code that ships.
+//!
+//! - `kube`: the simulated API server ([`FakeApi`]) over HTTP/1.1 on turmoil TCP; the
+//!   controller reaches it with a real `kube::Client` (built inside the host, rebuilt after
+//!   every restart) whose transport opens a turmoil TCP connection per request.
+//! - `rds`: the RouterOS emulator over its TCP line protocol; the controller reaches it
+//!   through the real renderer, transport and parser (`RouterOsRds` over `TcpTransport`).
+//! - `controller`: the real plugin in controller mode (`Driver`, `server::serve`), CSI over
+//!   turmoil TCP.
+//! - `node-1..N`: the real plugin in node mode over the in-memory kernel
+//!   (`rds_csi::node::fake::FakeKernel`, which survives plugin restarts like a real kernel).
+//!
+//! Every timeout here is virtual: turmoil drops segments of a partitioned link silently, so
+//! each request is bounded. Port wrappers (crash points, planted bugs) are applied at the
+//! port boundaries by [`crate::faults`] and [`crate::bugs`]; the driver has no sim switch.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
+use rds_csi::config::Mode;
+use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig, NodeDeps};
+use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi};
+use rds_csi::node::NodeOptions;
+use rds_csi::node::fake::FakeKernel;
+use rds_csi::ports::time::SeededEntropy;
+use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
+use rds_csi::retry::Backoff;
+use rds_csi::routeros::emulator::{Emulator, PoolConfig};
+use rds_csi::routeros::transport::Connector;
+use rds_csi::routeros::transport::tcp::{TcpTransport, serve_connection};
+use rds_csi::routeros::{RdsLayout, RouterOsRds};
+use rds_csi::types::NodeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::checkers::Model;
+use crate::faults::CrashPoint;
+use crate::options::Options;
+use crate::trace::Trace;
+
+/// The CSI driver name.
+pub const DRIVER: &str = "rds.csi.srvlab.io";
+/// Where the pinned epoch of every simulation is (wall-clock timestamps are derived).
+pub const EPOCH_SECS: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+/// CSI port of the controller and node hosts.
+pub const CSI_PORT: u16 = 10000;
+/// API server port.
+pub const KUBE_PORT: u16 = 6443;
+/// RDS line-protocol port.
+pub const RDS_PORT: u16 = 8728;
+/// Bound of one API request (connect + answer).
+pub const KUBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Mount point of the emulated pool.
+pub const POOL: &str = "pool";
+/// Directory of disk files on the pool.
+pub const VOLUME_PATH: &str = "pool/volumes";
+/// Root of staging and target paths on nodes.
+pub const KUBELET_ROOT: &str = "/var/lib/kubelet";
+/// Retry policy of the controller's adapters in the sim (short: virtual time is cheap, but
+/// a partition must be able to exhaust it).
+pub const BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(50),
+    max: Duration::from_secs(1),
+    max_attempts: 4,
+};
+
+/// Wall clock of the simulation: the pinned epoch plus simulated time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimClock;
+
+impl Clock for SimClock {
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(EPOCH_SECS) + turmoil::sim_elapsed().unwrap_or_default()
+    }
+}
+
+/// Everything of one scenario the hosts, the workload and the checkers share. Clones share.
+#[derive(Clone)]
+pub struct Shared {
+    /// The knobs.
+    pub opts: Arc<Options>,
+    /// The trace.
+    pub trace: Trace,
+    /// The API server's state.
+    pub api: FakeApi,
+    /// The storage server.
+    pub emulator: Arc<Emulator>,
+    /// One kernel per node, index 0 is `node-1`.
+    pub kernels: Vec<FakeKernel>,
+    /// The workload's acknowledged history.
+    pub model: Arc<Mutex<Model>>,
+    /// The attachment manager of the running controller incarnation.
+    pub manager: Arc<Mutex<Option<Arc<AttachmentManager>>>>,
+    /// Crash point around attachment writes.
+    pub crash: Arc<CrashPoint>,
+    /// Controller incarnations started so far.
+    pub incarnation: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// A fresh world state for `opts`.
+    pub fn new(opts: Options) -> Self {
+        let emulator = Emulator::in_memory(
+            PoolConfig {
+                slot: POOL.into(),
+                mount_point: POOL.into(),
+                size_bytes: 1 << 40,
+            },
+            Arc::new(SimClock),
+        );
+        let kernels = (0..opts.nodes)
+            .map(|i| {
+                FakeKernel::new(
+                    rds_csi::node::DEFAULT_NQN_PREFIX,
+                    &format!("nqn.2014-08.org.nvmexpress:uuid:node-{}", i + 1),
+                )
+            })
+            .collect();
+        Self {
+            opts: Arc::new(opts),
+            trace: Trace::default(),
+            api: FakeApi::new(),
+            emulator: Arc::new(emulator),
+            kernels,
+            model: Arc::default(),
+            manager: Arc::default(),
+            crash: Arc::default(),
+            incarnation: Arc::default(),
+        }
+    }
+
+    /// The running controller's manager, if any.
+    pub fn manager(&self) -> Option<Arc<AttachmentManager>> {
+        self.manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The name of node host `i` (0-based).
+pub fn node_name(i: usize) -> String {
+    format!("node-{}", i + 1)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// ---- Transport plumbing ----------------------------------------------------------------
+
+/// A turmoil TCP stream with the `Connected` tonic's server needs.
+pub struct SimIo(pub turmoil::net::TcpStream);
+
+impl AsyncRead for SimIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for SimIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+/// The accepted connections of `listener`, as the stream `server::serve` takes.
+fn incoming(
+    listener: turmoil::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<SimIo>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| SimIo(s));
+        Some((next, l))
+    })
+}
+
+/// Opens a CSI channel to `host` over turmoil TCP (one connection per channel).
+pub async fn csi_channel(host: String, rpc_timeout: Duration) -> Result<Channel, BoxError> {
+    let endpoint = Endpoint::from_shared(format!("http://{host}:{CSI_PORT}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(rpc_timeout);
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let host = host.clone();
+            async move {
+                turmoil::net::TcpStream::connect((host.as_str(), CSI_PORT))
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// The `kube::Client` transport: one turmoil TCP connection per request, bounded by
+/// [`KUBE_TIMEOUT`], the whole answer read inside the bound.
+#[derive(Debug, Clone, Copy)]
+pub struct KubeHttp;
+
+impl tower::Service<http::Request<kube::client::Body>> for KubeHttp {
+    type Response = http::Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        Box::pin(async move {
+            let exchange = async move {
+                let stream = turmoil::net::TcpStream::connect(("kube", KUBE_PORT)).await?;
+                let (mut tx, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                let resp = tx.send_request(req).await?;
+                let (parts, body) = resp.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                Ok::<_, BoxError>(http::Response::from_parts(parts, Full::new(bytes)))
+            };
+            match tokio::time::timeout(KUBE_TIMEOUT, exchange).await {
+                Ok(r) => r,
+                Err(_) => Err("API request timed out".into()),
+            }
+        })
+    }
+}
+
+/// Connects the RDS adapter to the `rds` host.
+#[derive(Debug, Clone, Copy)]
+pub struct RdsConnector;
+
+#[async_trait::async_trait]
+impl Connector for RdsConnector {
+    type Io = turmoil::net::TcpStream;
+    async fn connect(&self) -> std::io::Result<Self::Io> {
+        turmoil::net::TcpStream::connect(("rds", RDS_PORT)).await
+    }
+    fn describe(&self) -> String {
+        format!("rds:{RDS_PORT}")
+    }
+}
+
+// ---- Hosts -----------------------------------------------------------------------------
+
+/// The `kube` host: serves the fake API over HTTP/1.1 with a fixed `date` header.
+pub async fn kube_host(api: FakeApi) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", KUBE_PORT)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let api = api.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let pq = parts
+                            .uri
+                            .path_and_query()
+                            .map(|p| p.as_str().to_string())
+                            .unwrap_or_default();
+                        let answer = api.handle(&parts.method, &pq, &body).await;
+                        let mut resp = http::Response::new(Full::new(answer.body));
+                        *resp.status_mut() = answer.status;
+                        let h = resp.headers_mut();
+                        h.insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        // hyper stamps the wall clock unless the header is set.
+                        h.insert(
+                            http::header::DATE,
+                            http::HeaderValue::from_static(FIXED_DATE),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// The `rds` host: the emulator over its TCP line protocol.
+pub async fn rds_host(emulator: Arc<Emulator>) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", RDS_PORT)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let emu = Arc::clone(&emulator);
+        tokio::spawn(async move {
+            let _ = serve_connection(emu, stream).await;
+        });
+    }
+}
+
+fn driver_config(node: &str, mode: Mode) -> Result<DriverConfig, String> {
+    Ok(DriverConfig {
+        driver_name: DRIVER.into(),
+        version: "sim".into(),
+        node_id: NodeId::new(node).map_err(|e| e.to_string())?,
+        mode,
+        max_volumes_per_node: 0,
+        controller: Default::default(),
+    })
+}
+
+/// Finishes start-up (retrying while the backend is unreachable), then serves CSI.
+async fn start_and_serve(driver: Driver, trace: &Trace, who: &'static str) -> turmoil::Result {
+    let mut attempt = 0u32;
+    loop {
+        match driver.start().await {
+            Ok(()) => break,
+            Err(e) => {
+                attempt += 1;
+                trace.log(
+                    who,
+                    format!("start-up failed (attempt {attempt}): {}", kind_of(e)),
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    trace.log(who, "ready");
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", CSI_PORT)).await?;
+    rds_csi::server::serve(
+        driver.services(),
+        incoming(listener),
+        std::future::pending::<()>(),
+        Duration::ZERO,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn kind_of(e: rds_csi::Error) -> String {
+    tonic::Status::from(e).code().description().to_string()
+}
+
+/// The `controller` host, one incarnation: builds the kube client, the adapters (with the
+/// scenario's port wrappers), the driver, then serves.
+pub async fn controller_host(sh: Shared) -> turmoil::Result {
+    let inc = sh.incarnation.fetch_add(1, Ordering::SeqCst);
+    sh.trace.log("ctrl", format!("incarnation {inc} starting"));
+    let clock: Arc<dyn Clock> = Arc::new(SimClock);
+    let entropy = Arc::new(SeededEntropy::from_seed(
+        sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
+    ));
+    let client = kube::Client::new(KubeHttp, "default");
+    let (store, cluster) =
+        rds_csi::kube::adapters(client, DRIVER, Arc::clone(&clock), entropy.clone(), BACKOFF);
+    let store: Arc<dyn AttachmentStore> = store;
+    let cluster: Arc<dyn Cluster> = cluster;
+    let store = crate::faults::wrap_store(store, &sh);
+    let store = crate::bugs::wrap_store(store, sh.opts.bug);
+    let cluster = crate::bugs::wrap_cluster(cluster, sh.opts.bug);
+    let transport = TcpTransport::new(RdsConnector, Duration::from_secs(2), Duration::from_secs(5));
+    let rds = RouterOsRds::new(
+        transport,
+        &RdsLayout {
+            volume_base_path: VOLUME_PATH.into(),
+            pool_mount_point: POOL.into(),
+        },
+        BACKOFF,
+        entropy.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    let rds: Arc<dyn Rds> = Arc::new(rds);
+    let rds = crate::bugs::wrap_rds(rds, sh.opts.bug);
+    let deps = ControllerDeps::new(
+        rds,
+        store,
+        cluster,
+        Arc::clone(&clock),
+        AttachmentConfig::default(),
+    );
+    *sh.manager.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&deps.attachments));
+    let driver = Driver::new(
+        driver_config("controller", Mode::Controller)?,
+        Deps {
+            clock,
+            entropy,
+            controller: Some(deps),
+            node: None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    start_and_serve(driver, &sh.trace, "ctrl").await
+}
+
+/// The `node-<i+1>` host, one incarnation, over its kernel.
+pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
+    let kernel = sh.kernels[i].clone();
+    let clock: Arc<dyn Clock> = Arc::new(SimClock);
+    let entropy = Arc::new(SeededEntropy::from_seed(
+        sh.opts.seed ^ (i as u64 + 1) << 40,
+    ));
+    let deps = NodeDeps {
+        initiator: Arc::new(kernel.clone()),
+        mounter: Arc::new(kernel),
+        options: NodeOptions {
+            allowed_root: Some(KUBELET_ROOT.into()),
+            nqn_prefix: rds_csi::node::DEFAULT_NQN_PREFIX.into(),
+            require_target_address: true,
+        },
+    };
+    let driver = Driver::new(
+        driver_config(&node_name(i), Mode::Node)?,
+        Deps {
+            clock,
+            entropy,
+            controller: None,
+            node: Some(deps),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    start_and_serve(driver, &sh.trace, "node").await
+}
