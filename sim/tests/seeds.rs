@@ -69,8 +69,7 @@ fn a_seed_replays_to_the_same_trace() {
         let a = sim::run(Options::from_seed(seed));
         let b = sim::run(Options::from_seed(seed));
         assert_eq!(
-            a.hash,
-            b.hash,
+            a.hash, b.hash,
             "seed {seed} is not deterministic; replay with `cargo run -p sim --release -- replay {seed} --check-determinism`"
         );
     }
