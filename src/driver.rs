@@ -87,6 +87,9 @@ pub struct NodeDeps {
     pub initiator: Arc<dyn Initiator>,
     /// Filesystems and mounts.
     pub mounter: Arc<dyn Mounter>,
+    /// Where the node publishes its NVMe host NQN at start-up (for the controller's
+    /// data-path fence); `None`: not published.
+    pub cluster: Option<Arc<dyn Cluster>>,
     /// Allowed path root, NQN prefix.
     pub options: crate::node::NodeOptions,
 }
@@ -126,6 +129,9 @@ impl Deps {
         entropy: Arc<dyn Entropy>,
         rds: Option<Arc<dyn Rds>>,
     ) -> Result<Self> {
+        // One local cluster: in `--mode all` the node registers its host NQN where the
+        // controller's data-path fence reads it.
+        let cluster = Arc::new(LocalCluster::new([node_id.clone()]));
         let controller = if mode.controller() {
             let rds = match rds {
                 Some(rds) => rds,
@@ -134,15 +140,16 @@ impl Deps {
             Some(ControllerDeps::new(
                 rds,
                 Arc::new(FileStore::open(&state_dir.join("attachments"))?),
-                Arc::new(LocalCluster::new([node_id.clone()])),
+                Arc::clone(&cluster) as Arc<dyn Cluster>,
                 Arc::clone(&clock),
                 AttachmentConfig::default(),
             ))
         } else {
             None
         };
-        let node = mode.node().then(|| {
-            crate::node::embedded_deps(state_dir, node_id, crate::node::NodeOptions::default())
+        let node = mode.node().then(|| NodeDeps {
+            cluster: Some(cluster as Arc<dyn Cluster>),
+            ..crate::node::embedded_deps(state_dir, node_id, crate::node::NodeOptions::default())
         });
         Ok(Self {
             clock,
@@ -271,6 +278,9 @@ impl Driver {
             )
             .recover()
             .await?;
+            if let Some(cluster) = &n.cluster {
+                publish_host_nqn(&self.cfg.node_id, &*n.initiator, &**cluster).await;
+            }
         }
         self.readiness.set_ready();
         Ok(())
@@ -301,6 +311,51 @@ impl Driver {
     }
 }
 
+/// How long start-up waits for the host NQN to be published before serving without it.
+pub const PUBLISH_HOST_NQN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Publishes this node's NVMe host NQN for the controller's data-path fence
+/// (`--data-path-fence`). Best effort by design: the fence is optional and a node that
+/// cannot publish still serves its volumes; with the fence on, the controller refuses to
+/// publish to a node without a known NQN (FAILED_PRECONDITION), so a failure here shows up
+/// there too. Hence a warning that names the cause and the fix, not a start-up failure.
+pub async fn publish_host_nqn(node: &NodeId, initiator: &dyn Initiator, cluster: &dyn Cluster) {
+    let nqn = match initiator.host_nqn().await {
+        Ok(nqn) => nqn,
+        Err(e) => {
+            tracing::warn!(
+                node_id = %node,
+                error = %e,
+                "cannot read this node's NVMe host NQN, so it is not published: with \
+                 --data-path-fence the controller cannot publish volumes to this node; set \
+                 --nvme-host-nqn or write /etc/nvme/hostnqn, then restart the node plugin"
+            );
+            return;
+        }
+    };
+    let published =
+        tokio::time::timeout(PUBLISH_HOST_NQN_TIMEOUT, cluster.set_node_host_nqn(node, &nqn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::ports::cluster::ClusterError::Unavailable(format!(
+                    "no answer within {}s",
+                    PUBLISH_HOST_NQN_TIMEOUT.as_secs()
+                )))
+            });
+    match published {
+        Ok(()) => tracing::info!(node_id = %node, host_nqn = %nqn, "host NQN published"),
+        Err(e) => tracing::warn!(
+            node_id = %node,
+            host_nqn = %nqn,
+            error = %e,
+            "cannot publish this node's NVMe host NQN (Node annotation \
+             rds.csi.srvlab.io/host-nqn): with --data-path-fence the controller cannot publish \
+             volumes to this node; check the node ServiceAccount may patch nodes (RBAC) and the \
+             API server is reachable, then restart the node plugin, or annotate the Node by hand"
+        ),
+    }
+}
+
 /// The tonic services of one driver.
 pub struct Services {
     /// Identity (always).
@@ -311,4 +366,92 @@ pub struct Services {
     pub node: Option<node_server::NodeServer<NodeService>>,
     /// Per-RPC metrics, recorded by the server.
     pub metrics: Arc<Metrics>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::local_cluster::LocalCluster;
+    use crate::node::fake::FakeKernel;
+    use crate::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+
+    /// A cluster whose API is down.
+    struct Down;
+    #[async_trait::async_trait]
+    impl Cluster for Down {
+        async fn node_exists(&self, _: &NodeId) -> std::result::Result<bool, ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
+        async fn node_host_nqn(
+            &self,
+            _: &NodeId,
+        ) -> std::result::Result<Option<String>, ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
+        async fn set_node_host_nqn(
+            &self,
+            _: &NodeId,
+            _: &str,
+        ) -> std::result::Result<(), ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
+        async fn volume_attachments(
+            &self,
+        ) -> std::result::Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
+        async fn record_event(&self, _: &ClusterEvent) -> std::result::Result<(), ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
+    }
+
+    fn node_driver(cluster: Arc<dyn Cluster>, host_nqn: &str) -> Driver {
+        let kernel = FakeKernel::new("nqn.2000-02.com.mikrotik:", host_nqn);
+        let cfg = DriverConfig {
+            driver_name: "rds.csi.srvlab.io".into(),
+            version: "t".into(),
+            node_id: NodeId::new("n1").unwrap(),
+            mode: Mode::Node,
+            max_volumes_per_node: 0,
+            controller: Default::default(),
+        };
+        let deps = Deps {
+            clock: Arc::new(crate::ports::time::SystemClock),
+            entropy: Arc::new(crate::ports::time::SeededEntropy::from_seed(1)),
+            controller: None,
+            node: Some(NodeDeps {
+                initiator: Arc::new(kernel.clone()),
+                mounter: Arc::new(kernel),
+                cluster: Some(cluster),
+                options: Default::default(),
+            }),
+        };
+        Driver::new(cfg, deps).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_node_publishes_its_host_nqn_at_start_up() {
+        let cluster = Arc::new(LocalCluster::new([]));
+        let nqn = "nqn.2014-08.org.nvmexpress:uuid:n1";
+        let driver = node_driver(Arc::clone(&cluster) as Arc<dyn Cluster>, nqn);
+        driver.start().await.unwrap();
+        assert!(driver.readiness().is_ready());
+        let n1 = NodeId::new("n1").unwrap();
+        assert_eq!(cluster.node_host_nqn(&n1).await.unwrap().as_deref(), Some(nqn));
+    }
+
+    #[tokio::test]
+    async fn start_up_tolerates_a_cluster_that_cannot_take_the_host_nqn() {
+        // The fence is optional: the node serves its volumes anyway (and warns).
+        let driver = node_driver(Arc::new(Down), "nqn.2014-08.org.nvmexpress:uuid:n1");
+        driver.start().await.unwrap();
+        assert!(driver.readiness().is_ready());
+        // An invalid NQN is refused by the port and tolerated the same way.
+        let cluster = Arc::new(LocalCluster::new([]));
+        let driver = node_driver(Arc::clone(&cluster) as Arc<dyn Cluster>, "not an nqn");
+        driver.start().await.unwrap();
+        assert!(driver.readiness().is_ready());
+        let n1 = NodeId::new("n1").unwrap();
+        assert_eq!(cluster.node_host_nqn(&n1).await.unwrap(), None);
+    }
 }

@@ -13,7 +13,8 @@
 //!
 //! The list is checked against the code too: a test here drives every method of the
 //! `AttachmentStore` and `Cluster` production adapters against the simulated API server
-//! and requires the requests it sees to be exactly [`API_ACCESS`] (the simulated server
+//! and requires the requests it sees to be exactly [`API_ACCESS`] for the controller's
+//! methods and [`NODE_API_ACCESS`] for the node's (the simulated server
 //! counts a `watch=true` GET as a list, so a watch cannot be detected that way).
 //!
 //! Invariants: entries are unique per (api group, resource); verbs are Kubernetes RBAC verbs
@@ -42,9 +43,12 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ("", "events", &["create"]),
 ];
 
-/// What the node plugin (`--mode node`) calls on the Kubernetes API: nothing. Its
-/// ServiceAccount gets no token and no RBAC while this is empty.
-pub const NODE_API_ACCESS: &[ApiAccess] = &[];
+/// What the node plugin (`--mode node`) calls on the Kubernetes API.
+///
+/// - `nodes` patch: at start-up it publishes its NVMe host NQN as the annotation
+///   `rds.csi.srvlab.io/host-nqn` of its own Node (one merge patch), which the controller's
+///   data-path fence reads.
+pub const NODE_API_ACCESS: &[ApiAccess] = &[("", "nodes", &["patch"])];
 
 #[cfg(test)]
 mod tests {
@@ -200,15 +204,33 @@ mod tests {
         };
         cluster.record_event(&event).await.unwrap();
 
+        let grants = |list: &[ApiAccess]| -> BTreeSet<_> {
+            list.iter()
+                .flat_map(|(g, r, verbs)| verbs.iter().map(|v| (g.to_string(), r.to_string(), v.to_string())))
+                .collect()
+        };
         let called: BTreeSet<_> = api.requests().keys().map(|r| grant_of(r)).collect();
-        let listed: BTreeSet<_> = API_ACCESS
-            .iter()
-            .flat_map(|(g, r, verbs)| verbs.iter().map(|v| (g.to_string(), r.to_string(), v.to_string())))
-            .collect();
         assert_eq!(
-            called, listed,
+            called,
+            grants(API_ACCESS),
             "the Kubernetes adapters' API calls (left) differ from kube_rbac::API_ACCESS (right): \
              update API_ACCESS to what the code calls, then \
+             deploy/helm/rds-csi/templates/rbac-plugin.yaml, then run \
+             `python3 deploy/tools/deploycheck.py sync` (tests/deploy.rs checks the chart)"
+        );
+
+        // The node plugin's calls (add new node-side methods here), on a fresh API server.
+        api.reset_requests();
+        cluster
+            .set_node_host_nqn(&node, "nqn.2014-08.org.nvmexpress:uuid:b")
+            .await
+            .unwrap();
+        let called: BTreeSet<_> = api.requests().keys().map(|r| grant_of(r)).collect();
+        assert_eq!(
+            called,
+            grants(NODE_API_ACCESS),
+            "the node plugin's API calls (left) differ from kube_rbac::NODE_API_ACCESS (right): \
+             update NODE_API_ACCESS to what the code calls, then \
              deploy/helm/rds-csi/templates/rbac-plugin.yaml, then run \
              `python3 deploy/tools/deploycheck.py sync` (tests/deploy.rs checks the chart)"
         );

@@ -208,12 +208,29 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
         rds,
     )?;
     if let Some(node) = deps.node.as_mut() {
+        // Keep the embedded cluster the node publishes its host NQN to.
+        let cluster = node.cluster.take();
         *node = crate::node::node_deps_from_cli(cli, &dir, &node_id);
+        node.cluster = cluster;
     }
     // Kubernetes: with --kubeconfig, or in a pod (the API server's address is in the env).
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let kube_ports = if cli.mode.controller() && (cli.kubeconfig.is_some() || in_cluster) {
-        let client = crate::kube::client(cli.kubeconfig.as_deref()).map_err(ServeError::Config)?;
+    let kube = cli.kubeconfig.is_some() || in_cluster;
+    let client = match kube.then(|| crate::kube::client(cli.kubeconfig.as_deref())) {
+        // A node plugin in a pod without a ServiceAccount token still serves its volumes;
+        // it only cannot publish its host NQN (optional: the data-path fence).
+        Some(Err(e)) if !cli.mode.controller() && cli.kubeconfig.is_none() => {
+            tracing::warn!(
+                error = %e,
+                "no Kubernetes client: this node's NVMe host NQN is not published, so with \
+                 --data-path-fence the controller cannot publish volumes here; mount the node \
+                 ServiceAccount token (the chart does) or annotate the Node by hand"
+            );
+            None
+        }
+        other => other.transpose().map_err(ServeError::Config)?,
+    };
+    let kube_ports = if let Some(client) = client {
         let (store, cluster) = crate::kube::adapters(
             client,
             &cli.driver_name,
@@ -221,11 +238,15 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
             entropy,
             crate::retry::Backoff::API,
         );
-        tracing::info!("attachments recorded in PersistentVolume annotations (Kubernetes)");
-        Some((
-            store as Arc<dyn crate::ports::AttachmentStore>,
-            cluster as Arc<dyn crate::ports::Cluster>,
-        ))
+        let cluster = cluster as Arc<dyn crate::ports::Cluster>;
+        if let Some(node) = deps.node.as_mut() {
+            // The node publishes its host NQN as a Node annotation.
+            node.cluster = Some(Arc::clone(&cluster));
+        }
+        cli.mode.controller().then(|| {
+            tracing::info!("attachments recorded in PersistentVolume annotations (Kubernetes)");
+            (store as Arc<dyn crate::ports::AttachmentStore>, cluster)
+        })
     } else {
         None
     };

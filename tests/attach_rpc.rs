@@ -151,3 +151,66 @@ async fn publish_is_durable_across_kill_nine_and_an_acknowledged_unpublish_stays
         .await
         .expect("free again: publish with another readonly flag succeeds");
 }
+
+/// The embedded RDS on `state` (the plugin must not be running).
+fn rds_at(state: &std::path::Path) -> Arc<dyn rds_csi::ports::Rds> {
+    rds_csi::driver::embedded_rds(
+        state,
+        Arc::new(SystemClock),
+        Arc::new(SeededEntropy::from_seed(1)),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn data_path_fence_on_the_embedded_default_uses_the_host_nqn_the_node_published() {
+    // `--mode all` (the default): the node publishes its host NQN into the cluster the
+    // controller reads, so the fence needs no annotation by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("csi.sock"), dir.path().join("state"));
+    rds_at(&state)
+        .create_disk(&DiskSpec {
+            slot: "pvc-fence".into(),
+            size_bytes: 1 << 30,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: "nqn.2000-02.com.mikrotik:pvc-fence".into(),
+            }),
+            copy_from: None,
+            comment: None,
+        })
+        .await
+        .unwrap();
+    let host_nqn = "nqn.2014-08.io.srvlab.rds-csi:embedded:test-node";
+
+    let mut plugin = Plugin::start(&socket, &state, &["--data-path-fence"]);
+    assert!(
+        plugin.log.iter().any(|l| l.contains("host NQN published")),
+        "log:\n{}",
+        plugin.log.join("")
+    );
+    let mut c = ControllerClient::new(plugin.channel().await);
+    c.controller_publish_volume(publish("pvc-fence", "test-node", false))
+        .await
+        .expect("publish with the fence on");
+    drop(c);
+    // The RDS state is durable once the RPC answered; read it with the plugin gone.
+    plugin.signal("KILL");
+    let _ = plugin.child.wait();
+    drop(plugin);
+    let disk = rds_at(&state).get_disk("pvc-fence").await.unwrap().unwrap();
+    assert_eq!(disk.allowed_host_nqn.as_deref(), Some(host_nqn));
+
+    let mut plugin = Plugin::start(&socket, &state, &["--data-path-fence"]);
+    let mut c = ControllerClient::new(plugin.channel().await);
+    c.controller_unpublish_volume(unpublish("pvc-fence", "test-node"))
+        .await
+        .unwrap();
+    drop(c);
+    // The RDS state is durable once the RPC answered; read it with the plugin gone.
+    plugin.signal("KILL");
+    let _ = plugin.child.wait();
+    drop(plugin);
+    let disk = rds_at(&state).get_disk("pvc-fence").await.unwrap().unwrap();
+    assert_eq!(disk.allowed_host_nqn, None);
+}

@@ -493,6 +493,19 @@ fn check_rbac(docs: &[Value], p: &mut Vec<String>) {
             &actual,
             PLUGIN_HINT,
         ));
+        // The node calls the API: its pod must get the ServiceAccount token.
+        let pod = find(docs, "DaemonSet", &node_sa).map(|d| &d["spec"]["template"]["spec"]);
+        let sa = find(docs, "ServiceAccount", &node_sa);
+        let pod_off = pod.is_some_and(|s| s["automountServiceAccountToken"] == json!(false));
+        let sa_off = sa.is_some_and(|s| s["automountServiceAccountToken"] == json!(false));
+        let pod_on = pod.is_some_and(|s| s["automountServiceAccountToken"] == json!(true));
+        if pod_off || (sa_off && !pod_on) {
+            p.push(format!(
+                "the node plugin (ServiceAccount {node_sa}) calls the Kubernetes API \
+                 (NODE_API_ACCESS) but its pod gets no token: drop automountServiceAccountToken: \
+                 false"
+            ));
+        }
     }
 }
 
@@ -1083,10 +1096,27 @@ fn other_faults_fail() {
             });
         },
     );
-    assert_caught("node sa bound", "NODE_API_ACCESS is empty", |docs| {
-        let mut b = find_mut(docs, "ClusterRoleBinding", "rds-csi-plugin").clone();
-        b["subjects"][0]["name"] = json!("rds-csi-node");
-        docs.push(b);
+    assert_caught(
+        "node sa bound to the controller's role",
+        "extra [/events:create",
+        |docs| {
+            let mut b = find_mut(docs, "ClusterRoleBinding", "rds-csi-plugin").clone();
+            b["subjects"][0]["name"] = json!("rds-csi-node");
+            docs.push(b);
+        },
+    );
+    assert_caught("node role unbound", "missing [/nodes:patch]", |docs| {
+        docs.retain(|d| {
+            !(d["kind"] == "ClusterRoleBinding" && d["metadata"]["name"] == "rds-csi-node")
+        });
+    });
+    assert_caught("node pod without token", "its pod gets no token", |docs| {
+        let pod = &mut find_mut(docs, "DaemonSet", "rds-csi-node")["spec"]["template"]["spec"];
+        pod["automountServiceAccountToken"] = json!(false);
+    });
+    assert_caught("node sa without token", "its pod gets no token", |docs| {
+        find_mut(docs, "ServiceAccount", "rds-csi-node")["automountServiceAccountToken"] =
+            json!(false);
     });
     assert_caught("no leader election", "without --leader-election", |docs| {
         let c = container_mut(docs, "Deployment", "rds-csi-controller", "csi-resizer");

@@ -81,6 +81,13 @@ impl Cluster for LocalCluster {
             .flatten())
     }
 
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        let nqn = crate::types::Nqn::new(host_nqn)
+            .map_err(|e| ClusterError::Other(format!("host NQN of node {node}: {e}")))?;
+        self.register_node(node.clone(), Some(nqn.as_str().to_owned()));
+        Ok(())
+    }
+
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
         // No orchestrator: the attachment store is the only record (unless a test says).
         Ok(self

@@ -633,6 +633,7 @@ mod tests {
             let deps = NodeDeps {
                 initiator: Arc::new(k.clone()),
                 mounter: Arc::new(k.clone()),
+                cluster: None,
                 options: NodeOptions {
                     allowed_root: Some("/k".into()),
                     nqn_prefix: PREFIX.into(),

@@ -1,7 +1,8 @@
 //! The `Cluster` port over the Kubernetes API (production): Node existence and host NQN
 //! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver (paginated LIST,
 //! PV names resolved to volume handles through the shared [`PvIndex`]), and Events on the
-//! PersistentVolume. Transient failures are retried with the seeded [`Backoff`].
+//! PersistentVolume; the node plugin publishes its host NQN with one merge PATCH of its
+//! Node's annotations. Transient failures are retried with the seeded [`Backoff`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -231,6 +232,31 @@ impl Cluster for KubeCluster {
             return Ok(nqn);
         }
         Ok(self.fetch_node(node).await?.flatten())
+    }
+
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        let nqn = crate::types::Nqn::new(host_nqn)
+            .map_err(|e| ClusterError::Other(format!("host NQN of node {node}: {e}")))?;
+        // The node owns this key: a plain merge patch, no resourceVersion precondition.
+        let patch = json!({ "metadata": { "annotations": { (ANN_HOST_NQN): nqn.as_str() } } });
+        let what = format!("PATCH Node {node}");
+        match self
+            .call::<NodeLite>(&what, || {
+                ::kube::core::Request::new("/api/v1/nodes").patch(
+                    node.as_str(),
+                    &Default::default(),
+                    &::kube::api::Patch::Merge(&patch),
+                )
+            })
+            .await?
+        {
+            Ok(_) => {
+                // A cached answer for this node must not hide the new NQN.
+                self.nodes().remove(node);
+                Ok(())
+            }
+            Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        }
     }
 
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {

@@ -490,3 +490,41 @@ async fn a_write_whose_answer_was_lost_is_recognised_on_retry() {
     assert_eq!((reqs.get("PATCH persistentvolumes"), reqs.get("GET persistentvolumes")), (Some(&1), Some(&1)));
     assert_eq!(store.read_volume(&v).await.unwrap(), vec![rec]);
 }
+
+#[tokio::test]
+async fn the_node_publishes_its_host_nqn_and_the_controller_reads_it_back() {
+    let w = World::new(&[]).await;
+    let mut node = node_json("node-c", None);
+    node["metadata"]["annotations"]["other.io/keep"] = json!("yes");
+    w.api.put_object(Kind::Node, "", node);
+    let (_, cluster) = w.ports();
+    let c = NodeId::new("node-c").unwrap();
+    // Known, without an NQN: the answer is cached (node_known / node_host_nqn).
+    assert_eq!(cluster.node_host_nqn(&c).await.unwrap(), None);
+    w.api.reset_requests();
+
+    let nqn = "nqn.2014-08.org.nvmexpress:uuid:node-c";
+    w.api.fail_next_requests([503]);
+    cluster.set_node_host_nqn(&c, nqn).await.expect("a transient failure is retried");
+    assert_eq!(w.api.requests().get("PATCH nodes"), Some(&2), "{:?}", w.api.requests());
+    let ann = w.api.object(Kind::Node, "", "node-c").unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(ann, json!({ "rds.csi.srvlab.io/host-nqn": nqn, "other.io/keep": "yes" }));
+    // The cached "no NQN" is dropped: the same adapter reads the new value.
+    assert_eq!(cluster.node_host_nqn(&c).await.unwrap().as_deref(), Some(nqn));
+    // Another adapter (the controller's) reads it from the Node.
+    let (_, controller) = w.ports();
+    assert_eq!(controller.node_host_nqn(&c).await.unwrap().as_deref(), Some(nqn));
+
+    // Republishing (a restart) overwrites; an invalid NQN sends nothing.
+    cluster.set_node_host_nqn(&c, "nqn.2014-08.org.nvmexpress:uuid:new").await.unwrap();
+    w.api.reset_requests();
+    let err = cluster.set_node_host_nqn(&c, "bad nqn/").await.unwrap_err();
+    assert!(err.to_string().contains("host NQN of node node-c"), "{err}");
+    assert!(w.api.requests().is_empty());
+    // A missing Node is an error naming it.
+    let err = cluster
+        .set_node_host_nqn(&NodeId::new("node-z").unwrap(), nqn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("PATCH Node node-z"), "{err}");
+}

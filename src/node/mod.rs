@@ -66,6 +66,7 @@ pub fn embedded_deps(state_dir: &Path, node_id: &NodeId, opts: NodeOptions) -> N
     NodeDeps {
         initiator: Arc::new(initiator),
         mounter: Arc::new(mount::RealMounter::new(runner, SYSCALL_TIMEOUT)),
+        cluster: None,
         options: opts,
     }
 }
@@ -81,6 +82,7 @@ pub fn nvme_deps(host_nqn: Option<String>, mut opts: NodeOptions) -> NodeDeps {
     NodeDeps {
         initiator: Arc::new(initiator),
         mounter: Arc::new(mount::RealMounter::new(runner, SYSCALL_TIMEOUT)),
+        cluster: None,
         options: opts,
     }
 }

@@ -1,4 +1,5 @@
-//! The `Cluster` port: what the controller asks of the orchestrator.
+//! The `Cluster` port: what the controller asks of the orchestrator (and the one thing the
+//! node tells it: its NVMe host NQN).
 //!
 //! Production: the Kubernetes API (Nodes, VolumeAttachments, Events). Embedded default: a
 //! local cluster of this one node.
@@ -57,6 +58,10 @@ pub trait Cluster: Send + Sync + 'static {
     }
     /// The NVMe host NQN the node published (annotation), if known.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
+    /// Publishes `node`'s NVMe host NQN (the node plugin, at start-up) so that the
+    /// controller's data-path fence can read it back with [`Cluster::node_host_nqn`].
+    /// `host_nqn` is validated first (an invalid one is `Other`, nothing is sent).
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError>;
     /// VolumeAttachments of this driver, sorted by (volume, node); `None` when the
     /// orchestrator has no such objects (no Kubernetes), so there is nothing to cross-check.
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError>;
