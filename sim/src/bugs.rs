@@ -75,6 +75,9 @@ impl Cluster for NodeGone {
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await
     }
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        self.inner.set_node_host_nqn(node, host_nqn).await
+    }
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
         self.inner.volume_attachments().await
     }

@@ -434,6 +434,8 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     let deps = NodeDeps {
         initiator: Arc::new(kernel.clone()),
         mounter: Arc::new(kernel),
+        // The simulated nodes do not publish their host NQN (no --data-path-fence in the sim).
+        cluster: None,
         options: NodeOptions {
             allowed_root: Some(KUBELET_ROOT.into()),
             nqn_prefix: rds_csi::node::DEFAULT_NQN_PREFIX.into(),
