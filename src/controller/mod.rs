@@ -22,7 +22,7 @@ use crate::attachment::AttachmentManager;
 use crate::ports::Rds;
 
 /// Default NVMe/TCP port (RouterOS default).
-pub const DEFAULT_NVME_PORT: u16 = 4420;
+pub use crate::routeros::command::DEFAULT_NVME_PORT;
 
 /// Controller settings from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,7 +39,7 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.rds.csi.srvlab.io/node";
 pub const DEFAULT_FS_TYPE: &str = "ext4";
 
 /// Default NVMe/TCP port (RouterOS `nvme-tcp-server-port`).
-pub const DEFAULT_NVME_PORT: u16 = 4420;
+pub use crate::routeros::command::DEFAULT_NVME_PORT;
 
 /// Node service state (one per plugin instance).
 pub struct NodeService {
