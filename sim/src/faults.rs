@@ -21,7 +21,7 @@ use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
 use rds_csi::types::VolumeId;
 
-use crate::world::{Shared, node_name};
+use crate::world::{CONTROLLERS, Leader, Shared, node_name};
 
 /// Where a crash point stops the controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub enum Point {
 #[derive(Debug, Default)]
 pub struct CrashPoint {
     armed: Mutex<Option<Point>>,
-    fired: Mutex<Option<Point>>,
+    fired: Mutex<Option<(Point, &'static str)>>,
 }
 
 impl CrashPoint {
@@ -51,11 +51,11 @@ impl CrashPoint {
     fn take_armed(&self) -> Option<Point> {
         self.armed.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
-    fn fire(&self, p: Point) {
-        *self.fired.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    fn fire(&self, p: Point, host: &'static str) {
+        *self.fired.lock().unwrap_or_else(|e| e.into_inner()) = Some((p, host));
     }
-    /// The point that fired since the last call, if any.
-    pub fn take_fired(&self) -> Option<Point> {
+    /// The point that fired since the last call, and on which host, if any.
+    pub fn take_fired(&self) -> Option<(Point, &'static str)> {
         self.fired.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -64,6 +64,7 @@ impl CrashPoint {
 struct CrashingStore {
     inner: Arc<dyn AttachmentStore>,
     crash: Arc<CrashPoint>,
+    host: &'static str,
 }
 
 impl CrashingStore {
@@ -74,12 +75,12 @@ impl CrashingStore {
         match self.crash.take_armed() {
             None => write.await,
             Some(Point::BeforeWrite) => {
-                self.crash.fire(Point::BeforeWrite);
+                self.crash.fire(Point::BeforeWrite, self.host);
                 std::future::pending().await
             }
             Some(Point::AfterWrite) => {
                 write.await?;
-                self.crash.fire(Point::AfterWrite);
+                self.crash.fire(Point::AfterWrite, self.host);
                 std::future::pending().await
             }
         }
@@ -112,11 +113,16 @@ impl AttachmentStore for CrashingStore {
     }
 }
 
-/// Wraps the controller's store with the scenario's crash point.
-pub fn wrap_store(inner: Arc<dyn AttachmentStore>, sh: &Shared) -> Arc<dyn AttachmentStore> {
+/// Wraps the store of controller replica `host` with the scenario's crash point.
+pub fn wrap_store(
+    inner: Arc<dyn AttachmentStore>,
+    sh: &Shared,
+    host: &'static str,
+) -> Arc<dyn AttachmentStore> {
     Arc::new(CrashingStore {
         inner,
         crash: Arc::clone(&sh.crash),
+        host,
     })
 }
 
@@ -135,6 +141,7 @@ pub struct Injector {
     every: Duration,
     chaos_end: Duration,
     partitions: Vec<(Duration, &'static str, &'static str)>,
+    stale_until: Duration,
     healed: bool,
     /// Faults injected, by kind.
     pub counts: BTreeMap<&'static str, u64>,
@@ -150,6 +157,7 @@ impl Injector {
             every: Duration::from_millis(o.fault_every_ms),
             chaos_end: Duration::from_secs(o.chaos_secs),
             partitions: Vec::new(),
+            stale_until: Duration::ZERO,
             healed: false,
             counts: BTreeMap::new(),
         }
@@ -187,7 +195,7 @@ impl Injector {
         }
         let mut i = 0;
         while i < self.partitions.len() {
-            if self.partitions[i].0 <= now || (now >= self.chaos_end) {
+            if self.partitions[i].0 <= now || now >= self.chaos_end {
                 let (_, a, b) = self.partitions.remove(i);
                 sim.repair(a, b);
                 sh.trace.at(now, "fault", format!("repair {a}<->{b}"));
@@ -210,9 +218,36 @@ impl Injector {
         }
         self.next += self.every;
         let o = Arc::clone(&sh.opts);
+        let leader = sh.leader();
         if self.roll(o.bounce_pct) {
-            self.count("bounce", sh, now, "controller crash + restart".into());
-            sim.bounce("controller");
+            let host = leader.active;
+            self.count("bounce", sh, now, format!("{host} crash + restart"));
+            sim.bounce(host);
+        }
+        if leader.stale.is_none() && self.roll(o.failover_pct) {
+            // The other replica takes the lease (and starts over from the API, as an
+            // elected replica does); the old leader keeps serving stale calls a while.
+            let new = if leader.active == CONTROLLERS[0] {
+                CONTROLLERS[1]
+            } else {
+                CONTROLLERS[0]
+            };
+            let ms = self.rng.random_range(1_000..=10_000);
+            sim.bounce(new);
+            sh.set_leader(Leader {
+                active: new,
+                stale: Some(leader.active),
+            });
+            self.stale_until = now + Duration::from_millis(ms);
+            self.count(
+                "failover",
+                sh,
+                now,
+                format!(
+                    "failover {} -> {new}, old leader stale for {ms}ms",
+                    leader.active
+                ),
+            );
         }
         if self.roll(o.crash_point_pct) {
             let p = if self.rng.random_bool(0.5) {

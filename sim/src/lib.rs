@@ -95,8 +95,10 @@ pub fn run(opts: Options) -> Report {
     sim.host("kube", move || world::kube_host(api.clone()));
     let emulator = sh.emulator.clone();
     sim.host("rds", move || world::rds_host(emulator.clone()));
-    let s = sh.clone();
-    sim.host("controller", move || world::controller_host(s.clone()));
+    for name in world::CONTROLLERS {
+        let s = sh.clone();
+        sim.host(name, move || world::controller_host(s.clone(), name));
+    }
     for i in 0..opts.nodes {
         let s = sh.clone();
         sim.host(node_name(i), move || world::node_host(s.clone(), i));

@@ -1,7 +1,7 @@
 //! `sim`: run seed ranges, replay one seed, check determinism.
 //!
 //! ```text
-//! sim run [--seeds A..B] [--jobs N] [--check-determinism]
+//! sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]
 //! sim replay SEED [--bug KIND] [--check-determinism]
 //! ```
 
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism]\n       sim replay SEED [--bug AckBeforePersist|DropPrecondition|NodeGoneWhileAlive] [--check-determinism]";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug AckBeforePersist|DropPrecondition|NodeGoneWhileAlive] [--check-determinism]";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;
@@ -94,11 +94,19 @@ fn main() -> ExitCode {
                 },
                 None => (1, 101),
             };
+            let bug = match flag("--bug").map(|b| (b, parse_bug(b))) {
+                None => None,
+                Some((_, Some(b))) => Some(b),
+                Some((b, None)) => {
+                    eprintln!("unknown --bug {b}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            };
             let jobs: u64 = flag("--jobs")
                 .and_then(|j| j.parse().ok())
                 .unwrap_or(1)
                 .max(1);
-            run_many(from, to, jobs, determinism)
+            run_many(from, to, jobs, determinism, bug)
         }
         _ => {
             eprintln!("{USAGE}");
@@ -117,7 +125,14 @@ struct Totals {
     nondeterministic: Vec<u64>,
 }
 
-fn run_many(from: u64, to: u64, jobs: u64, determinism: bool) -> ExitCode {
+fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) -> ExitCode {
+    let opts = |seed: u64| {
+        let o = Options::from_seed(seed);
+        match bug {
+            Some(b) => o.with_bug(b),
+            None => o,
+        }
+    };
     let next = AtomicU64::new(from);
     let totals = Mutex::new(Totals::default());
     let total = to - from;
@@ -130,8 +145,8 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool) -> ExitCode {
                     if seed >= to {
                         break;
                     }
-                    let r: Report = sim::run(Options::from_seed(seed));
-                    let nondet = determinism && sim::run(Options::from_seed(seed)).hash != r.hash;
+                    let r: Report = sim::run(opts(seed));
+                    let nondet = determinism && sim::run(opts(seed)).hash != r.hash;
                     let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                     t.scenarios += 1;
                     t.sim_time += r.sim_time;

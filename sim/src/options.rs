@@ -62,6 +62,9 @@ pub struct Options {
     pub partition_pct: u32,
     /// Chance (%) per tick of a node plugin crash + restart.
     pub node_crash_pct: u32,
+    /// Chance (%) per tick of a controller failover (the other replica leads; the old
+    /// leader keeps answering stale calls for a while).
+    pub failover_pct: u32,
     /// Virtual time between fault ticks (ms).
     pub fault_every_ms: u64,
     /// Length of the chaos phase (virtual s).
@@ -89,6 +92,7 @@ impl Options {
         let crash_point_pct = rate(25);
         let partition_pct = rate(12);
         let node_crash_pct = rate(10);
+        let failover_pct = rate(10);
         Self {
             seed,
             nodes: r.random_range(2..=4),
@@ -105,6 +109,7 @@ impl Options {
             crash_point_pct,
             partition_pct,
             node_crash_pct,
+            failover_pct,
             fault_every_ms: r.random_range(200..=2_000),
             chaos_secs: r.random_range(10..=60),
             bug: None,
@@ -124,7 +129,8 @@ impl fmt::Display for Options {
             f,
             "SEED={} nodes={} volumes={} moves={} repeat={}% conflict_attach={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
-             crash_point={}% partition={}% node_crash={}% fault_every={}ms chaos={}s",
+             crash_point={}% partition={}% node_crash={}% failover={}% fault_every={}ms \
+             chaos={}s",
             self.seed,
             self.nodes,
             self.volumes,
@@ -140,6 +146,7 @@ impl fmt::Display for Options {
             self.crash_point_pct,
             self.partition_pct,
             self.node_crash_pct,
+            self.failover_pct,
             self.fault_every_ms,
             self.chaos_secs,
         )?;

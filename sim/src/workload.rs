@@ -32,6 +32,9 @@ use tonic::{Code, Status};
 use crate::checkers::Op;
 use crate::world::{DRIVER, KUBELET_ROOT, Shared, csi_channel, node_name};
 
+/// Stands for the leading controller replica.
+const CTRL: &str = "controller*";
+
 /// Bound of one CSI call as the CO sees it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of every volume.
@@ -127,8 +130,13 @@ struct Script {
 }
 
 impl Script {
-    /// One attempt of `call` on `host`, traced.
+    /// One attempt of `call` on `host` (`CTRL`: the leading controller replica), traced.
     async fn once(&mut self, host: &str, call: &Call, note: &str) -> Result<Reply, Code> {
+        let host = if host == CTRL {
+            self.sh.leader().active
+        } else {
+            host
+        };
         let name = call.name();
         let r = send(host, call.clone()).await;
         let outcome = match &r {
@@ -155,9 +163,19 @@ impl Script {
         }
     }
 
-    /// Sometimes repeats a call that succeeded (a sidecar unsure of its outcome).
+    /// Sometimes repeats a call that succeeded (a sidecar unsure of its outcome). During a
+    /// failover a repeat to the controller may reach the stale former leader.
     async fn maybe_repeat(&mut self, host: &str, call: Call) {
         if self.rng.random_range(0..100) < self.sh.opts.repeat_pct {
+            let host = if host == CTRL {
+                let l = self.sh.leader();
+                match l.stale {
+                    Some(stale) if self.rng.random_bool(0.5) => stale,
+                    _ => l.active,
+                }
+            } else {
+                host
+            };
             let _ = self.once(host, &call, " (repeat)").await;
         }
     }
@@ -208,9 +226,7 @@ impl Script {
     /// ControllerPublish until OK, recorded in the model.
     async fn publish(&mut self, node: &str, vctx: &HashMap<String, String>) -> Reply {
         self.model().begin(&self.vol, node, Op::Publish);
-        let r = self
-            .until_ok("controller", self.publish_req(node, vctx))
-            .await;
+        let r = self.until_ok(CTRL, self.publish_req(node, vctx)).await;
         self.model().ack(&self.vol, node, Op::Publish);
         r
     }
@@ -218,7 +234,7 @@ impl Script {
     /// ControllerUnpublish until OK, recorded in the model.
     async fn unpublish(&mut self, node: &str) {
         self.model().begin(&self.vol, node, Op::Unpublish);
-        self.until_ok("controller", self.unpublish_req(node)).await;
+        self.until_ok(CTRL, self.unpublish_req(node)).await;
         self.model().ack(&self.vol, node, Op::Unpublish);
     }
 
@@ -228,11 +244,7 @@ impl Script {
     async fn conflicting_attach(&mut self, other: &str, vctx: &HashMap<String, String>) {
         self.model().begin(&self.vol, other, Op::Publish);
         let r = self
-            .once(
-                "controller",
-                &self.publish_req(other, vctx),
-                " (conflicting)",
-            )
+            .once(CTRL, &self.publish_req(other, vctx), " (conflicting)")
             .await;
         match r {
             Ok(_) => {
@@ -262,9 +274,9 @@ impl Script {
             volume_capabilities: vec![capability()],
             ..Default::default()
         });
-        let created = self.until_ok("controller", create.clone()).await;
+        let created = self.until_ok(CTRL, create.clone()).await;
         self.model().volume(&vol).created = true;
-        self.maybe_repeat("controller", create).await;
+        self.maybe_repeat(CTRL, create).await;
         self.sh.api.put_object(
             Kind::PersistentVolume,
             "",
@@ -285,7 +297,7 @@ impl Script {
             self.put_va(&node, false);
             let published = self.publish(&node, &vctx).await;
             self.put_va(&node, true);
-            self.maybe_repeat("controller", self.publish_req(&node, &vctx))
+            self.maybe_repeat(CTRL, self.publish_req(&node, &vctx))
                 .await;
             if self.rng.random_range(0..100) < o.conflict_attach_pct {
                 let other =
@@ -341,8 +353,7 @@ impl Script {
             self.until_ok(&node, unstage.clone()).await;
             self.maybe_repeat(&node, unstage).await;
             self.unpublish(&node).await;
-            self.maybe_repeat("controller", self.unpublish_req(&node))
-                .await;
+            self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
             self.sh
                 .api
                 .remove_object(Kind::VolumeAttachment, "", &format!("csi-{vol}-{node}"));
@@ -355,14 +366,14 @@ impl Script {
             volume_id: vol.clone(),
             ..Default::default()
         });
-        self.until_ok("controller", delete.clone()).await;
+        self.until_ok(CTRL, delete.clone()).await;
         {
             let mut m = self.model();
             let v = m.volume(&vol);
             v.deleting = false;
             v.deleted = true;
         }
-        self.maybe_repeat("controller", delete).await;
+        self.maybe_repeat(CTRL, delete).await;
         self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
         self.sh.trace.log("co", format!("{vol} done"));
     }

@@ -14,6 +14,7 @@
 //! each request is bounded. Port wrappers (crash points, planted bugs) are applied at the
 //! port boundaries by [`crate::faults`] and [`crate::bugs`]; the driver has no sim switch.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,8 +98,11 @@ pub struct Shared {
     pub kernels: Vec<FakeKernel>,
     /// The workload's acknowledged history.
     pub model: Arc<Mutex<Model>>,
-    /// The attachment manager of the running controller incarnation.
-    pub manager: Arc<Mutex<Option<Arc<AttachmentManager>>>>,
+    /// The attachment manager of each controller replica's running incarnation.
+    pub managers: Arc<Mutex<BTreeMap<String, Arc<AttachmentManager>>>>,
+    /// The controller replicas: who the CO sends calls to (the leader), and a stale
+    /// former leader still running during a failover.
+    pub leader: Arc<Mutex<Leader>>,
     /// Crash point around attachment writes.
     pub crash: Arc<CrashPoint>,
     /// Controller incarnations started so far.
@@ -131,19 +135,46 @@ impl Shared {
             emulator: Arc::new(emulator),
             kernels,
             model: Arc::default(),
-            manager: Arc::default(),
+            managers: Arc::default(),
+            leader: Arc::new(Mutex::new(Leader {
+                active: CONTROLLERS[0],
+                stale: None,
+            })),
             crash: Arc::default(),
             incarnation: Arc::default(),
         }
     }
 
-    /// The running controller's manager, if any.
-    pub fn manager(&self) -> Option<Arc<AttachmentManager>> {
-        self.manager
+    /// The manager of `replica`'s running incarnation, if it started.
+    pub fn manager(&self, replica: &str) -> Option<Arc<AttachmentManager>> {
+        self.managers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .get(replica)
+            .cloned()
     }
+
+    /// The current leader and stale replica.
+    pub fn leader(&self) -> Leader {
+        *self.leader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the leader and stale replica.
+    pub fn set_leader(&self, l: Leader) {
+        *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = l;
+    }
+}
+
+/// The controller replicas (hosts).
+pub const CONTROLLERS: [&str; 2] = ["controller", "controller-b"];
+
+/// Which controller replica leads, and which former leader still runs (stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leader {
+    /// Where the CO sends its calls.
+    pub active: &'static str,
+    /// A former leader that has not noticed yet (gets the CO's stale repeats).
+    pub stale: Option<&'static str>,
 }
 
 /// The name of node host `i` (0-based).
@@ -341,7 +372,12 @@ fn driver_config(node: &str, mode: Mode) -> Result<DriverConfig, String> {
 }
 
 /// Finishes start-up (retrying while the backend is unreachable), then serves CSI.
-async fn start_and_serve(driver: Driver, trace: &Trace, who: &'static str) -> turmoil::Result {
+async fn start_and_serve(
+    driver: Driver,
+    trace: &Trace,
+    who: &'static str,
+    name: &str,
+) -> turmoil::Result {
     let mut attempt = 0u32;
     loop {
         match driver.start().await {
@@ -350,13 +386,13 @@ async fn start_and_serve(driver: Driver, trace: &Trace, who: &'static str) -> tu
                 attempt += 1;
                 trace.log(
                     who,
-                    format!("start-up failed (attempt {attempt}): {}", kind_of(e)),
+                    format!("{name} start-up failed (attempt {attempt}): {}", kind_of(e)),
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
-    trace.log(who, "ready");
+    trace.log(who, format!("{name} ready"));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", CSI_PORT)).await?;
     rds_csi::server::serve(
         driver.services(),
@@ -373,11 +409,12 @@ fn kind_of(e: rds_csi::Error) -> String {
     tonic::Status::from(e).code().description().to_string()
 }
 
-/// The `controller` host, one incarnation: builds the kube client, the adapters (with the
-/// scenario's port wrappers), the driver, then serves.
-pub async fn controller_host(sh: Shared) -> turmoil::Result {
+/// A controller replica host (`name`), one incarnation: builds the kube client, the
+/// adapters (with the scenario's port wrappers), the driver, then serves.
+pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result {
     let inc = sh.incarnation.fetch_add(1, Ordering::SeqCst);
-    sh.trace.log("ctrl", format!("incarnation {inc} starting"));
+    sh.trace
+        .log("ctrl", format!("{name}: incarnation {inc} starting"));
     let clock: Arc<dyn Clock> = Arc::new(SimClock);
     let entropy = Arc::new(SeededEntropy::from_seed(
         sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
@@ -387,7 +424,7 @@ pub async fn controller_host(sh: Shared) -> turmoil::Result {
         rds_csi::kube::adapters(client, DRIVER, Arc::clone(&clock), entropy.clone(), BACKOFF);
     let store: Arc<dyn AttachmentStore> = store;
     let cluster: Arc<dyn Cluster> = cluster;
-    let store = crate::faults::wrap_store(store, &sh);
+    let store = crate::faults::wrap_store(store, &sh, name);
     let store = crate::bugs::wrap_store(store, sh.opts.bug);
     let cluster = crate::bugs::wrap_cluster(cluster, sh.opts.bug);
     let transport = TcpTransport::new(RdsConnector, Duration::from_secs(2), Duration::from_secs(5));
@@ -410,9 +447,12 @@ pub async fn controller_host(sh: Shared) -> turmoil::Result {
         Arc::clone(&clock),
         AttachmentConfig::default(),
     );
-    *sh.manager.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&deps.attachments));
+    sh.managers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_string(), Arc::clone(&deps.attachments));
     let driver = Driver::new(
-        driver_config("controller", Mode::Controller)?,
+        driver_config(name, Mode::Controller)?,
         Deps {
             clock,
             entropy,
@@ -421,7 +461,7 @@ pub async fn controller_host(sh: Shared) -> turmoil::Result {
         },
     )
     .map_err(|e| e.to_string())?;
-    start_and_serve(driver, &sh.trace, "ctrl").await
+    start_and_serve(driver, &sh.trace, "ctrl", name).await
 }
 
 /// The `node-<i+1>` host, one incarnation, over its kernel.
@@ -452,5 +492,5 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
         },
     )
     .map_err(|e| e.to_string())?;
-    start_and_serve(driver, &sh.trace, "node").await
+    start_and_serve(driver, &sh.trace, "node", "").await
 }

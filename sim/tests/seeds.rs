@@ -119,3 +119,8 @@ fn finds_a_store_that_acknowledges_before_persisting() {
 fn finds_a_node_reported_gone_while_alive() {
     finds(Bug::NodeGoneWhileAlive);
 }
+
+#[test]
+fn finds_a_store_that_drops_the_precondition() {
+    finds(Bug::DropPrecondition);
+}

@@ -285,6 +285,24 @@ impl AttachmentManager {
                 continue;
             }
             if self.cluster.node_exists(other).await? {
+                // Memory may be stale: another replica (a former leader finishing an
+                // in-flight unpublish during a failover) may have changed the holders
+                // after our rebuild. Refuse only what the store confirms (found by the
+                // simulation: a stale holder blocked the volume until restart).
+                let stored: Holders = self
+                    .store
+                    .read_volume(&volume)
+                    .await
+                    .map_err(|e| store_error(&volume, e))?
+                    .into_iter()
+                    .collect();
+                if !crate::ports::store::same_holders(stored.as_slice(), current.as_slice()) {
+                    self.state().set(&volume, stored);
+                    return Err(Error::Aborted(format!(
+                        "attachments of volume {volume} changed by another writer; memory \
+                         resynchronised from the store, retry"
+                    )));
+                }
                 let message = format!(
                     "volume {volume} is attached to node {other}; a single-node volume is \
                      attached to one node at a time, so node {node} must wait until it is \

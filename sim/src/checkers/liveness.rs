@@ -7,7 +7,7 @@ use rds_csi::kube::fake_api::Kind;
 use rds_csi::ports::Initiator;
 use rds_csi::ports::Mounter;
 
-use crate::world::{Shared, node_name};
+use crate::world::{CONTROLLERS, Shared, node_name};
 
 /// Leftovers (empty: converged).
 pub fn check(sh: &Shared) -> Vec<String> {
@@ -46,20 +46,28 @@ pub fn check(sh: &Shared) -> Vec<String> {
     if !vas.is_empty() {
         bad.push(format!("{} VolumeAttachment(s) left", vas.len()));
     }
-    match sh.manager() {
-        Some(m) => {
-            if m.lock_entries() != 0 {
-                bad.push(format!("lock table holds {} entries", m.lock_entries()));
+    let leader = sh.leader().active;
+    for replica in CONTROLLERS {
+        match sh.manager(replica) {
+            Some(m) => {
+                if m.lock_entries() != 0 {
+                    bad.push(format!(
+                        "{replica}: lock table holds {} entries",
+                        m.lock_entries()
+                    ));
+                }
+                // Only the leader's memory must agree: a standby's view is refreshed when
+                // it takes the lease.
+                let list = m.list();
+                if replica == leader && !list.is_empty() {
+                    bad.push(format!(
+                        "{replica} still tracks {} attachment(s)",
+                        list.len()
+                    ));
+                }
             }
-            let list = m.list();
-            if !list.is_empty() {
-                bad.push(format!(
-                    "controller still tracks {} attachment(s)",
-                    list.len()
-                ));
-            }
+            None => bad.push(format!("{replica} never started")),
         }
-        None => bad.push("no controller ever started".into()),
     }
     bad
 }
