@@ -258,6 +258,18 @@ async fn create_volume_names_sizes_and_parameters() {
     assert_eq!(again, vol);
     let (code_, _) = code(c.create_volume(create_req(&long, 2 * GIB)).await);
     assert_eq!(code_, Code::AlreadyExists);
+    // Same name, same size, another filesystem (or block) → ALREADY_EXISTS.
+    let mut xfs = create_req(&long, GIB);
+    xfs.parameters = HashMap::from([("fsType".to_string(), "xfs".to_string())]);
+    let (code_, msg) = code(c.create_volume(xfs).await);
+    assert_eq!(code_, Code::AlreadyExists);
+    assert!(
+        msg.contains("as ext4") && msg.contains("asks for xfs"),
+        "{msg}"
+    );
+    let mut block = create_req(&long, GIB);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
+    assert_eq!(code(c.create_volume(block).await).0, Code::AlreadyExists);
     // Missing fields.
     let (code_, msg) = code(
         c.create_volume(CreateVolumeRequest {

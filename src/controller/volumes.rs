@@ -160,6 +160,14 @@ pub fn volume_id_field(value: &str, field: &str) -> Result<VolumeId> {
     VolumeId::new(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
 }
 
+/// Prefix of the disk comment recording a volume's layout.
+const LAYOUT_TAG: &str = "rds-csi-volume:";
+
+/// The disk comment of a volume: `rds-csi-volume:<fs type>` or `rds-csi-volume:block`.
+fn layout_comment(args: &CreateArgs) -> String {
+    format!("{LAYOUT_TAG}{}", args.fs_type.as_deref().unwrap_or("block"))
+}
+
 /// Whether a disk is a volume (exported) rather than a snapshot.
 fn is_volume(disk: &Disk) -> bool {
     disk.export.is_some()
@@ -239,6 +247,18 @@ impl Controller {
                     existing.size_bytes
                 )));
             }
+            // The disk comment records how the volume was made (filesystem or block):
+            // the same name asking for another one is a different volume.
+            let wanted = layout_comment(args);
+            if let Some(had) = existing.comment.as_deref().filter(|c| c.starts_with(LAYOUT_TAG))
+                && had != wanted
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {id} already exists as {}, but this request asks for {}",
+                    &had[LAYOUT_TAG.len()..],
+                    &wanted[LAYOUT_TAG.len()..]
+                )));
+            }
             return Ok(self.to_volume(&existing, args));
         }
 
@@ -275,7 +295,7 @@ impl Controller {
                 nqn: self.cfg.nqn(id),
             }),
             copy_from: args.source.as_ref().map(|s| s.slot().to_string()),
-            comment: None,
+            comment: Some(layout_comment(args)),
         };
         let disk = self.rds.create_disk(&spec).await?;
         Ok(self.to_volume(&disk, args))
