@@ -344,7 +344,24 @@ impl AttachmentManager {
             .unwrap_or_default();
         let (removed, next) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
         if removed.is_empty() {
-            return Ok(Vec::new());
+            // Memory may be stale: after a failover, the former leader's in-flight publish
+            // can land after our rebuild. Acknowledge "not attached" only when the store
+            // agrees (found by the simulation: the acknowledged unpublish left the
+            // attachment in the store).
+            let stored: Holders = match self.store.read_volume(volume).await {
+                Ok(records) => records.into_iter().collect(),
+                Err(crate::ports::store::StoreError::NotFound(_)) => Holders::default(),
+                Err(e) => return Err(store_error(volume, e)),
+            };
+            // Nothing removed: `next` is the whole of memory's holders.
+            if crate::ports::store::same_holders(stored.as_slice(), next.as_slice()) {
+                return Ok(Vec::new());
+            }
+            self.state().set(volume, stored);
+            return Err(Error::Aborted(format!(
+                "attachments of volume {volume} changed by another writer; memory \
+                 resynchronised from the store, retry"
+            )));
         }
         let previous: Holders = removed.iter().chain(next.iter()).cloned().collect();
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
