@@ -267,6 +267,17 @@ pub struct Cli {
     )]
     pub max_volumes_per_node: u32,
 
+    /// How often the controller resynchronises its attachment memory from the PV
+    /// annotations, in seconds, picking up changes another controller replica made during
+    /// a failover (0: never).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ATTACHMENT_RESYNC",
+        default_value_t = 120
+    )]
+    pub attachment_resync_secs: u64,
+
     /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(
         long,

@@ -267,6 +267,20 @@ impl Driver {
         if let Some(c) = &self.deps.controller {
             c.rds.ping().await?;
             c.attachments.rebuild().await?;
+            let every = c.attachments.config().resync_interval;
+            if !every.is_zero() {
+                let manager = Arc::downgrade(&c.attachments);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        // Ends with the driver (its manager dropped).
+                        let Some(m) = manager.upgrade() else { break };
+                        if let Err(e) = m.resync().await {
+                            tracing::warn!(error = %e, "attachment resync failed; retrying at the next interval");
+                        }
+                    }
+                });
+            }
         }
         if let Some(n) = &self.deps.node {
             // Restart recovery: the node's state is whatever the kernel has attached and

@@ -255,6 +255,7 @@ pub fn build_driver(cli: &Cli) -> Result<Driver, ServeError> {
         crate::attachment::AttachmentConfig {
             max_volumes_per_node: u64::from(cli.max_volumes_per_node),
             data_path_fence: cli.data_path_fence,
+            resync_interval: Duration::from_secs(cli.attachment_resync_secs),
         },
     );
     let cfg = DriverConfig {

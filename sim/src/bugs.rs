@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use rds_csi::ports::rds::RdsError;
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
-use rds_csi::ports::{AttachmentStore, Cluster, Rds};
+use rds_csi::ports::{AttachmentStore, Cluster};
+use rds_csi::routeros::render::CommandLine;
+use rds_csi::routeros::transport::Transport;
 use rds_csi::types::{NodeId, VolumeId};
 
 use crate::options::Bug;
@@ -104,7 +107,28 @@ pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluste
     }
 }
 
-/// The RDS with `bug` planted, if it is an RDS bug (none yet).
-pub fn wrap_rds(inner: Arc<dyn Rds>, _bug: Option<Bug>) -> Arc<dyn Rds> {
-    inner
+/// A link to the RDS that takes a lost reply (no answer, or the connection dropped
+/// mid-command) as a failure and sends the command again at once, answering with the
+/// second reply: the first attempt may have been applied, so an add comes back as
+/// "already exists" and the adapter never gets to observe what happened.
+struct BlindResend {
+    inner: Arc<dyn Transport>,
+}
+
+#[async_trait]
+impl Transport for BlindResend {
+    async fn run(&self, cmd: &CommandLine) -> Result<String, RdsError> {
+        match self.inner.run(cmd).await {
+            Err(RdsError::Timeout(_) | RdsError::Unavailable(_)) => self.inner.run(cmd).await,
+            answer => answer,
+        }
+    }
+}
+
+/// The link to the RDS with `bug` planted, if it is an RDS bug.
+pub fn wrap_transport(inner: Arc<dyn Transport>, bug: Option<Bug>) -> Arc<dyn Transport> {
+    match bug {
+        Some(Bug::BlindRdsRetry) => Arc::new(BlindResend { inner }),
+        _ => inner,
+    }
 }

@@ -1,7 +1,8 @@
 //! Fault injection: a seeded schedule of controller crashes, crash points around the
-//! attachment write, partitions controller↔kube and controller↔rds, 409 storms, API 5xx
-//! bursts, RDS command failures and lost replies, and node plugin crashes; and the heal that
-//! starts the liveness phase.
+//! attachment write, failovers, partitions and flaky links between the leading controller
+//! and kube or rds, 409 storms, API 5xx bursts, RDS command failures and lost replies, node
+//! plugin crashes, and lost node machines (Node object deleted, the machine replaced by a
+//! fresh one later); and the heal that starts the liveness phase.
 //!
 //! Crash points are reached by a wrapper at the `AttachmentStore` port boundary
 //! ([`wrap_store`]), never by luck: when armed, the next write either crashes before reaching
@@ -15,12 +16,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
+use rds_csi::kube::fake_api::Kind;
 use rds_csi::ports::AttachmentStore;
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
 use rds_csi::types::VolumeId;
+use serde_json::json;
 
+use crate::options::FORCE_DETACH_SECS;
 use crate::world::{CONTROLLERS, Leader, Shared, node_name};
 
 /// Where a crash point stops the controller.
@@ -141,6 +145,10 @@ pub struct Injector {
     every: Duration,
     chaos_end: Duration,
     partitions: Vec<(Duration, &'static str, &'static str)>,
+    flaky: Vec<(Duration, &'static str, &'static str)>,
+    /// Lost nodes and when their replacement comes up.
+    returns: Vec<(Duration, usize)>,
+    lost_a_node: bool,
     stale_until: Duration,
     healed: bool,
     /// Faults injected, by kind.
@@ -157,6 +165,9 @@ impl Injector {
             every: Duration::from_millis(o.fault_every_ms),
             chaos_end: Duration::from_secs(o.chaos_secs),
             partitions: Vec::new(),
+            flaky: Vec::new(),
+            returns: Vec::new(),
+            lost_a_node: false,
             stale_until: Duration::ZERO,
             healed: false,
             counts: BTreeMap::new(),
@@ -184,26 +195,51 @@ impl Injector {
 
     /// Called after every simulation step at virtual time `now`.
     pub fn tick(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, now: Duration) {
-        if let Some(p) = sh.crash.take_fired() {
-            self.count(
-                "crash_point",
-                sh,
-                now,
-                format!("controller crashes at {p:?}"),
+        if let Some((p, host)) = sh.crash.take_fired() {
+            self.count("crash_point", sh, now, format!("{host} crashes at {p:?}"));
+            sim.bounce(host);
+        }
+        let healing = now >= self.chaos_end;
+        for (_, a, b) in take_due(&mut self.partitions, now, healing) {
+            sim.repair(a, b);
+            sh.trace.at(now, "fault", format!("repair {a}<->{b}"));
+        }
+        for (_, a, b) in take_due(&mut self.flaky, now, healing) {
+            sim.set_link_fail_rate(a, b, 0.0);
+            sh.trace.at(now, "fault", format!("{a}<->{b} steady again"));
+        }
+        let due = self
+            .returns
+            .iter()
+            .filter(|(t, _)| *t <= now || healing)
+            .count();
+        for (_, i) in self.returns.drain(..due) {
+            let name = node_name(i);
+            sh.api.put_object(
+                Kind::Node,
+                "",
+                json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name } }),
             );
-            sim.bounce("controller");
+            sh.restore_node(i);
+            sim.bounce(name.as_str());
+            sh.trace
+                .at(now, "fault", format!("{name} back as a fresh machine"));
         }
-        let mut i = 0;
-        while i < self.partitions.len() {
-            if self.partitions[i].0 <= now || now >= self.chaos_end {
-                let (_, a, b) = self.partitions.remove(i);
-                sim.repair(a, b);
-                sh.trace.at(now, "fault", format!("repair {a}<->{b}"));
-            } else {
-                i += 1;
-            }
+        let l = sh.leader();
+        if let Some(stale) = l.stale
+            && (now >= self.stale_until || healing)
+        {
+            sh.set_leader(Leader {
+                active: l.active,
+                stale: None,
+            });
+            sh.trace.at(
+                now,
+                "fault",
+                format!("{stale} learns it lost the lease: its sidecars stop calling it"),
+            );
         }
-        if now >= self.chaos_end {
+        if healing {
             if !self.healed {
                 self.healed = true;
                 sh.emulator.faults().clear();
@@ -226,7 +262,8 @@ impl Injector {
         }
         if leader.stale.is_none() && self.roll(o.failover_pct) {
             // The other replica takes the lease (and starts over from the API, as an
-            // elected replica does); the old leader keeps serving stale calls a while.
+            // elected replica does); the old leader's sidecars have not noticed yet and
+            // keep working their queues against it until `stale_until`.
             let new = if leader.active == CONTROLLERS[0] {
                 CONTROLLERS[1]
             } else {
@@ -259,20 +296,32 @@ impl Injector {
             sh.trace.at(now, "fault", format!("arm crash point {p:?}"));
         }
         if self.roll(o.partition_pct) {
-            let other = if self.rng.random_bool(0.5) {
-                "kube"
-            } else {
-                "rds"
-            };
+            let other = self.backend();
             let ms = self.rng.random_range(500..=15_000);
-            sim.partition("controller", other);
+            let host = leader.active;
+            sim.partition(host, other);
             self.partitions
-                .push((now + Duration::from_millis(ms), "controller", other));
+                .push((now + Duration::from_millis(ms), host, other));
             self.count(
                 "partition",
                 sh,
                 now,
-                format!("partition controller<->{other} for {ms}ms"),
+                format!("partition {host}<->{other} for {ms}ms"),
+            );
+        }
+        if self.roll(o.flaky_link_pct) {
+            let other = self.backend();
+            let ms = self.rng.random_range(1_000..=10_000);
+            let rate = self.rng.random_range(1..=5u32);
+            let host = leader.active;
+            sim.set_link_fail_rate(host, other, f64::from(rate) / 1000.0);
+            self.flaky
+                .push((now + Duration::from_millis(ms), host, other));
+            self.count(
+                "flaky_link",
+                sh,
+                now,
+                format!("{host}<->{other} drops out at {rate}\u{2030} per step for {ms}ms"),
             );
         }
         if self.roll(o.api_conflict_pct) {
@@ -305,8 +354,9 @@ impl Injector {
                 format!("RDS {kind:?} reply lost"),
             );
         }
+        let live = sh.live_nodes();
         if self.roll(o.node_crash_pct) {
-            let i = self.rng.random_range(0..o.nodes);
+            let i = live[self.rng.random_range(0..live.len())];
             let name = node_name(i);
             self.count(
                 "node_crash",
@@ -316,5 +366,50 @@ impl Injector {
             );
             sim.bounce(name);
         }
+        // At most one machine lost per scenario, and never the last one up: each loss
+        // costs the workload a force-detach wait of FORCE_DETACH_SECS of virtual time.
+        if !self.lost_a_node && live.len() >= 2 && self.roll(o.node_delete_pct) {
+            self.lost_a_node = true;
+            let i = live[self.rng.random_range(0..live.len())];
+            let back = self
+                .rng
+                .random_range(5_000..=(FORCE_DETACH_SECS * 1000 / 2));
+            let name = node_name(i);
+            sim.crash(name.as_str());
+            sh.kernels[i].power_loss();
+            sh.api.remove_object(Kind::Node, "", &name);
+            sh.lose_node(i, now);
+            sh.model
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .node_lost(&name);
+            self.returns.push((now + Duration::from_millis(back), i));
+            self.returns.sort();
+            self.count(
+                "node_lost",
+                sh,
+                now,
+                format!("{name} machine lost, Node object deleted; a fresh one joins in {back}ms"),
+            );
+        }
     }
+
+    fn backend(&mut self) -> &'static str {
+        if self.rng.random_bool(0.5) {
+            "kube"
+        } else {
+            "rds"
+        }
+    }
+}
+
+/// Removes and returns the timed entries due at `now` (all of them when `all`).
+fn take_due(
+    entries: &mut Vec<(Duration, &'static str, &'static str)>,
+    now: Duration,
+    all: bool,
+) -> Vec<(Duration, &'static str, &'static str)> {
+    let (due, keep) = entries.drain(..).partition(|(t, _, _)| all || *t <= now);
+    *entries = keep;
+    due
 }

@@ -45,6 +45,8 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     /// Checker runs.
     pub checks: u64,
+    /// Port calls judged by the no-overlap checker.
+    pub op_checks: u64,
     /// Simulated time.
     pub sim_time: Duration,
     /// Wall time (not part of the trace).
@@ -69,10 +71,16 @@ impl Report {
     }
 }
 
-/// Runs one scenario.
+/// Runs one scenario (on the calling thread, with the no-overlap checker's tracing
+/// subscriber installed for that thread only).
 pub fn run(opts: Options) -> Report {
+    let sh = Shared::new(opts);
+    tracing::subscriber::with_default(sh.ops.subscriber(), || run_world(&sh))
+}
+
+fn run_world(sh: &Shared) -> Report {
     let started = Instant::now();
-    let sh = Shared::new(opts.clone());
+    let opts = (*sh.opts).clone();
     sh.trace.at(Duration::ZERO, "sim", opts.to_string());
     for i in 0..opts.nodes {
         sh.api.put_object(
@@ -105,7 +113,7 @@ pub fn run(opts: Options) -> Report {
     }
     sim.client("co", workload::run(sh.clone()));
 
-    let mut injector = Injector::new(&sh);
+    let mut injector = Injector::new(sh);
     let mut failures = Vec::new();
     let mut checks = 0u64;
     let mut seen = 0usize;
@@ -119,10 +127,10 @@ pub fn run(opts: Options) -> Report {
             }
         };
         let now = sim.elapsed();
-        injector.tick(&mut sim, &sh, now);
+        injector.tick(&mut sim, sh, now);
         if sh.trace.len() != seen || done {
             checks += 1;
-            let bad = checkers::safety::check(&sh);
+            let bad = checkers::safety::check(sh);
             if !bad.is_empty() {
                 for b in &bad {
                     sh.trace.at(now, "check", format!("VIOLATION {b}"));
@@ -134,7 +142,7 @@ pub fn run(opts: Options) -> Report {
         }
         if done {
             checks += 1;
-            let bad = checkers::liveness::check(&sh);
+            let bad = checkers::liveness::check(sh);
             for b in &bad {
                 sh.trace.at(now, "check", format!("LIVENESS {b}"));
             }
@@ -167,6 +175,7 @@ pub fn run(opts: Options) -> Report {
         failures,
         faults: injector.counts,
         checks,
+        op_checks: sh.ops.checks(),
         sim_time,
         wall: started.elapsed(),
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug AckBeforePersist|DropPrecondition|NodeGoneWhileAlive] [--check-determinism]";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;
@@ -120,6 +120,7 @@ struct Totals {
     scenarios: u64,
     sim_time: Duration,
     checks: u64,
+    op_checks: u64,
     faults: BTreeMap<&'static str, u64>,
     failures: Vec<(u64, String, String)>,
     nondeterministic: Vec<u64>,
@@ -137,6 +138,16 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
     let totals = Mutex::new(Totals::default());
     let total = to - from;
     let started = Instant::now();
+    // On a terminal a bar; otherwise (CI logs) a line every 50 scenarios.
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} scenarios, {per_sec}, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let tty = !bar.is_hidden();
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
@@ -151,18 +162,26 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
                     t.scenarios += 1;
                     t.sim_time += r.sim_time;
                     t.checks += r.checks;
+                    t.op_checks += r.op_checks;
                     for (k, v) in &r.faults {
                         *t.faults.entry(k).or_default() += v;
                     }
                     if let Some(f) = r.failures.first() {
                         t.failures.push((seed, f.clone(), r.replay_command()));
-                        eprintln!("FAIL seed {seed}: {f}\n  replay: {}", r.replay_command());
+                        bar.println(format!(
+                            "FAIL seed {seed}: {f}\n  replay: {}",
+                            r.replay_command()
+                        ));
                     }
                     if nondet {
                         t.nondeterministic.push(seed);
-                        eprintln!("NONDETERMINISTIC seed {seed}");
+                        bar.println(format!("NONDETERMINISTIC seed {seed}"));
                     }
-                    if t.scenarios % 50 == 0 || t.scenarios == total {
+                    bar.inc(1);
+                    if !t.failures.is_empty() {
+                        bar.set_message(format!("{} failing", t.failures.len()));
+                    }
+                    if !tty && (t.scenarios % 50 == 0 || t.scenarios == total) {
                         eprintln!(
                             "[{}/{total}] {:.1}s, {} failing",
                             t.scenarios,
@@ -174,6 +193,7 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
             });
         }
     });
+    bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     let mut t = totals.into_inner().unwrap_or_else(|p| p.into_inner());
     t.failures.sort();
@@ -181,6 +201,10 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
     println!("seeds {from}..{to}, {jobs} job(s)");
     println!("{:<28} {:>12}", "scenarios", t.scenarios);
     println!("{:<28} {:>12}", "checks", t.checks);
+    println!(
+        "{:<28} {:>12}",
+        "  overlap checks (port calls)", t.op_checks
+    );
     println!("{:<28} {:>12}", "faults injected", injected);
     for (k, v) in &t.faults {
         println!("  {k:<26} {v:>12}");

@@ -18,14 +18,18 @@ pub enum Bug {
     DropPrecondition,
     /// The cluster reports a live node as gone.
     NodeGoneWhileAlive,
+    /// The link to the RDS takes a lost reply as a failure and sends the command again
+    /// blindly, without observing whether the first one was applied.
+    BlindRdsRetry,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 3] = [
+    pub const ALL: [Bug; 4] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
+        Bug::BlindRdsRetry,
     ];
 }
 
@@ -58,10 +62,17 @@ pub struct Options {
     pub bounce_pct: u32,
     /// Chance (%) per tick of arming a crash point around the next attachment write.
     pub crash_point_pct: u32,
-    /// Chance (%) per tick of a partition controller↔kube or controller↔rds.
+    /// Chance (%) per tick of a partition leader↔kube or leader↔rds.
     pub partition_pct: u32,
+    /// Chance (%) per tick that the link leader↔kube or leader↔rds turns flaky for a
+    /// while (drops out at random for a few steps at a time: message loss).
+    pub flaky_link_pct: u32,
     /// Chance (%) per tick of a node plugin crash + restart.
     pub node_crash_pct: u32,
+    /// Chance (%) per tick that a node's machine is lost and its Node object deleted (it
+    /// comes back as a fresh machine later); Kubernetes force-detaches its volumes after
+    /// [`FORCE_DETACH_SECS`].
+    pub node_delete_pct: u32,
     /// Chance (%) per tick of a controller failover (the other replica leads; the old
     /// leader keeps answering stale calls for a while).
     pub failover_pct: u32,
@@ -75,6 +86,10 @@ pub struct Options {
 
 /// Bound on the liveness phase: after healing, the workload must finish within this.
 pub const LIVENESS_SECS: u64 = 600;
+
+/// How long the attach/detach controller waits for a lost node to unmount before it
+/// force-detaches (Kubernetes' `maxWaitForUnmountDuration`, 6 minutes).
+pub const FORCE_DETACH_SECS: u64 = 360;
 
 impl Options {
     /// The knobs of `seed`.
@@ -93,6 +108,8 @@ impl Options {
         let partition_pct = rate(12);
         let node_crash_pct = rate(10);
         let failover_pct = rate(10);
+        let flaky_link_pct = rate(8);
+        let node_delete_pct = rate(4);
         Self {
             seed,
             nodes: r.random_range(2..=4),
@@ -108,7 +125,9 @@ impl Options {
             bounce_pct,
             crash_point_pct,
             partition_pct,
+            flaky_link_pct,
             node_crash_pct,
+            node_delete_pct,
             failover_pct,
             fault_every_ms: r.random_range(200..=2_000),
             chaos_secs: r.random_range(10..=60),
@@ -129,8 +148,8 @@ impl fmt::Display for Options {
             f,
             "SEED={} nodes={} volumes={} moves={} repeat={}% conflict_attach={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
-             crash_point={}% partition={}% node_crash={}% failover={}% fault_every={}ms \
-             chaos={}s",
+             crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
+             failover={}% fault_every={}ms chaos={}s",
             self.seed,
             self.nodes,
             self.volumes,
@@ -145,7 +164,9 @@ impl fmt::Display for Options {
             self.bounce_pct,
             self.crash_point_pct,
             self.partition_pct,
+            self.flaky_link_pct,
             self.node_crash_pct,
+            self.node_delete_pct,
             self.failover_pct,
             self.fault_every_ms,
             self.chaos_secs,

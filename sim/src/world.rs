@@ -35,14 +35,15 @@ use rds_csi::ports::time::SeededEntropy;
 use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
 use rds_csi::retry::Backoff;
 use rds_csi::routeros::emulator::{Emulator, PoolConfig};
-use rds_csi::routeros::transport::Connector;
 use rds_csi::routeros::transport::tcp::{TcpTransport, serve_connection};
+use rds_csi::routeros::transport::{Connector, Transport};
 use rds_csi::routeros::{RdsLayout, RouterOsRds};
 use rds_csi::types::NodeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::checkers::Model;
+use crate::checkers::overlap::{Ops, Tracked};
 use crate::faults::CrashPoint;
 use crate::options::Options;
 use crate::trace::Trace;
@@ -72,6 +73,9 @@ pub const BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(1),
     max_attempts: 4,
 };
+
+/// How often each controller replica resynchronises its attachment memory from the store.
+pub const RESYNC: Duration = Duration::from_secs(30);
 
 /// Wall clock of the simulation: the pinned epoch plus simulated time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,6 +111,26 @@ pub struct Shared {
     pub crash: Arc<CrashPoint>,
     /// Controller incarnations started so far.
     pub incarnation: Arc<AtomicU64>,
+    /// The life of each node's machine, index 0 is `node-1`.
+    pub nodes: Arc<Mutex<Vec<NodeLife>>>,
+    /// Answers the CO got that the spec forbids for its requests (a repeat of a
+    /// successful call must succeed).
+    pub co_violations: Arc<Mutex<Vec<String>>>,
+    /// The driver's operations in flight, per host and volume.
+    pub ops: Ops,
+}
+
+/// The life of one node's machine: lost (Node object deleted) and replaced by a fresh
+/// machine under the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLife {
+    /// Bumped when the machine is lost: work begun on an older generation was on a
+    /// machine that is gone.
+    pub generation: u64,
+    /// Whether the machine is down (lost, not replaced yet).
+    pub down: bool,
+    /// When each past generation was lost (index = generation).
+    pub lost_at: Vec<Duration>,
 }
 
 impl Shared {
@@ -128,6 +152,7 @@ impl Shared {
                 )
             })
             .collect();
+        let nodes = vec![NodeLife::default(); opts.nodes];
         Self {
             opts: Arc::new(opts),
             trace: Trace::default(),
@@ -142,7 +167,51 @@ impl Shared {
             })),
             crash: Arc::default(),
             incarnation: Arc::default(),
+            nodes: Arc::new(Mutex::new(nodes)),
+            co_violations: Arc::default(),
+            ops: Ops::default(),
         }
+    }
+
+    fn node_lives(&self) -> std::sync::MutexGuard<'_, Vec<NodeLife>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The life of node `i`.
+    pub fn node_life(&self, i: usize) -> NodeLife {
+        self.node_lives()[i].clone()
+    }
+
+    /// Node `i`'s machine is lost at `now`.
+    pub fn lose_node(&self, i: usize, now: Duration) {
+        let mut lives = self.node_lives();
+        let life = &mut lives[i];
+        life.lost_at.push(now);
+        life.generation += 1;
+        life.down = true;
+    }
+
+    /// Node `i` is back (a fresh machine).
+    pub fn restore_node(&self, i: usize) {
+        self.node_lives()[i].down = false;
+    }
+
+    /// The nodes whose machine is up.
+    pub fn live_nodes(&self) -> Vec<usize> {
+        self.node_lives()
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.down)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Records an answer the spec forbids.
+    pub fn co_violation(&self, what: String) {
+        self.co_violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(what);
     }
 
     /// The manager of `replica`'s running incarnation, if it started.
@@ -426,8 +495,14 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
     let cluster: Arc<dyn Cluster> = cluster;
     let store = crate::faults::wrap_store(store, &sh, name);
     let store = crate::bugs::wrap_store(store, sh.opts.bug);
+    let store: Arc<dyn AttachmentStore> = Arc::new(Tracked::new(store, name, &sh.ops));
     let cluster = crate::bugs::wrap_cluster(cluster, sh.opts.bug);
-    let transport = TcpTransport::new(RdsConnector, Duration::from_secs(2), Duration::from_secs(5));
+    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new(
+        RdsConnector,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    ));
+    let transport = crate::bugs::wrap_transport(transport, sh.opts.bug);
     let rds = RouterOsRds::new(
         transport,
         &RdsLayout {
@@ -439,13 +514,16 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
     )
     .map_err(|e| e.to_string())?;
     let rds: Arc<dyn Rds> = Arc::new(rds);
-    let rds = crate::bugs::wrap_rds(rds, sh.opts.bug);
+    let rds: Arc<dyn Rds> = Arc::new(Tracked::new(rds, name, &sh.ops));
     let deps = ControllerDeps::new(
         rds,
         store,
         cluster,
         Arc::clone(&clock),
-        AttachmentConfig::default(),
+        AttachmentConfig {
+            resync_interval: RESYNC,
+            ..AttachmentConfig::default()
+        },
     );
     sh.managers
         .lock()
@@ -466,14 +544,18 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
 
 /// The `node-<i+1>` host, one incarnation, over its kernel.
 pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
-    let kernel = sh.kernels[i].clone();
+    let kernel = Arc::new(Tracked::new(
+        Arc::new(sh.kernels[i].clone()),
+        &node_name(i),
+        &sh.ops,
+    ));
     let clock: Arc<dyn Clock> = Arc::new(SimClock);
     let entropy = Arc::new(SeededEntropy::from_seed(
         sh.opts.seed ^ (i as u64 + 1) << 40,
     ));
     let deps = NodeDeps {
-        initiator: Arc::new(kernel.clone()),
-        mounter: Arc::new(kernel),
+        initiator: kernel.clone(),
+        mounter: kernel,
         // The simulated nodes do not publish their host NQN (no --data-path-fence in the sim).
         cluster: None,
         options: NodeOptions {

@@ -77,9 +77,10 @@ fn a_seed_replays_to_the_same_trace() {
 
 #[test]
 fn canonical_traces() {
-    // 5: a calm run (no faults); 19: controller crashes at both crash points, 409 storms,
-    // lost RDS replies and partitions.
-    for seed in [5u64, 19] {
+    // 5: a calm run (no faults); 19: 409 storms, node plugin crashes, a node machine lost
+    // and replaced, controller crashes at both crash points; 28: a lost node force-detached
+    // six minutes later, a failover, crash points, RDS failures.
+    for seed in [5u64, 19, 28] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
         insta::with_settings!({
@@ -123,4 +124,9 @@ fn finds_a_node_reported_gone_while_alive() {
 #[test]
 fn finds_a_store_that_drops_the_precondition() {
     finds(Bug::DropPrecondition);
+}
+
+#[test]
+fn finds_an_rds_link_that_retries_a_lost_reply_blindly() {
+    finds(Bug::BlindRdsRetry);
 }

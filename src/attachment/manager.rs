@@ -257,7 +257,10 @@ impl AttachmentManager {
             .unwrap_or_default();
         if let Some(existing) = current.get(&node) {
             if existing.readonly == record.readonly && existing.access_mode == record.access_mode {
-                return Ok(());
+                // A repeat: acknowledged without a write, so only if the store still
+                // holds it (found by the simulation: during a failover the former leader
+                // detached it, and the repeat was acknowledged from stale memory).
+                return self.confirm(&volume, &current).await;
             }
             // CSI: "ALREADY_EXISTS: Indicates that a volume corresponding to the specified
             // volume_id has already been published at the node corresponding to the
@@ -285,24 +288,9 @@ impl AttachmentManager {
                 continue;
             }
             if self.cluster.node_exists(other).await? {
-                // Memory may be stale: another replica (a former leader finishing an
-                // in-flight unpublish during a failover) may have changed the holders
-                // after our rebuild. Refuse only what the store confirms (found by the
-                // simulation: a stale holder blocked the volume until restart).
-                let stored: Holders = self
-                    .store
-                    .read_volume(&volume)
-                    .await
-                    .map_err(|e| store_error(&volume, e))?
-                    .into_iter()
-                    .collect();
-                if !crate::ports::store::same_holders(stored.as_slice(), current.as_slice()) {
-                    self.state().set(&volume, stored);
-                    return Err(Error::Aborted(format!(
-                        "attachments of volume {volume} changed by another writer; memory \
-                         resynchronised from the store, retry"
-                    )));
-                }
+                // Refuse only what the store confirms (found by the simulation: a stale
+                // holder blocked the volume until restart).
+                self.confirm(&volume, &current).await?;
                 let message = format!(
                     "volume {volume} is attached to node {other}; a single-node volume is \
                      attached to one node at a time, so node {node} must wait until it is \
@@ -344,29 +332,94 @@ impl AttachmentManager {
             .unwrap_or_default();
         let (removed, next) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
         if removed.is_empty() {
-            // Memory may be stale: after a failover, the former leader's in-flight publish
-            // can land after our rebuild. Acknowledge "not attached" only when the store
-            // agrees (found by the simulation: the acknowledged unpublish left the
-            // attachment in the store).
-            let stored: Holders = match self.store.read_volume(volume).await {
-                Ok(records) => records.into_iter().collect(),
-                Err(crate::ports::store::StoreError::NotFound(_)) => Holders::default(),
-                Err(e) => return Err(store_error(volume, e)),
-            };
+            // "Not attached" is acknowledged without a write, so only if the store agrees
+            // (found by the simulation: the former leader's in-flight publish landed
+            // after our rebuild, and the acknowledged unpublish left it in the store).
             // Nothing removed: `next` is the whole of memory's holders.
-            if crate::ports::store::same_holders(stored.as_slice(), next.as_slice()) {
-                return Ok(Vec::new());
-            }
-            self.state().set(volume, stored);
-            return Err(Error::Aborted(format!(
-                "attachments of volume {volume} changed by another writer; memory \
-                 resynchronised from the store, retry"
-            )));
+            self.confirm(volume, &next).await?;
+            return Ok(Vec::new());
         }
         let previous: Holders = removed.iter().chain(next.iter()).cloned().collect();
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
         self.write(volume, &previous, &next, tentative).await?;
         Ok(removed.into_vec())
+    }
+
+    /// `volume`'s holders in the store (a missing PV holds nothing).
+    async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
+        match self.store.read_volume(volume).await {
+            Ok(records) => Ok(records.into_iter().collect()),
+            Err(crate::ports::store::StoreError::NotFound(_)) => Ok(Holders::default()),
+            Err(e) => Err(store_error(volume, e)),
+        }
+    }
+
+    /// The holders of `volume` as the store has them, memory set to match, under the
+    /// volume's lock: for decisions that must not rest on a possibly stale memory
+    /// (deleting a volume).
+    pub async fn stored_holders(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>> {
+        let _guard = self.lock(volume).await;
+        let stored = self.read_stored(volume).await?;
+        self.state().set(volume, stored.clone());
+        Ok(stored.as_slice().to_vec())
+    }
+
+    /// Picks up what another writer changed in the store (a former leader finishing its
+    /// calls during a failover): lists every record, and each volume whose stored holders
+    /// differ from memory is re-read under its lock (the list may predate our own latest
+    /// write) and memory set to the store's. Returns how many volumes changed.
+    pub async fn resync(&self) -> Result<usize> {
+        let records = self.store.load_all().await?;
+        let mut stored: BTreeMap<VolumeId, Holders> = BTreeMap::new();
+        for r in records {
+            let holders = stored.entry(r.volume_id.clone()).or_default();
+            holders.insert(r);
+        }
+        let mut volumes: Vec<VolumeId> = stored.keys().cloned().collect();
+        volumes.extend(self.state().volumes.keys().cloned());
+        volumes.sort();
+        volumes.dedup();
+        let empty = Holders::default();
+        let mut changed = 0;
+        for volume in volumes {
+            let listed = stored.get(&volume).unwrap_or(&empty);
+            if self.same_in_memory(&volume, listed) {
+                continue;
+            }
+            let _guard = self.lock(&volume).await;
+            let fresh = self.read_stored(&volume).await?;
+            if !self.same_in_memory(&volume, &fresh) {
+                tracing::info!(volume_id = %volume, holders = ?fresh.nodes().collect::<Vec<_>>(),
+                    "attachments changed by another writer; memory resynchronised from the store");
+                self.state().set(&volume, fresh);
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    fn same_in_memory(&self, volume: &VolumeId, holders: &Holders) -> bool {
+        let state = self.state();
+        let memory = state.volumes.get(volume).map(Holders::as_slice).unwrap_or(&[]);
+        crate::ports::store::same_holders(memory, holders.as_slice())
+    }
+
+    /// Confirms that the store holds what memory says `volume`'s holders are, before an
+    /// answer decided from memory alone is acknowledged (already attached, not attached,
+    /// attached elsewhere). Memory is a cache of the store: another writer — a former
+    /// leader finishing its calls during a failover — may have changed the holders since
+    /// our rebuild or last write. When they differ, memory is resynchronised from the
+    /// store and the call is ABORTED, so the CO's retry meets the current state.
+    async fn confirm(&self, volume: &VolumeId, memory: &Holders) -> Result<()> {
+        let stored = self.read_stored(volume).await?;
+        if crate::ports::store::same_holders(stored.as_slice(), memory.as_slice()) {
+            return Ok(());
+        }
+        self.state().set(volume, stored);
+        Err(Error::Aborted(format!(
+            "attachments of volume {volume} changed by another writer; memory \
+             resynchronised from the store, retry"
+        )))
     }
 
     /// Writes `next` where the store still holds `previous`; on failure rolls the

@@ -611,3 +611,97 @@ async fn an_acknowledged_unpublish_never_comes_back_after_a_restart() {
         .collect();
     assert_eq!(vols, vec!["pvc-2"]);
 }
+
+/// A second controller replica over the same store, RDS and cluster (a failover: both
+/// run for a while), started from the store as an elected replica does.
+async fn other_replica(w: &World) -> AttachmentManager {
+    let other = AttachmentManager::new(
+        w.rds.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    other.rebuild().await.unwrap();
+    other
+}
+
+#[tokio::test]
+async fn a_repeated_publish_is_acknowledged_only_if_the_store_still_holds_it() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // The other replica detaches it; this one's memory still says attached.
+    let other = other_replica(&w).await;
+    other
+        .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+        .await
+        .unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+
+    let err = w
+        .mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Aborted(ref m) if m.contains("another writer")),
+        "{err:?}"
+    );
+    assert!(holders(&w, "pvc-1").is_empty(), "memory resynchronised");
+    // The CO's retry records it again, durably.
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    assert_eq!(stored(&w).await, vec![("pvc-1".into(), "node-a".into())]);
+}
+
+#[tokio::test]
+async fn resync_picks_up_what_another_replica_wrote() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    let other = other_replica(&w).await;
+    other
+        .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+        .await
+        .unwrap();
+    other
+        .publish(&publish_args("pvc-2", "node-b", false))
+        .await
+        .unwrap();
+
+    assert_eq!(w.mgr.resync().await.unwrap(), 2);
+    assert!(holders(&w, "pvc-1").is_empty());
+    assert_eq!(holders(&w, "pvc-2"), vec!["node-b"]);
+    assert_eq!(w.mgr.volumes_on(&nid("node-a")), 0);
+    assert_eq!(w.mgr.volumes_on(&nid("node-b")), 1);
+    assert_eq!(w.mgr.resync().await.unwrap(), 0, "nothing left to pick up");
+    assert_eq!(w.mgr.lock_entries(), 0);
+}
+
+#[tokio::test]
+async fn stored_holders_answer_from_the_store_and_refresh_memory() {
+    let w = world(AttachmentConfig::default()).await;
+    let other = other_replica(&w).await;
+    other
+        .publish(&publish_args("pvc-3", "node-b", false))
+        .await
+        .unwrap();
+    assert!(holders(&w, "pvc-3").is_empty(), "this replica has not seen it");
+    let held: Vec<String> = w
+        .mgr
+        .stored_holders(&vid("pvc-3"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.node_id.to_string())
+        .collect();
+    assert_eq!(held, vec!["node-b"]);
+    assert_eq!(holders(&w, "pvc-3"), vec!["node-b"]);
+}

@@ -114,4 +114,7 @@ pub struct AttachmentConfig {
     /// Data-path fence: publish restricts the disk's NVMe/TCP export to the node's host NQN
     /// (`nvme-tcp-server-allow-host-name`), unpublish lifts the restriction.
     pub data_path_fence: bool,
+    /// How often memory is resynchronised from the store, picking up what another writer
+    /// changed (a former leader finishing its calls during a failover); zero: never.
+    pub resync_interval: std::time::Duration,
 }

@@ -319,7 +319,8 @@ impl Controller {
         }
         // "FAILED_PRECONDITION: Indicates that the volume is in use" — never delete a disk a
         // node may still be writing to.
-        let holders = self.attachments.get(volume_id);
+        // From the store, not memory: another replica may have published it since.
+        let holders = self.attachments.stored_holders(volume_id).await?;
         if !holders.is_empty() {
             let nodes: Vec<String> = holders.iter().map(|r| r.node_id.to_string()).collect();
             return Err(Error::FailedPrecondition(format!(

@@ -110,6 +110,16 @@ impl FakeKernel {
         self.st().devices.retain(|_, d| d.nqn != nqn);
     }
 
+    /// The machine is lost (and later replaced or reinstalled): its NVMe connections,
+    /// devices, mounts and target directories are gone; the remote disks, and the
+    /// filesystems on them, stay on the server.
+    pub fn power_loss(&self) {
+        let mut st = self.st();
+        st.devices.clear();
+        st.mounts.clear();
+        st.paths.clear();
+    }
+
     /// Holds every `connect` until [`Self::release_connects`].
     pub fn hold_connects(&self) {
         self.gate.send_replace(true);
@@ -440,5 +450,42 @@ impl Mounter for FakeKernel {
 
     async fn path_exists(&self, path: &Path) -> Result<bool, MountError> {
         Ok(self.st().paths.contains_key(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn power_loss_forgets_connections_and_mounts_but_not_the_remote_disk() {
+        let k = FakeKernel::new("nqn.test:", "nqn.host");
+        k.add_disk("nqn.test:pvc-1", 1 << 30);
+        let dev = k
+            .connect(&NvmeTarget {
+                address: "10.0.0.1".into(),
+                port: 4420,
+                nqn: "nqn.test:pvc-1".into(),
+                ctrl_loss_tmo: None,
+                reconnect_delay: None,
+                keep_alive_tmo: None,
+            })
+            .await
+            .unwrap();
+        k.format(&dev, "ext4").await.unwrap();
+        k.prepare_target(Path::new("/stage"), TargetKind::Directory)
+            .await
+            .unwrap();
+        k.mount(&dev, Path::new("/stage"), "ext4", &[]).await.unwrap();
+        assert_eq!(k.connections().await.unwrap().len(), 1);
+        assert_eq!(k.mounts().await.unwrap().len(), 1);
+
+        k.power_loss();
+
+        assert!(k.connections().await.unwrap().is_empty());
+        assert!(k.mounts().await.unwrap().is_empty());
+        assert!(!k.path_exists(Path::new("/stage")).await.unwrap());
+        let disk = k.disk("nqn.test:pvc-1").unwrap();
+        assert_eq!(disk.fs.as_deref(), Some("ext4"));
     }
 }

@@ -6,6 +6,7 @@
 //! effect may or may not have happened, so the per-pair checks skip that pair.
 
 pub mod liveness;
+pub mod overlap;
 pub mod safety;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,16 @@ impl Model {
         p.acked = Some(op);
         p.pending = None;
     }
+    /// `node`'s machine is lost: whatever it was told, it holds nothing now (its pairs
+    /// start over; the force-detach that follows is a fresh unpublish).
+    pub fn node_lost(&mut self, node: &str) {
+        for ((_, n), p) in self.pairs.iter_mut() {
+            if n == node {
+                *p = Pair::default();
+            }
+        }
+    }
+
     /// The lifecycle record of `volume`.
     pub fn volume(&mut self, volume: &str) -> &mut Volume {
         self.volumes.entry(volume.to_string()).or_default()

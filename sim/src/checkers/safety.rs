@@ -4,7 +4,10 @@
 //!   so it survives any restart;
 //! - no acknowledged unpublish is resurrected in the store;
 //! - no two disks share a name on the RDS;
-//! - nothing is deleted while published, and an acknowledged delete stays deleted.
+//! - nothing is deleted while published, and an acknowledged delete stays deleted;
+//! - every call is idempotent: no repeat of a valid call got an answer the spec rules out
+//!   (reported by the CO as it happens);
+//! - operations on one volume never overlap on one host ([`super::overlap`]).
 //!
 //! Every volume of the workload is single-node (`SINGLE_NODE_WRITER`).
 
@@ -36,7 +39,12 @@ pub fn stored_holders(sh: &Shared, volume: &str) -> Option<BTreeSet<String>> {
 /// Violations in the current state (empty: all good).
 pub fn check(sh: &Shared) -> Vec<String> {
     let model: Model = sh.model.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut bad = Vec::new();
+    let mut bad = sh
+        .co_violations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    bad.extend(sh.ops.violations());
     let slots = sh.emulator.disk_slots();
     let mut seen = BTreeSet::new();
     for s in &slots {
