@@ -146,8 +146,8 @@ pub struct Injector {
     chaos_end: Duration,
     partitions: Vec<(Duration, &'static str, &'static str)>,
     flaky: Vec<(Duration, &'static str, &'static str)>,
-    /// Lost nodes and when their replacement comes up.
-    returns: Vec<(Duration, usize)>,
+    /// The lost node, and when its replacement comes up.
+    lost: Option<(Duration, usize)>,
     lost_a_node: bool,
     stale_until: Duration,
     healed: bool,
@@ -166,7 +166,7 @@ impl Injector {
             chaos_end: Duration::from_secs(o.chaos_secs),
             partitions: Vec::new(),
             flaky: Vec::new(),
-            returns: Vec::new(),
+            lost: None,
             lost_a_node: false,
             stale_until: Duration::ZERO,
             healed: false,
@@ -208,12 +208,10 @@ impl Injector {
             sim.set_link_fail_rate(a, b, 0.0);
             sh.trace.at(now, "fault", format!("{a}<->{b} steady again"));
         }
-        let due = self
-            .returns
-            .iter()
-            .filter(|(t, _)| *t <= now || healing)
-            .count();
-        for (_, i) in self.returns.drain(..due) {
+        if let Some((back, i)) = self.lost
+            && (back <= now || healing)
+        {
+            self.lost = None;
             let name = node_name(i);
             sh.api.put_object(
                 Kind::Node,
@@ -383,8 +381,7 @@ impl Injector {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .node_lost(&name);
-            self.returns.push((now + Duration::from_millis(back), i));
-            self.returns.sort();
+            self.lost = Some((now + Duration::from_millis(back), i));
             self.count(
                 "node_lost",
                 sh,
