@@ -1,5 +1,6 @@
 //! Controller behaviour under faults, in process over a real unix socket: a `/disk add`
-//! whose reply is lost, and concurrent operations on one volume.
+//! whose reply is lost, deletes interrupted between the disk entry and its file, and
+//! concurrent operations on one volume.
 
 mod common;
 
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, Rds, RdsError};
 use rds_csi::proto::csi::{
-    CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability,
+    CapacityRange, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
+    DeleteVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode as CsiMode},
 };
@@ -85,6 +87,71 @@ async fn a_lost_disk_add_reply_leaves_exactly_one_disk_and_the_retry_gets_the_sa
     );
     // The fault was consumed: it really happened.
     assert_eq!(emulator.faults().take(CommandKind::DiskAdd), None);
+}
+
+#[tokio::test]
+async fn a_delete_interrupted_before_the_file_removal_finishes_on_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let rds = rds_csi::routeros::in_memory_rds(1 << 40);
+    let emulator = Arc::clone(rds.transport().emulator());
+    let mut c = serve(rds, dir.path()).await;
+    c.create_volume(create_req("pvc-del")).await.unwrap();
+    let snap = c
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: "pvc-del".into(),
+            name: "snap-del".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    assert_eq!(
+        emulator.file_names().len(),
+        2,
+        "{:?}",
+        emulator.file_names()
+    );
+
+    // Each delete: the disk entry goes, then `/file remove` keeps failing (beyond the
+    // adapter's own retries) until the CO's retry.
+    let fail_file_removal = || {
+        for _ in 0..10 {
+            emulator.faults().push(
+                CommandKind::FileRemove,
+                Fault::Fail("failure: device busy".into()),
+            );
+        }
+    };
+    fail_file_removal();
+    let del_snap = DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    };
+    assert!(c.delete_snapshot(del_snap.clone()).await.is_err());
+    assert!(
+        !emulator.disk_slots().contains(&snap),
+        "entry removed first"
+    );
+    emulator.faults().clear();
+    c.delete_snapshot(del_snap).await.unwrap();
+
+    fail_file_removal();
+    let del_vol = DeleteVolumeRequest {
+        volume_id: "pvc-del".into(),
+        ..Default::default()
+    };
+    assert!(c.delete_volume(del_vol.clone()).await.is_err());
+    emulator.faults().clear();
+    c.delete_volume(del_vol).await.unwrap();
+
+    assert!(
+        emulator.file_names().is_empty(),
+        "backing files leaked: {:?}",
+        emulator.file_names()
+    );
 }
 
 /// An RDS whose `get_disk` of one slot waits until released: an operation held in flight.

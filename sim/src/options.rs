@@ -48,6 +48,12 @@ pub struct Options {
     pub repeat_pct: u32,
     /// Chance (%) the CO sends a conflicting attach to a second node.
     pub conflict_attach_pct: u32,
+    /// Chance (%) per round that the volume is expanded while a pod uses it
+    /// (ControllerExpandVolume, then NodeExpandVolume).
+    pub expand_pct: u32,
+    /// Chance (%) per round that a snapshot of the volume is taken (deleted later, before
+    /// or after the volume).
+    pub snapshot_pct: u32,
     /// Chance (%) per tick of a 409 storm on the API.
     pub api_conflict_pct: u32,
     /// Chance (%) per tick of a burst of API 5xx answers.
@@ -117,6 +123,8 @@ impl Options {
             moves: r.random_range(1..=3),
             repeat_pct: r.random_range(0..=40),
             conflict_attach_pct: r.random_range(0..=50),
+            expand_pct: r.random_range(0..=40),
+            snapshot_pct: r.random_range(0..=40),
             api_conflict_pct,
             api_5xx_pct,
             api_latency_ms: r.random_range(0..=20),
@@ -146,7 +154,8 @@ impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "SEED={} nodes={} volumes={} moves={} repeat={}% conflict_attach={}% api_409={}% \
+            "SEED={} nodes={} volumes={} moves={} repeat={}% conflict_attach={}% expand={}% \
+             snapshot={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
              failover={}% fault_every={}ms chaos={}s",
@@ -156,6 +165,8 @@ impl fmt::Display for Options {
             self.moves,
             self.repeat_pct,
             self.conflict_attach_pct,
+            self.expand_pct,
+            self.snapshot_pct,
             self.api_conflict_pct,
             self.api_5xx_pct,
             self.api_latency_ms,

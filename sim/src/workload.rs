@@ -25,9 +25,10 @@ use std::time::Duration;
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::proto::csi::{
-    CapacityRange, ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
-    CreateVolumeRequest, DeleteVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
+    ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
+    DeleteSnapshotRequest, DeleteVolumeRequest, NodeExpandVolumeRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
@@ -58,6 +59,10 @@ enum Call {
     Unstage(NodeUnstageVolumeRequest),
     NodePublish(NodePublishVolumeRequest),
     NodeUnpublish(NodeUnpublishVolumeRequest),
+    Expand(ControllerExpandVolumeRequest),
+    NodeExpand(NodeExpandVolumeRequest),
+    Snapshot(CreateSnapshotRequest),
+    DeleteSnapshot(DeleteSnapshotRequest),
 }
 
 impl Call {
@@ -71,6 +76,10 @@ impl Call {
             Call::Unstage(_) => "NodeUnstage",
             Call::NodePublish(_) => "NodePublish",
             Call::NodeUnpublish(_) => "NodeUnpublish",
+            Call::Expand(_) => "ControllerExpand",
+            Call::NodeExpand(_) => "NodeExpand",
+            Call::Snapshot(_) => "CreateSnapshot",
+            Call::DeleteSnapshot(_) => "DeleteSnapshot",
         }
     }
 }
@@ -80,6 +89,7 @@ impl Call {
 struct Reply {
     volume_context: HashMap<String, String>,
     publish_context: HashMap<String, String>,
+    snapshot_id: String,
 }
 
 async fn send(host: &str, call: Call) -> Result<Reply, Status> {
@@ -113,6 +123,22 @@ async fn send(host: &str, call: Call) -> Result<Reply, Status> {
         Call::Unstage(r) => n.node_unstage_volume(r).await.map(|_| Reply::default())?,
         Call::NodePublish(r) => n.node_publish_volume(r).await.map(|_| Reply::default())?,
         Call::NodeUnpublish(r) => n.node_unpublish_volume(r).await.map(|_| Reply::default())?,
+        Call::Expand(r) => c
+            .controller_expand_volume(r)
+            .await
+            .map(|_| Reply::default())?,
+        Call::NodeExpand(r) => n.node_expand_volume(r).await.map(|_| Reply::default())?,
+        Call::Snapshot(r) => Reply {
+            snapshot_id: c
+                .create_snapshot(r)
+                .await?
+                .into_inner()
+                .snapshot
+                .map(|s| s.snapshot_id)
+                .unwrap_or_default(),
+            ..Default::default()
+        },
+        Call::DeleteSnapshot(r) => c.delete_snapshot(r).await.map(|_| Reply::default())?,
     };
     Ok(reply)
 }
@@ -151,6 +177,12 @@ fn forbidden(call: &Call, code: Code) -> Option<&'static str> {
         // exist or the artifacts associated with the volume do not exist anymore, the
         // Plugin MUST reply 0 OK."
         (Call::Delete(_), Code::NotFound) => Some("deleting a missing volume must succeed"),
+        // CSI DeleteSnapshot: "If a snapshot corresponding to the specified snapshot_id
+        // does not exist or the artifacts associated with the snapshot do not exist
+        // anymore, the Plugin MUST reply 0 OK."
+        (Call::DeleteSnapshot(_), Code::NotFound) => {
+            Some("deleting a missing snapshot must succeed")
+        }
         // CSI ControllerUnpublishVolume: "If the volume corresponding to the volume_id or
         // the node corresponding to node_id cannot be found by the Plugin and the volume
         // can be safely regarded as ControllerUnpublished from the node, the plugin SHOULD
@@ -168,6 +200,8 @@ struct Script {
     sh: Shared,
     rng: StdRng,
     vol: String,
+    /// The size last acknowledged.
+    size: u64,
 }
 
 impl Script {
@@ -417,11 +451,7 @@ impl Script {
         self.alive(ix, generation)?;
         // The kubelet. The disk is visible to the node's kernel while it exists on the
         // RDS (the network between them is not simulated).
-        let nqn = format!("{}{vol}", rds_csi::node::DEFAULT_NQN_PREFIX);
-        let kernel = self.sh.kernels[ix].clone();
-        if kernel.disk(&nqn).is_none() && self.sh.emulator.disk_slots().contains(&vol) {
-            kernel.add_disk(&nqn, VOLUME_BYTES as u64);
-        }
+        self.show_disk(ix);
         let staging =
             format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount");
         let target =
@@ -448,12 +478,15 @@ impl Script {
         });
         self.until_ok_on(&node, ix, generation, pod.clone()).await?;
         self.maybe_repeat(&node, pod).await;
+        if self.rng.random_range(0..100) < o.expand_pct {
+            self.expand(ix, generation, &staging, &target).await?;
+        }
         // The pod runs for a while.
         self.think(1_000, 15_000).await;
         // The pod moves away.
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: vol.clone(),
-            target_path: target,
+            target_path: target.clone(),
         });
         self.until_ok_on(&node, ix, generation, unpod.clone())
             .await?;
@@ -470,6 +503,92 @@ impl Script {
         self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
         self.remove_va(&node);
         Ok(())
+    }
+
+    /// The node's kernel sees the disk, at its current size, while it exists on the RDS
+    /// (the network between them is not simulated).
+    fn show_disk(&self, ix: usize) {
+        let nqn = format!("{}{}", rds_csi::node::DEFAULT_NQN_PREFIX, self.vol);
+        let kernel = &self.sh.kernels[ix];
+        match kernel.disk(&nqn) {
+            Some(d) if d.size != self.size => kernel.resize_disk(&nqn, self.size),
+            Some(_) => {}
+            None if self.sh.emulator.disk_slots().contains(&self.vol) => {
+                kernel.add_disk(&nqn, self.size);
+            }
+            None => {}
+        }
+    }
+
+    /// The resizer grows the volume by 1 GiB while a pod on node `ix` uses it
+    /// (ControllerExpandVolume until OK), then the kubelet grows the filesystem
+    /// (NodeExpandVolume until OK).
+    async fn expand(
+        &mut self,
+        ix: usize,
+        generation: u64,
+        staging: &str,
+        target: &str,
+    ) -> Result<(), Lost> {
+        let size = self.size + (1 << 30);
+        let range = Some(CapacityRange {
+            required_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+            limit_bytes: 0,
+        });
+        let expand = Call::Expand(ControllerExpandVolumeRequest {
+            volume_id: self.vol.clone(),
+            capacity_range: range,
+            volume_capability: Some(capability()),
+            ..Default::default()
+        });
+        self.until_ok(CTRL, expand.clone()).await;
+        self.size = size;
+        self.model().volume(&self.vol).size = size;
+        self.maybe_repeat(CTRL, expand).await;
+        self.show_disk(ix);
+        let node = node_name(ix);
+        let grow = Call::NodeExpand(NodeExpandVolumeRequest {
+            volume_id: self.vol.clone(),
+            volume_path: target.to_string(),
+            capacity_range: range,
+            staging_target_path: staging.to_string(),
+            volume_capability: Some(capability()),
+            ..Default::default()
+        });
+        self.until_ok_on(&node, ix, generation, grow.clone())
+            .await?;
+        self.maybe_repeat(&node, grow).await;
+        Ok(())
+    }
+
+    /// The snapshotter takes snapshot `n` of the volume (CreateSnapshot until OK); its id.
+    async fn snapshot(&mut self, n: usize) -> String {
+        let call = Call::Snapshot(CreateSnapshotRequest {
+            source_volume_id: self.vol.clone(),
+            name: format!("snap-{}-{n}", self.vol),
+            ..Default::default()
+        });
+        let id = self.until_ok(CTRL, call.clone()).await.snapshot_id;
+        self.model().snapshot(&id).created = true;
+        self.maybe_repeat(CTRL, call).await;
+        id
+    }
+
+    /// The snapshotter deletes snapshot `id` (DeleteSnapshot until OK).
+    async fn delete_snapshot(&mut self, id: &str) {
+        self.model().snapshot(id).deleting = true;
+        let call = Call::DeleteSnapshot(DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        });
+        self.until_ok(CTRL, call.clone()).await;
+        {
+            let mut m = self.model();
+            let s = m.snapshot(id);
+            s.deleting = false;
+            s.deleted = true;
+        }
+        self.maybe_repeat(CTRL, call).await;
     }
 
     /// The attach/detach controller gives up on the lost node's unmount and force-detaches
@@ -508,7 +627,12 @@ impl Script {
             ..Default::default()
         });
         let created = self.until_ok(CTRL, create.clone()).await;
-        self.model().volume(&vol).created = true;
+        {
+            let mut m = self.model();
+            let v = m.volume(&vol);
+            v.created = true;
+            v.size = self.size;
+        }
         self.maybe_repeat(CTRL, create).await;
         self.sh.api.put_object(
             Kind::PersistentVolume,
@@ -525,13 +649,24 @@ impl Script {
         let vctx = created.volume_context;
         let live = self.sh.live_nodes();
         let mut ix = live[self.rng.random_range(0..live.len())];
+        let mut snapshots = Vec::new();
         for round in 0..=o.moves {
             let generation = self.sh.node_life(ix).generation;
             if let Err(lost) = self.round(ix, generation, round, &vctx).await {
                 self.force_detach(&node_name(ix), lost).await;
             }
+            if self.rng.random_range(0..100) < o.snapshot_pct {
+                snapshots.push(self.snapshot(round).await);
+            }
             self.think(0, 3_000).await;
             ix = self.pick_node(ix);
+        }
+        // Snapshots outlive their volume (copies on the RDS): delete them before or after.
+        let snapshots_first = self.rng.random_bool(0.5);
+        if snapshots_first {
+            for id in &snapshots {
+                self.delete_snapshot(id).await;
+            }
         }
         // The provisioner, on PV release.
         self.model().volume(&vol).deleting = true;
@@ -548,6 +683,11 @@ impl Script {
         }
         self.maybe_repeat(CTRL, delete).await;
         self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
+        if !snapshots_first {
+            for id in &snapshots {
+                self.delete_snapshot(id).await;
+            }
+        }
         self.sh.trace.log("co", format!("{vol} done"));
     }
 }
@@ -560,6 +700,7 @@ pub async fn run(sh: Shared) -> turmoil::Result {
             sh: sh.clone(),
             rng: StdRng::seed_from_u64(sh.opts.seed.wrapping_mul(31).wrapping_add(i as u64)),
             vol: format!("pvc-sim-{i}"),
+            size: VOLUME_BYTES as u64,
         };
         tasks.push(tokio::spawn(script.run()));
     }

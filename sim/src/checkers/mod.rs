@@ -38,6 +38,19 @@ pub struct Volume {
     pub deleted: bool,
     /// DeleteVolume sent, not acknowledged.
     pub deleting: bool,
+    /// Size acknowledged by CreateVolume or the last ControllerExpandVolume.
+    pub size: u64,
+}
+
+/// One snapshot's lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// CreateSnapshot answered OK.
+    pub created: bool,
+    /// DeleteSnapshot sent, not acknowledged.
+    pub deleting: bool,
+    /// DeleteSnapshot answered OK.
+    pub deleted: bool,
 }
 
 /// The acknowledged history of the workload.
@@ -47,6 +60,8 @@ pub struct Model {
     pub pairs: BTreeMap<(String, String), Pair>,
     /// By volume.
     pub volumes: BTreeMap<String, Volume>,
+    /// By snapshot id.
+    pub snapshots: BTreeMap<String, Snapshot>,
 }
 
 impl Model {
@@ -74,6 +89,11 @@ impl Model {
                 *p = Pair::default();
             }
         }
+    }
+
+    /// The lifecycle record of snapshot `id`.
+    pub fn snapshot(&mut self, id: &str) -> &mut Snapshot {
+        self.snapshots.entry(id.to_string()).or_default()
     }
 
     /// The lifecycle record of `volume`.

@@ -5,6 +5,8 @@
 //! - no acknowledged unpublish is resurrected in the store;
 //! - no two disks share a name on the RDS;
 //! - nothing is deleted while published, and an acknowledged delete stays deleted;
+//! - an acknowledged create (volume or snapshot) stays on the RDS until its delete is
+//!   sent, and an acknowledged expansion is never lost;
 //! - every call is idempotent: no repeat of a valid call got an answer the spec rules out
 //!   (reported by the CO as it happens);
 //! - operations on one volume never overlap on one host ([`super::overlap`]).
@@ -92,6 +94,26 @@ pub fn check(sh: &Shared) -> Vec<String> {
     for (v, vol) in &model.volumes {
         if vol.deleted && seen.contains(v) {
             bad.push(format!("{v} still on the RDS after an acknowledged delete"));
+        }
+        if vol.created && !vol.deleting && !vol.deleted {
+            match sh.emulator.disk_size(v) {
+                None => bad.push(format!("acknowledged volume {v} is gone from the RDS")),
+                Some(size) if size < vol.size => bad.push(format!(
+                    "{v} has {size} bytes on the RDS, less than the acknowledged {}",
+                    vol.size
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for (id, snap) in &model.snapshots {
+        if snap.deleted && seen.contains(id) {
+            bad.push(format!(
+                "snapshot {id} still on the RDS after an acknowledged delete"
+            ));
+        }
+        if snap.created && !snap.deleting && !snap.deleted && !seen.contains(id) {
+            bad.push(format!("acknowledged snapshot {id} is gone from the RDS"));
         }
     }
     bad

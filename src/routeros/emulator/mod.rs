@@ -210,6 +210,15 @@ impl Emulator {
         v
     }
 
+    /// Size in bytes of the disk in `slot`, if there is one (for checks).
+    pub fn disk_size(&self, slot: &str) -> Option<u64> {
+        self.lock()
+            .disks
+            .iter()
+            .find(|d| d.slot == slot)
+            .map(|d| d.file_size)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
