@@ -267,20 +267,6 @@ impl Driver {
         if let Some(c) = &self.deps.controller {
             c.rds.ping().await?;
             c.attachments.rebuild().await?;
-            let every = c.attachments.config().resync_interval;
-            if !every.is_zero() {
-                let manager = Arc::downgrade(&c.attachments);
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        // Ends with the driver (its manager dropped).
-                        let Some(m) = manager.upgrade() else { break };
-                        if let Err(e) = m.resync().await {
-                            tracing::warn!(error = %e, "attachment resync failed; retrying at the next interval");
-                        }
-                    }
-                });
-            }
         }
         if let Some(n) = &self.deps.node {
             // Restart recovery: the node's state is whatever the kernel has attached and
@@ -295,6 +281,9 @@ impl Driver {
             if let Some(cluster) = &n.cluster {
                 publish_host_nqn(&self.cfg.node_id, &*n.initiator, &**cluster).await;
             }
+        }
+        if let Some(c) = &self.deps.controller {
+            spawn_resync(&c.attachments);
         }
         self.readiness.set_ready();
         Ok(())
@@ -323,6 +312,26 @@ impl Driver {
             metrics: Arc::clone(&self.metrics),
         }
     }
+}
+
+/// Resynchronises the attachment memory from the store every `resync_interval` (zero:
+/// never), picking up what another controller replica wrote during a failover. The task
+/// ends when the manager is dropped.
+fn spawn_resync(attachments: &Arc<AttachmentManager>) {
+    let every = attachments.config().resync_interval;
+    if every.is_zero() {
+        return;
+    }
+    let manager = Arc::downgrade(attachments);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(m) = manager.upgrade() else { break };
+            if let Err(e) = m.resync().await {
+                tracing::warn!(error = %e, "attachment resync failed; retrying at the next interval");
+            }
+        }
+    });
 }
 
 /// How long start-up waits for the host NQN to be published before serving without it.
@@ -417,6 +426,55 @@ mod tests {
         async fn record_event(&self, _: &ClusterEvent) -> std::result::Result<(), ClusterError> {
             Err(ClusterError::Unavailable("down".into()))
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_controller_resyncs_what_another_replica_wrote() {
+        use crate::ports::store::AttachmentRecord;
+        use crate::types::{AccessMode, VolumeId};
+        let store = Arc::new(crate::backend::mem_store::MemStore::new());
+        let deps = ControllerDeps::new(
+            crate::routeros::in_memory_rds(1 << 40),
+            store.clone(),
+            Arc::new(LocalCluster::new([NodeId::new("node-a").unwrap()])),
+            Arc::new(crate::ports::time::SystemClock),
+            AttachmentConfig {
+                resync_interval: std::time::Duration::from_secs(30),
+                ..Default::default()
+            },
+        );
+        let manager = Arc::clone(&deps.attachments);
+        let driver = Driver::new(
+            DriverConfig {
+                driver_name: "rds.csi.srvlab.io".into(),
+                version: "t".into(),
+                node_id: NodeId::new("controller").unwrap(),
+                mode: Mode::Controller,
+                max_volumes_per_node: 0,
+                controller: Default::default(),
+            },
+            Deps {
+                clock: Arc::new(crate::ports::time::SystemClock),
+                entropy: Arc::new(crate::ports::time::SeededEntropy::from_seed(1)),
+                controller: Some(deps),
+                node: None,
+            },
+        )
+        .unwrap();
+        driver.start().await.unwrap();
+        // Another replica records an attachment after this one rebuilt.
+        let volume = VolumeId::new("pvc-1").unwrap();
+        let record = AttachmentRecord {
+            volume_id: volume.clone(),
+            node_id: NodeId::new("node-a").unwrap(),
+            attached_at: std::time::UNIX_EPOCH,
+            access_mode: AccessMode::SingleNode,
+            readonly: false,
+        };
+        store.write_volume(&volume, &[record]).await.unwrap();
+        assert!(manager.get(&volume).is_empty());
+        tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+        assert_eq!(manager.get(&volume).len(), 1, "picked up by the resync");
     }
 
     fn node_driver(cluster: Arc<dyn Cluster>, host_nqn: &str) -> Driver {

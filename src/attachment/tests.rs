@@ -626,20 +626,26 @@ async fn other_replica(w: &World) -> AttachmentManager {
     other
 }
 
-#[tokio::test]
-async fn a_repeated_publish_is_acknowledged_only_if_the_store_still_holds_it() {
-    let w = world(AttachmentConfig::default()).await;
+/// This replica attaches pvc-1 to node-a, then the other replica (started after that)
+/// detaches it: this replica's memory still says attached. Returns the other replica.
+async fn attached_here_detached_there(w: &World) -> AttachmentManager {
     w.mgr
         .publish(&publish_args("pvc-1", "node-a", false))
         .await
         .unwrap();
-    // The other replica detaches it; this one's memory still says attached.
-    let other = other_replica(&w).await;
+    let other = other_replica(w).await;
     other
         .unpublish(&unpublish_args("pvc-1", Some("node-a")))
         .await
         .unwrap();
-    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(holders(w, "pvc-1"), vec!["node-a"]);
+    other
+}
+
+#[tokio::test]
+async fn a_repeated_publish_is_acknowledged_only_if_the_store_still_holds_it() {
+    let w = world(AttachmentConfig::default()).await;
+    attached_here_detached_there(&w).await;
 
     let err = w
         .mgr
@@ -662,15 +668,7 @@ async fn a_repeated_publish_is_acknowledged_only_if_the_store_still_holds_it() {
 #[tokio::test]
 async fn resync_picks_up_what_another_replica_wrote() {
     let w = world(AttachmentConfig::default()).await;
-    w.mgr
-        .publish(&publish_args("pvc-1", "node-a", false))
-        .await
-        .unwrap();
-    let other = other_replica(&w).await;
-    other
-        .unpublish(&unpublish_args("pvc-1", Some("node-a")))
-        .await
-        .unwrap();
+    let other = attached_here_detached_there(&w).await;
     other
         .publish(&publish_args("pvc-2", "node-b", false))
         .await
