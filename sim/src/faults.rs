@@ -22,7 +22,6 @@ use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
 use rds_csi::types::VolumeId;
-use serde_json::json;
 
 use crate::options::FORCE_DETACH_SECS;
 use crate::world::{CONTROLLERS, Leader, Shared, node_name};
@@ -179,9 +178,9 @@ impl Injector {
         self.chaos_end
     }
 
-    /// Whether the world is healed (liveness phase).
-    pub fn healed(&self) -> bool {
-        self.healed
+    /// Whether a node's machine was lost in this scenario.
+    pub fn lost_a_node(&self) -> bool {
+        self.lost_a_node
     }
 
     fn count(&mut self, kind: &'static str, sh: &Shared, now: Duration, what: String) {
@@ -213,11 +212,8 @@ impl Injector {
         {
             self.lost = None;
             let name = node_name(i);
-            sh.api.put_object(
-                Kind::Node,
-                "",
-                json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name } }),
-            );
+            sh.api
+                .put_object(Kind::Node, "", crate::world::node_object(i));
             sh.restore_node(i);
             sim.bounce(name.as_str());
             sh.trace

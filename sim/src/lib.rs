@@ -20,7 +20,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rds_csi::kube::fake_api::Kind;
-use serde_json::json;
 
 pub use options::{Bug, Options};
 
@@ -83,11 +82,7 @@ fn run_world(sh: &Shared) -> Report {
     let opts = (*sh.opts).clone();
     sh.trace.at(Duration::ZERO, "sim", opts.to_string());
     for i in 0..opts.nodes {
-        sh.api.put_object(
-            Kind::Node,
-            "",
-            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node_name(i) } }),
-        );
+        sh.api.put_object(Kind::Node, "", world::node_object(i));
     }
     let mut sim = turmoil::Builder::new()
         .rng_seed(opts.seed)
@@ -96,7 +91,7 @@ fn run_world(sh: &Shared) -> Report {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(5))
         .simulation_duration(Duration::from_secs(
-            opts.chaos_secs + options::LIVENESS_SECS + 60,
+            opts.chaos_secs + options::LIVENESS_SECS + options::FORCE_DETACH_SECS + 60,
         ))
         .build();
     let api = sh.api.clone();
@@ -117,7 +112,6 @@ fn run_world(sh: &Shared) -> Report {
     let mut failures = Vec::new();
     let mut checks = 0u64;
     let mut seen = 0usize;
-    let bound = injector.chaos_end() + Duration::from_secs(options::LIVENESS_SECS);
     loop {
         let done = match sim.step() {
             Ok(done) => done,
@@ -128,6 +122,7 @@ fn run_world(sh: &Shared) -> Report {
         };
         let now = sim.elapsed();
         injector.tick(&mut sim, sh, now);
+        sh.sync_data_path();
         if sh.trace.len() != seen || done {
             checks += 1;
             let bad = checkers::safety::check(sh);
@@ -149,11 +144,16 @@ fn run_world(sh: &Shared) -> Report {
             failures.extend(bad);
             break;
         }
-        if now > bound {
-            let msg = format!(
-                "liveness: the workload did not finish within {}s of the heal",
-                options::LIVENESS_SECS
-            );
+        // The bound after the heal; a lost node's volumes also wait for their force-detach.
+        let allowed = options::LIVENESS_SECS
+            + if injector.lost_a_node() {
+                options::FORCE_DETACH_SECS
+            } else {
+                0
+            };
+        if now > injector.chaos_end() + Duration::from_secs(allowed) {
+            let msg =
+                format!("liveness: the workload did not finish within {allowed}s of the heal");
             sh.trace.at(now, "check", msg.clone());
             failures.push(msg);
             break;

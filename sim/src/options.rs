@@ -82,6 +82,9 @@ pub struct Options {
     /// Chance (%) per tick of a controller failover (the other replica leads; the old
     /// leader keeps answering stale calls for a while).
     pub failover_pct: u32,
+    /// Whether the controller runs with the data-path fence (`--data-path-fence`): each
+    /// export allows only its holder's host NQN, which the simulated data path enforces.
+    pub data_path_fence: bool,
     /// Virtual time between fault ticks (ms).
     pub fault_every_ms: u64,
     /// Length of the chaos phase (virtual s).
@@ -137,6 +140,7 @@ impl Options {
             node_crash_pct,
             node_delete_pct,
             failover_pct,
+            data_path_fence: r.random_bool(0.5),
             fault_every_ms: r.random_range(200..=2_000),
             chaos_secs: r.random_range(10..=60),
             bug: None,
@@ -158,7 +162,7 @@ impl fmt::Display for Options {
              snapshot={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
-             failover={}% fault_every={}ms chaos={}s",
+             failover={}% fence={} fault_every={}ms chaos={}s",
             self.seed,
             self.nodes,
             self.volumes,
@@ -179,6 +183,7 @@ impl fmt::Display for Options {
             self.node_crash_pct,
             self.node_delete_pct,
             self.failover_pct,
+            if self.data_path_fence { "on" } else { "off" },
             self.fault_every_ms,
             self.chaos_secs,
         )?;

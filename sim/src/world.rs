@@ -9,6 +9,9 @@
 //!   turmoil TCP.
 //! - `node-1..N`: the real plugin in node mode over the in-memory kernel
 //!   (`rds_csi::node::fake::FakeKernel`, which survives plugin restarts like a real kernel).
+//!   The data path is the RDS's export allow lists, mirrored into each kernel after every
+//!   step ([`Shared::sync_data_path`]): a kernel cannot open a new connection to an export
+//!   that names another host.
 //!
 //! Every timeout here is virtual: turmoil drops segments of a partitioned link silently, so
 //! each request is bounded. Port wrappers (crash points, planted bugs) are applied at the
@@ -118,6 +121,8 @@ pub struct Shared {
     pub co_violations: Arc<Mutex<Vec<String>>>,
     /// The driver's operations in flight, per host and volume.
     pub ops: Ops,
+    /// The export allow lists last mirrored into the kernels.
+    exports: Arc<Mutex<BTreeMap<String, (String, Option<String>)>>>,
 }
 
 /// The life of one node's machine: lost (Node object deleted) and replaced by a fresh
@@ -145,12 +150,7 @@ impl Shared {
             Arc::new(SimClock),
         );
         let kernels = (0..opts.nodes)
-            .map(|i| {
-                FakeKernel::new(
-                    rds_csi::node::DEFAULT_NQN_PREFIX,
-                    &format!("nqn.2014-08.org.nvmexpress:uuid:node-{}", i + 1),
-                )
-            })
+            .map(|i| FakeKernel::new(rds_csi::node::DEFAULT_NQN_PREFIX, &host_nqn(i)))
             .collect();
         let nodes = vec![NodeLife::default(); opts.nodes];
         Self {
@@ -170,7 +170,26 @@ impl Shared {
             nodes: Arc::new(Mutex::new(nodes)),
             co_violations: Arc::default(),
             ops: Ops::default(),
+            exports: Arc::default(),
         }
+    }
+
+    /// Mirrors the RDS's export allow lists into the kernels (the data path): a kernel is
+    /// refused new connections to an export that allows another host. Cheap when nothing
+    /// changed, so it runs after every step.
+    pub fn sync_data_path(&self) {
+        let now = self.emulator.exports();
+        let mut last = self.exports.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == now {
+            return;
+        }
+        for (i, kernel) in self.kernels.iter().enumerate() {
+            let me = host_nqn(i);
+            for (nqn, allow) in now.values() {
+                kernel.refuse(nqn, allow.as_ref().is_some_and(|h| *h != me));
+            }
+        }
+        *last = now;
     }
 
     fn node_lives(&self) -> std::sync::MutexGuard<'_, Vec<NodeLife>> {
@@ -249,6 +268,27 @@ pub struct Leader {
 /// The name of node host `i` (0-based).
 pub fn node_name(i: usize) -> String {
     format!("node-{}", i + 1)
+}
+
+/// The NVMe host NQN of node `i`'s machine.
+pub fn host_nqn(i: usize) -> String {
+    host_nqn_of(&node_name(i))
+}
+
+/// The NVMe host NQN of the machine of the node named `node`.
+pub fn host_nqn_of(node: &str) -> String {
+    format!("nqn.2014-08.org.nvmexpress:uuid:{node}")
+}
+
+/// Node `i`'s Node object, carrying its host NQN as the node plugin publishes it.
+pub fn node_object(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": node_name(i),
+            "annotations": { (rds_csi::kube::cluster::ANN_HOST_NQN): host_nqn(i) },
+        },
+    })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -522,6 +562,7 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
         Arc::clone(&clock),
         AttachmentConfig {
             resync_interval: RESYNC,
+            data_path_fence: sh.opts.data_path_fence,
             ..AttachmentConfig::default()
         },
     );
@@ -556,7 +597,7 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     let deps = NodeDeps {
         initiator: kernel.clone(),
         mounter: kernel,
-        // The simulated nodes do not publish their host NQN (no --data-path-fence in the sim).
+        // The Node objects carry the host NQN from the start (`node_object`).
         cluster: None,
         options: NodeOptions {
             allowed_root: Some(KUBELET_ROOT.into()),

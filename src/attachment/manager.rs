@@ -232,7 +232,7 @@ impl AttachmentManager {
     /// Node object is gone is cleared.
     pub async fn track(&self, record: AttachmentRecord) -> Result<()> {
         let _guard = self.lock(&record.volume_id).await;
-        self.track_locked(record, || async { Ok(()) }).await
+        self.track_locked(record).await
     }
 
     /// Removes `node`'s attachment of `volume` (absent already is success); other holders
@@ -242,11 +242,7 @@ impl AttachmentManager {
         self.untrack_locked(volume, Some(node)).await.map(|_| ())
     }
 
-    async fn track_locked<F, Fut>(&self, record: AttachmentRecord, before_persist: F) -> Result<()>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<()>>,
-    {
+    async fn track_locked(&self, record: AttachmentRecord) -> Result<()> {
         let volume = record.volume_id.clone();
         let node = record.node_id.clone();
         let current: Holders = self
@@ -313,7 +309,6 @@ impl AttachmentManager {
         }
         next.insert(record);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
-        before_persist().await?;
         self.write(&volume, &current, &next, tentative).await
     }
 
@@ -515,39 +510,24 @@ impl AttachmentManager {
             readonly: args.readonly,
         };
         let slot = volume.as_str();
-        let previous_fence = disk.allowed_host_nqn.clone();
-        let fenced = std::sync::atomic::AtomicBool::new(false);
-        let result = self
-            .track_locked(record, || async {
-                // Fence before the record is durable: a failed fence leaves nothing behind.
-                if let Some(nqn) = &host_nqn
-                    && previous_fence.as_deref() != Some(nqn.as_str())
-                {
-                    self.rds.set_allowed_host(slot, Some(nqn)).await?;
-                    fenced.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Ok(())
-            })
-            .await;
-        if let Err(e) = result {
-            if fenced.load(std::sync::atomic::Ordering::Relaxed) {
-                // Undo the fence of a publish that did not happen (best effort).
-                if let Err(undo) = self
-                    .rds
-                    .set_allowed_host(slot, previous_fence.as_deref())
-                    .await
-                {
-                    tracing::warn!(volume_id = %volume, error = %undo, "cannot restore the data-path fence");
-                }
+        // The record first, then the fence: a publish that loses the race to another
+        // writer (a former leader during a failover) fails its precondition before it
+        // touches the export, so it can never move the fence away from the holder the
+        // store names (found by the simulation: a losing publish fenced the export to its
+        // node and crashed before undoing it).
+        self.track_locked(record).await?;
+        if let Some(nqn) = &host_nqn {
+            // Observed now, under the volume's lock: `disk` was read before it. A failure
+            // fails the call with the record durable; the CO's retry (a repeat) fences again,
+            // and an unpublish clears both.
+            let current = self
+                .rds
+                .get_disk(slot)
+                .await?
+                .and_then(|d| d.allowed_host_nqn);
+            if current.as_deref() != Some(nqn.as_str()) {
+                self.rds.set_allowed_host(slot, Some(nqn)).await?;
             }
-            return Err(e);
-        }
-        // Idempotent repeat: make sure the fence is (still) in place.
-        if let Some(nqn) = &host_nqn
-            && !fenced.load(std::sync::atomic::Ordering::Relaxed)
-            && previous_fence.as_deref() != Some(nqn.as_str())
-        {
-            self.rds.set_allowed_host(slot, Some(nqn)).await?;
         }
 
         let mut ctx = BTreeMap::new();

@@ -508,7 +508,45 @@ async fn data_path_fence_follows_the_holder() {
 }
 
 #[tokio::test]
-async fn a_failed_persist_undoes_the_fence() {
+async fn a_publish_that_dies_during_its_write_leaves_the_holders_fence_in_place() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // A replica whose writes never finish (it crashes meanwhile) publishes to node-b.
+    let store = Arc::new(StuckStore(tokio::sync::Notify::new()));
+    let stale = AttachmentManager::new(
+        w.rds.clone(),
+        store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    let args = publish_args("pvc-1", "node-b", false);
+    tokio::select! {
+        r = stale.publish(&args) => panic!("the write cannot finish: {r:?}"),
+        () = store.0.notified() => {}
+    }
+    assert_eq!(
+        w.rds
+            .get_disk("pvc-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn
+            .as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa"),
+        "the export still admits only the holder"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_persist_leaves_the_fence_untouched() {
     let w = world(AttachmentConfig {
         data_path_fence: true,
         ..Default::default()

@@ -44,6 +44,8 @@ struct Device {
 struct State {
     disks: BTreeMap<String, FakeDisk>,
     unreachable: bool,
+    /// Subsystems whose target refuses this host (an allow list that names another).
+    refused: std::collections::BTreeSet<String>,
     devices: BTreeMap<PathBuf, Device>,
     next_ctrl: u32,
     mounts: Vec<MountEntry>,
@@ -103,6 +105,17 @@ impl FakeKernel {
     /// Makes every connect fail as unreachable (or heals it).
     pub fn set_unreachable(&self, unreachable: bool) {
         self.st().unreachable = unreachable;
+    }
+
+    /// The target of `nqn` refuses (or, with `false`, accepts again) new connections from
+    /// this host: its allow list names another host. Existing connections stay.
+    pub fn refuse(&self, nqn: &str, refused: bool) {
+        let mut st = self.st();
+        if refused {
+            st.refused.insert(nqn.to_string());
+        } else {
+            st.refused.remove(nqn);
+        }
     }
 
     /// The connection of `nqn` is lost: its device disappears, mounts stay.
@@ -171,6 +184,12 @@ impl Initiator for FakeKernel {
             return Err(InitiatorError::Unavailable(format!(
                 "{}:{} unreachable",
                 target.address, target.port
+            )));
+        }
+        if st.refused.contains(&target.nqn) {
+            return Err(InitiatorError::Unavailable(format!(
+                "{}:{} refused {}: this host is not allowed",
+                target.address, target.port, target.nqn
             )));
         }
         let Some(size) = st.disks.get(&target.nqn).map(|d| d.size) else {
@@ -487,5 +506,28 @@ mod tests {
         assert!(!k.path_exists(Path::new("/stage")).await.unwrap());
         let disk = k.disk("nqn.test:pvc-1").unwrap();
         assert_eq!(disk.fs.as_deref(), Some("ext4"));
+    }
+
+    #[tokio::test]
+    async fn a_refusing_target_keeps_existing_connections_and_refuses_new_ones() {
+        let k = FakeKernel::new("nqn.test:", "nqn.host");
+        let target = |nqn: &str| NvmeTarget {
+            address: "10.0.0.1".into(),
+            port: 4420,
+            nqn: nqn.into(),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        };
+        k.add_disk("nqn.test:pvc-1", 1 << 30);
+        k.add_disk("nqn.test:pvc-2", 1 << 30);
+        let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
+        k.refuse("nqn.test:pvc-1", true);
+        k.refuse("nqn.test:pvc-2", true);
+        assert_eq!(k.connect(&target("nqn.test:pvc-1")).await.unwrap(), dev);
+        let err = k.connect(&target("nqn.test:pvc-2")).await.unwrap_err();
+        assert!(matches!(err, InitiatorError::Unavailable(ref m) if m.contains("not allowed")));
+        k.refuse("nqn.test:pvc-2", false);
+        assert!(k.connect(&target("nqn.test:pvc-2")).await.is_ok());
     }
 }

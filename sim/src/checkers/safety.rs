@@ -9,7 +9,9 @@
 //!   sent, and an acknowledged expansion is never lost;
 //! - every call is idempotent: no repeat of a valid call got an answer the spec rules out
 //!   (reported by the CO as it happens);
-//! - operations on one volume never overlap on one host ([`super::overlap`]).
+//! - operations on one volume never overlap on one host ([`super::overlap`]);
+//! - with the data-path fence on, an acknowledged publish leaves the volume's export
+//!   allowing the publishing node's host NQN and no other.
 //!
 //! Every volume of the workload is single-node (`SINGLE_NODE_WRITER`).
 
@@ -19,7 +21,7 @@ use rds_csi::kube::fake_api::Kind;
 use rds_csi::kube::pv_store::ANN_ATTACHED_NODE;
 
 use super::{Model, Op};
-use crate::world::Shared;
+use crate::world::{Shared, host_nqn_of};
 
 /// The holders of `volume` as stored on its PV (`None`: no PV).
 pub fn stored_holders(sh: &Shared, volume: &str) -> Option<BTreeSet<String>> {
@@ -54,6 +56,7 @@ pub fn check(sh: &Shared) -> Vec<String> {
             bad.push(format!("two disks named {s} on the RDS"));
         }
     }
+    let exports = sh.emulator.exports();
     let mut published: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for ((v, n), p) in &model.pairs {
         if p.acked == Some(Op::Publish) {
@@ -73,6 +76,17 @@ pub fn check(sh: &Shared) -> Vec<String> {
                 }
                 if !seen.contains(v) {
                     bad.push(format!("{v} is gone from the RDS while published to {n}"));
+                }
+                let want = host_nqn_of(n);
+                match exports.get(v.as_str()) {
+                    Some((_, allow))
+                        if sh.opts.data_path_fence && allow.as_ref() != Some(&want) =>
+                    {
+                        bad.push(format!(
+                            "data-path fence: {v} is published to {n}, but its export allows {allow:?}"
+                        ));
+                    }
+                    _ => {}
                 }
             }
             Some(Op::Unpublish) if holds => {

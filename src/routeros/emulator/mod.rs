@@ -210,6 +210,19 @@ impl Emulator {
         v
     }
 
+    /// Every exported disk's subsystem NQN and the one host NQN allowed to connect (`None`:
+    /// any host), by slot (for checks and the simulated data path).
+    pub fn exports(&self) -> BTreeMap<String, (String, Option<String>)> {
+        self.lock()
+            .disks
+            .iter()
+            .filter_map(|d| {
+                let e = d.export.as_ref()?;
+                Some((d.slot.clone(), (e.nqn.clone(), e.allow_host.clone())))
+            })
+            .collect()
+    }
+
     /// Size in bytes of the disk in `slot`, if there is one (for checks).
     pub fn disk_size(&self, slot: &str) -> Option<u64> {
         self.lock()
