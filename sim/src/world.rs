@@ -37,7 +37,7 @@ use rds_csi::node::fake::FakeKernel;
 use rds_csi::ports::time::SeededEntropy;
 use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
 use rds_csi::retry::Backoff;
-use rds_csi::routeros::emulator::{Emulator, PoolConfig};
+use rds_csi::routeros::emulator::{Emulator, ExportView, PoolConfig};
 use rds_csi::routeros::transport::tcp::{TcpTransport, serve_connection};
 use rds_csi::routeros::transport::{Connector, Transport};
 use rds_csi::routeros::{RdsLayout, RouterOsRds};
@@ -122,7 +122,7 @@ pub struct Shared {
     /// The driver's operations in flight, per host and volume.
     pub ops: Ops,
     /// The export allow lists last mirrored into the kernels.
-    exports: Arc<Mutex<BTreeMap<String, (String, Option<String>)>>>,
+    exports: Arc<Mutex<BTreeMap<String, ExportView>>>,
 }
 
 /// The life of one node's machine: lost (Node object deleted) and replaced by a fresh
@@ -185,8 +185,8 @@ impl Shared {
         }
         for (i, kernel) in self.kernels.iter().enumerate() {
             let me = host_nqn(i);
-            for (nqn, allow) in now.values() {
-                kernel.refuse(nqn, allow.as_ref().is_some_and(|h| *h != me));
+            for e in now.values() {
+                kernel.refuse(&e.nqn, e.allow_host.as_ref().is_some_and(|h| *h != me));
             }
         }
         *last = now;

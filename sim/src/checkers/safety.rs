@@ -79,11 +79,10 @@ pub fn check(sh: &Shared) -> Vec<String> {
                 }
                 let want = host_nqn_of(n);
                 match exports.get(v.as_str()) {
-                    Some((_, allow))
-                        if sh.opts.data_path_fence && allow.as_ref() != Some(&want) =>
-                    {
+                    Some(e) if sh.opts.data_path_fence && e.allow_host.as_ref() != Some(&want) => {
                         bad.push(format!(
-                            "data-path fence: {v} is published to {n}, but its export allows {allow:?}"
+                            "data-path fence: {v} is published to {n}, but its export allows {:?}",
+                            e.allow_host
                         ));
                     }
                     _ => {}

@@ -59,6 +59,15 @@ struct Export {
     allow_host: Option<String>,
 }
 
+/// A disk's NVMe/TCP export as seen from outside (for checks and simulations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportView {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// The one host NQN allowed to connect (`None`: any host).
+    pub allow_host: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct DiskEntry {
     slot: String,
@@ -210,15 +219,18 @@ impl Emulator {
         v
     }
 
-    /// Every exported disk's subsystem NQN and the one host NQN allowed to connect (`None`:
-    /// any host), by slot (for checks and the simulated data path).
-    pub fn exports(&self) -> BTreeMap<String, (String, Option<String>)> {
+    /// Every exported disk's export, by slot (for checks and the simulated data path).
+    pub fn exports(&self) -> BTreeMap<String, ExportView> {
         self.lock()
             .disks
             .iter()
             .filter_map(|d| {
                 let e = d.export.as_ref()?;
-                Some((d.slot.clone(), (e.nqn.clone(), e.allow_host.clone())))
+                let view = ExportView {
+                    nqn: e.nqn.clone(),
+                    allow_host: e.allow_host.clone(),
+                };
+                Some((d.slot.clone(), view))
             })
             .collect()
     }
