@@ -46,6 +46,8 @@ pub struct Report {
     pub checks: u64,
     /// Port calls judged by the no-overlap checker.
     pub op_checks: u64,
+    /// Calls kept out while another call on their volume ran (the checker met overlap).
+    pub op_refused: u64,
     /// Simulated time.
     pub sim_time: Duration,
     /// Wall time (not part of the trace).
@@ -176,6 +178,7 @@ fn run_world(sh: &Shared) -> Report {
         faults: injector.counts,
         checks,
         op_checks: sh.ops.checks(),
+        op_refused: sh.ops.refused(),
         sim_time,
         wall: started.elapsed(),
     }

@@ -121,6 +121,7 @@ struct Totals {
     sim_time: Duration,
     checks: u64,
     op_checks: u64,
+    op_refused: u64,
     faults: BTreeMap<&'static str, u64>,
     failures: Vec<(u64, String, String)>,
     nondeterministic: Vec<u64>,
@@ -163,6 +164,7 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
                     t.sim_time += r.sim_time;
                     t.checks += r.checks;
                     t.op_checks += r.op_checks;
+                    t.op_refused += r.op_refused;
                     for (k, v) in &r.faults {
                         *t.faults.entry(k).or_default() += v;
                     }
@@ -204,6 +206,10 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
     println!(
         "{:<28} {:>12}",
         "  overlap checks (port calls)", t.op_checks
+    );
+    println!(
+        "{:<28} {:>12}",
+        "  overlapping calls kept out", t.op_refused
     );
     println!("{:<28} {:>12}", "faults injected", injected);
     for (k, v) in &t.faults {

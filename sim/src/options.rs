@@ -46,6 +46,9 @@ pub struct Options {
     pub moves: usize,
     /// Chance (%) the CO repeats a call that already succeeded.
     pub repeat_pct: u32,
+    /// How long the CO waits for a CSI answer before it retries (the call may still be
+    /// running on the plugin: the retry then overlaps it).
+    pub rpc_timeout_ms: u64,
     /// Chance (%) the CO sends a conflicting attach to a second node.
     pub conflict_attach_pct: u32,
     /// Chance (%) per round that the volume is expanded while a pod uses it
@@ -141,6 +144,7 @@ impl Options {
             node_delete_pct,
             failover_pct,
             data_path_fence: r.random_bool(0.5),
+            rpc_timeout_ms: r.random_range(500..=10_000),
             fault_every_ms: r.random_range(200..=2_000),
             chaos_secs: r.random_range(10..=60),
             bug: None,
@@ -162,7 +166,7 @@ impl fmt::Display for Options {
              snapshot={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
-             failover={}% fence={} fault_every={}ms chaos={}s",
+             failover={}% fence={} rpc_timeout={}ms fault_every={}ms chaos={}s",
             self.seed,
             self.nodes,
             self.volumes,
@@ -184,6 +188,7 @@ impl fmt::Display for Options {
             self.node_delete_pct,
             self.failover_pct,
             if self.data_path_fence { "on" } else { "off" },
+            self.rpc_timeout_ms,
             self.fault_every_ms,
             self.chaos_secs,
         )?;

@@ -43,8 +43,6 @@ use crate::world::{DRIVER, KUBELET_ROOT, RESYNC, Shared, csi_channel, node_name}
 /// Stands for the leading controller replica.
 const CTRL: &str = "controller*";
 
-/// Bound of one CSI call as the CO sees it.
-pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of every volume.
 pub const VOLUME_BYTES: i64 = 1 << 30;
 
@@ -92,8 +90,8 @@ struct Reply {
     snapshot_id: String,
 }
 
-async fn send(host: &str, call: Call) -> Result<Reply, Status> {
-    let channel = csi_channel(host.to_string(), RPC_TIMEOUT)
+async fn send(host: &str, call: Call, timeout: Duration) -> Result<Reply, Status> {
+    let channel = csi_channel(host.to_string(), timeout)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut c = ControllerClient::new(channel.clone());
@@ -213,7 +211,8 @@ impl Script {
             host
         };
         let name = call.name();
-        let r = send(host, call.clone()).await;
+        let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
+        let r = send(host, call.clone(), timeout).await;
         let outcome = match &r {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),

@@ -227,7 +227,7 @@ impl AttachmentManager {
     }
 
     /// Records `record` as a holder of its volume: check and act under the volume's lock,
-    /// durable before returning. Returns the holders the record was added to. Fencing:
+    /// durable before returning. Fencing:
     /// another live holder of a single-node volume → FAILED_PRECONDITION; a holder whose
     /// Node object is gone is cleared.
     pub async fn track(&self, record: AttachmentRecord) -> Result<()> {
@@ -382,7 +382,14 @@ impl AttachmentManager {
                 continue;
             }
             let _guard = self.lock(&volume).await;
-            let fresh = self.read_stored(&volume).await?;
+            let fresh = match self.read_stored(&volume).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    // One unreadable PV must not keep every later volume stale.
+                    tracing::warn!(volume_id = %volume, error = %e, "cannot re-read the attachments; next resync retries");
+                    continue;
+                }
+            };
             if !self.same_in_memory(&volume, &fresh) {
                 tracing::info!(volume_id = %volume, holders = ?fresh.nodes().collect::<Vec<_>>(),
                     "attachments changed by another writer; memory resynchronised from the store");
@@ -397,6 +404,29 @@ impl AttachmentManager {
         let state = self.state();
         let memory = state.volumes.get(volume).map(Holders::as_slice).unwrap_or(&[]);
         crate::ports::store::same_holders(memory, holders.as_slice())
+    }
+
+    /// After a change to `volume`'s export allow list: the change is not atomic with the
+    /// store, and another replica (during a failover) may have changed the holders since
+    /// our write — and fenced the export to its node before our change landed. Re-reads
+    /// the store (memory follows it) and, when it names a single-node holder other than
+    /// `expected`, fences the export to that holder again. Returns whether the store still
+    /// names `expected` (always true for `None`).
+    async fn refence_from_store(&self, volume: &VolumeId, expected: Option<&NodeId>) -> Result<bool> {
+        let stored = self.read_stored(volume).await?;
+        let holder = stored
+            .iter()
+            .find(|r| r.access_mode.is_single_node())
+            .map(|r| r.node_id.clone());
+        if let Some(holder) = &holder
+            && Some(holder) != expected
+            && let Some(nqn) = self.cluster.node_host_nqn(holder).await?
+        {
+            self.rds.set_allowed_host(volume.as_str(), Some(&nqn)).await?;
+        }
+        let still = expected.is_none_or(|n| stored.nodes().any(|h| h == n));
+        self.state().set(volume, stored);
+        Ok(still)
     }
 
     /// Confirms that the store holds what memory says `volume`'s holders are, before an
@@ -438,9 +468,8 @@ impl AttachmentManager {
         };
         drop(tentative);
         if matches!(e, crate::ports::store::StoreError::Conflict(_)) {
-            match self.store.read_volume(volume).await {
-                Ok(records) => {
-                    let holders: Holders = records.into_iter().collect();
+            match self.read_stored(volume).await {
+                Ok(holders) => {
                     tracing::warn!(volume_id = %volume, holders = ?holders.nodes().collect::<Vec<_>>(),
                         "attachments changed by another writer; memory resynchronised from the store");
                     self.state().set(volume, holders);
@@ -527,6 +556,12 @@ impl AttachmentManager {
                 .and_then(|d| d.allowed_host_nqn);
             if current.as_deref() != Some(nqn.as_str()) {
                 self.rds.set_allowed_host(slot, Some(nqn)).await?;
+                if !self.refence_from_store(volume, Some(node)).await? {
+                    return Err(Error::Aborted(format!(
+                        "attachments of volume {volume} changed by another writer while it \
+                         was being fenced; memory resynchronised from the store, retry"
+                    )));
+                }
             }
         }
 
@@ -576,15 +611,18 @@ impl AttachmentManager {
         } else {
             false
         };
-        if lift {
-            match self.rds.set_allowed_host(volume.as_str(), None).await {
-                // CSI: "If the volume corresponding to the volume_id ... cannot be found by
-                // the Plugin and the volume can be safely regarded as ControllerUnpublished
-                // from the node, the plugin SHOULD return 0 OK."
-                Ok(()) | Err(RdsError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+        if !lift {
+            return Ok(());
         }
+        match self.rds.set_allowed_host(volume.as_str(), None).await {
+            // CSI: "If the volume corresponding to the volume_id ... cannot be found by
+            // the Plugin and the volume can be safely regarded as ControllerUnpublished
+            // from the node, the plugin SHOULD return 0 OK."
+            Ok(()) => {}
+            Err(RdsError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.refence_from_store(volume, None).await?;
         Ok(())
     }
 }

@@ -102,8 +102,11 @@ fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
 }
 
 fn holders(w: &World, v: &str) -> Vec<String> {
-    w.mgr
-        .get(&vid(v))
+    holders_of(&w.mgr, v)
+}
+
+fn holders_of(mgr: &AttachmentManager, v: &str) -> Vec<String> {
+    mgr.get(&vid(v))
         .into_iter()
         .map(|r| r.node_id.to_string())
         .collect()
@@ -543,6 +546,188 @@ async fn a_publish_that_dies_during_its_write_leaves_the_holders_fence_in_place(
         Some("nqn.2014-08.org.nvmexpress:uuid:aaaa"),
         "the export still admits only the holder"
     );
+}
+
+/// An RDS where setting one allowed-host value (`None`: lifting the fence) waits until
+/// released.
+struct FenceGate {
+    inner: Arc<dyn Rds>,
+    gated: Option<String>,
+    at_gate: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl FenceGate {
+    fn new(inner: Arc<dyn Rds>, gated: Option<&str>) -> Self {
+        Self {
+            inner,
+            gated: gated.map(str::to_string),
+            at_gate: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Rds for FenceGate {
+    async fn ping(&self) -> Result<(), crate::ports::rds::RdsError> {
+        self.inner.ping().await
+    }
+    async fn create_disk(
+        &self,
+        spec: &DiskSpec,
+    ) -> Result<crate::ports::rds::Disk, crate::ports::rds::RdsError> {
+        self.inner.create_disk(spec).await
+    }
+    async fn get_disk(
+        &self,
+        slot: &str,
+    ) -> Result<Option<crate::ports::rds::Disk>, crate::ports::rds::RdsError> {
+        self.inner.get_disk(slot).await
+    }
+    async fn list_disks(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<crate::ports::rds::Disk>, crate::ports::rds::RdsError> {
+        self.inner.list_disks(prefix).await
+    }
+    async fn resize_disk(
+        &self,
+        slot: &str,
+        size: u64,
+    ) -> Result<crate::ports::rds::Disk, crate::ports::rds::RdsError> {
+        self.inner.resize_disk(slot, size).await
+    }
+    async fn delete_disk(&self, slot: &str) -> Result<(), crate::ports::rds::RdsError> {
+        self.inner.delete_disk(slot).await
+    }
+    async fn capacity(
+        &self,
+    ) -> Result<crate::ports::rds::PoolCapacity, crate::ports::rds::RdsError> {
+        self.inner.capacity().await
+    }
+    async fn set_allowed_host(
+        &self,
+        slot: &str,
+        host: Option<&str>,
+    ) -> Result<(), crate::ports::rds::RdsError> {
+        if host == self.gated.as_deref() {
+            self.at_gate.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.set_allowed_host(slot, host).await
+    }
+}
+
+#[tokio::test]
+async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_it_again() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    let gate = Arc::new(FenceGate::new(w.rds.clone(), None));
+    let here = AttachmentManager::new(
+        gate.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced.clone(),
+    );
+    here.publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // This replica detaches node-a; between its write and its lift of the fence, the
+    // other replica (started from the store then) attaches node-b and fences it in.
+    let other = AttachmentManager::new(
+        w.rds.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    let meanwhile = async {
+        gate.at_gate.notified().await;
+        other.rebuild().await.unwrap();
+        other
+            .publish(&publish_args("pvc-1", "node-b", false))
+            .await
+            .unwrap();
+        gate.release.notify_one();
+    };
+    let detach = unpublish_args("pvc-1", Some("node-a"));
+    let (unpublished, ()) = tokio::join!(here.unpublish(&detach), meanwhile);
+    unpublished.unwrap();
+    assert_eq!(
+        w.rds
+            .get_disk("pvc-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn
+            .as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "the export admits the holder the store names"
+    );
+    assert_eq!(holders_of(&here, "pvc-1"), vec!["node-b"]);
+}
+
+#[tokio::test]
+async fn a_publish_whose_volume_moved_on_before_its_fence_landed_is_aborted_and_refenced() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    let node_a_nqn = "nqn.2014-08.org.nvmexpress:uuid:aaaa";
+    let gate = Arc::new(FenceGate::new(w.rds.clone(), Some(node_a_nqn)));
+    let here = AttachmentManager::new(
+        gate.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced.clone(),
+    );
+    let other = AttachmentManager::new(
+        w.rds.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    // This replica records node-a; before its fence lands, the other replica detaches
+    // node-a and attaches node-b (fenced to node-b).
+    let meanwhile = async {
+        gate.at_gate.notified().await;
+        other.rebuild().await.unwrap();
+        other
+            .unpublish(&unpublish_args("pvc-1", Some("node-a")))
+            .await
+            .unwrap();
+        other
+            .publish(&publish_args("pvc-1", "node-b", false))
+            .await
+            .unwrap();
+        gate.release.notify_one();
+    };
+    let attach = publish_args("pvc-1", "node-a", false);
+    let (published, ()) = tokio::join!(here.publish(&attach), meanwhile);
+    assert!(
+        matches!(published, Err(Error::Aborted(_))),
+        "not acknowledged: {published:?}"
+    );
+    assert_eq!(
+        w.rds
+            .get_disk("pvc-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn
+            .as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "the export admits the holder the store names"
+    );
+    assert_eq!(holders_of(&here, "pvc-1"), vec!["node-b"]);
 }
 
 #[tokio::test]

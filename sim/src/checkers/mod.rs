@@ -81,11 +81,12 @@ impl Model {
         p.acked = Some(op);
         p.pending = None;
     }
-    /// `node`'s machine is lost: whatever it was told, it holds nothing now (its pairs
-    /// start over; the force-detach that follows is a fresh unpublish).
+    /// `node`'s machine is lost: an acknowledged or pending publish to it claims nothing
+    /// any more (the force-detach that follows is a fresh unpublish); an acknowledged
+    /// unpublish still must never come back.
     pub fn node_lost(&mut self, node: &str) {
         for ((_, n), p) in self.pairs.iter_mut() {
-            if n == node {
+            if n == node && (p.pending.is_some() || p.acked == Some(Op::Publish)) {
                 *p = Pair::default();
             }
         }

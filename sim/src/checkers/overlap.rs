@@ -44,6 +44,7 @@ struct State {
     open: BTreeMap<u64, Rpc>,
     violations: Vec<String>,
     checks: u64,
+    refused: u64,
 }
 
 /// The operations in flight in one scenario, and the overlaps seen. Clones share.
@@ -74,9 +75,18 @@ impl Ops {
         );
     }
 
-    /// A CSI call ended (or was dropped).
+    /// A CSI call ended (or was dropped). One that touched no port while another call on
+    /// its volume was open was kept out (the in-flight guard): counted, to show the checker
+    /// met overlapping calls.
     fn close(&self, span: u64) {
-        self.st().open.remove(&span);
+        let mut st = self.st();
+        if let Some(r) = st.open.remove(&span)
+            && r.host.is_none()
+            && !r.volume.is_empty()
+            && st.open.values().any(|o| o.volume == r.volume)
+        {
+            st.refused += 1;
+        }
     }
 
     /// The CSI call `span` calls a port on `host`: an overlap if another call on the same
@@ -125,9 +135,10 @@ impl Ops {
         self.st().checks
     }
 
-    /// Open CSI calls (for the liveness check: none after the workload).
-    pub fn open_calls(&self) -> usize {
-        self.st().open.len()
+    /// Calls that ended without touching a port while another call on their volume was
+    /// open (kept out by the in-flight guard).
+    pub fn refused(&self) -> u64 {
+        self.st().refused
     }
 
     /// The subscriber to install for the scenario's thread: it sees only the driver's
@@ -388,6 +399,7 @@ mod tests {
         ops.effect(3, &b);
         ops.effect(4, &a);
         ops.close(2);
+        assert_eq!(ops.refused(), 1, "2 touched nothing while 1 was open");
         ops.close(1);
         rpc(&ops, 5, "ControllerUnpublishVolume", "pvc-1");
         ops.effect(5, &a);
@@ -416,6 +428,12 @@ mod tests {
         }
         assert_eq!(ops.violations().len(), 1, "{:?}", ops.violations());
         drop((a, b));
-        assert_eq!(ops.open_calls(), 0);
+        // Both closed: a new call on the volume overlaps nothing.
+        let c = tracing::info_span!(target: "rds_csi::csi", "rpc", method = "NodePublishVolume", volume_id = "pvc-1");
+        {
+            let _e = c.enter();
+            let _ = Mounter::mounts(&*tracked).await;
+        }
+        assert_eq!(ops.violations().len(), 1, "{:?}", ops.violations());
     }
 }

@@ -79,6 +79,9 @@ pub fn check(sh: &Shared) -> Vec<String> {
                 }
                 let want = host_nqn_of(n);
                 match exports.get(v.as_str()) {
+                    None if seen.contains(v) => {
+                        bad.push(format!("{v} is published to {n} but not exported"));
+                    }
                     Some(e) if sh.opts.data_path_fence && e.allow_host.as_ref() != Some(&want) => {
                         bad.push(format!(
                             "data-path fence: {v} is published to {n}, but its export allows {:?}",

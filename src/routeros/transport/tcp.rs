@@ -131,14 +131,20 @@ impl<C: Connector> Transport for TcpTransport<C> {
                 })?;
             *guard = Some(BufReader::new(io));
         }
-        let Some(conn) = guard.as_mut() else {
+        // Taken out for the exchange and put back only after a whole reply: if this future
+        // is dropped mid-exchange (the caller's deadline), the connection is dropped with
+        // it instead of being left with a reply in flight for the next command to read.
+        let Some(mut conn) = guard.take() else {
             return Err(RdsError::Unavailable("no connection".into()));
         };
-        let result = tokio::time::timeout(self.command_timeout, exchange(conn, cmd.as_str())).await;
+        let result =
+            tokio::time::timeout(self.command_timeout, exchange(&mut conn, cmd.as_str())).await;
         match result {
-            Ok(Ok(out)) => Ok(out),
+            Ok(Ok(out)) => {
+                *guard = Some(conn);
+                Ok(out)
+            }
             Ok(Err(e)) => {
-                *guard = None;
                 Err(RdsError::Unavailable(format!(
                     "{}: connection lost during {cmd:?}: {e} (the command may have been applied)",
                     self.connector.describe(),
@@ -146,7 +152,6 @@ impl<C: Connector> Transport for TcpTransport<C> {
                 )))
             }
             Err(_) => {
-                *guard = None;
                 Err(RdsError::Timeout(format!(
                     "{}: no reply to {:?} within {:?}",
                     self.connector.describe(),
@@ -231,6 +236,46 @@ mod tests {
         assert_eq!(rds.capacity().await.unwrap().free_bytes, 9 << 30);
         rds.delete_disk("pvc-1").await.unwrap();
         assert!(emu.file_names().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_cancelled_mid_exchange_does_not_hand_its_reply_to_the_next() {
+        use crate::routeros::command::{Command, DiskFilter, PrintStyle};
+        let emu = Arc::new(Emulator::in_memory(
+            PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes: 1 << 30,
+            },
+            Arc::new(SystemClock),
+        ));
+        let render = crate::routeros::render::Renderer::new("raid1/k8s").unwrap();
+        let print = render
+            .render(&Command::DiskPrint {
+                filter: DiskFilter::All,
+                style: PrintStyle::Terse,
+            })
+            .unwrap();
+        let monitor = render
+            .render(&Command::MonitorTraffic {
+                slot: "nope".into(),
+            })
+            .unwrap();
+        let transport = TcpTransport::new(
+            Pipe(Arc::clone(&emu)),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        // The print's reply is slow; its caller gives up first (a gRPC deadline).
+        emu.faults()
+            .push(CommandKind::DiskPrint, Fault::Delay(Duration::from_secs(1)));
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), transport.run(&print)).await;
+        assert!(gave_up.is_err(), "the print was cut short");
+        // The next command gets its own reply, not the print's.
+        let out = transport.run(&monitor).await.unwrap();
+        assert!(out.contains("no such item"), "{out}");
+        assert!(!out.contains("raid1"), "{out}");
     }
 
     #[tokio::test]
