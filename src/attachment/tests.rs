@@ -619,33 +619,54 @@ impl Rds for FenceGate {
     }
 }
 
-#[tokio::test]
-async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_it_again() {
+/// Two fenced replicas over one store: `here` talks to the RDS through a [`FenceGate`] on
+/// `gated`, `other` directly.
+struct TwoFenced {
+    w: World,
+    gate: Arc<FenceGate>,
+    here: AttachmentManager,
+    other: AttachmentManager,
+}
+
+async fn two_fenced_replicas(gated: Option<&str>) -> TwoFenced {
     let fenced = AttachmentConfig {
         data_path_fence: true,
         ..Default::default()
     };
     let w = world(fenced.clone()).await;
-    let gate = Arc::new(FenceGate::new(w.rds.clone(), None));
-    let here = AttachmentManager::new(
-        gate.clone(),
-        w.store.clone(),
-        w.cluster.clone(),
-        Arc::new(FixedClock),
-        fenced.clone(),
-    );
+    let gate = Arc::new(FenceGate::new(w.rds.clone(), gated));
+    let replica = |rds: Arc<dyn Rds>| {
+        AttachmentManager::new(
+            rds,
+            w.store.clone(),
+            w.cluster.clone(),
+            Arc::new(FixedClock),
+            fenced.clone(),
+        )
+    };
+    let here = replica(gate.clone());
+    let other = replica(w.rds.clone());
+    TwoFenced {
+        w,
+        gate,
+        here,
+        other,
+    }
+}
+
+#[tokio::test]
+async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_it_again() {
+    let TwoFenced {
+        w,
+        gate,
+        here,
+        other,
+    } = two_fenced_replicas(None).await;
     here.publish(&publish_args("pvc-1", "node-a", false))
         .await
         .unwrap();
     // This replica detaches node-a; between its write and its lift of the fence, the
     // other replica (started from the store then) attaches node-b and fences it in.
-    let other = AttachmentManager::new(
-        w.rds.clone(),
-        w.store.clone(),
-        w.cluster.clone(),
-        Arc::new(FixedClock),
-        fenced,
-    );
     let meanwhile = async {
         gate.at_gate.notified().await;
         other.rebuild().await.unwrap();
@@ -674,27 +695,12 @@ async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_i
 
 #[tokio::test]
 async fn a_publish_whose_volume_moved_on_before_its_fence_landed_is_aborted_and_refenced() {
-    let fenced = AttachmentConfig {
-        data_path_fence: true,
-        ..Default::default()
-    };
-    let w = world(fenced.clone()).await;
-    let node_a_nqn = "nqn.2014-08.org.nvmexpress:uuid:aaaa";
-    let gate = Arc::new(FenceGate::new(w.rds.clone(), Some(node_a_nqn)));
-    let here = AttachmentManager::new(
-        gate.clone(),
-        w.store.clone(),
-        w.cluster.clone(),
-        Arc::new(FixedClock),
-        fenced.clone(),
-    );
-    let other = AttachmentManager::new(
-        w.rds.clone(),
-        w.store.clone(),
-        w.cluster.clone(),
-        Arc::new(FixedClock),
-        fenced,
-    );
+    let TwoFenced {
+        w,
+        gate,
+        here,
+        other,
+    } = two_fenced_replicas(Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")).await;
     // This replica records node-a; before its fence lands, the other replica detaches
     // node-a and attaches node-b (fenced to node-b).
     let meanwhile = async {
