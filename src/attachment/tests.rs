@@ -112,6 +112,11 @@ fn holders_of(mgr: &AttachmentManager, v: &str) -> Vec<String> {
         .collect()
 }
 
+/// The host NQN `v`'s export admits (`None`: any host).
+async fn allowed_host(w: &World, v: &str) -> Option<String> {
+    w.rds.get_disk(v).await.unwrap().unwrap().allowed_host_nqn
+}
+
 async fn stored(w: &World) -> Vec<(String, String)> {
     w.store
         .load_all()
@@ -470,14 +475,7 @@ async fn data_path_fence_follows_the_holder() {
         .publish(&publish_args("pvc-1", "node-a", false))
         .await
         .unwrap();
-    let allowed = || async {
-        w.rds
-            .get_disk("pvc-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .allowed_host_nqn
-    };
+    let allowed = || allowed_host(&w, "pvc-1");
     assert_eq!(
         allowed().await.as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")
@@ -536,12 +534,7 @@ async fn a_publish_that_dies_during_its_write_leaves_the_holders_fence_in_place(
         () = store.0.notified() => {}
     }
     assert_eq!(
-        w.rds
-            .get_disk("pvc-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .allowed_host_nqn
+        allowed_host(&w, "pvc-1").await
             .as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:aaaa"),
         "the export still admits only the holder"
@@ -680,12 +673,7 @@ async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_i
     let (unpublished, ()) = tokio::join!(here.unpublish(&detach), meanwhile);
     unpublished.unwrap();
     assert_eq!(
-        w.rds
-            .get_disk("pvc-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .allowed_host_nqn
+        allowed_host(&w, "pvc-1").await
             .as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
         "the export admits the holder the store names"
@@ -723,12 +711,7 @@ async fn a_publish_whose_volume_moved_on_before_its_fence_landed_is_aborted_and_
         "not acknowledged: {published:?}"
     );
     assert_eq!(
-        w.rds
-            .get_disk("pvc-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .allowed_host_nqn
+        allowed_host(&w, "pvc-1").await
             .as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
         "the export admits the holder the store names"
@@ -752,12 +735,7 @@ async fn a_failed_persist_leaves_the_fence_untouched() {
             .is_err()
     );
     assert_eq!(
-        w.rds
-            .get_disk("pvc-1")
-            .await
-            .unwrap()
-            .unwrap()
-            .allowed_host_nqn,
+        allowed_host(&w, "pvc-1").await,
         None
     );
 }

@@ -174,6 +174,18 @@ mod tests {
     use crate::routeros::emulator::faults::Fault;
     use crate::routeros::{RdsLayout, RouterOsRds};
 
+    /// An in-memory emulator with a pool `raid1` of `size_bytes`.
+    fn emulator(size_bytes: u64) -> Arc<Emulator> {
+        Arc::new(Emulator::in_memory(
+            PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes,
+            },
+            Arc::new(SystemClock),
+        ))
+    }
+
     /// A connector over in-memory duplex pipes, each served by the emulator: the same
     /// shape as a turmoil `TcpStream` connector in the simulation.
     struct Pipe(Arc<Emulator>);
@@ -193,14 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn adapter_over_the_line_protocol_survives_lost_replies() {
-        let emu = Arc::new(Emulator::in_memory(
-            PoolConfig {
-                slot: "raid1".into(),
-                mount_point: "raid1".into(),
-                size_bytes: 10 << 30,
-            },
-            Arc::new(SystemClock),
-        ));
+        let emu = emulator(10 << 30);
         let transport = TcpTransport::new(
             Pipe(Arc::clone(&emu)),
             Duration::from_secs(5),
@@ -241,14 +246,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_command_cancelled_mid_exchange_does_not_hand_its_reply_to_the_next() {
         use crate::routeros::command::{Command, DiskFilter, PrintStyle};
-        let emu = Arc::new(Emulator::in_memory(
-            PoolConfig {
-                slot: "raid1".into(),
-                mount_point: "raid1".into(),
-                size_bytes: 1 << 30,
-            },
-            Arc::new(SystemClock),
-        ));
+        let emu = emulator(1 << 30);
         let render = crate::routeros::render::Renderer::new("raid1/k8s").unwrap();
         let print = render
             .render(&Command::DiskPrint {
@@ -280,14 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_and_garbage_lines_close_the_connection_without_panicking() {
-        let emu = Arc::new(Emulator::in_memory(
-            PoolConfig {
-                slot: "raid1".into(),
-                mount_point: "raid1".into(),
-                size_bytes: 1 << 30,
-            },
-            Arc::new(SystemClock),
-        ));
+        let emu = emulator(1 << 30);
         let (mut client, server) = tokio::io::duplex(4 * MAX_LINE);
         let task = tokio::spawn(serve_connection(Arc::clone(&emu), server));
         client.write_all(b"/disk frobnicate\n").await.unwrap();
