@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rds_csi::config::Cli;
+use rds_csi::cli::Cli;
 use rds_csi::proto::csi::{
     CapacityRange, CreateVolumeRequest, DeleteVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
@@ -47,11 +47,12 @@ async fn main() {
         "--node-id",
         "bench-node",
     ]);
-    let driver = rds_csi::server::build_driver(&cli).expect("driver");
-    driver.start().await.expect("start");
+    let settings = cli.settings().expect("settings");
+    let plugin = rds_csi::compose::build(&settings, rds_csi::compose::Seams::os()).expect("plugin");
+    plugin.start().await.expect("start");
     let (listener, _guard) = rds_csi::server::bind_unix(&socket).await.expect("bind");
     tokio::spawn(rds_csi::server::serve(
-        driver.services(),
+        plugin.services(),
         tokio_stream::wrappers::UnixListenerStream::new(listener),
         std::future::pending(),
         Duration::from_secs(1),

@@ -38,7 +38,7 @@ async fn main() {
     let root = std::fs::canonicalize(dir.path()).expect("canonicalize");
     let vols = root.join("volumes");
     std::fs::create_dir_all(&vols).expect("mkdir");
-    let prefix = rds_csi::node::DEFAULT_NQN_PREFIX;
+    let prefix = rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
     let runner = Arc::new(TokioRunner::new(COMMAND_TIMEOUT));
     let init = Arc::new(rds_csi::node::loopdev::LoopInitiator::new(
         runner.clone(),

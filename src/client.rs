@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-use crate::config::Endpoint;
+use crate::types::Endpoint;
 
 /// Opens a channel to `endpoint` (unix socket or TCP).
 pub async fn connect(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {

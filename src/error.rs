@@ -113,6 +113,13 @@ impl Error {
     }
 }
 
+/// A malformed identifier is the caller's mistake: INVALID_ARGUMENT with its message.
+impl From<crate::types::InvalidId> for Error {
+    fn from(err: crate::types::InvalidId) -> Self {
+        Error::InvalidArgument(err.0)
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         Status::new(err.code(), err.to_string())

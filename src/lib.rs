@@ -4,11 +4,13 @@
 //! them through RouterOS and fences them so a single-node volume is never attached to two
 //! nodes; nodes connect with the kernel NVMe/TCP initiator, format and mount.
 //!
-//! The crate is laid out as ports and adapters (see `DESIGN.md`): every external effect goes
-//! through a trait in [`ports`]; [`backend`] holds the embedded adapters; [`csi`] holds the
-//! thin tonic services; [`driver`] wires them by [`config::Mode`]; [`server`] owns the socket
-//! and the process lifecycle. Nothing here is global: the simulation runs many plugins in one
-//! process.
+//! The crate is laid out in layers (`docs/ARCHITECTURE.md`, enforced by `tests/layers.rs`):
+//! the vocabulary ([`types`], [`proto`]); one trait per external effect ([`ports`]); the
+//! domain error ([`error`]); adapters ([`routeros`], [`kube`], [`backend`], and the node's
+//! own in [`node`]); the cores ([`attachment`], [`controller`], [`node`]); the thin tonic
+//! services ([`csi`]); serving ([`server`]); typed [`settings`]; the composition root
+//! ([`compose`]) that builds a plugin instance from them; the command line ([`cli`]).
+//! Nothing here is global: the simulation runs many plugins in one process.
 
 /// Applies `#[cfg(not(loom))]` to every item: see the loom note below.
 macro_rules! not_under_loom {
@@ -21,11 +23,11 @@ macro_rules! not_under_loom {
 not_under_loom! {
     pub mod attachment;
     pub mod backend;
+    pub mod cli;
     pub mod client;
-    pub mod config;
+    pub mod compose;
     pub mod controller;
     pub mod csi;
-    pub mod driver;
     pub mod error;
     pub mod fsutil;
     pub mod kube;
@@ -37,6 +39,7 @@ not_under_loom! {
     pub mod retry;
     pub mod routeros;
     pub mod server;
+    pub mod settings;
     pub mod telemetry;
     pub mod types;
 

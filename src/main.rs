@@ -3,7 +3,7 @@
 #[cfg(not(loom))]
 use clap::Parser;
 #[cfg(not(loom))]
-use rds_csi::config::Cli;
+use rds_csi::cli::Cli;
 
 /// Under `--cfg loom` only the lock-table core is built (see `lib.rs`).
 #[cfg(loom)]
@@ -17,7 +17,15 @@ async fn main() -> std::process::ExitCode {
         eprintln!("rds-csi-plugin: {e}");
         return std::process::ExitCode::from(2);
     }
-    match rds_csi::server::run(cli).await {
+    let settings = match cli.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("rds-csi-plugin: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rds_csi::compose::run(settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

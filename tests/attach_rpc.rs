@@ -49,7 +49,7 @@ async fn publish_is_durable_across_kill_nine_and_an_acknowledged_unpublish_stays
     let (socket, state) = (dir.path().join("csi.sock"), dir.path().join("state"));
     {
         // The volume exists on the embedded RDS before the plugin starts.
-        let rds = rds_csi::driver::embedded_rds(
+        let rds = rds_csi::compose::embedded_rds(
             &state,
             Arc::new(SystemClock),
             Arc::new(SeededEntropy::from_seed(1)),
@@ -154,7 +154,7 @@ async fn publish_is_durable_across_kill_nine_and_an_acknowledged_unpublish_stays
 
 /// The embedded RDS on `state` (the plugin must not be running).
 fn rds_at(state: &std::path::Path) -> Arc<dyn rds_csi::ports::Rds> {
-    rds_csi::driver::embedded_rds(
+    rds_csi::compose::embedded_rds(
         state,
         Arc::new(SystemClock),
         Arc::new(SeededEntropy::from_seed(1)),

@@ -1,7 +1,7 @@
 //! CSI conformance of the Controller service: the plugin on its embedded backend, served
 //! on a real unix socket and driven by a tonic client. Covers every row of the error-code
-//! table in DESIGN.md, every controller RPC, and repeats every successful call ten times
-//! (the spec: "all of the following RPCs MUST be idempotent").
+//! table a conformance suite checks, every controller RPC, and repeats every successful
+//! call ten times (the spec: "all of the following RPCs MUST be idempotent").
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use clap::Parser;
-use rds_csi::config::Cli;
+use rds_csi::cli::Cli;
 use rds_csi::proto::csi::{
     self, CapacityRange, ControllerExpandVolumeRequest, ControllerGetCapabilitiesRequest,
     ControllerGetVolumeRequest, ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
@@ -51,14 +51,15 @@ async fn start(args: &[&str]) -> Fixture {
     argv.extend(["--node-id", NODE, "--mode", "controller"]);
     argv.extend(args);
     let cli = Cli::try_parse_from(argv).unwrap();
-    let driver = rds_csi::server::build_driver(&cli).unwrap();
-    driver.start().await.unwrap();
+    let settings = cli.settings_in(false).unwrap();
+    let plugin = rds_csi::compose::build(&settings, rds_csi::compose::Seams::os()).unwrap();
+    plugin.start().await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let stopped = async move {
         let _ = stopped.await;
     };
     let (channel, _server) =
-        common::serve_driver(driver, dir.path(), stopped, Duration::from_secs(5)).await;
+        common::serve_plugin(plugin, dir.path(), stopped, Duration::from_secs(5)).await;
     let c = ControllerClient::new(channel);
     Fixture {
         _dir: dir,

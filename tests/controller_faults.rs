@@ -38,9 +38,9 @@ fn create_req(name: &str) -> CreateVolumeRequest {
 
 /// Serves a controller over `rds` on a socket in `dir`; returns a client.
 async fn serve(rds: Arc<dyn Rds>, dir: &std::path::Path) -> ControllerClient<Channel> {
-    let driver = common::controller_driver(rds).await;
+    let plugin = common::controller_plugin(rds, dir).await;
     let (channel, _server) =
-        common::serve_driver(driver, dir, std::future::pending(), Duration::from_secs(1)).await;
+        common::serve_plugin(plugin, dir, std::future::pending(), Duration::from_secs(1)).await;
     ControllerClient::new(channel)
 }
 

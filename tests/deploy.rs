@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use clap::{CommandFactory, Parser};
-use rds_csi::config::{Cli, DEFAULT_DRIVER_NAME};
+use rds_csi::cli::Cli;
 use rds_csi::kube_rbac::{API_ACCESS, ApiAccess, NODE_API_ACCESS};
+use rds_csi::types::defaults::DEFAULT_DRIVER_NAME;
 use serde_json::{Value, json};
 
 /// The release name and namespace `deploy/manifests/` is rendered with.

@@ -13,19 +13,17 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use rds_csi::config::Mode;
-use rds_csi::csi::context;
+use rds_csi::compose::{embedded_volume_dir, loop_kernel};
 use rds_csi::csi::node::NodeService;
-use rds_csi::driver::DriverConfig;
-use rds_csi::node::{NodeOps, NodeOptions, embedded_deps};
+use rds_csi::node::{NodeOps, NodeOptions};
 use rds_csi::proto::csi::node_server::Node;
 use rds_csi::proto::csi::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode as AM,
 };
 use rds_csi::proto::csi::*;
 use rds_csi::types::NodeId;
+use rds_csi::types::context;
 use tonic::{Code, Request};
 
 const MIB: u64 = 1 << 20;
@@ -83,7 +81,7 @@ impl World {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
-        std::fs::create_dir_all(rds_csi::node::embedded_volume_dir(&root.join("state"))).unwrap();
+        std::fs::create_dir_all(embedded_volume_dir(&root.join("state"))).unwrap();
         std::fs::create_dir_all(root.join("kubelet")).unwrap();
         let node = Self::service(&root);
         World {
@@ -96,17 +94,7 @@ impl World {
 
     /// A fresh service over the same kernel state: what a restarted plugin sees.
     fn service(root: &Path) -> NodeService {
-        let node_id = NodeId::new("node-1").unwrap();
-        let deps = embedded_deps(&root.join("state"), &node_id, Self::options(root));
-        let cfg = DriverConfig {
-            driver_name: "rds.csi.srvlab.io".into(),
-            version: "test".into(),
-            node_id,
-            mode: Mode::Node,
-            max_volumes_per_node: 0,
-            controller: Default::default(),
-        };
-        NodeService::new(Arc::new(cfg), deps)
+        NodeService::new(NodeId::new("node-1").unwrap(), 0, Self::ops_in(root))
     }
 
     fn options(root: &Path) -> NodeOptions {
@@ -117,13 +105,14 @@ impl World {
         }
     }
 
+    /// The node core over the embedded kernel (loop devices over the state dir's files).
+    fn ops_in(root: &Path) -> NodeOps {
+        let kernel = loop_kernel(&root.join("state"), &NodeId::new("node-1").unwrap(), PREFIX);
+        NodeOps::new(kernel.initiator, kernel.mounter, Self::options(root))
+    }
+
     fn ops(&self) -> NodeOps {
-        let deps = embedded_deps(
-            &self.root.join("state"),
-            &NodeId::new("node-1").unwrap(),
-            Self::options(&self.root),
-        );
-        NodeOps::new(deps.initiator, deps.mounter, deps.options)
+        Self::ops_in(&self.root)
     }
 
     /// Creates the backing file of `vol` (what CreateVolume does on the embedded RDS).
@@ -142,7 +131,7 @@ impl World {
     }
 
     fn backing(&self, vol: &str) -> PathBuf {
-        rds_csi::node::embedded_volume_dir(&self.root.join("state")).join(format!("{vol}.img"))
+        embedded_volume_dir(&self.root.join("state")).join(format!("{vol}.img"))
     }
 
     fn staging(&self, vol: &str) -> String {

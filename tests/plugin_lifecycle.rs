@@ -223,7 +223,7 @@ async fn stop_signal_drains_an_in_flight_rpc() {
         release: Notify::new(),
         pings: 0.into(),
     });
-    let driver = common::controller_driver(rds.clone()).await;
+    let plugin = common::controller_plugin(rds.clone(), dir.path()).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
@@ -232,7 +232,7 @@ async fn stop_signal_drains_an_in_flight_rpc() {
         let _ = seen_tx.send(());
     };
     let (channel, server) =
-        common::serve_driver(driver, dir.path(), stop, Duration::from_secs(3600)).await;
+        common::serve_plugin(plugin, dir.path(), stop, Duration::from_secs(3600)).await;
 
     let mut client = IdentityClient::new(channel);
     let probe = tokio::spawn(async move { client.probe(ProbeRequest {}).await });

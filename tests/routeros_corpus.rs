@@ -1,5 +1,5 @@
-//! The parser on a corpus of realistic RouterOS outputs (tests/fixtures/routeros/),
-//! written from the facts in DESIGN.md: every file's parse is an insta snapshot.
+//! The parser on a corpus of realistic RouterOS outputs (tests/fixtures/routeros/), written
+//! as devices print them: every file's parse is an insta snapshot.
 
 use std::fmt::Write as _;
 

@@ -266,15 +266,17 @@ async fn silent_reply_times_out_and_a_write_is_resolved_by_observing() {
     assert_eq!(srv.emulator.disk_slots(), ["pvc-a"]);
 }
 
-fn cli(args: &[&str]) -> rds_csi::config::Cli {
+fn settings(args: &[&str]) -> Result<rds_csi::settings::Settings, rds_csi::server::ServeError> {
     use clap::Parser;
-    let mut all = vec!["rds-csi-plugin"];
+    let mut all = vec!["rds-csi-plugin", "--node-id", "n1", "--mode", "controller"];
     all.extend_from_slice(args);
-    rds_csi::config::Cli::try_parse_from(all).unwrap()
+    rds_csi::cli::Cli::try_parse_from(all)
+        .unwrap()
+        .settings_in(false)
 }
 
 fn config_error(args: &[&str]) -> String {
-    match rds_csi::server::ssh_rds(&cli(args), Arc::new(SeededEntropy::from_seed(1))) {
+    match settings(args) {
         Err(rds_csi::server::ServeError::Config(m)) => m,
         Err(e) => panic!("expected a configuration error, got {e}"),
         Ok(_) => panic!("expected a configuration error for {args:?}"),
@@ -286,11 +288,10 @@ async fn rds_flags_build_the_ssh_adapter_and_refuse_unsafe_configurations() {
     let key = format!("{KEYS}/client_ed25519");
     let host = public("host_ed25519");
     // Without an address: the embedded backend.
-    assert!(
-        rds_csi::server::ssh_rds(&cli(&[]), Arc::new(SeededEntropy::from_seed(1)))
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        settings(&[]).unwrap().rds.access,
+        rds_csi::settings::RdsAccess::Embedded
+    ));
     assert!(config_error(&["--rds-address", "127.0.0.1"]).contains("--rds-key-file"));
     assert!(
         config_error(&["--rds-address", "127.0.0.1", "--rds-key-file", &key])
@@ -333,25 +334,31 @@ async fn rds_flags_build_the_ssh_adapter_and_refuse_unsafe_configurations() {
     // The flags as a deployment passes them reach a working adapter.
     let srv = server().await;
     let (ip, port) = srv.addr.rsplit_once(':').unwrap();
-    let rds = rds_csi::server::ssh_rds(
-        &cli(&[
-            "--rds-address",
-            ip,
-            "--rds-port",
-            port,
-            "--rds-user",
-            "rds-csi",
-            "--rds-key-file",
-            &key,
-            "--rds-host-key",
-            &host,
-            "--rds-volume-path",
-            "/storage-pool/kubernetes",
-        ]),
-        Arc::new(SeededEntropy::from_seed(1)),
-    )
-    .unwrap()
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().display().to_string();
+    let settings = settings(&[
+        "--state-dir",
+        &state_dir,
+        "--rds-address",
+        ip,
+        "--rds-port",
+        port,
+        "--rds-user",
+        "rds-csi",
+        "--rds-key-file",
+        &key,
+        "--rds-host-key",
+        &host,
+        "--rds-volume-path",
+        "/storage-pool/kubernetes",
+    ])
     .unwrap();
+    let seams = rds_csi::compose::Seams::with(
+        Arc::new(rds_csi::ports::time::SystemClock),
+        Arc::new(SeededEntropy::from_seed(1)),
+    );
+    let plugin = rds_csi::compose::build(&settings, seams).unwrap();
+    let rds = plugin.rds().unwrap();
     let d = bounded(rds.create_disk(&spec("pvc-flags", GIB)))
         .await
         .unwrap();

@@ -3,15 +3,25 @@
 //! safety properties after every step and convergence at the end, and replay any seed
 //! exactly.
 //!
-//! One concern per module: [`options`] (knobs from the seed), [`world`] (hosts and network
-//! plumbing), [`workload`] (the CO), [`faults`] (fault schedule, crash points), [`bugs`]
-//! (planted bugs for the proof-of-power tests), [`checkers`] (safety and liveness),
-//! [`trace`] (events and hash). [`run`] drives one scenario.
+//! One concern per module, in layers (each imports only the ones above it in this list;
+//! `tests/layers.rs` at the workspace root keeps it so):
+//! - [`options`] (knobs from the seed), [`trace`] (events and hash);
+//! - [`model`] (the workload's acknowledged history), [`overlap`] (the online no-overlap
+//!   checker and its port wrappers), [`crash`] (crash points at the store port), [`bugs`]
+//!   (planted bugs for the proof-of-power tests);
+//! - [`world`] (hosts, network plumbing, the plugins built by the composition root);
+//! - [`workload`] (the CO), [`faults`] (the fault schedule), [`checkers`] (safety and
+//!   liveness).
+//!
+//! [`run`] drives one scenario.
 
 pub mod bugs;
 pub mod checkers;
+pub mod crash;
 pub mod faults;
+pub mod model;
 pub mod options;
+pub mod overlap;
 pub mod trace;
 pub mod workload;
 pub mod world;

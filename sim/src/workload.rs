@@ -12,7 +12,7 @@
 //! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss.
 //!
 //! Every call and its outcome goes to the trace; acknowledgements go to the
-//! [`Model`](crate::checkers::Model) the checkers judge, and an answer the spec rules out
+//! [`Model`](crate::model::Model) the checkers judge, and an answer the spec rules out
 //! for a valid, repeated request (ALREADY_EXISTS to a same-name CreateVolume, NOT_FOUND to
 //! a DeleteVolume, ...) is reported as a violation at once.
 //!
@@ -36,7 +36,7 @@ use rds_csi::proto::csi::{
 use serde_json::json;
 use tonic::{Code, Status};
 
-use crate::checkers::Op;
+use crate::model::Op;
 use crate::options::FORCE_DETACH_SECS;
 use crate::world::{DRIVER, KUBELET_ROOT, RESYNC, Shared, csi_channel, node_name};
 
@@ -312,7 +312,7 @@ impl Script {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
-    fn model(&self) -> std::sync::MutexGuard<'_, crate::checkers::Model> {
+    fn model(&self) -> std::sync::MutexGuard<'_, crate::model::Model> {
         self.sh.model.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -507,7 +507,11 @@ impl Script {
     /// The node's kernel sees the disk, at its current size, while it exists on the RDS
     /// (the network between them is not simulated).
     fn show_disk(&self, ix: usize) {
-        let nqn = format!("{}{}", rds_csi::node::DEFAULT_NQN_PREFIX, self.vol);
+        let nqn = format!(
+            "{}{}",
+            rds_csi::types::defaults::DEFAULT_NQN_PREFIX,
+            self.vol
+        );
         let kernel = &self.sh.kernels[ix];
         match kernel.disk(&nqn) {
             Some(d) if d.size != self.size => kernel.resize_disk(&nqn, self.size),

@@ -5,7 +5,8 @@
 //!   every restart) whose transport opens a turmoil TCP connection per request.
 //! - `rds`: the RouterOS emulator over its TCP line protocol; the controller reaches it
 //!   through the real renderer, transport and parser (`RouterOsRds` over `TcpTransport`).
-//! - `controller`: the real plugin in controller mode (`Driver`, `server::serve`), CSI over
+//! - `controller`, `controller-b`: the real plugin in controller mode, built by the
+//!   composition root (`rds_csi::compose`) like the binary's, served by `server::serve` on
 //!   turmoil TCP.
 //! - `node-1..N`: the real plugin in node mode over the in-memory kernel
 //!   (`rds_csi::node::fake::FakeKernel`, which survives plugin restarts like a real kernel).
@@ -14,8 +15,9 @@
 //!   that names another host.
 //!
 //! Every timeout here is virtual: turmoil drops segments of a partitioned link silently, so
-//! each request is bounded. Port wrappers (crash points, planted bugs) are applied at the
-//! port boundaries by [`crate::faults`] and [`crate::bugs`]; the driver has no sim switch.
+//! each request is bounded. Port wrappers (crash points, planted bugs, call tracking) enter
+//! through the root's `PortLayers` ([`crate::crash`], [`crate::bugs`], [`crate::overlap`]);
+//! the driver has no sim switch.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,26 +31,27 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
-use rds_csi::config::Mode;
-use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig, NodeDeps};
+use rds_csi::compose::{self, Kernel, Plugin, PortLayers, Seams};
 use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi};
 use rds_csi::node::NodeOptions;
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::ports::time::SeededEntropy;
 use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
 use rds_csi::retry::Backoff;
+use rds_csi::routeros::RdsLayout;
 use rds_csi::routeros::emulator::{Emulator, ExportView, PoolConfig};
 use rds_csi::routeros::transport::tcp::{TcpTransport, serve_connection};
 use rds_csi::routeros::transport::{Connector, Transport};
-use rds_csi::routeros::{RdsLayout, RouterOsRds};
-use rds_csi::types::NodeId;
+use rds_csi::settings::Settings;
+use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
+use rds_csi::types::{Mode, NodeId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::checkers::Model;
-use crate::checkers::overlap::{Ops, Tracked};
-use crate::faults::CrashPoint;
+use crate::crash::CrashPoint;
+use crate::model::Model;
 use crate::options::Options;
+use crate::overlap::{Ops, Tracked};
 use crate::trace::Trace;
 
 /// The CSI driver name.
@@ -150,7 +153,7 @@ impl Shared {
             Arc::new(SimClock),
         );
         let kernels = (0..opts.nodes)
-            .map(|i| FakeKernel::new(rds_csi::node::DEFAULT_NQN_PREFIX, &host_nqn(i)))
+            .map(|i| FakeKernel::new(DEFAULT_NQN_PREFIX, &host_nqn(i)))
             .collect();
         let nodes = vec![NodeLife::default(); opts.nodes];
         Self {
@@ -469,27 +472,66 @@ pub async fn rds_host(emulator: Arc<Emulator>) -> turmoil::Result {
     }
 }
 
-fn driver_config(node: &str, mode: Mode) -> Result<DriverConfig, String> {
-    Ok(DriverConfig {
-        driver_name: DRIVER.into(),
-        version: "sim".into(),
-        node_id: NodeId::new(node).map_err(|e| e.to_string())?,
-        mode,
-        max_volumes_per_node: 0,
-        controller: Default::default(),
-    })
+/// The settings of the plugin on host `name` in `mode`: the embedded defaults with the
+/// simulation's short retries, resync interval, fence knob and kubelet root.
+fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> {
+    let node_id = NodeId::new(name).map_err(|e| e.to_string())?;
+    let mut s = Settings::embedded(node_id, mode, "/nonexistent/sim-state".into());
+    s.version = "sim".into();
+    s.rds.layout = RdsLayout {
+        volume_base_path: VOLUME_PATH.into(),
+        pool_mount_point: POOL.into(),
+    };
+    s.rds.retry = BACKOFF;
+    s.kube.retry = BACKOFF;
+    s.attachment = AttachmentConfig {
+        resync_interval: RESYNC,
+        data_path_fence: opts.data_path_fence,
+        ..AttachmentConfig::default()
+    };
+    s.node.options = NodeOptions {
+        allowed_root: Some(KUBELET_ROOT.into()),
+        nqn_prefix: DEFAULT_NQN_PREFIX.into(),
+        require_target_address: true,
+    };
+    Ok(s)
+}
+
+/// The scenario's wrappers around a controller replica's ports: crash points and planted
+/// bugs at the store, planted bugs at the cluster and the RouterOS transport, and the
+/// no-overlap checker's call tracking at the RDS and the store.
+struct ControllerLayers {
+    sh: Shared,
+    name: &'static str,
+}
+
+impl PortLayers for ControllerLayers {
+    fn transport(&self, port: Arc<dyn Transport>) -> Arc<dyn Transport> {
+        crate::bugs::wrap_transport(port, self.sh.opts.bug)
+    }
+    fn rds(&self, port: Arc<dyn Rds>) -> Arc<dyn Rds> {
+        Arc::new(Tracked::new(port, self.name, &self.sh.ops))
+    }
+    fn store(&self, port: Arc<dyn AttachmentStore>) -> Arc<dyn AttachmentStore> {
+        let port = crate::crash::wrap_store(port, &self.sh.crash, self.name);
+        let port = crate::bugs::wrap_store(port, self.sh.opts.bug);
+        Arc::new(Tracked::new(port, self.name, &self.sh.ops))
+    }
+    fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {
+        crate::bugs::wrap_cluster(port, self.sh.opts.bug)
+    }
 }
 
 /// Finishes start-up (retrying while the backend is unreachable), then serves CSI.
 async fn start_and_serve(
-    driver: Driver,
+    plugin: Plugin,
     trace: &Trace,
     who: &'static str,
     name: &str,
 ) -> turmoil::Result {
     let mut attempt = 0u32;
     loop {
-        match driver.start().await {
+        match plugin.start().await {
             Ok(()) => break,
             Err(e) => {
                 attempt += 1;
@@ -504,7 +546,7 @@ async fn start_and_serve(
     trace.log(who, format!("{name} ready"));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", CSI_PORT)).await?;
     rds_csi::server::serve(
-        driver.services(),
+        plugin.services(),
         incoming(listener),
         std::future::pending::<()>(),
         Duration::ZERO,
@@ -518,102 +560,59 @@ fn kind_of(e: rds_csi::Error) -> String {
     tonic::Status::from(e).code().description().to_string()
 }
 
-/// A controller replica host (`name`), one incarnation: builds the kube client, the
-/// adapters (with the scenario's port wrappers), the driver, then serves.
+/// A controller replica host (`name`), one incarnation: the plugin built by the
+/// composition root over the `kube` and `rds` hosts (reached over turmoil TCP, the kube
+/// client built inside the host) with the scenario's port wrappers, then served.
 pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result {
     let inc = sh.incarnation.fetch_add(1, Ordering::SeqCst);
     sh.trace
         .log("ctrl", format!("{name}: incarnation {inc} starting"));
-    let clock: Arc<dyn Clock> = Arc::new(SimClock);
-    let entropy = Arc::new(SeededEntropy::from_seed(
-        sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
-    ));
-    let client = kube::Client::new(KubeHttp, "default");
-    let (store, cluster) =
-        rds_csi::kube::adapters(client, DRIVER, Arc::clone(&clock), entropy.clone(), BACKOFF);
-    let store: Arc<dyn AttachmentStore> = store;
-    let cluster: Arc<dyn Cluster> = cluster;
-    let store = crate::faults::wrap_store(store, &sh, name);
-    let store = crate::bugs::wrap_store(store, sh.opts.bug);
-    let store: Arc<dyn AttachmentStore> = Arc::new(Tracked::new(store, name, &sh.ops));
-    let cluster = crate::bugs::wrap_cluster(cluster, sh.opts.bug);
-    let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new(
+    let mut seams = Seams::with(
+        Arc::new(SimClock),
+        Arc::new(SeededEntropy::from_seed(
+            sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
+        )),
+    );
+    seams.kube = Some(kube::Client::new(KubeHttp, "default"));
+    seams.rds_transport = Some(Arc::new(TcpTransport::new(
         RdsConnector,
         Duration::from_secs(2),
         Duration::from_secs(5),
-    ));
-    let transport = crate::bugs::wrap_transport(transport, sh.opts.bug);
-    let rds = RouterOsRds::new(
-        transport,
-        &RdsLayout {
-            volume_base_path: VOLUME_PATH.into(),
-            pool_mount_point: POOL.into(),
-        },
-        BACKOFF,
-        entropy.clone(),
-    )
-    .map_err(|e| e.to_string())?;
-    let rds: Arc<dyn Rds> = Arc::new(rds);
-    let rds: Arc<dyn Rds> = Arc::new(Tracked::new(rds, name, &sh.ops));
-    let deps = ControllerDeps::new(
-        rds,
-        store,
-        cluster,
-        Arc::clone(&clock),
-        AttachmentConfig {
-            resync_interval: RESYNC,
-            data_path_fence: sh.opts.data_path_fence,
-            ..AttachmentConfig::default()
-        },
-    );
-    sh.managers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(name.to_string(), Arc::clone(&deps.attachments));
-    let driver = Driver::new(
-        driver_config(name, Mode::Controller)?,
-        Deps {
-            clock,
-            entropy,
-            controller: Some(deps),
-            node: None,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    start_and_serve(driver, &sh.trace, "ctrl", name).await
+    )));
+    seams.layers = Arc::new(ControllerLayers {
+        sh: sh.clone(),
+        name,
+    });
+    let plugin = compose::build(&settings(name, Mode::Controller, &sh.opts)?, seams)
+        .map_err(|e| e.to_string())?;
+    if let Some(manager) = plugin.attachments() {
+        sh.managers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), manager);
+    }
+    start_and_serve(plugin, &sh.trace, "ctrl", name).await
 }
 
-/// The `node-<i+1>` host, one incarnation, over its kernel.
+/// The `node-<i+1>` host, one incarnation: the plugin built by the composition root over
+/// its kernel (tracked for the no-overlap checker), then served.
 pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     let kernel = Arc::new(Tracked::new(
         Arc::new(sh.kernels[i].clone()),
         &node_name(i),
         &sh.ops,
     ));
-    let clock: Arc<dyn Clock> = Arc::new(SimClock);
-    let entropy = Arc::new(SeededEntropy::from_seed(
-        sh.opts.seed ^ (i as u64 + 1) << 40,
-    ));
-    let deps = NodeDeps {
+    let mut seams = Seams::with(
+        Arc::new(SimClock),
+        Arc::new(SeededEntropy::from_seed(
+            sh.opts.seed ^ (i as u64 + 1) << 40,
+        )),
+    );
+    seams.kernel = Some(Kernel {
         initiator: kernel.clone(),
         mounter: kernel,
-        // The Node objects carry the host NQN from the start (`node_object`).
-        cluster: None,
-        options: NodeOptions {
-            allowed_root: Some(KUBELET_ROOT.into()),
-            nqn_prefix: rds_csi::node::DEFAULT_NQN_PREFIX.into(),
-            require_target_address: true,
-        },
-    };
-    let driver = Driver::new(
-        driver_config(&node_name(i), Mode::Node)?,
-        Deps {
-            clock,
-            entropy,
-            controller: None,
-            node: Some(deps),
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    start_and_serve(driver, &sh.trace, "node", "").await
+    });
+    let plugin = compose::build(&settings(&node_name(i), Mode::Node, &sh.opts)?, seams)
+        .map_err(|e| e.to_string())?;
+    start_and_serve(plugin, &sh.trace, "node", "").await
 }

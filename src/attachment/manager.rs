@@ -30,7 +30,7 @@ use crate::ports::rds::RdsError;
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
 use crate::types::{NodeId, VolumeId};
 
-use crate::csi::context::{
+use crate::types::context::{
     FS_TYPE as CTX_FS_TYPE, NQN as CTX_NQN, NVME_ADDRESS as CTX_NVME_ADDRESS,
     NVME_PORT as CTX_NVME_PORT,
 };
@@ -357,6 +357,25 @@ impl AttachmentManager {
         let stored = self.read_stored(volume).await?;
         self.state().set(volume, stored.clone());
         Ok(stored.as_slice().to_vec())
+    }
+
+    /// Starts the periodic [`resync`](Self::resync) every `resync_interval` (zero: never)
+    /// as a background task; the task ends when the manager is dropped.
+    pub fn spawn_resync(self: &Arc<Self>) {
+        let every = self.config().resync_interval;
+        if every.is_zero() {
+            return;
+        }
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(m) = manager.upgrade() else { break };
+                if let Err(e) = m.resync().await {
+                    tracing::warn!(error = %e, "attachment resync failed; retrying at the next interval");
+                }
+            }
+        });
     }
 
     /// Picks up what another writer changed in the store (a former leader finishing its

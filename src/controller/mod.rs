@@ -11,6 +11,7 @@
 //! keep working (restores from them still succeed).
 
 pub mod capacity;
+pub mod caps;
 pub mod paging;
 pub mod params;
 pub mod snapshots;
@@ -20,9 +21,8 @@ use std::sync::Arc;
 
 use crate::attachment::AttachmentManager;
 use crate::ports::Rds;
+use crate::types::defaults::{DEFAULT_NQN_PREFIX, DEFAULT_NVME_PORT};
 
-/// Default NVMe/TCP port (RouterOS default).
-pub use crate::routeros::command::DEFAULT_NVME_PORT;
 
 /// Controller settings from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
-            nqn_prefix: crate::node::DEFAULT_NQN_PREFIX.into(),
+            nqn_prefix: DEFAULT_NQN_PREFIX.into(),
             nvme_address: "127.0.0.1".into(),
             nvme_port: DEFAULT_NVME_PORT,
             expected: params::Expected::default(),
@@ -81,5 +81,10 @@ impl Controller {
     /// The settings.
     pub fn config(&self) -> &ControllerConfig {
         &self.cfg
+    }
+
+    /// The attachment manager ControllerPublish/Unpublish go through.
+    pub fn attachments(&self) -> &Arc<AttachmentManager> {
+        &self.attachments
     }
 }

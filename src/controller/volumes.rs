@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::controller::{Controller, capacity, paging, params};
-use crate::csi::context;
+use crate::types::context;
 use crate::error::{Error, Result};
 use crate::ports::rds::{Disk, DiskSpec, NvmeExport};
 use crate::proto::csi::{
@@ -75,7 +75,7 @@ pub fn validate_capabilities(caps: &[VolumeCapability], field: &str) -> Result<O
     let mut any_mount = false;
     let mut named: std::collections::BTreeSet<&str> = Default::default();
     for cap in caps {
-        crate::csi::publish::access(cap)
+        crate::controller::caps::access(cap)
             .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
         if let Some(AccessType::Mount(m)) = &cap.access_type {
             any_mount = true;

@@ -2,8 +2,6 @@
 //! and the attachment manager. Each RPC validates its request (pure functions), takes the
 //! in-flight guard of the object it changes (ABORTED on collision), and calls the core.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use crate::controller::snapshots::snapshot_id_field;
@@ -11,7 +9,6 @@ use crate::controller::volumes::{validate_create, volume_id_field};
 use crate::controller::{Controller, ControllerConfig};
 use crate::csi::inflight::{InFlight, InFlightGuard};
 use crate::csi::rpc;
-use crate::driver::{ControllerDeps, DriverConfig};
 use crate::error::{Error, Result};
 use crate::proto::csi::{
     ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
@@ -28,21 +25,14 @@ use crate::proto::csi::{
 
 /// Controller service state (one per plugin instance).
 pub struct ControllerService {
-    deps: ControllerDeps,
     core: Controller,
     inflight: InFlight,
 }
 
 impl ControllerService {
-    /// A controller over `deps`.
-    pub fn new(cfg: Arc<DriverConfig>, deps: ControllerDeps) -> Self {
-        let core = Controller::new(
-            cfg.controller.clone(),
-            Arc::clone(&deps.rds),
-            Arc::clone(&deps.attachments),
-        );
+    /// A controller service over the controller core.
+    pub fn new(core: Controller) -> Self {
         Self {
-            deps,
             core,
             inflight: InFlight::default(),
         }
@@ -128,7 +118,7 @@ impl controller_server::Controller for ControllerService {
         rpc("ControllerPublishVolume", &req.volume_id, req, async {
             let args = crate::csi::publish::validate_publish(req)?;
             let _guard = self.volume_guard(args.volume_id.as_str())?;
-            let context = self.deps.attachments.publish(&args).await?;
+            let context = self.core.attachments().publish(&args).await?;
             Ok(ControllerPublishVolumeResponse {
                 publish_context: context.into_iter().collect(),
             })
@@ -144,7 +134,7 @@ impl controller_server::Controller for ControllerService {
         rpc("ControllerUnpublishVolume", &req.volume_id, req, async {
             let args = crate::csi::publish::validate_unpublish(req)?;
             let _guard = self.volume_guard(args.volume_id.as_str())?;
-            self.deps.attachments.unpublish(&args).await?;
+            self.core.attachments().unpublish(&args).await?;
             Ok(ControllerUnpublishVolumeResponse {})
         })
         .await

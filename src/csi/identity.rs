@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tonic::{Request, Response, Status};
 
-use crate::config::Mode;
+use crate::types::Mode;
 use crate::csi::rpc;
 use crate::ports::Rds;
 use crate::proto::csi::{

@@ -4,7 +4,6 @@
 //! validate (pure functions) → in-flight guard → core call → map the error through the one
 //! table in [`crate::error`].
 
-pub mod context;
 pub mod controller;
 pub mod identity;
 pub mod inflight;

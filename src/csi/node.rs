@@ -7,19 +7,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::csi::context;
 use crate::csi::inflight::InFlight;
 use crate::csi::rpc;
-use crate::driver::{DriverConfig, NodeDeps};
 use crate::error::{Error, Result};
 use crate::node::mount::SUPPORTED_FS_TYPES;
 use crate::node::ops::{NodeAccess, NodeCapability, NodeOps, Publish, Stage, VolumeKind};
 use crate::node::paths::validate_path;
 use crate::ports::initiator::NvmeTarget;
+use crate::types::context;
+use crate::types::defaults::DEFAULT_NVME_PORT;
 use crate::proto::csi::{
     NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
     NodeGetCapabilitiesResponse, NodeGetInfoRequest, NodeGetInfoResponse,
@@ -30,7 +29,7 @@ use crate::proto::csi::{
     VolumeCondition, VolumeUsage, node_server, node_service_capability, volume_capability,
     volume_usage,
 };
-use crate::types::{Nqn, VolumeId};
+use crate::types::{NodeId, Nqn, VolumeId};
 
 /// Topology key naming the node a volume is reachable from.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.rds.csi.srvlab.io/node";
@@ -38,22 +37,22 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.rds.csi.srvlab.io/node";
 /// Default filesystem when neither the capability nor the volume context names one.
 pub const DEFAULT_FS_TYPE: &str = "ext4";
 
-/// Default NVMe/TCP port (RouterOS `nvme-tcp-server-port`).
-pub use crate::routeros::command::DEFAULT_NVME_PORT;
-
 /// Node service state (one per plugin instance).
 pub struct NodeService {
-    cfg: Arc<DriverConfig>,
+    node_id: NodeId,
+    max_volumes_per_node: i64,
     ops: NodeOps,
     inflight: InFlight,
 }
 
 impl NodeService {
-    /// A node service over `deps`.
-    pub fn new(cfg: Arc<DriverConfig>, deps: NodeDeps) -> Self {
+    /// A node service over the node core `ops`, reporting `node_id` and
+    /// `max_volumes_per_node` (0: no limit) in NodeGetInfo.
+    pub fn new(node_id: NodeId, max_volumes_per_node: i64, ops: NodeOps) -> Self {
         Self {
-            cfg,
-            ops: NodeOps::new(deps.initiator, deps.mounter, deps.options),
+            node_id,
+            max_volumes_per_node,
+            ops,
             inflight: InFlight::default(),
         }
     }
@@ -63,7 +62,7 @@ fn volume_id(value: &str) -> Result<VolumeId> {
     if value.is_empty() {
         return Err(Error::InvalidArgument("volume_id is required".into()));
     }
-    VolumeId::new(value)
+    Ok(VolumeId::new(value)?)
 }
 
 /// Validates a volume capability for the node.
@@ -459,10 +458,10 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         rpc("NodeGetInfo", "", request.get_ref(), async {
             Ok(NodeGetInfoResponse {
-                node_id: self.cfg.node_id.to_string(),
-                max_volumes_per_node: self.cfg.max_volumes_per_node,
+                node_id: self.node_id.to_string(),
+                max_volumes_per_node: self.max_volumes_per_node,
                 accessible_topology: Some(Topology {
-                    segments: [(TOPOLOGY_NODE_KEY.to_string(), self.cfg.node_id.to_string())]
+                    segments: [(TOPOLOGY_NODE_KEY.to_string(), self.node_id.to_string())]
                         .into(),
                 }),
             })
@@ -612,35 +611,25 @@ mod tests {
 
     mod over_fake_kernel {
         use super::*;
-        use crate::config::Mode as PluginMode;
         use crate::node::fake::FakeKernel;
+        use std::sync::Arc;
         use crate::node::NodeOptions;
         use crate::proto::csi::node_server::Node;
-        use crate::types::NodeId;
         use tonic::Code;
 
         const PREFIX: &str = "nqn.2000-02.com.mikrotik:";
 
         fn service(k: &FakeKernel) -> NodeService {
-            let cfg = DriverConfig {
-                driver_name: "rds.csi.srvlab.io".into(),
-                version: "t".into(),
-                node_id: NodeId::new("n1").unwrap(),
-                mode: PluginMode::Node,
-                max_volumes_per_node: 7,
-                controller: Default::default(),
-            };
-            let deps = NodeDeps {
-                initiator: Arc::new(k.clone()),
-                mounter: Arc::new(k.clone()),
-                cluster: None,
-                options: NodeOptions {
+            let ops = NodeOps::new(
+                Arc::new(k.clone()),
+                Arc::new(k.clone()),
+                NodeOptions {
                     allowed_root: Some("/k".into()),
                     nqn_prefix: PREFIX.into(),
                     require_target_address: true,
                 },
-            };
-            NodeService::new(Arc::new(cfg), deps)
+            );
+            NodeService::new(NodeId::new("n1").unwrap(), 7, ops)
         }
 
         fn ctx(vol: &str) -> HashMap<String, String> {

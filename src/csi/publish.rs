@@ -5,12 +5,12 @@
 use crate::attachment::types::{PublishArgs, UnpublishArgs};
 use crate::error::{Error, Result};
 use crate::proto::csi::{
-    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, VolumeCapability,
-    volume_capability::{AccessType, access_mode::Mode},
+    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
+    volume_capability::AccessType,
 };
-use crate::types::{AccessMode, NodeId, VolumeId};
+use crate::types::{NodeId, VolumeId};
 
-use crate::csi::context::{
+use crate::types::context::{
     FS_TYPE as VOLUME_CONTEXT_FS_TYPE, NVME_ADDRESS as VOLUME_CONTEXT_NVME_ADDRESS,
 };
 
@@ -25,58 +25,6 @@ fn node_id(value: &str) -> Result<NodeId> {
     NodeId::new(value).map_err(|e| Error::InvalidArgument(format!("node_id: {e}")))
 }
 
-/// The access mode of a capability, reduced to what fencing needs, and whether it is a
-/// block volume.
-pub(crate) fn access(cap: &VolumeCapability) -> Result<(AccessMode, bool)> {
-    let block = match &cap.access_type {
-        Some(AccessType::Block(_)) => true,
-        Some(AccessType::Mount(_)) => false,
-        None => {
-            return Err(Error::InvalidArgument(
-                "volume_capability.access_type is required (block or mount)".into(),
-            ));
-        }
-    };
-    let raw = cap
-        .access_mode
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("volume_capability.access_mode is required".into()))?
-        .mode;
-    let mode = Mode::try_from(raw).map_err(|_| {
-        Error::InvalidArgument(format!(
-            "volume_capability.access_mode.mode {raw} is unknown"
-        ))
-    })?;
-    let reduced = match mode {
-        Mode::SingleNodeWriter
-        | Mode::SingleNodeReaderOnly
-        | Mode::SingleNodeSingleWriter
-        | Mode::SingleNodeMultiWriter => AccessMode::SingleNode,
-        Mode::MultiNodeReaderOnly => AccessMode::MultiNodeReadOnly,
-        Mode::MultiNodeMultiWriter if block => AccessMode::MultiNodeMultiWriter,
-        Mode::MultiNodeMultiWriter => {
-            return Err(Error::InvalidArgument(
-                "volume_capability: MULTI_NODE_MULTI_WRITER is supported for block volumes \
-                 only (a filesystem mounted read-write on two nodes is corrupted)"
-                    .into(),
-            ));
-        }
-        Mode::MultiNodeSingleWriter => {
-            return Err(Error::InvalidArgument(
-                "volume_capability: MULTI_NODE_SINGLE_WRITER is not supported; use a \
-                 single-node mode or MULTI_NODE_READER_ONLY"
-                    .into(),
-            ));
-        }
-        Mode::Unknown => {
-            return Err(Error::InvalidArgument(
-                "volume_capability.access_mode.mode must be set".into(),
-            ));
-        }
-    };
-    Ok((reduced, block))
-}
-
 /// Validates a ControllerPublishVolume request: every required field present and well
 /// formed, else INVALID_ARGUMENT naming the field.
 pub(crate) fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<PublishArgs> {
@@ -89,7 +37,7 @@ pub(crate) fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<P
         .volume_capability
         .as_ref()
         .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
-    let (access_mode, block) = access(cap)?;
+    let (access_mode, block) = crate::controller::caps::access(cap)?;
     let fs_type = match &cap.access_type {
         Some(AccessType::Mount(m)) if !m.fs_type.is_empty() => Some(m.fs_type.clone()),
         _ => req
@@ -130,7 +78,9 @@ pub(crate) fn validate_unpublish(req: &ControllerUnpublishVolumeRequest) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::csi::volume_capability::{self, BlockVolume, MountVolume};
+    use crate::proto::csi::VolumeCapability;
+    use crate::proto::csi::volume_capability::{self, BlockVolume, MountVolume, access_mode::Mode};
+    use crate::types::AccessMode;
 
     pub(crate) fn cap(mode: Mode, block: bool) -> VolumeCapability {
         VolumeCapability {
@@ -240,22 +190,6 @@ mod tests {
                 "{field}: {err:?}"
             );
         }
-    }
-
-    #[test]
-    fn access_modes_reduce_to_fencing_classes() {
-        assert_eq!(
-            access(&cap(Mode::SingleNodeMultiWriter, false)).unwrap(),
-            (AccessMode::SingleNode, false)
-        );
-        assert_eq!(
-            access(&cap(Mode::MultiNodeReaderOnly, false)).unwrap(),
-            (AccessMode::MultiNodeReadOnly, false)
-        );
-        assert_eq!(
-            access(&cap(Mode::MultiNodeMultiWriter, true)).unwrap(),
-            (AccessMode::MultiNodeMultiWriter, true)
-        );
     }
 
     #[test]

@@ -364,37 +364,6 @@ async fn fake_api_lists_in_pages_and_checks_preconditions() {
 }
 
 #[tokio::test]
-async fn a_kubeconfig_selects_the_kubernetes_adapters() {
-    use clap::Parser;
-    let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kc,
-        "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\ncontexts:\n- name: c\n  context:\n    cluster: k\n    user: u\nusers:\n- name: u\n  user:\n    token: t\n",
-    )
-    .unwrap();
-    let state = dir.path().join("state");
-    let cli = crate::config::Cli::parse_from([
-        "rds-csi-plugin",
-        "--node-id=node-a",
-        "--mode=controller",
-        "--data-path-fence",
-        &format!("--kubeconfig={}", kc.display()),
-        &format!("--state-dir={}", state.display()),
-    ]);
-    let driver = crate::server::build_driver(&cli).unwrap();
-    assert_eq!(driver.config().node_id.as_str(), "node-a");
-    let missing = crate::config::Cli::parse_from([
-        "rds-csi-plugin",
-        "--node-id=node-a",
-        "--kubeconfig=/nonexistent/kubeconfig",
-        &format!("--state-dir={}", state.display()),
-    ]);
-    let err = crate::server::build_driver(&missing).err().unwrap();
-    assert!(err.to_string().contains("--kubeconfig /nonexistent/kubeconfig"), "{err}");
-}
-
-#[tokio::test]
 async fn a_stale_controller_cannot_overwrite_a_newer_attachment() {
     let w = World::new(&["pvc-1"]).await;
     w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", "node-a", true));

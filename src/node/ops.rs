@@ -38,7 +38,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         Self {
             allowed_root: None,
-            nqn_prefix: crate::node::DEFAULT_NQN_PREFIX.to_string(),
+            nqn_prefix: crate::types::defaults::DEFAULT_NQN_PREFIX.to_string(),
             require_target_address: false,
         }
     }

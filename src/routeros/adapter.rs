@@ -15,11 +15,12 @@ use crate::ports::Entropy;
 use crate::ports::rds::{Disk, DiskSpec, NvmeExport, PoolCapacity, Rds, RdsError};
 use crate::retry::Backoff;
 use crate::routeros::command::{
-    Command, DEFAULT_NVME_PORT, DiskAdd, DiskFilter, ExportSpec, PrintStyle,
+    Command, DiskAdd, DiskFilter, ExportSpec, PrintStyle,
 };
 use crate::routeros::parse::{DiskInfo, FileInfo, Record, RosError, check_reply, parse_print};
 use crate::routeros::render::{RenderError, Renderer};
 use crate::routeros::transport::Transport;
+use crate::types::defaults::DEFAULT_NVME_PORT;
 
 /// Where volumes live on the RDS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,22 @@ pub struct RdsLayout {
     pub volume_base_path: String,
     /// Mount point of the pool that directory is on (capacity), e.g. `storage-pool`.
     pub pool_mount_point: String,
+}
+
+impl RdsLayout {
+    /// The command renderer for this layout; refuses a base path the renderer cannot
+    /// express or one that is not on the pool.
+    pub fn renderer(&self) -> Result<Renderer, RdsError> {
+        let renderer = Renderer::new(&self.volume_base_path)?;
+        let mp = self.pool_mount_point.trim_end_matches('/');
+        if !renderer.base_path().starts_with(&format!("{mp}/")) {
+            return Err(RdsError::Rejected(format!(
+                "volume base path {:?} is not under the pool mount point {mp:?}",
+                self.volume_base_path
+            )));
+        }
+        Ok(renderer)
+    }
 }
 
 /// The `Rds` adapter over a RouterOS [`Transport`].
@@ -90,18 +107,11 @@ impl<T: Transport> RouterOsRds<T> {
         retry: Backoff,
         entropy: Arc<dyn Entropy>,
     ) -> Result<Self, RdsError> {
-        let renderer = Renderer::new(&layout.volume_base_path)?;
-        let mp = layout.pool_mount_point.trim_end_matches('/');
-        if !renderer.base_path().starts_with(&format!("{mp}/")) {
-            return Err(RdsError::Rejected(format!(
-                "volume base path {:?} is not under the pool mount point {mp:?}",
-                layout.volume_base_path
-            )));
-        }
+        let renderer = layout.renderer()?;
         Ok(Self {
             transport,
             renderer,
-            pool_mount_point: mp.to_string(),
+            pool_mount_point: layout.pool_mount_point.trim_end_matches('/').to_string(),
             retry,
             entropy,
         })
@@ -891,28 +901,5 @@ mod tests {
             Err(RdsError::Rejected(_))
         ));
         assert_eq!(emu.disk_slots(), ["pvc-x"]);
-    }
-
-    // Multi-threaded: the file-backed emulator moves its blocking I/O off the runtime.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn embedded_emulator_persists_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock: Arc<dyn crate::ports::Clock> = Arc::new(SystemClock);
-        let entropy: Arc<dyn Entropy> = Arc::new(SeededEntropy::from_seed(3));
-        let rds = crate::driver::embedded_rds(dir.path(), Arc::clone(&clock), Arc::clone(&entropy))
-            .unwrap();
-        rds.create_disk(&spec("pvc-a", GIB + GIB / 2))
-            .await
-            .unwrap();
-        let host_file = dir.path().join("rds/pool/volumes/pvc-a.img");
-        assert_eq!(std::fs::metadata(&host_file).unwrap().len(), GIB + GIB / 2);
-        drop(rds);
-        let rds = crate::driver::embedded_rds(dir.path(), clock, entropy).unwrap();
-        assert_eq!(
-            rds.get_disk("pvc-a").await.unwrap().unwrap().size_bytes,
-            GIB + GIB / 2
-        );
-        rds.delete_disk("pvc-a").await.unwrap();
-        assert!(!host_file.exists());
     }
 }

@@ -8,9 +8,6 @@
 /// The NQN prefix RouterOS uses for subsystems exported by the RDS.
 pub const MIKROTIK_NQN_PREFIX: &str = "nqn.2000-02.com.mikrotik:";
 
-/// Default NVMe/TCP port of a RouterOS export.
-pub const DEFAULT_NVME_PORT: u16 = 4420;
-
 /// NVMe/TCP export settings of a `/disk add`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {

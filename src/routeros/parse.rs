@@ -1,6 +1,6 @@
 //! Parser of RouterOS `print detail` / `print terse` output and of RouterOS error replies.
 //!
-//! Robust to what RouterOS really prints (see DESIGN.md "Facts: RouterOS / RDS"): the
+//! Robust to what RouterOS really prints (samples in `tests/fixtures/routeros/`): the
 //! `Flags:` legend, index and flag prefixes, `;;;` comments, quoted strings with escapes,
 //! continuation lines indented with spaces or tabs, long values wrapped across lines,
 //! thousands separators (`53 687 091 200`), unit sizes with decimals (`1.5GiB`), both

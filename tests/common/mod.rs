@@ -110,46 +110,29 @@ impl Drop for Plugin {
 /// Node id of the clusters the in-process drivers run in.
 pub const TEST_NODE: &str = "node-a";
 
-/// A started controller-mode driver over `rds`, with an in-memory attachment store and a
-/// local cluster holding the node [`TEST_NODE`].
-pub async fn controller_driver(
+/// A started controller-mode plugin over `rds`, built by the composition root with its
+/// local attachment store under `dir` and a local cluster holding the node [`TEST_NODE`].
+pub async fn controller_plugin(
     rds: std::sync::Arc<dyn rds_csi::ports::Rds>,
-) -> rds_csi::driver::Driver {
-    use rds_csi::backend::{local_cluster::LocalCluster, mem_store::MemStore};
-    use rds_csi::driver::{ControllerDeps, Deps, Driver, DriverConfig};
+    dir: &Path,
+) -> rds_csi::compose::Plugin {
+    use rds_csi::compose::{Seams, build};
     use rds_csi::ports::time::{SeededEntropy, SystemClock};
+    use rds_csi::settings::Settings;
     use std::sync::Arc;
     let node = rds_csi::types::NodeId::new(TEST_NODE).unwrap();
-    let clock = Arc::new(SystemClock);
-    let deps = Deps {
-        clock: clock.clone(),
-        entropy: Arc::new(SeededEntropy::from_seed(7)),
-        controller: Some(ControllerDeps::new(
-            rds,
-            Arc::new(MemStore::new()),
-            Arc::new(LocalCluster::new([node.clone()])),
-            clock,
-            Default::default(),
-        )),
-        node: None,
-    };
-    let cfg = DriverConfig {
-        driver_name: "rds.csi.srvlab.io".into(),
-        version: "test".into(),
-        node_id: node,
-        mode: rds_csi::config::Mode::Controller,
-        max_volumes_per_node: 0,
-        controller: Default::default(),
-    };
-    let driver = Driver::new(cfg, deps).unwrap();
-    driver.start().await.unwrap();
-    driver
+    let settings = Settings::embedded(node, rds_csi::types::Mode::Controller, dir.join("state"));
+    let mut seams = Seams::with(Arc::new(SystemClock), Arc::new(SeededEntropy::from_seed(7)));
+    seams.rds = Some(rds);
+    let plugin = build(&settings, seams).unwrap();
+    plugin.start().await.unwrap();
+    plugin
 }
 
-/// Serves `driver` in this process on a unix socket in `dir` until `stop` resolves (then
+/// Serves `plugin` in this process on a unix socket in `dir` until `stop` resolves (then
 /// drains for at most `drain`); returns a channel to it and the server task.
-pub async fn serve_driver(
-    driver: rds_csi::driver::Driver,
+pub async fn serve_plugin(
+    plugin: rds_csi::compose::Plugin,
     dir: &Path,
     stop: impl Future<Output = ()> + Send + 'static,
     drain: std::time::Duration,
@@ -162,7 +145,7 @@ pub async fn serve_driver(
     let server = tokio::spawn(async move {
         let _guard = guard;
         rds_csi::server::serve(
-            driver.services(),
+            plugin.services(),
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             stop,
             drain,

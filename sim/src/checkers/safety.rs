@@ -9,7 +9,7 @@
 //!   sent, and an acknowledged expansion is never lost;
 //! - every call is idempotent: no repeat of a valid call got an answer the spec rules out
 //!   (reported by the CO as it happens);
-//! - operations on one volume never overlap on one host ([`super::overlap`]);
+//! - operations on one volume never overlap on one host ([`crate::overlap`]);
 //! - with the data-path fence on, an acknowledged publish leaves the volume's export
 //!   allowing the publishing node's host NQN and no other.
 //!
@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::kube::pv_store::ANN_ATTACHED_NODE;
 
-use super::{Model, Op};
+use crate::model::{Model, Op};
 use crate::world::{Shared, host_nqn_of};
 
 /// The holders of `volume` as stored on its PV (`None`: no PV).

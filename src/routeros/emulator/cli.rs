@@ -345,7 +345,7 @@ fn disk_add(rest: &[Tok]) -> Result<Command, CliError> {
     }
     if export {
         add.export = Some(ExportSpec {
-            port: port.unwrap_or(crate::routeros::command::DEFAULT_NVME_PORT),
+            port: port.unwrap_or(crate::types::defaults::DEFAULT_NVME_PORT),
             nqn: nqn.unwrap_or_else(|| add.slot.clone()),
             allow_host: allow,
         });

@@ -1,31 +1,47 @@
-//! Domain identifiers, validated once at the edge and trusted everywhere after.
+//! The driver's vocabulary, the lowest layer: every other module may import it, it
+//! imports nothing of the crate.
 //!
-//! A [`VolumeId`] doubles as the RDS disk slot and as the suffix of the NVMe NQN, so its
-//! alphabet is deliberately narrow: nothing that RouterOS, a file path or a shell could
-//! read as syntax.
+//! - identifiers ([`VolumeId`], [`SnapshotId`], [`NodeId`], [`Nqn`]) validated once at the
+//!   edge and trusted everywhere after; a [`VolumeId`] doubles as the RDS disk slot and as
+//!   the suffix of the NVMe NQN, so its alphabet is deliberately narrow: nothing that
+//!   RouterOS, a file path or a shell could read as syntax;
+//! - [`AccessMode`], the CSI access modes reduced to what fencing needs;
+//! - [`kinds`]: what a plugin instance is (its [`Mode`], its initiator, its endpoint);
+//! - [`defaults`]: the names, prefixes and ports both sides of the driver agree on;
+//! - [`context`]: the keys of the maps the controller hands to the node.
+
+pub mod context;
+pub mod defaults;
+pub mod kinds;
 
 use std::fmt;
 
-use crate::error::Error;
+pub use kinds::{Endpoint, InitiatorKind, Mode};
+
+/// A malformed identifier; the message names the field kind and what is wrong with it.
+/// Converted to INVALID_ARGUMENT at the CSI boundary (`From<InvalidId> for crate::Error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidId(pub String);
 
 /// Longest volume id we accept: the CSI spec asks plugins to support names of 128 bytes.
 pub const MAX_VOLUME_ID_LEN: usize = 128;
 /// Longest node id we accept (a Kubernetes node name is a DNS subdomain, ≤ 253).
 pub const MAX_NODE_ID_LEN: usize = 253;
 
-fn check_token(kind: &str, value: &str, max: usize, extra: &[char]) -> Result<(), Error> {
+fn check_token(kind: &str, value: &str, max: usize, extra: &[char]) -> Result<(), InvalidId> {
     if value.is_empty() {
-        return Err(Error::InvalidArgument(format!("{kind} must not be empty")));
+        return Err(InvalidId(format!("{kind} must not be empty")));
     }
     if value.len() > max {
-        return Err(Error::InvalidArgument(format!(
+        return Err(InvalidId(format!(
             "{kind} is {} characters long; at most {max} are allowed",
             value.len()
         )));
     }
     let first = value.as_bytes()[0];
     if !first.is_ascii_alphanumeric() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(InvalidId(format!(
             "{kind} {value:?} must start with a letter or digit"
         )));
     }
@@ -33,7 +49,7 @@ fn check_token(kind: &str, value: &str, max: usize, extra: &[char]) -> Result<()
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || extra.contains(c)))
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(InvalidId(format!(
             "{kind} {value:?} contains {bad:?}; only letters, digits, '-' and {extra:?} are allowed"
         )));
     }
@@ -48,8 +64,8 @@ macro_rules! id_type {
         pub struct $name(String);
 
         impl $name {
-            /// Validates `value` and wraps it; INVALID_ARGUMENT naming the problem otherwise.
-            pub fn new(value: impl Into<String>) -> Result<Self, Error> {
+            /// Validates `value` and wraps it; an [`InvalidId`] naming the problem otherwise.
+            pub fn new(value: impl Into<String>) -> Result<Self, InvalidId> {
                 let value = value.into();
                 check_token($kind, &value, $max, $extra)?;
                 Ok(Self(value))
@@ -65,8 +81,8 @@ macro_rules! id_type {
             }
         }
         impl TryFrom<String> for $name {
-            type Error = Error;
-            fn try_from(value: String) -> Result<Self, Error> {
+            type Error = InvalidId;
+            fn try_from(value: String) -> Result<Self, InvalidId> {
                 Self::new(value)
             }
         }
@@ -146,10 +162,7 @@ mod tests {
             "ä",
         ] {
             let err = VolumeId::new(bad).unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidArgument(_)),
-                "{bad:?} -> {err:?}"
-            );
+            assert!(err.0.starts_with("volume id"), "{bad:?} -> {err:?}");
         }
     }
 

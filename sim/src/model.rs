@@ -1,0 +1,98 @@
+//! The workload's acknowledged history: what the CO was told. A call counts once the
+//! plugin answered OK. While a call on a (volume, node) pair is outstanding (sent, not yet
+//! acknowledged), its effect may or may not have happened, so the per-pair checks skip
+//! that pair. Written by [`crate::workload`], judged by [`crate::checkers`].
+
+use std::collections::BTreeMap;
+
+/// The last acknowledged attachment call on a (volume, node) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// ControllerPublishVolume answered OK.
+    Publish,
+    /// ControllerUnpublishVolume answered OK.
+    Unpublish,
+}
+
+/// One (volume, node) pair.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pair {
+    /// Last acknowledged call.
+    pub acked: Option<Op>,
+    /// A call sent and not acknowledged yet.
+    pub pending: Option<Op>,
+}
+
+/// One volume's lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Volume {
+    /// CreateVolume answered OK.
+    pub created: bool,
+    /// DeleteVolume answered OK.
+    pub deleted: bool,
+    /// DeleteVolume sent, not acknowledged.
+    pub deleting: bool,
+    /// Size acknowledged by CreateVolume or the last ControllerExpandVolume.
+    pub size: u64,
+}
+
+/// One snapshot's lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// CreateSnapshot answered OK.
+    pub created: bool,
+    /// DeleteSnapshot sent, not acknowledged.
+    pub deleting: bool,
+    /// DeleteSnapshot answered OK.
+    pub deleted: bool,
+}
+
+/// The acknowledged history of the workload.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    /// By (volume, node).
+    pub pairs: BTreeMap<(String, String), Pair>,
+    /// By volume.
+    pub volumes: BTreeMap<String, Volume>,
+    /// By snapshot id.
+    pub snapshots: BTreeMap<String, Snapshot>,
+}
+
+impl Model {
+    /// A call on (volume, node) is sent.
+    pub fn begin(&mut self, volume: &str, node: &str, op: Op) {
+        self.pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default()
+            .pending = Some(op);
+    }
+    /// A call on (volume, node) was acknowledged.
+    pub fn ack(&mut self, volume: &str, node: &str, op: Op) {
+        let p = self
+            .pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default();
+        p.acked = Some(op);
+        p.pending = None;
+    }
+    /// `node`'s machine is lost: an acknowledged or pending publish to it claims nothing
+    /// any more (the force-detach that follows is a fresh unpublish); an acknowledged
+    /// unpublish still must never come back.
+    pub fn node_lost(&mut self, node: &str) {
+        for ((_, n), p) in self.pairs.iter_mut() {
+            if n == node && (p.pending.is_some() || p.acked == Some(Op::Publish)) {
+                *p = Pair::default();
+            }
+        }
+    }
+
+    /// The lifecycle record of snapshot `id`.
+    pub fn snapshot(&mut self, id: &str) -> &mut Snapshot {
+        self.snapshots.entry(id.to_string()).or_default()
+    }
+
+    /// The lifecycle record of `volume`.
+    pub fn volume(&mut self, volume: &str) -> &mut Volume {
+        self.volumes.entry(volume.to_string()).or_default()
+    }
+}
