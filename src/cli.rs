@@ -16,7 +16,7 @@ use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::{HostKeyPolicy, SshConfig, load_private_key};
 use crate::server::ServeError;
 use crate::settings::{
-    EMBEDDED_POOL_MOUNT, EMBEDDED_VOLUME_PATH, KubeAccess, KubeSettings, NodeSettings,
+    KubeAccess, KubeSettings, NodeSettings,
     RdsAccess, RdsSettings, SSH_RETRY, ServeSettings, Settings, SshSettings,
 };
 use crate::telemetry::LogFormat;
@@ -320,14 +320,7 @@ impl Cli {
     fn rds_settings(&self) -> Result<RdsSettings, ServeError> {
         let config = |m: String| ServeError::Config(m);
         let Some(address) = &self.rds_address else {
-            return Ok(RdsSettings {
-                access: RdsAccess::Embedded,
-                layout: RdsLayout {
-                    volume_base_path: EMBEDDED_VOLUME_PATH.into(),
-                    pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
-                },
-                retry: crate::retry::Backoff::API,
-            });
+            return Ok(RdsSettings::embedded());
         };
         let key_file = self.rds_key_file.as_ref().ok_or_else(|| {
             config(

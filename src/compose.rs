@@ -30,11 +30,11 @@ use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Mounter,
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::routeros::emulator::{Emulator, PoolConfig};
 use crate::routeros::transport::{Transport, TcpConnector, inproc::InProcess, ssh::SshTransport};
-use crate::routeros::{RdsLayout, RouterOsRds};
+use crate::routeros::RouterOsRds;
 use crate::server::{ServeError, Services};
 use crate::settings::{
     EMBEDDED_POOL_BYTES, EMBEDDED_POOL_MOUNT, EMBEDDED_VOLUME_PATH, KubeAccess, RdsAccess,
-    Settings,
+    RdsSettings, Settings,
 };
 use crate::types::{Endpoint, InitiatorKind, NodeId};
 
@@ -475,14 +475,11 @@ pub fn embedded_rds(
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
 ) -> Result<Arc<dyn Rds>, ServeError> {
-    let layout = RdsLayout {
-        volume_base_path: EMBEDDED_VOLUME_PATH.into(),
-        pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
-    };
+    let embedded = RdsSettings::embedded();
     let rds = RouterOsRds::new(
         InProcess::new(embedded_emulator(state_dir, clock)?),
-        &layout,
-        crate::retry::Backoff::API,
+        &embedded.layout,
+        embedded.retry,
         entropy,
     )
     .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?;
