@@ -131,3 +131,18 @@ fn finds_a_store_that_drops_the_precondition() {
 fn finds_an_rds_link_that_retries_a_lost_reply_blindly() {
     finds(Bug::BlindRdsRetry);
 }
+
+#[test]
+fn finds_an_unpublish_that_opens_the_export_to_any_host() {
+    finds(Bug::UnpublishOpensExport);
+}
+
+#[test]
+fn finds_a_delete_that_does_not_check_the_holders() {
+    finds(Bug::DeleteSkipsHolders);
+}
+
+#[test]
+fn finds_a_reissued_publish_that_skips_the_lock() {
+    finds(Bug::ReissuedPublishSkipsLock);
+}
