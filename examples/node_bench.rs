@@ -39,11 +39,9 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = std::fs::canonicalize(dir.path()).expect("canonicalize");
     // The embedded RDS's layout: its tables admit the loop initiator to each export.
-    let emulator = rds_csi::compose::embedded_emulator(
-        &root,
-        Arc::new(rds_csi::ports::time::SystemClock),
-    )
-    .expect("embedded RDS");
+    let emulator =
+        rds_csi::compose::embedded_emulator(&root, Arc::new(rds_csi::ports::time::SystemClock))
+            .expect("embedded RDS");
     let vols = rds_csi::compose::embedded_volume_dir(&root);
     let prefix = rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
     let runner = Arc::new(TokioRunner::new(COMMAND_TIMEOUT));

@@ -251,7 +251,10 @@ async fn start_up_parks_volumes_made_before_the_fence_and_switching_it_off_warns
     // The default fences: parked before the socket serves.
     let mut plugin = Plugin::start(&socket, &state, &[]);
     assert!(
-        !plugin.log.iter().any(|l| l.contains("data-path fence is OFF")),
+        !plugin
+            .log
+            .iter()
+            .any(|l| l.contains("data-path fence is OFF")),
         "log:\n{}",
         plugin.log.join("")
     );

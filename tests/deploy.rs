@@ -1299,7 +1299,10 @@ fn data_path_fence_value_reaches_the_controller() {
     let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
     let plugin = container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap();
     let args = strs(&plugin["args"]);
-    assert!(args.iter().any(|a| a == "--data-path-fence=true"), "{args:?}");
+    assert!(
+        args.iter().any(|a| a == "--data-path-fence=true"),
+        "{args:?}"
+    );
     let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
     assert!(cli.data_path_fence);
     assert_eq!(cli.rds_pool_mount_point.as_deref(), Some("raid1"));
@@ -1328,7 +1331,10 @@ fn data_path_fence_value_reaches_the_controller() {
     let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
     let plugin = container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap();
     let args = strs(&plugin["args"]);
-    assert!(args.iter().any(|a| a == "--data-path-fence=false"), "{args:?}");
+    assert!(
+        args.iter().any(|a| a == "--data-path-fence=false"),
+        "{args:?}"
+    );
     let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
     assert!(!cli.data_path_fence);
 }

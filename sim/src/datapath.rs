@@ -58,8 +58,8 @@ impl DataPath {
         }
         let mut seen = BTreeSet::new();
         for (i, kernel) in sh.kernels.iter().enumerate() {
-            let conns = futures::executor::block_on(Initiator::connections(kernel))
-                .unwrap_or_default();
+            let conns =
+                futures::executor::block_on(Initiator::connections(kernel)).unwrap_or_default();
             if conns.is_empty() {
                 continue;
             }

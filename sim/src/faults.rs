@@ -365,7 +365,8 @@ impl Injector {
             self.rng
                 .random_range(FORCE_DETACH_SECS * 1000..=(FORCE_DETACH_SECS + 20) * 1000)
         } else {
-            self.rng.random_range(20_000..=(FORCE_DETACH_SECS + 60) * 1000)
+            self.rng
+                .random_range(20_000..=(FORCE_DETACH_SECS + 60) * 1000)
         };
         let name = node_name(i);
         for peer in Self::NODE_PEERS {

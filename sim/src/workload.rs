@@ -39,10 +39,10 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::proto::csi::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
-    ControllerPublishVolumeRequest, ListVolumesRequest,
-    ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, NodeExpandVolumeRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ListVolumesRequest,
+    NodeExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
@@ -464,7 +464,10 @@ impl Script {
             };
             sh.trace.log(
                 "co",
-                format!("{} {vol} @{host} (first, its attacher gone) -> {outcome}", first.name()),
+                format!(
+                    "{} {vol} @{host} (first, its attacher gone) -> {outcome}",
+                    first.name()
+                ),
             );
             sh.model
                 .lock()
@@ -651,7 +654,10 @@ impl Script {
         }
         self.sh.trace.log(
             "co",
-            format!("attacher re-attaches {} to {node} (missing from ListVolumes)", self.vol),
+            format!(
+                "attacher re-attaches {} to {node} (missing from ListVolumes)",
+                self.vol
+            ),
         );
         self.publish(ix, generation, vctx).await.map(|_| ())
     }
@@ -683,10 +689,10 @@ impl Script {
             }
             let node = node_name(ix);
             let vol = kubelet.vol.clone();
-            kubelet
-                .sh
-                .trace
-                .log("co", format!("{node}: kubelet back, cleans up {vol} (its pod is gone)"));
+            kubelet.sh.trace.log(
+                "co",
+                format!("{node}: kubelet back, cleans up {vol} (its pod is gone)"),
+            );
             if let Some(target) = target {
                 let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
                     volume_id: vol.clone(),
@@ -717,8 +723,7 @@ impl Script {
     /// backup made while an earlier attachment held it: stale annotations the driver must
     /// neither trust to attach twice nor let block the volume.
     async fn maybe_restore_pv(&mut self) {
-        if self.rng.random_range(0..100) >= self.sh.opts.operator_pct || self.rng.random_bool(0.5)
-        {
+        if self.rng.random_range(0..100) >= self.sh.opts.operator_pct || self.rng.random_bool(0.5) {
             return;
         }
         let Some(backup) = self.backup.take() else {
@@ -1131,7 +1136,9 @@ async fn reconcile(sh: Shared) {
         judge(&sh, "ListVolumes", host, &published, &before, &after);
         for va in sh.api.objects(Kind::VolumeAttachment) {
             let attached = va.pointer("/status/attached").and_then(|a| a.as_bool());
-            let vol = va.pointer("/spec/source/persistentVolumeName").and_then(|v| v.as_str());
+            let vol = va
+                .pointer("/spec/source/persistentVolumeName")
+                .and_then(|v| v.as_str());
             let node = va.pointer("/spec/nodeName").and_then(|v| v.as_str());
             if let (Some(true), Some(vol), Some(node)) = (attached, vol, node)
                 && published.get(vol).is_some_and(|p| !p.contains(node))

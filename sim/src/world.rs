@@ -616,8 +616,11 @@ impl PortLayers for ControllerLayers {
     fn store(&self, port: Arc<dyn AttachmentStore>) -> Arc<dyn AttachmentStore> {
         let port = crate::crash::wrap_store(port, &self.sh.crash, self.name);
         let ops = self.sh.ops.clone();
-        let port =
-            crate::bugs::wrap_store(port, self.sh.opts.bug, Arc::new(move || ops.current_method()));
+        let port = crate::bugs::wrap_store(
+            port,
+            self.sh.opts.bug,
+            Arc::new(move || ops.current_method()),
+        );
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {

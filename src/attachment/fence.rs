@@ -90,7 +90,9 @@ mod tests {
     fn no_holder_parks_a_single_node_holder_admits_itself_multi_node_is_open() {
         let none = Holders::new();
         assert_eq!(Target::of(true, &none), Target::Parked);
-        let one: Holders = [record("node-a", AccessMode::SingleNode)].into_iter().collect();
+        let one: Holders = [record("node-a", AccessMode::SingleNode)]
+            .into_iter()
+            .collect();
         assert_eq!(
             Target::of(true, &one),
             Target::Host(NodeId::new("node-a").unwrap())
@@ -103,13 +105,17 @@ mod tests {
         .collect();
         assert_eq!(Target::of(true, &many), Target::Open);
         for h in [&none, &one, &many] {
-            assert_eq!(Target::of(false, h), Target::Open, "the fence off opens all");
+            assert_eq!(
+                Target::of(false, h),
+                Target::Open,
+                "the fence off opens all"
+            );
         }
     }
 
     #[test]
     fn the_parked_nqn_is_derived_from_the_volume_and_is_a_valid_nqn() {
-        let v = VolumeId::new(&"v".repeat(128)).unwrap();
+        let v = VolumeId::new("v".repeat(128)).unwrap();
         let nqn = parked_nqn(&v);
         assert!(nqn.ends_with(v.as_str()));
         assert!(crate::types::Nqn::new(nqn.clone()).is_ok(), "{nqn}");
