@@ -588,6 +588,8 @@ impl AttachmentManager {
     pub async fn settle_fences(&self) -> Result<usize> {
         let disks = self.rds.list_disks("").await?;
         let mut moved = 0;
+        // Each holder's host NQN is asked once for the whole sweep.
+        let mut nqns: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
         for disk in disks.into_iter().filter(|d| d.export.is_some()) {
             let Ok(volume) = VolumeId::new(disk.slot.as_str()) else {
                 continue;
@@ -595,9 +597,18 @@ impl AttachmentManager {
             // Memory was just rebuilt from the store: skip what already agrees with it.
             let memory: Holders = self.get(&volume).into_iter().collect();
             let target = Target::of(self.cfg.data_path_fence, &memory);
-            if let Ok(Some(value)) = self.allow_value(&volume, &target, None).await
-                && value == disk.allowed_host_nqn
-            {
+            let expected = match &target {
+                Target::Parked => Some(crate::attachment::fence::parked_nqn(&volume)),
+                Target::Open => None,
+                Target::Host(node) => {
+                    if !nqns.contains_key(node) {
+                        let nqn = self.cluster.node_host_nqn(node).await.ok().flatten();
+                        nqns.insert(node.clone(), nqn);
+                    }
+                    nqns.get(node).cloned().flatten()
+                }
+            };
+            if expected == disk.allowed_host_nqn {
                 continue;
             }
             let _guard = self.lock(&volume).await;
