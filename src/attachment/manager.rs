@@ -74,6 +74,10 @@ impl State {
     }
 }
 
+/// Why a record whose VolumeAttachment is gone is stale.
+const DETACHED_BY_HAND: &str =
+    "its VolumeAttachment is gone (detached by hand: the detach never reached the driver)";
+
 /// What a [`AttachmentManager::fence`] did.
 #[derive(Debug, Clone, Copy)]
 struct FenceMove {
@@ -371,11 +375,7 @@ impl AttachmentManager {
             return Ok(Some("its Node object is gone".into()));
         }
         Ok(match self.cluster.volume_attachment_exists(volume, node).await? {
-            Some(false) => Some(
-                "its VolumeAttachment is gone (detached by hand: the detach never reached \
-                 the driver)"
-                    .into(),
-            ),
+            Some(false) => Some(DETACHED_BY_HAND.into()),
             Some(true) | None => None,
         })
     }
@@ -393,9 +393,8 @@ impl AttachmentManager {
             let node = &held.node_id;
             if self.cluster.volume_attachment_exists(volume, node).await? == Some(false) {
                 let message = format!(
-                    "clearing the attachment of volume {volume} to node {node}: its \
-                     VolumeAttachment is gone (detached by hand: the detach never reached \
-                     the driver)"
+                    "clearing the attachment of volume {volume} to node {node}: \
+                     {DETACHED_BY_HAND}"
                 );
                 tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
                 self.event(volume, "StaleAttachmentCleared", &message, true)
