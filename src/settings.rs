@@ -182,6 +182,7 @@ impl Settings {
             },
             attachment: AttachmentConfig {
                 resync_interval: Duration::from_secs(120),
+                data_path_fence: true,
                 ..AttachmentConfig::default()
             },
             node: NodeSettings {

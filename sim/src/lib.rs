@@ -11,13 +11,14 @@
 //!   (planted bugs for the proof-of-power tests);
 //! - [`world`] (hosts, network plumbing, the plugins built by the composition root);
 //! - [`workload`] (the CO), [`faults`] (the fault schedule), [`checkers`] (safety and
-//!   liveness).
+//!   liveness), [`datapath`] (the nodes' NVMe connections and their writes, judged).
 //!
 //! [`run`] drives one scenario.
 
 pub mod bugs;
 pub mod checkers;
 pub mod crash;
+pub mod datapath;
 pub mod faults;
 pub mod model;
 pub mod options;
@@ -58,6 +59,8 @@ pub struct Report {
     pub op_checks: u64,
     /// Calls kept out while another call on their volume ran (the checker met overlap).
     pub op_refused: u64,
+    /// Writes over the nodes' NVMe connections judged by the data-path checker.
+    pub writes: u64,
     /// Simulated time.
     pub sim_time: Duration,
     /// Wall time (not part of the trace).
@@ -94,8 +97,10 @@ fn run_world(sh: &Shared) -> Report {
     let opts = (*sh.opts).clone();
     sh.trace.at(Duration::ZERO, "sim", opts.to_string());
     for i in 0..opts.nodes {
-        sh.api.put_object(Kind::Node, "", world::node_object(i));
+        sh.api.put_object(Kind::Node, "", world::node_object(i, 0));
     }
+    sh.api
+        .set_latency(Duration::from_millis(opts.api_latency_ms));
     let mut sim = turmoil::Builder::new()
         .rng_seed(opts.seed)
         .epoch(std::time::UNIX_EPOCH + Duration::from_secs(world::EPOCH_SECS))
@@ -121,6 +126,7 @@ fn run_world(sh: &Shared) -> Report {
     sim.client("co", workload::run(sh.clone()));
 
     let mut injector = Injector::new(sh);
+    let mut data = datapath::DataPath::default();
     let mut failures = Vec::new();
     let mut checks = 0u64;
     let mut seen = 0usize;
@@ -135,9 +141,11 @@ fn run_world(sh: &Shared) -> Report {
         let now = sim.elapsed();
         injector.tick(&mut sim, sh, now);
         sh.sync_data_path();
-        if sh.trace.len() != seen || done {
+        let io = data.step(sh, now);
+        if sh.trace.len() != seen || done || !io.is_empty() {
             checks += 1;
-            let bad = checkers::safety::check(sh);
+            let mut bad = io;
+            bad.extend(checkers::safety::check(sh));
             if !bad.is_empty() {
                 for b in &bad {
                     sh.trace.at(now, "check", format!("VIOLATION {b}"));
@@ -189,6 +197,7 @@ fn run_world(sh: &Shared) -> Report {
         checks,
         op_checks: sh.ops.checks(),
         op_refused: sh.ops.refused(),
+        writes: data.writes,
         sim_time,
         wall: started.elapsed(),
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;
@@ -122,6 +122,7 @@ struct Totals {
     checks: u64,
     op_checks: u64,
     op_refused: u64,
+    writes: u64,
     faults: BTreeMap<&'static str, u64>,
     failures: Vec<(u64, String, String)>,
     nondeterministic: Vec<u64>,
@@ -165,6 +166,7 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
                     t.checks += r.checks;
                     t.op_checks += r.op_checks;
                     t.op_refused += r.op_refused;
+                    t.writes += r.writes;
                     for (k, v) in &r.faults {
                         *t.faults.entry(k).or_default() += v;
                     }
@@ -211,6 +213,7 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
         "{:<28} {:>12}",
         "  overlapping calls kept out", t.op_refused
     );
+    println!("{:<28} {:>12}", "  data-path writes judged", t.writes);
     println!("{:<28} {:>12}", "faults injected", injected);
     for (k, v) in &t.faults {
         println!("  {k:<26} {v:>12}");

@@ -77,11 +77,21 @@ fn a_seed_replays_to_the_same_trace() {
 
 #[test]
 fn canonical_traces() {
-    // 5: a calm run (no faults) with the data-path fence, an expansion and a snapshot; 19:
-    // 409 storms, node plugin crashes, a node machine lost and replaced, RDS failures; 160:
-    // the data-path fence, a failover whose former leader steps down, crashes at both crash
-    // points, a lost node whose volumes are force-detached six minutes later, API 5xx.
-    for seed in [5u64, 19, 160] {
+    // 5: calm (no faults) with the fence: a re-issued unpublish ABORTED while the first
+    // runs, DeleteVolume racing the last detach (FAILED_PRECONDITION until the record is
+    // gone), and the operator removing the VolumeAttachment's finalizer by hand, after which
+    // the stale record is cleared and the delete converges.
+    // 22: API latency spikes past the CO deadline, a failover, the attacher's
+    // reconciliation (ListVolumes judged against the records), re-issued publishes, two
+    // finalizers removed and two PVs deleted and restored from a backup by hand, deletes
+    // racing detaches.
+    // 28: a node machine lost and re-created under its name with a new host NQN, published
+    // to again (fenced to the new machine) and force-detached six minutes after the loss;
+    // latency spikes, reconciliation, re-issued calls.
+    // 79: a node partitioned while alive: Kubernetes force-detaches its two volumes six
+    // minutes later, the exports are parked, the partition heals and the node's reconnects
+    // are refused by the allow lists, its kubelet cleans up, the volumes move on.
+    for seed in [5u64, 22, 28, 79] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
         insta::with_settings!({
@@ -130,4 +140,19 @@ fn finds_a_store_that_drops_the_precondition() {
 #[test]
 fn finds_an_rds_link_that_retries_a_lost_reply_blindly() {
     finds(Bug::BlindRdsRetry);
+}
+
+#[test]
+fn finds_an_unpublish_that_opens_the_export_to_any_host() {
+    finds(Bug::UnpublishOpensExport);
+}
+
+#[test]
+fn finds_a_delete_that_does_not_check_the_holders() {
+    finds(Bug::DeleteSkipsHolders);
+}
+
+#[test]
+fn finds_a_reissued_publish_that_skips_the_lock() {
+    finds(Bug::ReissuedPublishSkipsLock);
 }
