@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::attachment::AttachmentManager;
 use crate::backend::{file_store::FileStore, local_cluster::LocalCluster};
 use crate::controller::Controller;
+use crate::controller::traffic::TrafficPoll;
 use crate::csi::{
     controller::ControllerService,
     identity::{IdentityService, Readiness},
@@ -119,6 +120,8 @@ impl PortLayers for NoLayers {}
 struct ControllerPart {
     core: Controller,
     rds: Arc<dyn Rds>,
+    /// The disk-traffic poll (started only with an interval).
+    traffic: Arc<TrafficPoll>,
 }
 
 /// The node half of a plugin instance.
@@ -156,6 +159,8 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         layers,
     } = seams;
     let mode = settings.mode;
+    // The instance's one registry: every part records into it through its handle.
+    let metrics = Arc::new(Metrics::default());
     let kube = match kube {
         Some(client) => Some(client),
         None => kube_client(settings)?,
@@ -188,7 +193,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             None => {
                 let transport = match rds_transport {
                     Some(t) => t,
-                    None => rds_transport_from(settings, Arc::clone(&clock))?,
+                    None => rds_transport_from(settings, Arc::clone(&clock), &metrics)?,
                 };
                 let adapter = RouterOsRds::new(
                     layers.transport(transport),
@@ -196,7 +201,8 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
                     settings.rds.retry,
                     Arc::clone(&entropy),
                 )
-                .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?;
+                .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?
+                .with_metrics(metrics.routeros(), metrics.rds());
                 Arc::new(adapter)
             }
         };
@@ -212,16 +218,27 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             }
         };
         let store = layers.store(store);
-        let attachments = Arc::new(AttachmentManager::new(
+        let attachments = Arc::new(
+            AttachmentManager::new(
+                Arc::clone(&rds),
+                store,
+                Arc::clone(&cluster),
+                Arc::clone(&clock),
+                settings.attachment.clone(),
+            )
+            .with_metrics(metrics.attachment()),
+        );
+        let traffic = Arc::new(TrafficPoll::new(
             Arc::clone(&rds),
-            store,
-            Arc::clone(&cluster),
-            Arc::clone(&clock),
-            settings.attachment.clone(),
+            Arc::clone(&attachments),
+            metrics.rds(),
+            metrics.reconcilers(),
+            settings.disk_traffic,
         ));
         Some(ControllerPart {
             core: Controller::new(settings.controller.clone(), Arc::clone(&rds), attachments),
             rds,
+            traffic,
         })
     } else {
         None
@@ -254,7 +271,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         controller,
         node,
         readiness: Readiness::default(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
     })
 }
 
@@ -292,6 +309,7 @@ impl Plugin {
         }
         if let Some(c) = &self.controller {
             c.core.attachments().spawn_resync();
+            c.traffic.spawn();
         }
         self.readiness.set_ready();
         Ok(())
@@ -338,7 +356,12 @@ impl Plugin {
         self.readiness.clone()
     }
 
-    /// The per-RPC metrics of this instance.
+    /// The disk-traffic poll, when the controller is served.
+    pub fn traffic(&self) -> Option<Arc<TrafficPoll>> {
+        self.controller.as_ref().map(|c| Arc::clone(&c.traffic))
+    }
+
+    /// The metrics registry of this instance (every series it exports).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
@@ -409,6 +432,7 @@ fn kube_client(settings: &Settings) -> Result<Option<::kube::Client>, ServeError
 fn rds_transport_from(
     settings: &Settings,
     clock: Arc<dyn Clock>,
+    metrics: &Metrics,
 ) -> Result<Arc<dyn Transport>, ServeError> {
     match &settings.rds.access {
         RdsAccess::Embedded => {
@@ -431,12 +455,15 @@ fn rds_transport_from(
             }
             let layout = &settings.rds.layout;
             tracing::info!(rds = %ssh.address, port = ssh.port, user = %ssh.config.user, volume_path = %layout.volume_base_path, pool = %layout.pool_mount_point, "RDS backend: RouterOS over SSH");
-            Ok(Arc::new(SshTransport::new(
-                TcpConnector {
-                    addr: format!("{}:{}", ssh.address, ssh.port),
-                },
-                ssh.config.clone(),
-            )))
+            Ok(Arc::new(
+                SshTransport::new(
+                    TcpConnector {
+                        addr: format!("{}:{}", ssh.address, ssh.port),
+                    },
+                    ssh.config.clone(),
+                )
+                .with_metrics(metrics.routeros()),
+            ))
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod caps;
 pub mod paging;
 pub mod params;
 pub mod snapshots;
+pub mod traffic;
 pub mod volumes;
 
 use std::sync::Arc;
