@@ -279,7 +279,7 @@ impl Plugin {
     /// Start-up work that must finish before the socket accepts requests — the RDS
     /// answers, the attachment state is rebuilt, the node has read what the kernel has
     /// attached and mounted and published its host NQN — then the background tasks
-    /// (attachment resync). Marks the plugin ready. Idempotent: the simulation retries it
+    /// (attachment resync, disk-traffic poll). Marks the plugin ready. Idempotent: the simulation retries it
     /// while the backend is unreachable.
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.controller {

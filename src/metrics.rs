@@ -257,11 +257,11 @@ impl AttachmentMetrics {
             let l = OutcomeLabel {
                 outcome: outcome.as_str(),
             };
-            self.publishes.get_or_create(&l);
-            self.unpublishes.get_or_create(&l);
+            let _ = self.publishes.get_or_create(&l);
+            let _ = self.unpublishes.get_or_create(&l);
         }
         for why in [StaleReason::NodeGone, StaleReason::VolumeAttachmentGone] {
-            self.stale_cleared.get_or_create(&ReasonLabel {
+            let _ = self.stale_cleared.get_or_create(&ReasonLabel {
                 reason: why.as_str(),
             });
         }

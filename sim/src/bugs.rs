@@ -99,6 +99,43 @@ impl Cluster for NodeGone {
     }
 }
 
+/// A cluster that answers "recorded" for a VolumeAttached Event without recording it.
+struct DropsAttached {
+    inner: Arc<dyn Cluster>,
+}
+
+#[async_trait]
+impl Cluster for DropsAttached {
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_exists(node).await
+    }
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_known(node).await
+    }
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
+        self.inner.node_host_nqn(node).await
+    }
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        self.inner.set_node_host_nqn(node, host_nqn).await
+    }
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments().await
+    }
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        self.inner.volume_attachment_exists(volume, node).await
+    }
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        if event.reason == rds_csi::ports::cluster::reason::VOLUME_ATTACHED {
+            return Ok(());
+        }
+        self.inner.record_event(event).await
+    }
+}
+
 /// Names the CSI method running on the current task (`None`: none), for bugs that hit
 /// one RPC only.
 pub type CurrentMethod = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -217,6 +254,7 @@ pub fn wrap_rds(inner: Arc<dyn Rds>, bug: Option<Bug>) -> Arc<dyn Rds> {
 pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluster> {
     match bug {
         Some(Bug::NodeGoneWhileAlive) => Arc::new(NodeGone { inner }),
+        Some(Bug::AttachedEventDropped) => Arc::new(DropsAttached { inner }),
         _ => inner,
     }
 }

@@ -19,6 +19,7 @@ pub mod bugs;
 pub mod checkers;
 pub mod crash;
 pub mod datapath;
+pub mod events;
 pub mod faults;
 pub mod model;
 pub mod options;
@@ -157,7 +158,8 @@ fn run_world(sh: &Shared) -> Report {
         }
         if done {
             checks += 1;
-            let bad = checkers::liveness::check(sh);
+            let mut bad = checkers::liveness::check(sh);
+            bad.extend(checkers::events::check(sh));
             for b in &bad {
                 sh.trace.at(now, "check", format!("LIVENESS {b}"));
             }

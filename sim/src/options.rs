@@ -27,11 +27,13 @@ pub enum Bug {
     DeleteSkipsHolders,
     /// A re-issued ControllerPublish is served past the per-volume in-flight lock.
     ReissuedPublishSkipsLock,
+    /// The Event of an attachment is dropped while reporting it recorded.
+    AttachedEventDropped,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -39,6 +41,7 @@ impl Bug {
         Bug::UnpublishOpensExport,
         Bug::DeleteSkipsHolders,
         Bug::ReissuedPublishSkipsLock,
+        Bug::AttachedEventDropped,
     ];
 }
 

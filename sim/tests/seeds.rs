@@ -156,3 +156,8 @@ fn finds_a_delete_that_does_not_check_the_holders() {
 fn finds_a_reissued_publish_that_skips_the_lock() {
     finds(Bug::ReissuedPublishSkipsLock);
 }
+
+#[test]
+fn finds_an_attachment_event_that_is_dropped() {
+    finds(Bug::AttachedEventDropped);
+}

@@ -346,7 +346,10 @@ impl KubeCluster {
             })
             .await?
         {
-            Ok(_) => Ok(()),
+            // The name is ours and fresh: an earlier attempt whose answer was lost created
+            // it (found by reasoning about lost replies; a second object would break the
+            // aggregation).
+            Ok(_) | Err(Failure::Status(409, _)) => Ok(()),
             Err(f) => Err(ClusterError::Other(format!("POST Event: {}", f.describe()))),
         }
     }

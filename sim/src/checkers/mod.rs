@@ -3,5 +3,6 @@
 //! ([`crate::model::Model`]) and the world's state. The no-overlap checker judges online,
 //! as port calls happen, so it sits below the world ([`crate::overlap`]).
 
+pub mod events;
 pub mod liveness;
 pub mod safety;
