@@ -102,6 +102,7 @@ impl World {
             allowed_root: Some(root.join("kubelet")),
             nqn_prefix: PREFIX.into(),
             require_target_address: false,
+            ..NodeOptions::default()
         }
     }
 

@@ -493,6 +493,7 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
         allowed_root: Some(KUBELET_ROOT.into()),
         nqn_prefix: DEFAULT_NQN_PREFIX.into(),
         require_target_address: true,
+        ..NodeOptions::default()
     };
     Ok(s)
 }

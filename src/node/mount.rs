@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use crate::node::exec::{CommandOutput, CommandRunner, ExecError, command_line};
 use crate::node::mountinfo;
-use crate::ports::mounter::{MountEntry, MountError, Mounter, TargetKind, UsageStats};
+use crate::ports::mounter::{FsCheck, MountEntry, MountError, Mounter, TargetKind, UsageStats};
 
 /// Filesystems the node formats and mounts.
 pub const SUPPORTED_FS_TYPES: &[&str] = &["ext4", "xfs"];
@@ -141,6 +141,18 @@ impl Mounter for RealMounter {
                 out.failure_text()
             ))),
         }
+    }
+
+    async fn check_filesystem(&self, device: &Path, fs_type: &str) -> Result<FsCheck, MountError> {
+        if fs_type != "ext4" {
+            // xfs: the mount replays the log; xfs_repair is never run automatically.
+            return Ok(FsCheck::Clean);
+        }
+        // -p (preen): repair only what is safe without a person (journal replay, counts,
+        // orphan lists); anything else ends with exit 4 and leaves the filesystem alone.
+        let args = vec!["-p".into(), s(device)];
+        let out = self.run("e2fsck", &args).await?;
+        fsck_outcome(device, &out)
     }
 
     async fn format(&self, device: &Path, fs_type: &str) -> Result<(), MountError> {
@@ -430,6 +442,30 @@ fn consistent_read(path: &Path) -> Result<String, MountError> {
         "{} kept changing over {ATTEMPTS} reads (mount storm?); retry",
         path.display()
     )))
+}
+
+/// Reads `e2fsck -p`'s exit status (a bit mask, e2fsck(8)): 0 clean; 1 (and 2, "reboot",
+/// which only concerns a mounted root filesystem) errors corrected; 4 errors left
+/// uncorrected; 8 and above, the check itself failed.
+fn fsck_outcome(device: &Path, out: &CommandOutput) -> Result<FsCheck, MountError> {
+    let text = out.failure_text();
+    match out.code {
+        Some(0) => Ok(FsCheck::Clean),
+        Some(c) if c & !3 == 0 => Ok(FsCheck::Repaired(
+            out.stdout.trim().replace('\n', "; "),
+        )),
+        Some(c) if c & 4 != 0 && c & !7 == 0 => Err(MountError::Corrupt(format!(
+            "e2fsck -p found errors on {} it cannot repair without a person ({text}); the \
+             volume was not mounted. Run `e2fsck -f {}` on the node by hand (it asks before \
+             each repair) or restore the volume from a snapshot",
+            device.display(),
+            device.display()
+        ))),
+        _ => Err(MountError::Command(format!(
+            "`e2fsck -p {}` could not check the filesystem: {text}",
+            device.display()
+        ))),
+    }
 }
 
 /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of `CapEff` in /proc/self/status).

@@ -322,6 +322,23 @@ impl Initiator for NvmeCli {
         Ok(self.subsystem(nqn).await?.and_then(|s| self.device_of(&s)))
     }
 
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        let Some(name) = device
+            .strip_prefix(&self.cfg.dev_root)
+            .ok()
+            .and_then(|n| n.to_str())
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .subsystems()
+            .await?
+            .into_iter()
+            .filter(|s| self.check_ours(&s.nqn).is_ok())
+            .find(|s| s.namespaces.iter().any(|n| n == name))
+            .map(|s| s.nqn))
+    }
+
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
         Ok(self
             .subsystems()
