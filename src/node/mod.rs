@@ -25,6 +25,9 @@ pub mod ops;
 pub mod orphans;
 pub mod paths;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 use crate::ports::{Cluster, Initiator};

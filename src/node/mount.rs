@@ -532,6 +532,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ext4_is_preened_before_mounting_and_errors_that_need_a_person_are_refused() {
+        let r = Arc::new(ScriptedRunner::new(|argv| match argv[2].as_str() {
+            "/dev/clean" => ok("/dev/clean: clean, 11/16384 files\n"),
+            "/dev/journal" => Ok(crate::node::exec::CommandOutput {
+                code: Some(1),
+                stdout: "/dev/journal: recovering journal\n".into(),
+                stderr: String::new(),
+            }),
+            "/dev/broken" => fail(4, "/dev/broken: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY."),
+            _ => fail(8, "e2fsck: No such file or directory while trying to open /dev/gone"),
+        }));
+        let m = mounter(r.clone());
+        let check = |d: &'static str| m.check_filesystem(Path::new(d), "ext4");
+        assert_eq!(check("/dev/clean").await, Ok(FsCheck::Clean));
+        assert_eq!(
+            check("/dev/journal").await,
+            Ok(FsCheck::Repaired("/dev/journal: recovering journal".into()))
+        );
+        let err = check("/dev/broken").await.unwrap_err();
+        assert!(
+            matches!(&err, MountError::Corrupt(m) if m.contains("e2fsck -f /dev/broken") && m.contains("MANUALLY")),
+            "{err:?}"
+        );
+        assert!(matches!(check("/dev/gone").await, Err(MountError::Command(_))));
+        // xfs is not checked: its mount replays the log.
+        assert_eq!(
+            m.check_filesystem(Path::new("/dev/x"), "xfs").await,
+            Ok(FsCheck::Clean)
+        );
+        assert_eq!(r.calls()[0], vec!["e2fsck", "-p", "/dev/clean"]);
+        assert_eq!(r.calls().len(), 4, "never -y, never xfs_repair");
+    }
+
+    #[tokio::test]
     async fn blkid_exit_2_means_blank_and_other_failures_are_errors() {
         let r = Arc::new(ScriptedRunner::new(|_| fail(2, "")));
         assert_eq!(
