@@ -8,7 +8,9 @@
 //! succeeded, sometimes a conflicting ControllerPublish of the volume to another node, then
 //! NodeUnpublish, NodeUnstage and ControllerUnpublish until OK and the VolumeAttachment
 //! removed (the pod moves to another live node); finally DeleteVolume until OK and the PV
-//! removed. When the node's machine is lost mid-round, its pod goes with it and the
+//! removed. While a pod runs the kubelet polls NodeGetVolumeStats; a volume reported
+//! abnormal gets its pod restarted on the node (NodeUnpublish, then NodePublish of the new
+//! pod, which repairs a stale staging mount). Some volumes' StorageClass sets `ctrlLossTmo`. When the node's machine is lost mid-round, its pod goes with it and the
 //! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss.
 //!
 //! Every call and its outcome goes to the trace; acknowledgements go to the
@@ -27,8 +29,9 @@ use rds_csi::kube::fake_api::Kind;
 use rds_csi::proto::csi::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
     ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, NodeExpandVolumeRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    DeleteSnapshotRequest, DeleteVolumeRequest, NodeExpandVolumeRequest, NodeGetVolumeStatsRequest,
+    NodePublishVolumeRequest, NodeStageVolumeRequest, NodeUnpublishVolumeRequest,
+    NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
@@ -38,13 +41,21 @@ use tonic::{Code, Status};
 
 use crate::model::Op;
 use crate::options::FORCE_DETACH_SECS;
-use crate::world::{DRIVER, KUBELET_ROOT, RESYNC, Shared, csi_channel, node_name};
+use crate::world::{
+    DRIVER, ORPHAN_SWEEP, RESYNC, Shared, csi_channel, node_name, staging_path, target_path,
+};
 
 /// Stands for the leading controller replica.
 const CTRL: &str = "controller*";
 
 /// Size of every volume.
 pub const VOLUME_BYTES: i64 = 1 << 30;
+
+/// How often the kubelet polls the stats of a running pod's volume.
+pub const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// The `ctrlLossTmo` of the StorageClass some volumes use (seconds).
+pub const FINITE_CTRL_LOSS_TMO: i32 = 30;
 
 /// One CSI call.
 #[derive(Debug, Clone)]
@@ -61,6 +72,7 @@ enum Call {
     NodeExpand(NodeExpandVolumeRequest),
     Snapshot(CreateSnapshotRequest),
     DeleteSnapshot(DeleteSnapshotRequest),
+    Stats(NodeGetVolumeStatsRequest),
 }
 
 impl Call {
@@ -78,6 +90,7 @@ impl Call {
             Call::NodeExpand(_) => "NodeExpand",
             Call::Snapshot(_) => "CreateSnapshot",
             Call::DeleteSnapshot(_) => "DeleteSnapshot",
+            Call::Stats(_) => "NodeGetVolumeStats",
         }
     }
 }
@@ -88,6 +101,8 @@ struct Reply {
     volume_context: HashMap<String, String>,
     publish_context: HashMap<String, String>,
     snapshot_id: String,
+    /// NodeGetVolumeStats: the volume is abnormal.
+    abnormal: bool,
 }
 
 async fn send(host: &str, call: Call, timeout: Duration) -> Result<Reply, Status> {
@@ -137,6 +152,15 @@ async fn send(host: &str, call: Call, timeout: Duration) -> Result<Reply, Status
             ..Default::default()
         },
         Call::DeleteSnapshot(r) => c.delete_snapshot(r).await.map(|_| Reply::default())?,
+        Call::Stats(r) => Reply {
+            abnormal: n
+                .node_get_volume_stats(r)
+                .await?
+                .into_inner()
+                .volume_condition
+                .is_some_and(|c| c.abnormal),
+            ..Default::default()
+        },
     };
     Ok(reply)
 }
@@ -151,6 +175,14 @@ fn capability() -> VolumeCapability {
             ..Default::default()
         })),
     }
+}
+
+/// A pod using the volume on a node: its NodePublish (the target path included), the round
+/// it belongs to, and how often it was restarted.
+struct Pod {
+    publish: NodePublishVolumeRequest,
+    round: usize,
+    restarts: u32,
 }
 
 /// The volume's node was lost (its machine gone, Node object deleted) at this virtual time
@@ -189,6 +221,9 @@ fn forbidden(call: &Call, code: Code) -> Option<&'static str> {
         (Call::Unstage(_) | Call::NodeUnpublish(_), Code::NotFound) => {
             Some("tearing down what is not there must succeed")
         }
+        // The kubelet asks only about a volume it published at that path: a broken volume
+        // is reported abnormal, never as missing.
+        (Call::Stats(_), Code::NotFound) => Some("the volume is published at this path"),
         _ => None,
     }
 }
@@ -214,6 +249,7 @@ impl Script {
         let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
         let r = send(host, call.clone(), timeout).await;
         let outcome = match &r {
+            Ok(reply) if reply.abnormal => "OK abnormal".to_string(),
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
@@ -451,10 +487,8 @@ impl Script {
         // The kubelet. The disk is visible to the node's kernel while it exists on the
         // RDS (the network between them is not simulated).
         self.show_disk(ix);
-        let staging =
-            format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount");
-        let target =
-            format!("{KUBELET_ROOT}/pods/pod-{vol}-{round}/volumes/kubernetes.io~csi/{vol}/mount");
+        let staging = staging_path(&vol);
+        let target = target_path(&vol, &format!("pod-{vol}-{round}"));
         let stage = Call::Stage(NodeStageVolumeRequest {
             volume_id: vol.clone(),
             publish_context: published.publish_context.clone(),
@@ -466,22 +500,29 @@ impl Script {
         self.until_ok_on(&node, ix, generation, stage.clone())
             .await?;
         self.maybe_repeat(&node, stage).await;
-        let pod = Call::NodePublish(NodePublishVolumeRequest {
-            volume_id: vol.clone(),
-            publish_context: published.publish_context.clone(),
-            staging_target_path: staging.clone(),
-            target_path: target.clone(),
-            volume_capability: Some(capability()),
-            volume_context: vctx.clone(),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, pod.clone()).await?;
-        self.maybe_repeat(&node, pod).await;
+        let mut pod = Pod {
+            publish: NodePublishVolumeRequest {
+                volume_id: vol.clone(),
+                publish_context: published.publish_context.clone(),
+                staging_target_path: staging.clone(),
+                target_path: target,
+                volume_capability: Some(capability()),
+                volume_context: vctx.clone(),
+                ..Default::default()
+            },
+            round,
+            restarts: 0,
+        };
+        let publish = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, publish.clone())
+            .await?;
+        self.maybe_repeat(&node, publish).await;
         if self.rng.random_range(0..100) < o.expand_pct {
-            self.expand(ix, generation, &staging, &target).await?;
+            self.expand(ix, generation, &mut pod).await?;
         }
-        // The pod runs for a while.
-        self.think(1_000, 15_000).await;
+        // The pod runs for a while (and may be restarted on the node).
+        self.pod_runs(ix, generation, &mut pod).await?;
+        let target = pod.publish.target_path;
         // The pod moves away.
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: vol.clone(),
@@ -501,6 +542,45 @@ impl Script {
         self.unpublish(&node).await;
         self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
         self.remove_va(&node);
+        Ok(())
+    }
+
+    /// The pod runs on node `ix` for a seeded while, the kubelet polling its volume's stats
+    /// ([`Self::check_pod`]).
+    async fn pod_runs(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let end = now() + Duration::from_millis(self.rng.random_range(1_000..=15_000));
+        while now() < end {
+            tokio::time::sleep(STATS_EVERY.min(end - now())).await;
+            self.check_pod(ix, generation, pod).await?;
+        }
+        Ok(())
+    }
+
+    /// The kubelet polls the stats of the pod's volume; when the volume is reported
+    /// abnormal the pod is restarted on the node: the old pod's NodeUnpublish, then the new
+    /// pod's NodePublish (which repairs a stale staging mount).
+    async fn check_pod(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        self.alive(ix, generation)?;
+        let node = node_name(ix);
+        let stats = Call::Stats(NodeGetVolumeStatsRequest {
+            volume_id: self.vol.clone(),
+            volume_path: pod.publish.target_path.clone(),
+            staging_target_path: pod.publish.staging_target_path.clone(),
+        });
+        if !self.once(&node, &stats, "").await.is_ok_and(|r| r.abnormal) {
+            return Ok(());
+        }
+        pod.restarts += 1;
+        let old = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            target_path: pod.publish.target_path.clone(),
+        });
+        self.until_ok_on(&node, ix, generation, old).await?;
+        let name = format!("pod-{}-{}-{}", self.vol, pod.round, pod.restarts);
+        pod.publish.target_path = target_path(&self.vol, &name);
+        let new = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, new).await?;
         Ok(())
     }
 
@@ -526,13 +606,7 @@ impl Script {
     /// The resizer grows the volume by 1 GiB while a pod on node `ix` uses it
     /// (ControllerExpandVolume until OK), then the kubelet grows the filesystem
     /// (NodeExpandVolume until OK).
-    async fn expand(
-        &mut self,
-        ix: usize,
-        generation: u64,
-        staging: &str,
-        target: &str,
-    ) -> Result<(), Lost> {
+    async fn expand(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
         let size = self.size + (1 << 30);
         let range = Some(CapacityRange {
             required_bytes: i64::try_from(size).unwrap_or(i64::MAX),
@@ -550,18 +624,27 @@ impl Script {
         self.maybe_repeat(CTRL, expand).await;
         self.show_disk(ix);
         let node = node_name(ix);
-        let grow = Call::NodeExpand(NodeExpandVolumeRequest {
-            volume_id: self.vol.clone(),
-            volume_path: target.to_string(),
-            capacity_range: range,
-            staging_target_path: staging.to_string(),
-            volume_capability: Some(capability()),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, grow.clone())
-            .await?;
-        self.maybe_repeat(&node, grow).await;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            self.alive(ix, generation)?;
+            let grow = Call::NodeExpand(NodeExpandVolumeRequest {
+                volume_id: self.vol.clone(),
+                volume_path: pod.publish.target_path.clone(),
+                capacity_range: range,
+                staging_target_path: pod.publish.staging_target_path.clone(),
+                volume_capability: Some(capability()),
+                ..Default::default()
+            });
+            if self.once(&node, &grow, "").await.is_ok() {
+                self.maybe_repeat(&node, grow).await;
+                return Ok(());
+            }
+            // Meanwhile the kubelet keeps polling the volume (a stale one cannot grow
+            // until its pod is restarted).
+            self.check_pod(ix, generation, pod).await?;
+            self.backoff(attempt).await;
+            attempt += 1;
+        }
     }
 
     /// The snapshotter takes snapshot `n` of the volume (CreateSnapshot until OK); its id.
@@ -619,7 +702,9 @@ impl Script {
         let vol = self.vol.clone();
         // Claims arrive over the chaos phase, so creates and deletes meet faults too.
         self.think(0, o.chaos_secs * 1000 / 2).await;
-        // The provisioner.
+        // The provisioner, with the volume's StorageClass parameters.
+        let ctrl_loss_tmo = (self.rng.random_range(0..100) < o.finite_ctrl_loss_pct)
+            .then_some(FINITE_CTRL_LOSS_TMO);
         let create = Call::Create(CreateVolumeRequest {
             name: vol.clone(),
             capacity_range: Some(CapacityRange {
@@ -627,8 +712,12 @@ impl Script {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![capability()],
+            parameters: ctrl_loss_tmo
+                .map(|t| [("ctrlLossTmo".to_string(), t.to_string())].into())
+                .unwrap_or_default(),
             ..Default::default()
         });
+        self.model().volume(&vol).ctrl_loss_tmo = ctrl_loss_tmo;
         let created = self.until_ok(CTRL, create.clone()).await;
         {
             let mut m = self.model();
@@ -711,8 +800,10 @@ pub async fn run(sh: Shared) -> turmoil::Result {
         t.await?;
     }
     // Memory of a replica that missed the other's writes during a failover agrees with
-    // the store again after its next resync.
-    tokio::time::sleep(RESYNC + Duration::from_secs(5)).await;
+    // the store again after its next resync, and a connection a node was left with is past
+    // its orphan grace period and swept.
+    let settle = RESYNC.max(ORPHAN_SWEEP.grace + ORPHAN_SWEEP.interval * 2);
+    tokio::time::sleep(settle + Duration::from_secs(5)).await;
     sh.trace.log("co", "workload complete");
     Ok(())
 }

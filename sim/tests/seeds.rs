@@ -131,3 +131,13 @@ fn finds_a_store_that_drops_the_precondition() {
 fn finds_an_rds_link_that_retries_a_lost_reply_blindly() {
     finds(Bug::BlindRdsRetry);
 }
+
+#[test]
+fn finds_a_node_that_connects_without_its_reconnect_defaults() {
+    finds(Bug::KernelReconnectDefaults);
+}
+
+#[test]
+fn finds_a_node_that_remembers_device_paths() {
+    finds(Bug::RememberedDevicePath);
+}

@@ -332,6 +332,14 @@ impl FakeKernel {
         );
     }
 
+    /// The NQNs with a controller (live or reconnecting), sorted.
+    pub fn connected_nqns(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.st().devices.values().map(|d| d.nqn.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Whether the controller of `nqn` is live (connected, I/O flowing).
     pub fn is_live(&self, nqn: &str) -> bool {
         self.st()
