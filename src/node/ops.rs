@@ -2,10 +2,11 @@
 //! and the repair of a staged volume whose device went away.
 //!
 //! Invariants:
-//! - Stateless: every operation first observes the kernel (connected subsystems or loop
-//!   devices through the initiator, `/proc/self/mountinfo` through the mounter) and acts
-//!   only on the difference, so repeating a call, or calling after a plugin restart, gives
-//!   the same result. Nothing is remembered between calls.
+//! - Observe, then act: every operation first reads the kernel (connected subsystems or
+//!   loop devices through the initiator, `/proc/self/mountinfo` through the mounter) and
+//!   acts only on the difference, so repeating a call, or calling after a plugin restart,
+//!   gives the same result. The only memory across calls is the backoff of failing volumes
+//!   (a restart forgets it, which is safe).
 //! - A device holding any signature is never formatted.
 //! - A device is only disconnected when no mount or block bind of it remains (the busy
 //!   check reads the mount table; it cannot hang on the plugin's own process).
@@ -22,11 +23,10 @@
 //!   dead mounts, mounts the volume's current device found by NQN (after the filesystem
 //!   check), and re-binds the publish targets that showed the dead filesystem; each step is
 //!   logged, attempts are bounded, and a volume that keeps failing backs off
-//!   ([`StageBackoff`]) so the kubelet's retries cannot become a reconnect storm.
+//!   ([`StageBackoff`]) so the kubelet's retries cannot become a reconnect storm. Only
+//!   publish targets below the allowed root (`--kubelet-root`) are bound again.
 //! - An ext4 filesystem is checked (`e2fsck -p`, never a destructive repair) before every
 //!   read-write mount at the staging path; errors that need a person fail the stage.
-//! - The only memory across calls is the backoff of failing volumes: everything else is
-//!   read from the kernel.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -528,7 +528,11 @@ impl NodeOps {
     /// the dead filesystem are bound again to the repaired one.
     async fn repair(&self, s: &StagingSpec<'_>, stale: &MountEntry, mounts: &[MountEntry], why: &str) -> Result<()> {
         let mut targets: Vec<(PathBuf, bool)> = Vec::new();
-        for m in mounts.iter().filter(|m| m.dev == stale.dev && m.target != s.staging_path) {
+        let ours = |p: &Path| {
+            p != s.staging_path
+                && self.opts.allowed_root.as_ref().is_none_or(|root| p.starts_with(root))
+        };
+        for m in mounts.iter().filter(|m| m.dev == stale.dev && ours(&m.target)) {
             if !targets.iter().any(|(t, _)| *t == m.target) {
                 targets.push((m.target.clone(), is_ro(m)));
             }
