@@ -951,8 +951,25 @@ async fn a_renamed_device_is_reported_abnormal_and_publish_then_stage_repair_it_
         let cond = w.stats(vol, pod).await.unwrap().volume_condition.unwrap();
         assert!(!cond.abnormal, "{cond:?}");
     }
-    // The old device went with its last mount.
-    assert_eq!(loop_devices(&w, vol), vec![(new.clone(), false)]);
+    // Nothing holds the old device any more: no mount, and the volume's only device in use
+    // is the new one (the kernel detaches the old one once the last opener, often udev,
+    // lets go of it).
+    let in_use: Vec<(PathBuf, bool)> = loop_devices(&w, vol)
+        .into_iter()
+        .filter(|(_, detaching)| !detaching)
+        .collect();
+    assert_eq!(in_use, vec![(new.clone(), false)]);
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let old_source = format!(" {} ", old.display());
+    let ours = |l: &&str| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|t| Path::new(t).starts_with(&w.root))
+    };
+    assert!(
+        !table.lines().filter(ours).any(|l| l.contains(&old_source)),
+        "{table}"
+    );
 
     // Again, and this time the kubelet's NodeStageVolume repairs it.
     std::fs::write(Path::new(&pod_b).join("second"), b"also kept").unwrap();
