@@ -21,11 +21,11 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
+use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
 
 use crate::crash::Point;
 use crate::options::FORCE_DETACH_SECS;
 use crate::world::{CONTROLLERS, Leader, Shared, node_name};
-use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
 
 const RDS_KINDS: [CommandKind; 5] = [
     CommandKind::DiskAdd,
