@@ -1,6 +1,9 @@
 //! Prometheus metrics: ONE registry per plugin instance (prefix `rds_csi_`), built by the
 //! composition root and handed to the parts that record into it as cheap handles — never a
-//! global. Each area has its handle type: [`AttachmentMetrics`] (the attachment manager),
+//! global. The node's data path records through [`Metrics`] itself (NVMe connects and
+//! disconnects by outcome with their duration, stale mounts detected, recoveries, orphan
+//! connections cleaned). Each other area has its handle type: [`AttachmentMetrics`] (the
+//! attachment manager),
 //! [`RouterOsMetrics`] (the RouterOS adapter and its SSH pool), [`RdsMetrics`] (what the
 //! RDS reports: pool, disks, per-disk traffic) and [`ReconcilerMetrics`] (the hooks for the
 //! controller's reconcilers); the per-RPC series are recorded by a tower layer around the
@@ -37,6 +40,11 @@ use crate::ports::rds::DiskTraffic;
 pub const SERIES: &[&str] = &[
     RPCS,
     RPC_DURATION,
+    NVME_OPERATIONS,
+    NVME_OPERATION_DURATION,
+    STALE_MOUNTS,
+    VOLUME_RECOVERIES,
+    ORPHAN_CONNECTIONS,
     ATTACHMENT_PUBLISHES,
     ATTACHMENT_UNPUBLISHES,
     ATTACHMENT_CONFLICTS,
@@ -69,6 +77,11 @@ pub const PREFIX: &str = "rds_csi";
 
 const RPCS: &str = "rpcs";
 const RPC_DURATION: &str = "rpc_duration_seconds";
+const NVME_OPERATIONS: &str = "nvme_operations";
+const NVME_OPERATION_DURATION: &str = "nvme_operation_duration_seconds";
+const STALE_MOUNTS: &str = "stale_mounts_detected";
+const VOLUME_RECOVERIES: &str = "volume_recoveries";
+const ORPHAN_CONNECTIONS: &str = "orphan_connections";
 const ATTACHMENT_PUBLISHES: &str = "attachment_publishes";
 const ATTACHMENT_UNPUBLISHES: &str = "attachment_unpublishes";
 const ATTACHMENT_CONFLICTS: &str = "attachment_conflicts";
@@ -108,6 +121,22 @@ pub struct RpcLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+/// Labels of the NVMe connect/disconnect metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NvmeLabels {
+    /// `connect` or `disconnect`.
+    pub op: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Labels of the stale-mount counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// The node call that saw it: `stage`, `publish`, `stats`, `expand`.
+    pub check: &'static str,
 }
 
 /// A `reason` label.
@@ -707,6 +736,11 @@ pub struct Metrics {
     registry: Registry,
     rpcs: Family<RpcLabels, Counter>,
     latency: Family<RpcLabels, Histogram>,
+    nvme: Family<NvmeLabels, Counter>,
+    nvme_latency: Family<NvmeLabels, Histogram>,
+    stale_mounts: Family<CheckLabels, Counter>,
+    recoveries: Family<OutcomeLabel, Counter>,
+    orphans: Family<OutcomeLabel, Counter>,
     attachment: AttachmentMetrics,
     routeros: RouterOsMetrics,
     rds: RdsMetrics,
@@ -736,6 +770,41 @@ impl Default for Metrics {
             "CSI RPC latency, by method and gRPC code",
             latency.clone(),
         );
+        let nvme = Family::<NvmeLabels, Counter>::default();
+        let nvme_latency = Family::<NvmeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 14))
+        });
+        let stale_mounts = Family::<CheckLabels, Counter>::default();
+        let recoveries = Family::<OutcomeLabel, Counter>::default();
+        let orphans = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            NVME_OPERATIONS,
+            "NVMe connects and disconnects on the node, by operation and outcome",
+            nvme.clone(),
+        );
+        registry.register(
+            NVME_OPERATION_DURATION,
+            "Duration of NVMe connects and disconnects on the node, by operation and outcome",
+            nvme_latency.clone(),
+        );
+        registry.register(
+            STALE_MOUNTS,
+            "Staging or publish mounts found on a device that is gone or no longer the \
+             volume's, by the node call that found them",
+            stale_mounts.clone(),
+        );
+        registry.register(
+            VOLUME_RECOVERIES,
+            "Repairs of a stale staging mount (remount of the volume's current device and \
+             re-bind of its publish targets), by outcome",
+            recoveries.clone(),
+        );
+        registry.register(
+            ORPHAN_CONNECTIONS,
+            "NVMe connections of this driver that no volume on the node uses and no \
+             VolumeAttachment holds, by what the sweep did with them",
+            orphans.clone(),
+        );
         let attachment = AttachmentMetrics::default();
         attachment.register(&mut registry);
         let routeros = RouterOsMetrics::default();
@@ -748,6 +817,11 @@ impl Default for Metrics {
             registry,
             rpcs,
             latency,
+            nvme,
+            nvme_latency,
+            stale_mounts,
+            recoveries,
+            orphans,
             attachment,
             routeros,
             rds,
@@ -765,6 +839,33 @@ impl Metrics {
         };
         self.rpcs.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records one NVMe `op` (`connect`, `disconnect`) that took `seconds`.
+    pub fn observe_nvme(&self, op: &'static str, ok: bool, seconds: f64) {
+        let labels = NvmeLabels {
+            op,
+            outcome: if ok { "ok" } else { "error" },
+        };
+        self.nvme.get_or_create(&labels).inc();
+        self.nvme_latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records a stale mount seen by the node call `check`.
+    pub fn stale_mount(&self, check: &'static str) {
+        self.stale_mounts.get_or_create(&CheckLabels { check }).inc();
+    }
+
+    /// Records one recovery of a stale staging mount.
+    pub fn recovery(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.recoveries.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Records what the orphan sweep did with one connection: `disconnected`, `error`,
+    /// `dry_run`.
+    pub fn orphan(&self, outcome: &'static str) {
+        self.orphans.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// The attachment manager's handle.
@@ -794,6 +895,10 @@ impl Metrics {
     pub fn example() -> Self {
         let m = Self::default();
         m.observe("ControllerPublishVolume", tonic::Code::Ok, 0.01);
+        m.observe_nvme("connect", true, 0.2);
+        m.stale_mount("stats");
+        m.recovery(true);
+        m.orphan("dry_run");
         m.attachment.write_conflict();
         m.attachment.conflict();
         m.attachment.set_records(1);
@@ -1062,5 +1167,29 @@ mod tests {
             text.contains("rds_csi_rpc_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn node_data_path_metrics_have_conventional_names_and_bounded_labels() {
+        let m = Metrics::default();
+        m.observe_nvme("connect", true, 0.2);
+        m.observe_nvme("connect", false, 30.0);
+        m.observe_nvme("disconnect", true, 0.1);
+        m.stale_mount("stats");
+        m.stale_mount("stats");
+        m.recovery(true);
+        m.orphan("dry_run");
+        let text = m.render();
+        for line in [
+            r#"rds_csi_nvme_operations_total{op="connect",outcome="ok"} 1"#,
+            r#"rds_csi_nvme_operations_total{op="connect",outcome="error"} 1"#,
+            r#"rds_csi_nvme_operations_total{op="disconnect",outcome="ok"} 1"#,
+            r#"rds_csi_nvme_operation_duration_seconds_count{op="connect",outcome="error"} 1"#,
+            r#"rds_csi_stale_mounts_detected_total{check="stats"} 2"#,
+            r#"rds_csi_volume_recoveries_total{outcome="ok"} 1"#,
+            r#"rds_csi_orphan_connections_total{outcome="dry_run"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
     }
 }

@@ -62,6 +62,12 @@ impl Cluster for Audited {
     ) -> Result<Option<bool>, ClusterError> {
         self.inner.volume_attachment_exists(volume, node).await
     }
+    async fn volume_attachments_on(
+        &self,
+        node: &NodeId,
+    ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments_on(node).await
+    }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         let result = self.inner.record_event(event).await;
         if result.is_err() {
