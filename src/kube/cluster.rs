@@ -594,19 +594,22 @@ impl Cluster for KubeCluster {
             "lastTimestamp": now_secs,
             "count": 1,
         });
-        self.create_event(&namespace, &body).await?;
+        // Remembered before the POST: a POST whose outcome is unknown (its answer lost,
+        // every retry failed) may have created the object, so the next repeat PATCHes this
+        // name, and creates anew only on 404 (found by the simulation: a lost POST answer
+        // left the Event unknown to the cache, and the repeat created a second object).
         self.recorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 key,
                 RecordedEvent {
-                    namespace,
+                    namespace: namespace.clone(),
                     name,
                     count: 1,
                     used: 0,
                 },
             );
-        Ok(())
+        self.create_event(&namespace, &body).await
     }
 }

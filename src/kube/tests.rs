@@ -394,6 +394,37 @@ async fn an_expired_event_is_created_again_and_distinct_messages_are_distinct_ev
 }
 
 #[tokio::test]
+async fn a_failed_event_write_is_retried_by_the_next_repeat_without_a_second_object() {
+    use crate::ports::cluster::{ClusterEvent, reason};
+    let w = World::new(&["pvc-1"]).await;
+    bind(&w, "pvc-1", "apps", "data");
+    let (_store, cluster) = w.ports();
+    let event = ClusterEvent {
+        volume_id: VolumeId::new("pvc-1").unwrap(),
+        reason: reason::VOLUME_ATTACHED.into(),
+        message: "volume pvc-1 attached to node node-a".into(),
+        warning: false,
+    };
+    // The claim is read, then every attempt of the POST fails.
+    cluster.record_event(&event).await.unwrap();
+    w.api.fail_next_requests(std::iter::repeat_n(503, FAST.max_attempts as usize));
+    let mut second = event.clone();
+    second.message = "volume pvc-1 attached to node node-b".into();
+    assert!(cluster.record_event(&second).await.is_err());
+    // The repeats find the object (or its absence) by name: still one object per event.
+    cluster.record_event(&second).await.unwrap();
+    cluster.record_event(&second).await.unwrap();
+    cluster.record_event(&event).await.unwrap();
+    let mut got = events_in(&w, "apps");
+    got.sort();
+    assert_eq!(
+        got.iter().map(|e| e.4).collect::<Vec<_>>(),
+        vec![2, 2],
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
 async fn cluster_adapter_reads_nodes_and_volume_attachments() {
     let w = World::new(&["pvc-1"]).await;
     let (store, cluster) = w.ports();
