@@ -10,13 +10,15 @@ use clap::Parser;
 
 use crate::attachment::AttachmentConfig;
 use crate::controller::ControllerConfig;
+use crate::controller::orphans::{OrphanMode, OrphanVolumeConfig};
 use crate::controller::params::Expected;
+use crate::controller::reconcile::ReconcileConfig;
 use crate::node::{NodeOptions, OrphanConfig, ReconnectDefaults};
 use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::{HostKeyPolicy, SshConfig, load_private_key};
 use crate::server::ServeError;
 use crate::settings::{
-    KubeAccess, KubeSettings, NodeSettings,
+    DEFAULT_LEASE_NAMESPACE, KubeAccess, KubeSettings, NodeSettings,
     RdsAccess, RdsSettings, SSH_RETRY, ServeSettings, Settings, SshSettings,
 };
 use crate::telemetry::LogFormat;
@@ -289,6 +291,69 @@ pub struct Cli {
     )]
     pub rds_disk_traffic_interval_secs: u64,
 
+    /// The controller's orphan volume reconciler: disks of this driver on the RDS that no
+    /// PersistentVolume, VolumeSnapshotContent, CreateVolume in flight, attachment record
+    /// or VolumeAttachment references are reported (log line, gauge, Event); `delete`
+    /// also deletes each once it has stayed orphaned for the grace period. Leader only.
+    /// Needs Kubernetes.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ORPHAN_RECONCILER",
+        value_enum,
+        default_value_t = OrphanMode::DryRun
+    )]
+    pub orphan_reconciler: OrphanMode,
+
+    /// Time between passes of the orphan volume reconciler, in seconds (0: never).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ORPHAN_RECONCILER_INTERVAL",
+        default_value_t = 600
+    )]
+    pub orphan_reconciler_interval_secs: u64,
+
+    /// How long a disk must stay orphaned, as seen by the leading controller since it
+    /// first saw it so (a restart restarts the clock), before --orphan-reconciler=delete
+    /// deletes it, in seconds.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ORPHAN_RECONCILER_GRACE",
+        default_value_t = 3600
+    )]
+    pub orphan_reconciler_grace_secs: u64,
+
+    /// Time between passes of the attachment reconciler (records of deleted Nodes, and of
+    /// VolumeAttachments released by hand, cleared), in seconds (0: never). Leader only.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ATTACHMENT_RECONCILER_INTERVAL",
+        default_value_t = 300
+    )]
+    pub attachment_reconciler_interval_secs: u64,
+
+    /// Namespace of the Lease the controller replicas elect the reconcilers' leader with.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_LEADER_ELECTION_NAMESPACE",
+        default_value = DEFAULT_LEASE_NAMESPACE
+    )]
+    pub leader_election_namespace: String,
+
+    /// How long the reconcilers' Lease lasts without renewal, in seconds (renewed every
+    /// third of it).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_LEADER_ELECTION_LEASE",
+        default_value_t = 15
+    )]
+    pub leader_election_lease_secs: u64,
+
     /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(
         long,
@@ -333,6 +398,7 @@ impl Cli {
                 None => KubeAccess::Off,
             },
             retry: crate::retry::Backoff::API,
+            lease_namespace: self.leader_election_namespace.clone(),
         };
         let nvme_address = self
             .nvme_address
@@ -389,6 +455,15 @@ impl Cli {
             },
             disk_traffic: crate::controller::traffic::TrafficConfig {
                 interval: Duration::from_secs(self.rds_disk_traffic_interval_secs),
+            },
+            orphan_volumes: OrphanVolumeConfig {
+                mode: self.orphan_reconciler,
+                interval: Duration::from_secs(self.orphan_reconciler_interval_secs),
+                grace: Duration::from_secs(self.orphan_reconciler_grace_secs),
+            },
+            reconcile: ReconcileConfig {
+                lease_duration: Duration::from_secs(self.leader_election_lease_secs.max(1)),
+                attachment_interval: Duration::from_secs(self.attachment_reconciler_interval_secs),
             },
             node,
             serve: ServeSettings {
@@ -519,6 +594,53 @@ mod tests {
         let s = settings(&["--state-dir", "/s", "--mode", "node"], false);
         let want = Settings::embedded(NodeId::new("n1").unwrap(), Mode::Node, "/s".into());
         assert_eq!(format!("{s:?}"), format!("{want:?}"));
+    }
+
+    #[test]
+    fn the_reconcilers_come_from_flags() {
+        let s = settings(&[], false);
+        assert_eq!(s.orphan_volumes, OrphanVolumeConfig::default());
+        assert_eq!(s.orphan_volumes.mode, OrphanMode::DryRun, "dry run by default");
+        assert_eq!(s.reconcile, ReconcileConfig::default());
+        let s = settings(
+            &[
+                "--orphan-reconciler",
+                "delete",
+                "--orphan-reconciler-interval-secs",
+                "60",
+                "--orphan-reconciler-grace-secs",
+                "7200",
+                "--attachment-reconciler-interval-secs",
+                "30",
+                "--leader-election-namespace",
+                "rds-csi",
+                "--leader-election-lease-secs",
+                "20",
+            ],
+            true,
+        );
+        assert_eq!(
+            s.orphan_volumes,
+            OrphanVolumeConfig {
+                mode: OrphanMode::Delete,
+                interval: Duration::from_secs(60),
+                grace: Duration::from_secs(7200),
+            }
+        );
+        assert_eq!(
+            s.reconcile,
+            ReconcileConfig {
+                lease_duration: Duration::from_secs(20),
+                attachment_interval: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(s.kube.lease_namespace, "rds-csi");
+        let off = settings(&["--orphan-reconciler", "off"], false);
+        assert_eq!(off.orphan_volumes.mode, OrphanMode::Off);
+        assert!(
+            Cli::try_parse_from(["rds-csi-plugin", "--orphan-reconciler", "purge"]).is_err(),
+            "an unknown mode is refused"
+        );
     }
 
     #[test]

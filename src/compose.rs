@@ -17,6 +17,8 @@ use std::sync::Arc;
 use crate::attachment::AttachmentManager;
 use crate::backend::{file_store::FileStore, local_cluster::LocalCluster};
 use crate::controller::Controller;
+use crate::controller::orphans::OrphanVolumes;
+use crate::controller::reconcile::{Reconcilers, StaleAttachments};
 use crate::controller::traffic::TrafficPoll;
 use crate::csi::{
     controller::ControllerService,
@@ -28,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::node::{COMMAND_TIMEOUT, NodeOps, OrphanSweeper, SYSCALL_TIMEOUT};
 use crate::ports::time::{SeededEntropy, SystemClock};
-use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Mounter, Rds};
+use crate::ports::lease::Sole;
+use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Leadership, Mounter, Rds};
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::routeros::emulator::{Emulator, PoolConfig};
 use crate::routeros::transport::{Transport, TcpConnector, inproc::InProcess, ssh::SshTransport};
@@ -123,6 +126,11 @@ struct ControllerPart {
     rds: Arc<dyn Rds>,
     /// The disk-traffic poll (started only with an interval).
     traffic: Arc<TrafficPoll>,
+    /// The keys of the controller calls in flight, shared by the service and the orphan
+    /// volume reconciler.
+    inflight: InFlight,
+    /// The orphan volume and attachment reconcilers, run on the leader.
+    reconcilers: Arc<Reconcilers>,
 }
 
 /// The node half of a plugin instance.
@@ -173,6 +181,21 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
     // Kubernetes: the attachment records are PV annotations and the cluster is the API.
     // Without it, one local cluster view: in `--mode all` the node registers its host NQN
     // where the controller's data-path fence reads it.
+    // The reconcilers' leader: a Lease among the controller replicas; alone without
+    // Kubernetes.
+    let leader: Arc<dyn Leadership> = match &kube {
+        Some(client) => Arc::new(crate::kube::KubeLease::new(
+            client.clone(),
+            &settings.kube.lease_namespace,
+            &format!("{}-reconcilers", settings.driver_name),
+            settings.node_id.as_str(),
+            settings.reconcile.lease_duration,
+            Arc::clone(&clock),
+            Arc::clone(&entropy),
+            settings.kube.retry,
+        )),
+        None => Arc::new(Sole),
+    };
     let (kube_store, cluster): (Option<Arc<dyn AttachmentStore>>, Arc<dyn Cluster>) = match kube
     {
         Some(client) => {
@@ -240,10 +263,29 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             metrics.reconcilers(),
             settings.disk_traffic,
         ));
+        let inflight = InFlight::default();
+        let orphans = Arc::new(OrphanVolumes::new(
+            Arc::clone(&rds),
+            Arc::clone(&attachments),
+            Arc::clone(&cluster),
+            Arc::new(inflight.clone()),
+            Arc::clone(&clock),
+            settings.controller.nqn_prefix.clone(),
+            settings.orphan_volumes,
+            metrics.reconcilers(),
+        ));
+        let stale = Arc::new(StaleAttachments::new(
+            Arc::clone(&attachments),
+            Arc::clone(&cluster),
+            metrics.reconcilers(),
+        ));
+        let reconcilers = Arc::new(Reconcilers::new(leader, orphans, stale, settings.reconcile));
         Some(ControllerPart {
             core: Controller::new(settings.controller.clone(), Arc::clone(&rds), attachments),
             rds,
             traffic,
+            inflight,
+            reconcilers,
         })
     } else {
         None
@@ -297,8 +339,8 @@ impl Plugin {
     /// Start-up work that must finish before the socket accepts requests — the RDS
     /// answers, the attachment state is rebuilt, the node has read what the kernel has
     /// attached and mounted and published its host NQN — then the background tasks
-    /// (attachment resync, the disk-traffic poll, the node's orphan sweep, whose first
-    /// round runs at once). Marks the plugin ready. Idempotent: the simulation retries it
+    /// (attachment resync, the disk-traffic poll, the controller's reconcilers on the leading
+    /// replica, the node's orphan sweep, whose first round runs at once). Marks the plugin ready. Idempotent: the simulation retries it
     /// while the backend is unreachable.
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.controller {
@@ -329,6 +371,7 @@ impl Plugin {
         if let Some(c) = &self.controller {
             c.core.attachments().spawn_resync();
             c.traffic.spawn();
+            c.reconcilers.spawn();
         }
         if let Some(n) = &self.node {
             Arc::clone(&n.sweeper).spawn();
@@ -348,7 +391,9 @@ impl Plugin {
                 self.controller.as_ref().map(|c| Arc::clone(&c.rds)),
             )),
             controller: self.controller.as_ref().map(|c| {
-                controller_server::ControllerServer::new(ControllerService::new(c.core.clone()))
+                controller_server::ControllerServer::new(
+                    ControllerService::new(c.core.clone()).with_inflight(c.inflight.clone()),
+                )
             }),
             node: self.node.as_ref().map(|n| {
                 node_server::NodeServer::new(
@@ -384,6 +429,11 @@ impl Plugin {
     /// The disk-traffic poll, when the controller is served.
     pub fn traffic(&self) -> Option<Arc<TrafficPoll>> {
         self.controller.as_ref().map(|c| Arc::clone(&c.traffic))
+    }
+
+    /// The controller's reconcilers, when the controller is served.
+    pub fn reconcilers(&self) -> Option<Arc<Reconcilers>> {
+        self.controller.as_ref().map(|c| Arc::clone(&c.reconcilers))
     }
 
     /// The metrics registry of this instance (every series it exports).

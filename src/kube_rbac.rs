@@ -38,12 +38,18 @@ pub type ApiAccess = (&'static str, &'static str, &'static [&'static str]);
 ///   reported as Events on the volume's claim (found through the PV's `claimRef`: get), a
 ///   repeat of the same Event is aggregated into it (patch of its count).
 ///
-/// No `leases`: leader election is done by the sidecars, not by the plugin.
+/// - `leases` get, create, patch: the controller replicas elect the leader of their
+///   reconcilers with one Lease (`<driver>-reconcilers`), created when absent, renewed and
+///   taken over by a merge patch with a resourceVersion precondition;
+/// - `volumesnapshotcontents` list: the orphan volume reconciler never judges a snapshot
+///   disk a VolumeSnapshotContent references (the PV list serves it for volumes).
 pub const API_ACCESS: &[ApiAccess] = &[
     ("", "persistentvolumes", &["get", "list", "patch"]),
     ("", "nodes", &["get"]),
     ("storage.k8s.io", "volumeattachments", &["get", "list"]),
     ("", "events", &["create", "patch"]),
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["list"]),
 ];
 
 /// What the node plugin (`--mode node`) calls on the Kubernetes API.
@@ -110,6 +116,8 @@ mod tests {
         };
         let group = match resource {
             "volumeattachments" => "storage.k8s.io",
+            "leases" => "coordination.k8s.io",
+            "volumesnapshotcontents" => "snapshot.storage.k8s.io",
             _ => "",
         };
         (group.to_owned(), resource.to_owned(), verb.to_owned())
@@ -224,6 +232,23 @@ mod tests {
         cluster.record_event(&event).await.unwrap();
         // A repeat is aggregated into the recorded Event.
         cluster.record_event(&event).await.unwrap();
+        assert_eq!(cluster.volume_attachment(&vol, &node).await.unwrap(), Some(None));
+        let refs = cluster.disk_references(true).await.unwrap().unwrap();
+        assert!(refs.volumes.contains("vol-1") && refs.snapshots == Some(Default::default()));
+        // The reconcilers' lease: created, renewed.
+        use crate::ports::Leadership;
+        let lease = crate::kube::KubeLease::new(
+            api.client(),
+            "rds-csi",
+            "rds.csi.srvlab.io-reconcilers",
+            "node-a",
+            Duration::from_secs(15),
+            Arc::new(FixedClock),
+            Arc::new(SeededEntropy::from_seed(9)),
+            fast,
+        );
+        assert!(lease.try_lead().await.unwrap());
+        assert!(lease.try_lead().await.unwrap());
 
         let grants = |list: &[ApiAccess]| -> BTreeSet<_> {
             list.iter()

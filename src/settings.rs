@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use crate::attachment::AttachmentConfig;
 use crate::controller::ControllerConfig;
+use crate::controller::orphans::OrphanVolumeConfig;
 use crate::controller::params::Expected;
+use crate::controller::reconcile::ReconcileConfig;
 use crate::controller::traffic::TrafficConfig;
 use crate::node::{NodeOptions, OrphanConfig};
 use crate::retry::Backoff;
@@ -22,6 +24,9 @@ use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::SshConfig;
 use crate::types::defaults::DEFAULT_DRIVER_NAME;
 use crate::types::{Endpoint, InitiatorKind, Mode, NodeId};
+
+/// Namespace of the reconcilers' Lease when none is given (the chart passes its own).
+pub const DEFAULT_LEASE_NAMESPACE: &str = "default";
 
 /// Mount point of the embedded RDS's pool.
 pub const EMBEDDED_POOL_MOUNT: &str = "pool";
@@ -60,6 +65,10 @@ pub struct Settings {
     pub attachment: AttachmentConfig,
     /// The controller's poll of published volumes' disk traffic (metrics).
     pub disk_traffic: TrafficConfig,
+    /// The controller's orphan volume reconciler.
+    pub orphan_volumes: OrphanVolumeConfig,
+    /// The controller's reconcilers' loop (lease, attachment reconciler).
+    pub reconcile: ReconcileConfig,
     /// The node core and its initiator.
     pub node: NodeSettings,
     /// The gRPC endpoint, metrics and shutdown.
@@ -119,6 +128,9 @@ pub struct KubeSettings {
     pub access: KubeAccess,
     /// Retries of API conflicts and transient errors.
     pub retry: Backoff,
+    /// Namespace of the Lease the controller's replicas elect their reconcilers' leader
+    /// with.
+    pub lease_namespace: String,
 }
 
 /// Where the Kubernetes client configuration comes from.
@@ -177,6 +189,7 @@ impl Settings {
             kube: KubeSettings {
                 access: KubeAccess::Off,
                 retry: Backoff::API,
+                lease_namespace: DEFAULT_LEASE_NAMESPACE.into(),
             },
             controller: ControllerConfig {
                 expected: Expected {
@@ -191,6 +204,8 @@ impl Settings {
                 ..AttachmentConfig::default()
             },
             disk_traffic: TrafficConfig::default(),
+            orphan_volumes: OrphanVolumeConfig::default(),
+            reconcile: ReconcileConfig::default(),
             node: NodeSettings {
                 options: NodeOptions {
                     require_target_address: initiator == InitiatorKind::Nvme,

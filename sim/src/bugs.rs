@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use rds_csi::ports::cluster::{ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo};
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
 use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
@@ -97,6 +97,16 @@ impl Cluster for NodeGone {
     ) -> Result<Option<bool>, ClusterError> {
         self.inner.volume_attachment_exists(volume, node).await
     }
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachment(volume, node).await
+    }
+    async fn disk_references(&self, fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        self.inner.disk_references(fresh).await
+    }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         self.inner.record_event(event).await
     }
@@ -136,6 +146,16 @@ impl Cluster for DropsAttached {
         node: &NodeId,
     ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
         self.inner.volume_attachments_on(node).await
+    }
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachment(volume, node).await
+    }
+    async fn disk_references(&self, fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        self.inner.disk_references(fresh).await
     }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         if event.reason == rds_csi::ports::cluster::reason::VOLUME_ATTACHED {

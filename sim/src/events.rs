@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rds_csi::ports::Cluster;
-use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use rds_csi::ports::cluster::{ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo};
 use rds_csi::types::{NodeId, VolumeId};
 
 /// (volume, reason, message) of the Events whose recording failed.
@@ -67,6 +67,16 @@ impl Cluster for Audited {
         node: &NodeId,
     ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
         self.inner.volume_attachments_on(node).await
+    }
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachment(volume, node).await
+    }
+    async fn disk_references(&self, fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        self.inner.disk_references(fresh).await
     }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         let result = self.inner.record_event(event).await;

@@ -632,6 +632,9 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
         ..NodeOptions::default()
     };
     s.node.orphans = ORPHAN_SWEEP;
+    // The controller's reconcilers are not simulated yet: off.
+    s.orphan_volumes.mode = rds_csi::controller::orphans::OrphanMode::Off;
+    s.reconcile.attachment_interval = std::time::Duration::ZERO;
     Ok(s)
 }
 

@@ -18,7 +18,9 @@
 //!   any host (an open export after an unpublish let a node that missed its detach back in);
 //! - a record whose holder's Node is gone, or whose VolumeAttachment is gone (detached by
 //!   hand: the detach never reached the driver), is stale: it is cleared instead of
-//!   blocking the volume forever.
+//!   blocking the volume forever. The attachment reconciler clears such records before
+//!   anything blocks on them ([`AttachmentManager::clear_if_stale`]): under the volume's
+//!   lock like any change, decided from fresh answers, a conditional write, then the fence.
 //!
 //! Lock order: per-volume lock (async, [`LockTable`]) first, then the map lock (a std
 //! mutex over the in-memory state) for short, non-awaiting critical sections. The map lock
@@ -429,6 +431,62 @@ impl AttachmentManager {
             Some(false) => Some((StaleReason::VolumeAttachmentGone, DETACHED_BY_HAND)),
             Some(true) | None => None,
         })
+    }
+
+    /// The attachment reconciler's clear of `node`'s record of `volume`, decided under the
+    /// volume's lock from fresh answers (the store, the Node, the VolumeAttachment):
+    /// - the Node is gone and the record is single-node: cleared once the orchestrator has
+    ///   no VolumeAttachment for it, or its VolumeAttachment is being deleted (a
+    ///   force-detach: nothing will attach it to that node again);
+    /// - the Node exists and the orchestrator has no VolumeAttachment for it: the
+    ///   external-attacher removes its finalizer only after our unpublish succeeded, so the
+    ///   object is gone while the record remains only when the finalizer was removed by
+    ///   hand (the unpublish never reached us). A VolumeAttachment being deleted still
+    ///   carries the finalizer: its unpublish is on the way, and the record is left to it.
+    ///
+    /// Like an unpublish: a conditional write of the remaining holders (a record another
+    /// writer changed meanwhile is not overwritten: ABORTED), then the data-path fence
+    /// moves (parked when no holder is left). Returns why the record was cleared, `None`
+    /// when it was not.
+    pub async fn clear_if_stale(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<StaleReason>> {
+        let _guard = self.lock(volume).await;
+        let stored = self.read_stored(volume).await?;
+        self.state().set(volume, stored.clone());
+        let Some(held) = stored.get(node) else {
+            return Ok(None);
+        };
+        let single = held.access_mode.is_single_node();
+        let Some(va) = self.cluster.volume_attachment(volume, node).await? else {
+            return Ok(None);
+        };
+        let (why, text) = if !self.cluster.node_exists(node).await? {
+            if !single || va.as_ref().is_some_and(|va| !va.deleting) {
+                return Ok(None);
+            }
+            (StaleReason::NodeGone, NODE_GONE)
+        } else if va.is_none() {
+            (StaleReason::VolumeAttachmentGone, DETACHED_BY_HAND)
+        } else {
+            return Ok(None);
+        };
+        let mut next = stored.clone();
+        next.remove(node);
+        let tentative = self.apply_tentative(volume, next.clone(), None)?;
+        self.write(volume, &stored, &next, tentative).await?;
+        let message = format!("cleared the attachment of volume {volume} to node {node}: {text}");
+        tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
+        self.metrics.stale_cleared(why);
+        self.event(volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
+            .await;
+        // The fence after the record, like an unpublish.
+        if self.cfg.data_path_fence {
+            self.fence(volume, &next, None).await?;
+        }
+        Ok(Some(why))
     }
 
     /// DeleteVolume's view of who still uses `volume`: the holders the store names, under

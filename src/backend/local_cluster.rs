@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::ports::cluster::{Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use crate::ports::cluster::{
+    Cluster, ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo,
+};
 use crate::types::NodeId;
 
 /// Events kept for [`LocalCluster::events`].
@@ -19,6 +21,7 @@ pub struct LocalCluster {
     nodes: Mutex<BTreeMap<NodeId, Option<String>>>,
     events: Mutex<Vec<ClusterEvent>>,
     attachments: Mutex<Option<Vec<VolumeAttachmentInfo>>>,
+    references: Mutex<Option<DiskReferences>>,
 }
 
 impl LocalCluster {
@@ -42,6 +45,12 @@ impl LocalCluster {
     /// it has none to cross-check against.
     pub fn set_volume_attachments(&self, vas: Option<Vec<VolumeAttachmentInfo>>) {
         *self.attachments.lock().unwrap_or_else(|p| p.into_inner()) = vas;
+    }
+
+    /// Pretends the orchestrator has these references to disks (tests); `None` (the
+    /// default): it keeps no PersistentVolumes, so nothing is an orphan.
+    pub fn set_disk_references(&self, refs: Option<DiskReferences>) {
+        *self.references.lock().unwrap_or_else(|p| p.into_inner()) = refs;
     }
 
     /// Adds (or updates) a node and its host NQN.
@@ -92,6 +101,14 @@ impl Cluster for LocalCluster {
         // No orchestrator: the attachment store is the only record (unless a test says).
         Ok(self
             .attachments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+
+    async fn disk_references(&self, _fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        Ok(self
+            .references
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone())

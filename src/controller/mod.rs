@@ -12,8 +12,12 @@
 
 pub mod capacity;
 pub mod caps;
+pub mod orphans;
 pub mod paging;
 pub mod params;
+pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod snapshots;
 pub mod traffic;
 pub mod volumes;

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::controller::snapshots::snapshot_id_field;
 use crate::controller::volumes::{validate_create, volume_id_field};
 use crate::controller::{Controller, ControllerConfig};
+use crate::controller::orphans::{DiskBusy, DiskKind};
 use crate::csi::inflight::{InFlight, InFlightGuard};
 use crate::csi::rpc;
 use crate::error::{Error, Result};
@@ -38,6 +39,14 @@ impl ControllerService {
         }
     }
 
+    /// Shares `inflight` (the keys of the calls in flight) with the controller's
+    /// background work, the orphan volume reconciler, so the two never act on one disk at
+    /// once.
+    pub fn with_inflight(mut self, inflight: InFlight) -> Self {
+        self.inflight = inflight;
+        self
+    }
+
     /// The controller settings.
     pub fn config(&self) -> &ControllerConfig {
         self.core.config()
@@ -45,12 +54,34 @@ impl ControllerService {
 
     fn volume_guard(&self, id: &str) -> Result<InFlightGuard> {
         self.inflight
-            .try_start(&format!("volume/{id}"), &format!("volume {id}"))
+            .try_start(&disk_key(DiskKind::Volume, id), &format!("volume {id}"))
     }
 
     fn snapshot_guard(&self, id: &str) -> Result<InFlightGuard> {
         self.inflight
-            .try_start(&format!("snapshot/{id}"), &format!("snapshot {id}"))
+            .try_start(&disk_key(DiskKind::Snapshot, id), &format!("snapshot {id}"))
+    }
+}
+
+/// The in-flight key of a call on the disk in `slot`.
+fn disk_key(kind: DiskKind, slot: &str) -> String {
+    match kind {
+        DiskKind::Volume => format!("volume/{slot}"),
+        DiskKind::Snapshot => format!("snapshot/{slot}"),
+    }
+}
+
+/// The orphan volume reconciler holds a disk's key like a call does (and sees a
+/// CreateVolume or CreateSnapshot in flight by it).
+impl DiskBusy for InFlight {
+    fn in_flight(&self, kind: DiskKind, slot: &str) -> bool {
+        self.contains(&disk_key(kind, slot))
+    }
+
+    fn try_hold(&self, kind: DiskKind, slot: &str) -> Option<Box<dyn Send>> {
+        self.try_start(&disk_key(kind, slot), &format!("{} {slot}", kind.as_str()))
+            .ok()
+            .map(|g| Box::new(g) as Box<dyn Send>)
     }
 }
 

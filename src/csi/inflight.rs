@@ -44,6 +44,14 @@ impl InFlight {
         })
     }
 
+    /// Whether `key` is in flight.
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
     /// Number of keys in flight.
     pub fn len(&self) -> usize {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()

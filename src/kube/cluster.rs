@@ -28,7 +28,9 @@ use serde_json::json;
 use crate::kube::pv_store::{
     Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
 };
-use crate::ports::cluster::{Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use crate::ports::cluster::{
+    Cluster, ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo,
+};
 use crate::ports::{Clock, Entropy};
 use crate::retry::Backoff;
 use crate::types::{NodeId, VolumeId};
@@ -47,6 +49,40 @@ pub const CLAIM_CACHE_TTL: Duration = Duration::from_secs(300);
 pub const EVENT_CACHE_SIZE: usize = 4096;
 
 const VA_PATH: &str = "/apis/storage.k8s.io/v1/volumeattachments";
+const PV_PATH: &str = "/api/v1/persistentvolumes";
+const VSC_PATH: &str = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents";
+
+/// The parts of a VolumeSnapshotContent the orphan reconciler reads.
+#[derive(Debug, Deserialize)]
+struct VscLite {
+    #[serde(default)]
+    spec: VscSpec,
+    #[serde(default)]
+    status: Option<VscStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VscSpec {
+    #[serde(default)]
+    driver: String,
+    #[serde(default)]
+    source: VscSource,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VscSource {
+    #[serde(default)]
+    snapshot_handle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VscStatus {
+    #[serde(default)]
+    snapshot_handle: Option<String>,
+}
 
 #[derive(Debug, Deserialize)]
 struct NodeLite {
@@ -376,6 +412,68 @@ impl KubeCluster {
         }
     }
 
+    /// Every object of the collection at `path` (paginated LIST), handed to `each`;
+    /// `Ok(false)` when the API serves no such collection (404: e.g. the snapshot CRDs are
+    /// not installed).
+    async fn list_pages<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+        mut each: impl FnMut(T),
+    ) -> Result<bool, ClusterError> {
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self
+                .call::<ListLite<T>>(what, || {
+                    let mut lp = ::kube::api::ListParams::default()
+                        .limit(crate::kube::pv_store::LIST_PAGE);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    ::kube::core::Request::new(path).list(&lp)
+                })
+                .await?
+            {
+                Ok(p) => p,
+                Err(Failure::Status(404, _)) if token.is_none() => return Ok(false),
+                Err(f) => return Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+            };
+            page.items.into_iter().for_each(&mut each);
+            match page.metadata.continue_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(true),
+            }
+        }
+    }
+
+    /// The references to this driver's disks, read now: every PV's volume handle, every
+    /// VolumeSnapshotContent's snapshot handle.
+    async fn list_references(&self) -> Result<DiskReferences, ClusterError> {
+        let mut refs = DiskReferences::default();
+        let driver = self.driver_name.as_str();
+        self.list_pages::<PvLite>(PV_PATH, "LIST PersistentVolumes", |pv| {
+            if let Some(csi) = pv.spec.csi.filter(|c| c.driver == driver) {
+                refs.volumes.insert(csi.volume_handle);
+            }
+        })
+        .await?;
+        let mut snapshots = std::collections::BTreeSet::new();
+        let served = self
+            .list_pages::<VscLite>(VSC_PATH, "LIST VolumeSnapshotContents", |vsc| {
+                if vsc.spec.driver != driver {
+                    return;
+                }
+                let handles = [
+                    vsc.spec.source.snapshot_handle,
+                    vsc.status.and_then(|s| s.snapshot_handle),
+                ];
+                snapshots.extend(handles.into_iter().flatten());
+            })
+            .await?;
+        refs.snapshots = served.then_some(snapshots);
+        Ok(refs)
+    }
+
     /// The VolumeAttachments of this driver (on `node` only, when given), their PV names
     /// resolved to volume ids (PVs of other nodes are never fetched), sorted by (volume,
     /// node).
@@ -519,6 +617,17 @@ impl Cluster for KubeCluster {
         volume: &VolumeId,
         node: &NodeId,
     ) -> Result<Option<bool>, ClusterError> {
+        Ok(self
+            .volume_attachment(volume, node)
+            .await?
+            .map(|va| va.is_some()))
+    }
+
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
         // The attach/detach controller names a VolumeAttachment after what it attaches, so
         // one GET answers (no LIST of every VolumeAttachment in the cluster).
         let name = volume_attachment_name(volume, &self.driver_name, node);
@@ -530,11 +639,21 @@ impl Cluster for KubeCluster {
             .await?
         {
             Ok(va) => Ok(Some(
-                va.spec.attacher == self.driver_name && va.spec.node_name == node.as_str(),
+                (va.spec.attacher == self.driver_name && va.spec.node_name == node.as_str())
+                    .then(|| VolumeAttachmentInfo {
+                        volume_id: volume.clone(),
+                        node_id: node.clone(),
+                        attached: va.status.is_some_and(|s| s.attached),
+                        deleting: va.metadata.deletion_timestamp.is_some(),
+                    }),
             )),
-            Err(Failure::Status(404, _)) => Ok(Some(false)),
+            Err(Failure::Status(404, _)) => Ok(Some(None)),
             Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
         }
+    }
+
+    async fn disk_references(&self, _fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        self.list_references().await.map(Some)
     }
 
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {

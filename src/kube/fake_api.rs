@@ -1,7 +1,8 @@
 //! A simulated Kubernetes API server, for tests, benchmarks and the simulation; never used
 //! by the plugin binary.
 //!
-//! Objects (PersistentVolumes, Nodes, VolumeAttachments, Events) are kept as JSON with a
+//! Objects (PersistentVolumes, Nodes, VolumeAttachments, Events, Leases,
+//! VolumeSnapshotContents) are kept as JSON with a
 //! resourceVersion from one counter. It answers GET, LIST (`limit` + `continue`), POST,
 //! PATCH (JSON merge patch) and PUT — a `metadata.resourceVersion` in the body is a
 //! precondition, a mismatch is 409 Conflict — and DELETE. Faults can be injected: 409 on the
@@ -42,6 +43,10 @@ pub enum Kind {
     VolumeAttachment,
     /// `/api/v1/namespaces/{ns}/events`
     Event,
+    /// `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases`
+    Lease,
+    /// `/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents`
+    VolumeSnapshotContent,
 }
 
 impl Kind {
@@ -51,6 +56,10 @@ impl Kind {
             Kind::Node => ("v1", "NodeList"),
             Kind::VolumeAttachment => ("storage.k8s.io/v1", "VolumeAttachmentList"),
             Kind::Event => ("v1", "EventList"),
+            Kind::Lease => ("coordination.k8s.io/v1", "LeaseList"),
+            Kind::VolumeSnapshotContent => {
+                ("snapshot.storage.k8s.io/v1", "VolumeSnapshotContentList")
+            }
         }
     }
     fn resource(self) -> &'static str {
@@ -59,6 +68,8 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::VolumeAttachment => "volumeattachments",
             Kind::Event => "events",
+            Kind::Lease => "leases",
+            Kind::VolumeSnapshotContent => "volumesnapshotcontents",
         }
     }
 }
@@ -143,6 +154,12 @@ fn route(path: &str) -> Option<Route> {
             (Kind::VolumeAttachment, "", rest)
         }
         ["api", "v1", "namespaces", ns, "events", rest @ ..] => (Kind::Event, *ns, rest),
+        ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..] => {
+            (Kind::Lease, *ns, rest)
+        }
+        ["apis", "snapshot.storage.k8s.io", "v1", "volumesnapshotcontents", rest @ ..] => {
+            (Kind::VolumeSnapshotContent, "", rest)
+        }
         _ => return None,
     };
     let name = match rest {

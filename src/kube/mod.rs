@@ -1,5 +1,6 @@
 //! Kubernetes adapters (kube-rs): the `AttachmentStore` over PV annotations
-//! ([`pv_store`]), the `Cluster` port ([`cluster`]), client construction, and the simulated
+//! ([`pv_store`]), the `Cluster` port ([`cluster`]), the `Leadership` port over a Lease
+//! ([`lease`]), client construction, and the simulated
 //! API server the tests and the simulation run them against ([`fake_api`]).
 //!
 //! kube's own retry layer is off (`Config::default_retry = false`): it draws jitter from
@@ -8,6 +9,7 @@
 
 pub mod cluster;
 pub mod fake_api;
+pub mod lease;
 pub mod pv_store;
 
 use std::path::Path;
@@ -18,6 +20,7 @@ use crate::ports::{Clock, Entropy};
 use crate::retry::Backoff;
 
 pub use cluster::KubeCluster;
+pub use lease::KubeLease;
 pub use pv_store::{PvIndex, PvStore};
 
 /// Namespace events about cluster-scoped objects (PVs) are recorded in.

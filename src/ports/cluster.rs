@@ -4,6 +4,8 @@
 //! Production: the Kubernetes API (Nodes, VolumeAttachments, Events). Embedded default: a
 //! local cluster of this one node.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
 
 use crate::types::{NodeId, VolumeId};
@@ -30,6 +32,19 @@ pub struct VolumeAttachmentInfo {
     pub attached: bool,
     /// Whether the object is being deleted (detach requested).
     pub deleting: bool,
+}
+
+/// What in the orchestrator references the driver's disks (the orphan reconciler's
+/// evidence that a disk is wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskReferences {
+    /// The volume handles (`spec.csi.volumeHandle`) of this driver's PersistentVolumes,
+    /// whatever their phase (a PV being deleted still references its disk).
+    pub volumes: BTreeSet<String>,
+    /// The snapshot handles of this driver's VolumeSnapshotContents (`status.snapshotHandle`,
+    /// or `spec.source.snapshotHandle` of a pre-provisioned one); `None` when the
+    /// orchestrator serves no VolumeSnapshotContents (snapshot disks are then never judged).
+    pub snapshots: Option<BTreeSet<String>>,
 }
 
 /// The reasons of the Events the driver records: the one list. Every Event is about a
@@ -128,6 +143,27 @@ pub trait Cluster: Send + Sync + 'static {
             .volume_attachments()
             .await?
             .map(|vas| vas.into_iter().filter(|va| va.node_id == *node).collect()))
+    }
+    /// The VolumeAttachment of this driver for (`volume`, `node`), if any (`Some(None)`:
+    /// none); `None` when the orchestrator has no such objects. Asked fresh: the attachment
+    /// reconciler clears a record on this answer.
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
+        Ok(self.volume_attachments().await?.map(|all| {
+            all.into_iter()
+                .find(|va| va.volume_id == *volume && va.node_id == *node)
+        }))
+    }
+    /// What references the driver's disks; `None` when the orchestrator keeps no such
+    /// objects (no Kubernetes: nothing can be judged an orphan). With `fresh`, read from
+    /// the API now (a deletion is decided only on a fresh answer); without, it may come
+    /// from a watch cache.
+    async fn disk_references(&self, fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        let _ = fresh;
+        Ok(None)
     }
     /// Records an event (on the volume's claim, else its PV), aggregating repeats; best
     /// effort: the callers log a failure and carry on.

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod initiator;
+pub mod lease;
 pub mod mounter;
 pub mod rds;
 pub mod store;
@@ -13,6 +14,7 @@ pub mod time;
 
 pub use cluster::Cluster;
 pub use initiator::Initiator;
+pub use lease::Leadership;
 pub use mounter::Mounter;
 pub use rds::Rds;
 pub use store::AttachmentStore;
