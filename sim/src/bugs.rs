@@ -165,6 +165,64 @@ impl Cluster for DropsAttached {
     }
 }
 
+/// A cluster whose answer to the orphan reconciler names no PersistentVolume and no
+/// VolumeSnapshotContent.
+struct ReferencesLost {
+    inner: Arc<dyn Cluster>,
+}
+
+#[async_trait]
+impl Cluster for ReferencesLost {
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_exists(node).await
+    }
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_known(node).await
+    }
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
+        self.inner.node_host_nqn(node).await
+    }
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        self.inner.set_node_host_nqn(node, host_nqn).await
+    }
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments().await
+    }
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        self.inner.volume_attachment_exists(volume, node).await
+    }
+    async fn volume_attachments_on(
+        &self,
+        node: &NodeId,
+    ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments_on(node).await
+    }
+    async fn volume_attachment(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<Option<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachment(volume, node).await
+    }
+    async fn disk_references(&self, fresh: bool) -> Result<Option<DiskReferences>, ClusterError> {
+        Ok(self
+            .inner
+            .disk_references(fresh)
+            .await?
+            .map(|_| DiskReferences {
+                volumes: Default::default(),
+                snapshots: Some(Default::default()),
+            }))
+    }
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        self.inner.record_event(event).await
+    }
+}
+
 /// Names the CSI method running on the current task (`None`: none), for bugs that hit
 /// one RPC only.
 pub type CurrentMethod = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -284,6 +342,7 @@ pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluste
     match bug {
         Some(Bug::NodeGoneWhileAlive) => Arc::new(NodeGone { inner }),
         Some(Bug::AttachedEventDropped) => Arc::new(DropsAttached { inner }),
+        Some(Bug::OrphanReferencesLost) => Arc::new(ReferencesLost { inner }),
         _ => inner,
     }
 }

@@ -24,6 +24,7 @@ pub mod faults;
 pub mod model;
 pub mod options;
 pub mod overlap;
+pub mod reconciled;
 pub mod trace;
 pub mod workload;
 pub mod world;

@@ -46,6 +46,9 @@ pub struct Volume {
     pub size: u64,
     /// The `ctrlLossTmo` its StorageClass sets (`None`: the node's default applies).
     pub ctrl_loss_tmo: Option<i32>,
+    /// The CO left it behind (gave up after CreateVolume, or deleted its PV by hand): an
+    /// orphan the reconciler may delete.
+    pub abandoned: bool,
 }
 
 /// One snapshot's lifecycle.
@@ -57,6 +60,9 @@ pub struct Snapshot {
     pub deleting: bool,
     /// DeleteSnapshot answered OK.
     pub deleted: bool,
+    /// The CO forgot it (its VolumeSnapshotContent deleted without DeleteSnapshot): an
+    /// orphan the reconciler may delete.
+    pub abandoned: bool,
 }
 
 /// The acknowledged history of the workload.
@@ -70,6 +76,9 @@ pub struct Model {
     pub snapshots: BTreeMap<String, Snapshot>,
     /// Every (volume, node) a publish was ever acknowledged for.
     pub published: std::collections::BTreeSet<(String, String)>,
+    /// Volumes whose CreateVolume the CO has in flight (sent, until it gives up or is
+    /// answered OK).
+    pub creating: std::collections::BTreeSet<String>,
 }
 
 impl Model {

@@ -36,11 +36,14 @@ pub enum Bug {
     RememberedDevicePath,
     /// The Event of an attachment is dropped while reporting it recorded.
     AttachedEventDropped,
+    /// The orphan reconciler's view of the cluster loses the PersistentVolumes and
+    /// VolumeSnapshotContents: every disk looks unreferenced.
+    OrphanReferencesLost,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -51,6 +54,7 @@ impl Bug {
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
         Bug::AttachedEventDropped,
+        Bug::OrphanReferencesLost,
     ];
 }
 
@@ -150,6 +154,18 @@ pub struct Options {
     pub fault_every_ms: u64,
     /// Length of the chaos phase (virtual s).
     pub chaos_secs: u64,
+    /// Whether the controller's reconcilers run (half the seeds): the attachment reconciler
+    /// every 20 s, and the orphan volume reconciler every 10 s, in delete mode in three
+    /// seeds of four (dry run otherwise), both on the replica holding the Lease.
+    pub reconcilers: bool,
+    /// The orphan reconciler deletes (else: dry run).
+    pub orphan_delete: bool,
+    /// The orphan reconciler's grace period (virtual s).
+    pub orphan_grace_secs: u64,
+    /// Chance (%) per volume that the CO leaves an orphan behind: it gives up after
+    /// CreateVolume (no PV), deletes the PV by hand without DeleteVolume, or forgets the
+    /// volume's snapshots (their VolumeSnapshotContents deleted without DeleteSnapshot).
+    pub abandon_pct: u32,
     /// Planted bug (proof-of-power tests only; `None` in every normal run).
     pub bug: Option<Bug>,
 }
@@ -205,6 +221,31 @@ impl Options {
         } else {
             0
         };
+        let rds_outage = match outage_roll {
+            // One seed in six (of those with faults) has an outage, half of them long.
+            0 => None,
+            n if n <= 8 => Some((
+                r.random_range(0..=chaos_secs * 1000),
+                r.random_range(610..=780),
+            )),
+            n if n <= 16 => Some((
+                r.random_range(0..=chaos_secs * 1000),
+                r.random_range(5..=90),
+            )),
+            _ => None,
+        };
+        let finite_ctrl_loss_pct = if calm { 0 } else { r.random_range(0..=50) };
+        // Drawn last: the knobs above are the same as before the reconcilers existed.
+        let reconcilers = r.random_bool(0.5);
+        let (orphan_delete, orphan_grace_secs, abandon_pct) = if reconcilers {
+            (
+                r.random_range(0..4u32) != 0,
+                r.random_range(5..=90),
+                r.random_range(0..=40),
+            )
+        } else {
+            (false, 0, 0)
+        };
         Self {
             seed,
             nodes,
@@ -240,22 +281,14 @@ impl Options {
             rpc_timeout_ms,
             fault_every_ms,
             chaos_secs,
-            rds_outage: match outage_roll {
-                // One seed in six (of those with faults) has an outage, half of them long.
-                0 => None,
-                n if n <= 8 => Some((
-                    r.random_range(0..=chaos_secs * 1000),
-                    r.random_range(610..=780),
-                )),
-                n if n <= 16 => Some((
-                    r.random_range(0..=chaos_secs * 1000),
-                    r.random_range(5..=90),
-                )),
-                _ => None,
-            },
-            finite_ctrl_loss_pct: if calm { 0 } else { r.random_range(0..=50) },
+            rds_outage,
+            finite_ctrl_loss_pct,
             device_loss_pct,
             leftover_pct,
+            reconcilers,
+            orphan_delete,
+            orphan_grace_secs,
+            abandon_pct,
             bug: None,
         }
     }
@@ -316,6 +349,19 @@ impl fmt::Display for Options {
             self.device_loss_pct,
             self.leftover_pct,
         )?;
+        if self.reconcilers {
+            write!(
+                f,
+                " reconcilers=on orphans={} orphan_grace={}s abandon={}%",
+                if self.orphan_delete {
+                    "delete"
+                } else {
+                    "dry-run"
+                },
+                self.orphan_grace_secs,
+                self.abandon_pct
+            )?;
+        }
         if let Some(bug) = self.bug {
             write!(f, " bug={bug:?}")?;
         }

@@ -912,10 +912,56 @@ impl Script {
             name: format!("snap-{}-{n}", self.vol),
             ..Default::default()
         });
+        // The snapshotter's VolumeSnapshotContent exists before CreateSnapshot is sent and
+        // gets the handle once it is answered (when the reconcilers run: they judge it).
+        let content = format!("snapcontent-{}-{n}", self.vol);
+        self.put_vsc(&content, None);
         let id = self.until_ok(CTRL, call.clone()).await.snapshot_id;
         self.model().snapshot(&id).created = true;
+        self.put_vsc(&content, Some(&id));
         self.maybe_repeat(CTRL, call).await;
         id
+    }
+
+    /// The VolumeSnapshotContent `name` of a snapshot of this volume, with its handle once
+    /// known (only when the reconcilers run).
+    fn put_vsc(&self, name: &str, handle: Option<&str>) {
+        if !self.sh.opts.reconcilers {
+            return;
+        }
+        let mut vsc = json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+            "metadata": { "name": name },
+            "spec": { "driver": DRIVER, "deletionPolicy": "Delete",
+                      "source": { "volumeHandle": self.vol } },
+        });
+        if let Some(h) = handle {
+            vsc["status"] = json!({ "snapshotHandle": h, "readyToUse": true });
+        }
+        self.sh.api.put_object(Kind::VolumeSnapshotContent, "", vsc);
+    }
+
+    /// The VolumeSnapshotContent of snapshot `id`, deleted.
+    fn remove_vsc(&self, id: &str) {
+        let vscs = self.sh.api.objects(Kind::VolumeSnapshotContent);
+        for vsc in vscs.iter().filter(|c| c["status"]["snapshotHandle"] == id) {
+            if let Some(name) = vsc["metadata"]["name"].as_str() {
+                self.sh
+                    .api
+                    .remove_object(Kind::VolumeSnapshotContent, "", name);
+            }
+        }
+    }
+
+    /// A CO that forgets snapshot `id`: its VolumeSnapshotContent is deleted without a
+    /// DeleteSnapshot (an orphan for the reconciler).
+    fn forget_snapshot(&mut self, id: &str) {
+        self.model().snapshot(id).abandoned = true;
+        self.remove_vsc(id);
+        self.sh.trace.log(
+            "co",
+            format!("{id} forgotten: VolumeSnapshotContent deleted, no DeleteSnapshot"),
+        );
     }
 
     /// The snapshotter deletes snapshot `id` (DeleteSnapshot until OK).
@@ -932,6 +978,7 @@ impl Script {
             s.deleting = false;
             s.deleted = true;
         }
+        self.remove_vsc(id);
         self.maybe_repeat(CTRL, call).await;
     }
 
@@ -955,9 +1002,25 @@ impl Script {
             ),
         );
         tokio::time::sleep(at.saturating_sub(now)).await;
+        if self.sh.opts.reconcilers && !lost.alive {
+            // The VolumeAttachment is being deleted (its finalizer holds it) and the
+            // attacher gets to it a while later: the attachment reconciler may clear the
+            // record of the lost machine (its Node is gone) first.
+            self.mark_va_deleting(node);
+            self.think(0, 30_000).await;
+        }
         self.unpublish(node).await;
         self.maybe_repeat(CTRL, self.unpublish_req(node)).await;
         self.remove_va(node);
+    }
+
+    /// The VolumeAttachment of this volume on `node` gets its deletionTimestamp.
+    fn mark_va_deleting(&self, node: &str) {
+        let name = va_name(&self.vol, node);
+        if let Some(mut va) = self.sh.api.object(Kind::VolumeAttachment, "", &name) {
+            va["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            self.sh.api.put_object(Kind::VolumeAttachment, "", va);
+        }
     }
 
     async fn run(mut self) {
@@ -981,9 +1044,32 @@ impl Script {
             ..Default::default()
         });
         self.model().volume(&vol).ctrl_loss_tmo = ctrl_loss_tmo;
+        // Whether (and how) the CO leaves an orphan behind: 0 gives up after one
+        // CreateVolume, 1 deletes the PV by hand at the end, 2 forgets the snapshots.
+        let abandon = (o.abandon_pct > 0 && self.rng.random_range(0..100) < o.abandon_pct)
+            .then(|| self.rng.random_range(0..3u32));
+        self.model().creating.insert(vol.clone());
+        if abandon == Some(0) {
+            // The provisioner gives up after one attempt (the claim was deleted): whatever
+            // the RDS did stays there with no PV.
+            let answer = self.once(CTRL, &create, "").await;
+            {
+                let mut m = self.model();
+                m.creating.remove(&vol);
+                let v = m.volume(&vol);
+                v.created = answer.is_ok();
+                v.abandoned = true;
+                v.size = self.size;
+            }
+            self.sh
+                .trace
+                .log("co", format!("{vol} abandoned after CreateVolume: no PV"));
+            return;
+        }
         let created = self.until_ok(CTRL, create.clone()).await;
         {
             let mut m = self.model();
+            m.creating.remove(&vol);
             let v = m.volume(&vol);
             v.created = true;
             v.size = self.size;
@@ -1028,20 +1114,37 @@ impl Script {
         }
         // Snapshots outlive their volume (copies on the RDS): delete them before or after.
         let snapshots_first = self.rng.random_bool(0.5);
+        if abandon == Some(2) {
+            for id in std::mem::take(&mut snapshots) {
+                self.forget_snapshot(&id);
+            }
+        }
         if snapshots_first {
             for id in &snapshots {
                 self.delete_snapshot(id).await;
             }
         }
-        // The provisioner, on PV release (unless it already raced the last detach).
+        // The provisioner, on PV release (unless it already raced the last detach); or
+        // an admin deletes the PV by hand, without DeleteVolume.
         let deleting = match self.deleting.take() {
-            Some(raced) => raced,
+            Some(raced) => Some(raced),
+            None if abandon == Some(1) => {
+                self.model().volume(&vol).abandoned = true;
+                self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
+                self.sh.trace.log(
+                    "co",
+                    format!("{vol} abandoned: PV deleted by hand, no DeleteVolume"),
+                );
+                None
+            }
             None => {
                 let child = self.child();
-                tokio::spawn(child.delete_volume())
+                Some(tokio::spawn(child.delete_volume()))
             }
         };
-        let _ = deleting.await;
+        if let Some(deleting) = deleting {
+            let _ = deleting.await;
+        }
         if !snapshots_first {
             for id in &snapshots {
                 self.delete_snapshot(id).await;
@@ -1091,8 +1194,23 @@ pub async fn run(sh: Shared) -> turmoil::Result {
     // Memory of a replica that missed the other's writes during a failover agrees with
     // the store again after its next resync, and a connection a node was left with is past
     // its orphan grace period and swept.
+    // Volumes abandoned early can end the workload before the chaos phase does: the faults
+    // of its end (a node left a connection it does not hold) are settled like the others.
+    if sh.opts.abandon_pct > 0 {
+        let chaos = Duration::from_secs(sh.opts.chaos_secs);
+        let now = turmoil::sim_elapsed().unwrap_or_default();
+        tokio::time::sleep(chaos.saturating_sub(now)).await;
+    }
     let settle = RESYNC.max(ORPHAN_SWEEP.grace + ORPHAN_SWEEP.interval * 2);
     tokio::time::sleep(settle + Duration::from_secs(5)).await;
+    // With the orphan reconciler deleting, what the CO left behind is reclaimed (else
+    // the liveness bound fails the seed).
+    if sh.opts.reconcilers && sh.opts.orphan_delete {
+        while !sh.abandoned_disks().is_empty() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        sh.trace.log("co", "orphans reclaimed");
+    }
     sh.trace.log("co", "workload complete");
     Ok(())
 }

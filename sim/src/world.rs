@@ -35,7 +35,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
 use rds_csi::compose::{self, Kernel, Plugin, PortLayers, Seams};
-use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi};
+use rds_csi::controller::orphans::{OrphanMode, OrphanVolumeConfig};
+use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi, Kind};
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::node::{NodeOptions, OrphanConfig};
 use rds_csi::ports::time::SeededEntropy;
@@ -163,6 +164,50 @@ pub struct Shared {
     reattach: Arc<Mutex<std::collections::BTreeSet<(String, String)>>>,
     /// The Events the controllers failed to record.
     pub events: Arc<crate::events::EventLog>,
+}
+
+impl Shared {
+    /// The disks on the RDS the CO abandoned (orphans for the reconciler), sorted.
+    pub fn abandoned_disks(&self) -> Vec<String> {
+        let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        self.emulator
+            .disk_slots()
+            .into_iter()
+            .filter(|s| {
+                model.volumes.get(s).is_some_and(|v| v.abandoned)
+                    || model.snapshots.get(s).is_some_and(|v| v.abandoned)
+            })
+            .collect()
+    }
+
+    /// Why the disk in `slot` is wanted now, if it is: a PersistentVolume or a
+    /// VolumeSnapshotContent references it, or the CO has its CreateVolume in flight.
+    pub fn wanted(&self, slot: &str) -> Option<String> {
+        let pvs = self.api.objects(Kind::PersistentVolume);
+        if let Some(pv) = pvs
+            .iter()
+            .find(|pv| pv["spec"]["csi"]["volumeHandle"] == slot)
+        {
+            return Some(format!(
+                "PersistentVolume {} references it",
+                pv["metadata"]["name"]
+            ));
+        }
+        let vscs = self.api.objects(Kind::VolumeSnapshotContent);
+        if let Some(vsc) = vscs.iter().find(|c| {
+            c["status"]["snapshotHandle"] == slot || c["spec"]["source"]["snapshotHandle"] == slot
+        }) {
+            return Some(format!(
+                "VolumeSnapshotContent {} references it",
+                vsc["metadata"]["name"]
+            ));
+        }
+        let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        model
+            .creating
+            .contains(slot)
+            .then(|| "the CO's CreateVolume of it is in flight".to_string())
+    }
 }
 
 /// Namespace of the workload's PersistentVolumeClaims.
@@ -608,6 +653,11 @@ pub async fn rds_host(emulator: Arc<Emulator>) -> turmoil::Result {
     }
 }
 
+/// Period of the orphan volume reconciler (when the knob runs it).
+pub const ORPHAN_INTERVAL: Duration = Duration::from_secs(10);
+/// Period of the attachment reconciler (when the knob runs it).
+pub const ATTACHMENT_RECONCILE: Duration = Duration::from_secs(20);
+
 /// The settings of the plugin on host `name` in `mode`: the embedded defaults with the
 /// simulation's short retries, resync interval, fence knob and kubelet root.
 fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> {
@@ -632,9 +682,21 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
         ..NodeOptions::default()
     };
     s.node.orphans = ORPHAN_SWEEP;
-    // The controller's reconcilers are not simulated yet: off.
-    s.orphan_volumes.mode = rds_csi::controller::orphans::OrphanMode::Off;
-    s.reconcile.attachment_interval = std::time::Duration::ZERO;
+    // The controller's reconcilers, when the knob runs them.
+    s.orphan_volumes = OrphanVolumeConfig {
+        mode: match (opts.reconcilers, opts.orphan_delete) {
+            (false, _) => OrphanMode::Off,
+            (true, false) => OrphanMode::DryRun,
+            (true, true) => OrphanMode::Delete,
+        },
+        interval: ORPHAN_INTERVAL,
+        grace: Duration::from_secs(opts.orphan_grace_secs),
+    };
+    s.reconcile.attachment_interval = if opts.reconcilers {
+        ATTACHMENT_RECONCILE
+    } else {
+        Duration::ZERO
+    };
     Ok(s)
 }
 
@@ -652,6 +714,31 @@ impl PortLayers for ControllerLayers {
     }
     fn rds(&self, port: Arc<dyn Rds>) -> Arc<dyn Rds> {
         let port = crate::bugs::wrap_rds(port, self.sh.opts.bug);
+        let (sh, ops, name) = (self.sh.clone(), self.sh.ops.clone(), self.name);
+        let port = crate::reconciled::judge_deletes(
+            port,
+            Arc::new({
+                let sh = sh.clone();
+                move |slot: &str| sh.wanted(slot)
+            }),
+            Arc::new(move || ops.current_method()),
+            Arc::new(move |slot: &str, wanted: Option<String>| {
+                sh.trace
+                    .log(name, format!("orphan reconciler deletes {slot}"));
+                let wanted = match wanted {
+                    None if !sh.opts.orphan_delete => Some("the reconciler runs a dry run".into()),
+                    w => w,
+                };
+                if let Some(why) = wanted {
+                    sh.co_violations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!(
+                            "the orphan reconciler on {name} deleted {slot} while {why}"
+                        ));
+                }
+            }),
+        );
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn store(&self, port: Arc<dyn AttachmentStore>) -> Arc<dyn AttachmentStore> {

@@ -77,9 +77,6 @@ fn a_seed_replays_to_the_same_trace() {
 
 #[test]
 fn canonical_traces() {
-    // 11: calm (no faults) with the fence: re-issued publishes ABORTED while the first runs,
-    // the operator removing a VolumeAttachment's finalizer by hand, DeleteVolume racing the
-    // last detach (FAILED_PRECONDITION until the record is gone).
     // 12: a node machine lost and re-created under its name with a new host NQN, its two
     // volumes force-detached six minutes after the loss; API latency spikes, the attacher's
     // reconciliation, re-issued calls.
@@ -87,10 +84,18 @@ fn canonical_traces() {
     // force-detaches its volume six minutes later, the export is parked, the partition heals
     // and the node's reconnects are refused by the allow list; its kubelet's unmount waits on
     // the queued I/O until the node's orphan sweep disconnects the fenced-away controller.
+    // 76: calm (no faults) with the fence: re-issued ControllerUnpublish calls ABORTED while
+    // the first runs, DeleteVolume racing the last detach (FAILED_PRECONDITION until the
+    // record is gone), the operator removing a VolumeAttachment's finalizer by hand.
     // 120: an RDS outage (33 s) with a node's NVMe controller lost under its mounts: the
     // kubelet sees the volume abnormal and restarts the pod, whose NodePublishVolume repairs
-    // it once the RDS is back.
-    for seed in [11u64, 12, 66, 120] {
+    // it once the RDS is back; the controller's reconcilers in a dry run while the CO
+    // abandons a volume (its PV deleted by hand): it stays.
+    // 494: the reconcilers deleting: the CO gives up after a CreateVolume, deletes a PV by
+    // hand and forgets a snapshot; the orphan reconciler deletes the three after its grace;
+    // a node machine lost with a volume, force-detached six minutes later (its
+    // VolumeAttachment deleting before the attacher's unpublish).
+    for seed in [12u64, 66, 76, 120, 494] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
         insta::with_settings!({
@@ -169,4 +174,9 @@ fn finds_a_node_that_remembers_device_paths() {
 #[test]
 fn finds_an_attachment_event_that_is_dropped() {
     finds(Bug::AttachedEventDropped);
+}
+
+#[test]
+fn finds_an_orphan_reconciler_that_loses_the_persistent_volumes() {
+    finds(Bug::OrphanReferencesLost);
 }

@@ -67,7 +67,10 @@ pub struct KubeLease {
     client: ::kube::Client,
     path: String,
     name: String,
-    identity: String,
+    holder: String,
+    /// `holder` and a random suffix, drawn at the first election (not at construction:
+    /// an instance that never elects draws nothing from the entropy).
+    identity: std::sync::OnceLock<String>,
     duration: Duration,
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
@@ -79,7 +82,7 @@ impl std::fmt::Debug for KubeLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeLease")
             .field("name", &self.name)
-            .field("identity", &self.identity)
+            .field("identity", &self.identity.get())
             .finish_non_exhaustive()
     }
 }
@@ -98,12 +101,12 @@ impl KubeLease {
         entropy: Arc<dyn Entropy>,
         backoff: Backoff,
     ) -> Self {
-        let identity = format!("{holder}_{:08x}", entropy.next_u64() as u32);
         Self {
             client,
             path: format!("/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"),
             name: name.to_string(),
-            identity,
+            holder: holder.to_string(),
+            identity: std::sync::OnceLock::new(),
             duration,
             clock,
             entropy,
@@ -114,7 +117,9 @@ impl KubeLease {
 
     /// This instance's holder identity.
     pub fn identity(&self) -> &str {
-        &self.identity
+        self.identity.get_or_init(|| {
+            format!("{}_{:08x}", self.holder, self.entropy.next_u64() as u32)
+        })
     }
 
     /// Sends `make()`'s request, retrying transient failures; `Ok(Err(_))`: the API
@@ -143,7 +148,7 @@ impl KubeLease {
 
     fn spec(&self, now: &str, acquire: bool, transitions: i64) -> serde_json::Value {
         let mut spec = json!({
-            "holderIdentity": self.identity,
+            "holderIdentity": self.identity(),
             "leaseDurationSeconds": self.duration.as_secs(),
             "renewTime": now,
         });
@@ -198,7 +203,7 @@ impl Leadership for KubeLease {
                     .await?
                 {
                     Ok(_) => {
-                        tracing::info!(identity = %self.identity, lease = %self.name, "leading the controller's reconcilers (lease created)");
+                        tracing::info!(identity = %self.identity(), lease = %self.name, "leading the controller's reconcilers (lease created)");
                         Ok(true)
                     }
                     Err(Failure::Status(409, _)) => Ok(false),
@@ -208,7 +213,7 @@ impl Leadership for KubeLease {
             Err(f) => return Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
         };
         let holder = current.spec.holder_identity.clone().unwrap_or_default();
-        let ours = holder == self.identity;
+        let ours = holder == self.identity();
         if !ours && !holder.is_empty() {
             let seen = Observed {
                 holder: holder.clone(),
@@ -237,7 +242,7 @@ impl Leadership for KubeLease {
         {
             Ok(_) => {
                 if !ours {
-                    tracing::info!(identity = %self.identity, lease = %self.name, previous = %holder, "leading the controller's reconcilers (lease taken over)");
+                    tracing::info!(identity = %self.identity(), lease = %self.name, previous = %holder, "leading the controller's reconcilers (lease taken over)");
                 }
                 Ok(true)
             }

@@ -1,5 +1,6 @@
 //! Liveness checks, after the heal when the workload has finished: nothing is left behind
-//! and every party agrees that nothing is attached — no disk or file on the RDS, no
+//! (but the orphans a CO abandoned under a dry run of the orphan reconciler) and every
+//! party agrees that nothing is attached — no disk or file on the RDS, no
 //! connection or mount on any node, no attachment in the store, the API server or the
 //! controller's memory, and an empty lock table.
 
@@ -12,11 +13,24 @@ use crate::world::{CONTROLLERS, Shared, node_name};
 /// Leftovers (empty: converged).
 pub fn check(sh: &Shared) -> Vec<String> {
     let mut bad = Vec::new();
-    let slots = sh.emulator.disk_slots();
+    // What the CO abandoned stays under a dry run (and is reclaimed before the workload
+    // completes in delete mode).
+    let abandoned = sh.abandoned_disks();
+    let slots: Vec<String> = sh
+        .emulator
+        .disk_slots()
+        .into_iter()
+        .filter(|s| !abandoned.contains(s))
+        .collect();
     if !slots.is_empty() {
         bad.push(format!("orphan disks on the RDS: {slots:?}"));
     }
-    let files = sh.emulator.file_names();
+    let files: Vec<String> = sh
+        .emulator
+        .file_names()
+        .into_iter()
+        .filter(|f| !abandoned.iter().any(|s| f.contains(&format!("/{s}."))))
+        .collect();
     if !files.is_empty() {
         bad.push(format!("orphan files on the RDS: {files:?}"));
     }

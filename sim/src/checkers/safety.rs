@@ -6,7 +6,10 @@
 //! - no two disks share a name on the RDS;
 //! - nothing is deleted while published, and an acknowledged delete stays deleted;
 //! - an acknowledged create (volume or snapshot) stays on the RDS until its delete is
-//!   sent, and an acknowledged expansion is never lost;
+//!   sent or the CO abandons it, and an acknowledged expansion is never lost;
+//! - the orphan volume reconciler never deletes a disk a PersistentVolume or a
+//!   VolumeSnapshotContent references, or whose CreateVolume is in flight (judged as each
+//!   deletion is sent, [`crate::reconciled`], reported with the CO's violations);
 //! - every call is idempotent: no repeat of a valid call got an answer the spec rules out
 //!   (reported by the CO as it happens);
 //! - operations on one volume never overlap on one host ([`crate::overlap`]);
@@ -99,7 +102,7 @@ pub fn check(sh: &Shared) -> Vec<String> {
         if vol.deleted && seen.contains(v) {
             bad.push(format!("{v} still on the RDS after an acknowledged delete"));
         }
-        if vol.created && !vol.deleting && !vol.deleted {
+        if vol.created && !vol.deleting && !vol.deleted && !vol.abandoned {
             match sh.emulator.disk_size(v) {
                 None => bad.push(format!("acknowledged volume {v} is gone from the RDS")),
                 Some(size) if size < vol.size => bad.push(format!(
@@ -116,7 +119,8 @@ pub fn check(sh: &Shared) -> Vec<String> {
                 "snapshot {id} still on the RDS after an acknowledged delete"
             ));
         }
-        if snap.created && !snap.deleting && !snap.deleted && !seen.contains(id) {
+        if snap.created && !snap.deleting && !snap.deleted && !snap.abandoned && !seen.contains(id)
+        {
             bad.push(format!("acknowledged snapshot {id} is gone from the RDS"));
         }
     }
