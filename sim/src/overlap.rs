@@ -322,6 +322,9 @@ impl<K: Initiator + Mounter> Initiator for Tracked<K> {
     async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
         self.mark().rescan(nqn).await
     }
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        self.mark().apply_reconnect(target).await
+    }
 }
 
 #[async_trait]

@@ -570,6 +570,25 @@ impl Initiator for FakeKernel {
             Err(InitiatorError::Unavailable(format!("{nqn} not connected")))
         }
     }
+
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        self.check_ours(&target.nqn)?;
+        let mut st = self.st();
+        let mut changed = false;
+        // Like the kernel's sysfs stores: a reconnecting controller keeps its attempts so
+        // far and is judged against the new settings from its next attempt on.
+        for d in st.devices.values_mut().filter(|d| d.nqn == target.nqn) {
+            if let Some(v) = target.reconnect_delay.filter(|v| *v != d.reconnect_delay) {
+                d.reconnect_delay = v;
+                changed = true;
+            }
+            if let Some(v) = target.ctrl_loss_tmo.filter(|v| *v != d.ctrl_loss_tmo) {
+                d.ctrl_loss_tmo = v;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
 }
 
 fn nf(p: &Path) -> MountError {
