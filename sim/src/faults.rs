@@ -278,6 +278,29 @@ impl Injector {
         }
     }
 
+    /// The earliest simulated time at which [`Self::tick`] acts without being prompted by a
+    /// host (a fault tick, a heal, a repair, a node's return, a stale leader stepping down);
+    /// `None` once healed. The driver loop runs no idle stretch past it, so every
+    /// time-triggered action of `tick` must be covered here (the idle-skip test in
+    /// `sim/tests/seeds.rs` compares traces with and without skipping).
+    pub fn next_due(&self, sh: &Shared) -> Option<Duration> {
+        if self.healed {
+            return None;
+        }
+        let timed = self
+            .partitions
+            .iter()
+            .chain(&self.flaky)
+            .map(|(t, _, _)| *t);
+        let stale = sh.leader().stale.map(|_| self.stale_until);
+        [self.next, self.chaos_end]
+            .into_iter()
+            .chain(timed)
+            .chain(self.lost.map(|(back, _)| back))
+            .chain(stale)
+            .min()
+    }
+
     fn backend(&mut self) -> &'static str {
         if self.rng.random_bool(0.5) {
             "kube"

@@ -597,7 +597,7 @@ impl Script {
     /// The attach/detach controller gives up on the lost node's unmount and force-detaches
     /// FORCE_DETACH_SECS after the loss: ControllerUnpublish until OK, VA removed.
     async fn force_detach(&mut self, node: &str, lost: Lost) {
-        let now = turmoil::sim_elapsed().unwrap_or_default();
+        let now = self.sh.trace.time().now();
         let at = lost.at + Duration::from_secs(FORCE_DETACH_SECS);
         self.sh.trace.log(
             "co",

@@ -52,7 +52,7 @@ use crate::crash::CrashPoint;
 use crate::model::Model;
 use crate::options::Options;
 use crate::overlap::{Ops, Tracked};
-use crate::trace::Trace;
+use crate::trace::{SimTime, Trace};
 
 /// The CSI driver name.
 pub const DRIVER: &str = "rds.csi.srvlab.io";
@@ -84,12 +84,12 @@ pub const BACKOFF: Backoff = Backoff {
 pub const RESYNC: Duration = Duration::from_secs(30);
 
 /// Wall clock of the simulation: the pinned epoch plus simulated time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SimClock;
+#[derive(Debug, Clone, Default)]
+pub struct SimClock(pub SimTime);
 
 impl Clock for SimClock {
     fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(EPOCH_SECS) + turmoil::sim_elapsed().unwrap_or_default()
+        UNIX_EPOCH + Duration::from_secs(EPOCH_SECS) + self.0.now()
     }
 }
 
@@ -144,13 +144,14 @@ pub struct NodeLife {
 impl Shared {
     /// A fresh world state for `opts`.
     pub fn new(opts: Options) -> Self {
+        let trace = Trace::default();
         let emulator = Emulator::in_memory(
             PoolConfig {
                 slot: POOL.into(),
                 mount_point: POOL.into(),
                 size_bytes: 1 << 40,
             },
-            Arc::new(SimClock),
+            Arc::new(SimClock(trace.time().clone())),
         );
         let kernels = (0..opts.nodes)
             .map(|i| FakeKernel::new(DEFAULT_NQN_PREFIX, &host_nqn(i)))
@@ -158,7 +159,7 @@ impl Shared {
         let nodes = vec![NodeLife::default(); opts.nodes];
         Self {
             opts: Arc::new(opts),
-            trace: Trace::default(),
+            trace,
             api: FakeApi::new(),
             emulator: Arc::new(emulator),
             kernels,
@@ -568,7 +569,7 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
     sh.trace
         .log("ctrl", format!("{name}: incarnation {inc} starting"));
     let mut seams = Seams::with(
-        Arc::new(SimClock),
+        Arc::new(SimClock(sh.trace.time().clone())),
         Arc::new(SeededEntropy::from_seed(
             sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
         )),
@@ -603,7 +604,7 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
         &sh.ops,
     ));
     let mut seams = Seams::with(
-        Arc::new(SimClock),
+        Arc::new(SimClock(sh.trace.time().clone())),
         Arc::new(SeededEntropy::from_seed(
             sh.opts.seed ^ (i as u64 + 1) << 40,
         )),
