@@ -270,3 +270,105 @@ where
         self.idle.timers().forget(id.into_u64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    fn run_to(world: &mut turmoil::Sim<'_>, t: Duration) {
+        while world.elapsed() < t {
+            world.step().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hosts_timers_are_followed_from_arming_through_reset_to_drop() {
+        let idle = Idle::new(SimTime::default());
+        let subscriber = tracing_subscriber::registry().with(idle.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut world = turmoil::Builder::new()
+                .tick_duration(Duration::from_millis(10))
+                .simulation_duration(Duration::from_secs(60))
+                .build();
+            let (s, ms) = (Duration::from_secs, Duration::from_millis);
+            world.client("c", async move {
+                let a = tokio::time::sleep(s(3));
+                tokio::pin!(a);
+                let _ = futures::poll!(a.as_mut());
+                tokio::time::sleep(s(1)).await;
+                // At 1 s, `a` moves to 1.5 s.
+                a.as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_millis(500));
+                tokio::time::sleep(s(5)).await;
+                // At 6 s, a timer armed and dropped at once.
+                let mut b = Box::pin(tokio::time::sleep(s(1)));
+                let _ = futures::poll!(b.as_mut());
+                drop(b);
+                tokio::time::sleep(s(10)).await;
+                Ok(())
+            });
+            let mut next_at = |t| {
+                run_to(&mut world, ms(t));
+                idle.next_deadline(world.elapsed())
+            };
+            assert_eq!(
+                next_at(500),
+                Some(ms(1_000)),
+                "the 1 s sleep, before `a` at 3 s"
+            );
+            assert_eq!(
+                next_at(1_200),
+                Some(ms(1_500)),
+                "`a`, reset from 3 s to 1.5 s"
+            );
+            assert_eq!(next_at(2_000), Some(ms(6_000)), "`a` fired: the 5 s sleep");
+            assert_eq!(
+                next_at(6_500),
+                Some(ms(16_000)),
+                "the dropped timer is gone"
+            );
+        });
+    }
+
+    #[test]
+    fn simulated_time_is_read_only_through_sim_time() {
+        // turmoil's clock misses every skipped stretch: anything reading it directly would
+        // drift from the hosts' clocks (trace.rs holds SimTime, the one reader).
+        let forbidden = [
+            ["turmoil::", "sim_elapsed"].concat(),
+            ["turmoil::", "elapsed("].concat(),
+            ["turmoil::", "since_epoch"].concat(),
+        ];
+        let mut stack = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+        let mut bad = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.file_name().is_some_and(|n| n == "trace.rs") {
+                    continue;
+                }
+                let src = std::fs::read_to_string(&path).unwrap();
+                for f in &forbidden {
+                    if src.contains(f.as_str()) {
+                        bad.push(format!("{}: {f}", path.display()));
+                    }
+                }
+                let loop_read = ["sim", ".elapsed()"].concat();
+                let loop_reads = src.matches(loop_read.as_str()).count();
+                let through_sim_time = src.matches(&format!("time.of({loop_read})")).count();
+                if loop_reads != through_sim_time {
+                    bad.push(format!(
+                        "{}: Sim::elapsed read outside SimTime::of",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
+}
