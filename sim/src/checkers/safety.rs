@@ -58,6 +58,8 @@ pub fn check(sh: &Shared) -> Vec<String> {
     }
     let exports = sh.emulator.exports();
     let mut published: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // Each volume's PV is read once per check (its pairs share it).
+    let mut pvs: BTreeMap<&str, Option<BTreeSet<String>>> = BTreeMap::new();
     for ((v, n), p) in &model.pairs {
         if p.acked == Some(Op::Publish) {
             published.entry(v).or_default().push(n);
@@ -65,7 +67,9 @@ pub fn check(sh: &Shared) -> Vec<String> {
         if p.pending.is_some() {
             continue;
         }
-        let stored = stored_holders(sh, v);
+        let stored = pvs
+            .entry(v.as_str())
+            .or_insert_with(|| stored_holders(sh, v));
         let holds = stored.as_ref().is_some_and(|s| s.contains(n));
         match p.acked {
             Some(Op::Publish) => {
