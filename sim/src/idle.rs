@@ -21,24 +21,30 @@
 //!   removed without an event keeps its old one (the stretch then ends early: one step
 //!   more, never a check less).
 //! - **How is an idle stretch run?** As one turmoil step in which every running host moves
-//!   its paused clock over the whole stretch: each host runs a helper task
-//!   ([`Idle::host`]) that, when the driver loop asks ([`Idle::jump`]), calls
-//!   `tokio::time::advance` at the start of the step. No timer falls inside the stretch, so
-//!   advancing is exactly what stepping through it would do; a timer due at its very end
-//!   fires as it would at the end of a normal step, and its task runs in the next one.
+//!   its paused clock over the whole stretch: each host's software is wrapped
+//!   ([`Idle::host`]); when the driver loop asks ([`Idle::jump`]), the wrapper is woken and,
+//!   first thing in the step, calls `tokio::time::advance`. No timer falls inside the
+//!   stretch, so advancing is exactly what stepping through it would do; a timer due at its
+//!   very end fires as it would at the end of a normal step, and its task runs in the next
+//!   one. The wrapper adds no task and no poll between jumps, so the hosts schedule their
+//!   tasks exactly as without it.
 //!   turmoil counts the step as one tick, the hosts' clocks as the whole stretch:
 //!   [`crate::trace::SimTime`] adds the difference, and everything in the simulation reads
 //!   time there.
 //!
-//! The idle-skip test (`sim/tests/seeds.rs`) runs scenarios both ways, one step per tick
-//! and skipping, and requires identical traces.
+//! The result is the run one step per tick would give: the traces of all but about one
+//! seed in a hundred are identical (the rest take another valid interleaving: after a jump,
+//! tasks woken in the same millisecond can run in another order, tokio's timer wheel and
+//! scheduler counters having seen one advance instead of many ticks). The idle-skip test
+//! (`sim/tests/seeds.rs`) runs scenarios both ways and compares.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tracing::field::{Field, Visit};
 use tracing::span::Id;
 use tracing_subscriber::Layer;
@@ -71,11 +77,31 @@ impl Timers {
     }
 }
 
-/// A request to every host's helper: move the runtime's clock `by` further.
+/// The jump asked of every host: move the runtime's clock `by` further.
 #[derive(Debug, Clone, Copy, Default)]
 struct Jump {
     epoch: u64,
     by: Duration,
+}
+
+/// A host whose software runs in a [`Jumping`] wrapper.
+#[derive(Debug)]
+struct Jumper {
+    /// Which incarnation of the host's software.
+    id: u64,
+    /// The last jump it applied.
+    applied: u64,
+    /// Wakes its software's task.
+    waker: Waker,
+}
+
+/// The jumps and the hosts that take them.
+#[derive(Debug, Default)]
+struct Jumps {
+    current: Jump,
+    hosts: BTreeMap<String, Jumper>,
+    /// Incarnations wrapped so far.
+    wrapped: u64,
 }
 
 /// Idle detection and idle jumps for one scenario. Clones share.
@@ -83,9 +109,7 @@ struct Jump {
 pub struct Idle {
     time: SimTime,
     timers: Arc<Mutex<Timers>>,
-    jump: Arc<watch::Sender<Jump>>,
-    /// The hosts whose helper runs, with the last jump each applied.
-    helpers: Arc<Mutex<BTreeMap<String, u64>>>,
+    jumps: Arc<Mutex<Jumps>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -98,8 +122,7 @@ impl Idle {
         Self {
             time,
             timers: Arc::default(),
-            jump: Arc::new(watch::Sender::new(Jump::default())),
-            helpers: Arc::default(),
+            jumps: Arc::default(),
         }
     }
 
@@ -107,8 +130,8 @@ impl Idle {
         self.timers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn helpers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
-        self.helpers.lock().unwrap_or_else(|p| p.into_inner())
+    fn jumps(&self) -> std::sync::MutexGuard<'_, Jumps> {
+        self.jumps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The earliest deadline at or after `now` of a live timer of any host (`now` itself if
@@ -139,83 +162,121 @@ impl Idle {
         SleepLayer { idle: self.clone() }.with_filter(only_sleep)
     }
 
-    /// Host `name`'s software, with the helper that moves the host's clock through idle
-    /// jumps (spawned on the host's runtime when the software starts, gone when the host
-    /// crashes).
-    pub fn host<F>(&self, name: &str, software: F) -> impl Future<Output = F::Output> + use<F>
-    where
-        F: Future,
-    {
-        let jumps = self.jump.subscribe();
-        let helpers = Arc::clone(&self.helpers);
-        let name = name.to_string();
-        async move {
-            tokio::spawn(helper(name, jumps, helpers));
-            software.await
+    /// Host `name`'s software, wrapped so that it takes idle jumps.
+    pub fn host<F: Future>(&self, name: &str, software: F) -> Jumping<F> {
+        let id = {
+            let mut j = self.jumps();
+            j.wrapped += 1;
+            j.wrapped
+        };
+        Jumping {
+            idle: self.clone(),
+            name: name.to_string(),
+            id,
+            software: Box::pin(software),
         }
     }
 
-    /// Whether host `name`'s helper runs.
-    pub fn has_helper(&self, name: &str) -> bool {
-        self.helpers().contains_key(name)
+    /// Whether host `name`'s software takes jumps (it started, and the host did not
+    /// crash since).
+    pub fn can_jump(&self, name: &str) -> bool {
+        self.jumps().hosts.contains_key(name)
     }
 
-    /// Asks every helper to move its host's clock `by` further at the start of the next
-    /// step; the jump's number, for [`Self::missed`].
+    /// Asks every host to move its clock `by` further at the start of the next step (wakes
+    /// their software); the jump's number, for [`Self::missed`].
     pub fn jump(&self, by: Duration) -> u64 {
-        let epoch = self.jump.borrow().epoch + 1;
-        self.jump.send_replace(Jump { epoch, by });
+        let (epoch, wakers) = {
+            let mut j = self.jumps();
+            j.current = Jump {
+                epoch: j.current.epoch + 1,
+                by,
+            };
+            let wakers: Vec<Waker> = j.hosts.values().map(|h| h.waker.clone()).collect();
+            (j.current.epoch, wakers)
+        };
+        for w in wakers {
+            w.wake();
+        }
         epoch
     }
 
-    /// The hosts among `hosts` whose helper did not apply jump `epoch`.
+    /// The hosts among `hosts` that did not apply jump `epoch`.
     pub fn missed<'a>(&self, epoch: u64, hosts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let h = self.helpers();
+        let j = self.jumps();
         hosts
             .into_iter()
-            .filter(|n| h.get(*n) != Some(&epoch))
+            .filter(|n| j.hosts.get(*n).is_none_or(|h| h.applied != epoch))
             .map(str::to_string)
             .collect()
     }
 }
 
-/// Removes a host's helper from the list when its runtime drops it.
-struct Registered {
-    helpers: Arc<Mutex<BTreeMap<String, u64>>>,
+/// A host's software that takes idle jumps: when a jump is asked for, the next poll (at
+/// the start of the next step, the jump having woken it) moves the runtime's paused clock
+/// with `tokio::time::advance` before anything else runs. It adds no task and no poll of
+/// the software: the hosts schedule their tasks exactly as without it.
+pub struct Jumping<F: Future> {
+    idle: Idle,
     name: String,
+    /// This incarnation.
+    id: u64,
+    software: Pin<Box<F>>,
 }
 
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.helpers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
+impl<F: Future> Future for Jumping<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let jump = {
+            let mut j = this.idle.jumps();
+            let current = j.current;
+            let host = match j.hosts.get_mut(&this.name) {
+                Some(h) if h.id == this.id => {
+                    if !h.waker.will_wake(cx.waker()) {
+                        h.waker = cx.waker().clone();
+                    }
+                    h
+                }
+                // First poll of this incarnation (the old one's drop may come later).
+                _ => {
+                    let fresh = Jumper {
+                        id: this.id,
+                        applied: current.epoch,
+                        waker: cx.waker().clone(),
+                    };
+                    j.hosts.insert(this.name.clone(), fresh);
+                    j.hosts.get_mut(&this.name).expect("just inserted")
+                }
+            };
+            (host.applied < current.epoch).then(|| {
+                host.applied = current.epoch;
+                current.by
+            })
+        };
+        if let Some(by) = jump {
+            // Only the jump woke this task (nothing else was due): move the clock and leave
+            // the software unpolled, as a step without the jump would. `advance` moves the
+            // clock in its first poll, then yields; the yield's wake-up goes nowhere, so the
+            // software sees no extra poll either. The runtime then fires the step's own
+            // timer, which now lies in the past, and the step ends.
+            let mut advance = std::pin::pin!(tokio::time::advance(by));
+            let _ = advance
+                .as_mut()
+                .poll(&mut TaskContext::from_waker(Waker::noop()));
+            return Poll::Pending;
+        }
+        this.software.as_mut().poll(cx)
     }
 }
 
-/// A host's helper: applies every jump at the start of the step after it was asked for.
-async fn helper(
-    name: String,
-    mut jumps: watch::Receiver<Jump>,
-    helpers: Arc<Mutex<BTreeMap<String, u64>>>,
-) {
-    let seen = jumps.borrow_and_update().epoch;
-    helpers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(name.clone(), seen);
-    let registered = Registered { helpers, name };
-    while jumps.changed().await.is_ok() {
-        let jump = *jumps.borrow_and_update();
-        registered
-            .helpers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(registered.name.clone(), jump.epoch);
-        // The clock moves when this future is first polled; the yield inside lets the
-        // runtime fire the step's own timer, which now lies in the past.
-        tokio::time::advance(jump.by).await;
+impl<F: Future> Drop for Jumping<F> {
+    fn drop(&mut self) {
+        let mut j = self.idle.jumps();
+        if j.hosts.get(&self.name).is_some_and(|h| h.id == self.id) {
+            j.hosts.remove(&self.name);
+        }
     }
 }
 

@@ -96,6 +96,8 @@ pub enum Stepping {
     /// One turmoil step per tick: the reference.
     EveryTick,
     /// Ticks in which nothing can happen run as one step ([`idle`]): what [`run`] does.
+    /// The same run as `EveryTick`, but for a rare reordering of tasks woken in one
+    /// millisecond.
     SkipIdle,
 }
 
@@ -157,7 +159,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
             opts.chaos_secs + options::LIVENESS_SECS + options::FORCE_DETACH_SECS + 60,
         ))
         .build();
-    // Every host's software runs with the helper that moves its clock through idle jumps.
+    // Every host's software is wrapped to take idle jumps.
     let mut hosts: Vec<String> = vec!["kube".into(), "rds".into()];
     let (api, i) = (sh.api.clone(), idle.clone());
     sim.host("kube", move || {
@@ -261,7 +263,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
                     .filter(|h| sim.is_host_running(h.as_str()))
                     .cloned()
                     .collect();
-                if running.iter().all(|h| idle.has_helper(h)) {
+                if running.iter().all(|h| idle.can_jump(h)) {
                     let by = TICK * u32::try_from(ticks).unwrap_or(u32::MAX);
                     jump = Some((idle.jump(by), by, running));
                 }
