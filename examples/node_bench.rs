@@ -13,6 +13,8 @@ use rds_csi::node::exec::TokioRunner;
 use rds_csi::node::ops::{NodeAccess, NodeCapability, Publish, Stage, VolumeKind};
 use rds_csi::node::{COMMAND_TIMEOUT, NodeOps, NodeOptions, SYSCALL_TIMEOUT};
 use rds_csi::ports::initiator::NvmeTarget;
+use rds_csi::routeros::command::{Command, DiskAdd, ExportSpec};
+use rds_csi::settings::EMBEDDED_VOLUME_PATH;
 use rds_csi::types::VolumeId;
 
 fn summary(name: &str, v: &mut [Duration]) {
@@ -36,13 +38,17 @@ async fn main() {
         .unwrap_or(20);
     let dir = tempfile::tempdir().expect("tempdir");
     let root = std::fs::canonicalize(dir.path()).expect("canonicalize");
-    let vols = root.join("volumes");
-    std::fs::create_dir_all(&vols).expect("mkdir");
+    // The embedded RDS's layout: its tables admit the loop initiator to each export.
+    let emulator =
+        rds_csi::compose::embedded_emulator(&root, Arc::new(rds_csi::ports::time::SystemClock))
+            .expect("embedded RDS");
+    let vols = rds_csi::compose::embedded_volume_dir(&root);
     let prefix = rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
     let runner = Arc::new(TokioRunner::new(COMMAND_TIMEOUT));
     let init = Arc::new(rds_csi::node::loopdev::LoopInitiator::new(
         runner.clone(),
         &vols,
+        &rds_csi::compose::embedded_rds_dir(&root),
         prefix.into(),
         "nqn.bench".into(),
     ));
@@ -74,11 +80,20 @@ async fn main() {
     println!("node_bench: {rounds} rounds per kind on loop devices");
     for (label, kind, size) in kinds {
         let id = VolumeId::new(format!("bench-{label}")).expect("id");
-        let file = vols.join(format!("{id}.img"));
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(size))
-            .expect("backing file");
         let nqn = format!("{prefix}{id}");
+        let add = emulator.apply(&Command::DiskAdd(DiskAdd {
+            slot: id.to_string(),
+            file_path: format!("{EMBEDDED_VOLUME_PATH}/{id}.img"),
+            size_bytes: Some(size),
+            copy_from: None,
+            export: Some(ExportSpec {
+                port: 4420,
+                nqn: nqn.clone(),
+                allow_host: None,
+            }),
+            comment: None,
+        }));
+        assert!(add.ok, "backing disk: {}", add.output);
         let cap = NodeCapability {
             kind: kind.clone(),
             access: NodeAccess::Writer,

@@ -16,7 +16,7 @@ use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::{HostKeyPolicy, SshConfig, load_private_key};
 use crate::server::ServeError;
 use crate::settings::{
-    EMBEDDED_POOL_MOUNT, EMBEDDED_VOLUME_PATH, KubeAccess, KubeSettings, NodeSettings,
+    KubeAccess, KubeSettings, NodeSettings,
     RdsAccess, RdsSettings, SSH_RETRY, ServeSettings, Settings, SshSettings,
 };
 use crate::telemetry::LogFormat;
@@ -144,10 +144,22 @@ pub struct Cli {
     #[arg(long, hide_env_values = true, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Data-path fence: ControllerPublish restricts the disk's NVMe/TCP export to the
-    /// node's host NQN (Node annotation rds.csi.srvlab.io/host-nqn), ControllerUnpublish
-    /// lifts it, so a node that missed its detach cannot reach the volume.
-    #[arg(long, hide_env_values = true, env = "RDS_CSI_DATA_PATH_FENCE")]
+    /// Data-path fence: a volume's NVMe/TCP export admits only the host NQN of the node
+    /// it is published to (Node annotation rds.csi.srvlab.io/host-nqn, set by the node
+    /// plugin), and no host at all while it is not published (parked), so a node that
+    /// missed its detach cannot reach the volume. `--data-path-fence=false` opens every
+    /// export to any host (warned at start-up).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_DATA_PATH_FENCE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub data_path_fence: bool,
 
     /// Address to serve Prometheus metrics on (e.g. 0.0.0.0:9809); off when unset.
@@ -320,14 +332,7 @@ impl Cli {
     fn rds_settings(&self) -> Result<RdsSettings, ServeError> {
         let config = |m: String| ServeError::Config(m);
         let Some(address) = &self.rds_address else {
-            return Ok(RdsSettings {
-                access: RdsAccess::Embedded,
-                layout: RdsLayout {
-                    volume_base_path: EMBEDDED_VOLUME_PATH.into(),
-                    pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
-                },
-                retry: crate::retry::Backoff::API,
-            });
+            return Ok(RdsSettings::embedded());
         };
         let key_file = self.rds_key_file.as_ref().ok_or_else(|| {
             config(
@@ -439,6 +444,18 @@ mod tests {
         assert_eq!(s.node.initiator, InitiatorKind::Loop);
         let s = settings(&["--kubeconfig", "/kc"], false);
         assert_eq!(s.kube.access, KubeAccess::Kubeconfig("/kc".into()));
+    }
+
+    #[test]
+    fn the_data_path_fence_is_on_unless_switched_off() {
+        assert!(settings(&[], false).attachment.data_path_fence);
+        assert!(settings(&["--data-path-fence"], false).attachment.data_path_fence);
+        assert!(settings(&["--data-path-fence=true"], false).attachment.data_path_fence);
+        assert!(!settings(&["--data-path-fence=false"], false).attachment.data_path_fence);
+        assert!(
+            Cli::try_parse_from(["rds-csi-plugin", "--data-path-fence=maybe"]).is_err(),
+            "only true or false"
+        );
     }
 
     #[test]

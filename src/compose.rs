@@ -30,11 +30,11 @@ use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Mounter,
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::routeros::emulator::{Emulator, PoolConfig};
 use crate::routeros::transport::{Transport, TcpConnector, inproc::InProcess, ssh::SshTransport};
-use crate::routeros::{RdsLayout, RouterOsRds};
+use crate::routeros::RouterOsRds;
 use crate::server::{ServeError, Services};
 use crate::settings::{
     EMBEDDED_POOL_BYTES, EMBEDDED_POOL_MOUNT, EMBEDDED_VOLUME_PATH, KubeAccess, RdsAccess,
-    Settings,
+    RdsSettings, Settings,
 };
 use crate::types::{Endpoint, InitiatorKind, NodeId};
 
@@ -267,7 +267,22 @@ impl Plugin {
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.controller {
             c.rds.ping().await?;
-            c.core.attachments().rebuild().await?;
+            let attachments = c.core.attachments();
+            attachments.rebuild().await?;
+            if !attachments.config().data_path_fence {
+                tracing::warn!(
+                    "the data-path fence is OFF (--data-path-fence=false): every volume's \
+                     NVMe/TCP export admits any host, so a node that missed its detach (for \
+                     example partitioned while Kubernetes force-detached its volume) can \
+                     reconnect and write to a volume that has moved to another node"
+                );
+            }
+            // Exports made before the fence existed (or before it was switched off) are
+            // brought in line with it before anything is served.
+            let moved = attachments.settle_fences().await?;
+            if moved > 0 {
+                tracing::info!(moved, "export allow lists settled to the data-path fence");
+            }
         }
         if let Some(n) = &self.node {
             // Restart recovery: the node's state is whatever the kernel has attached and
@@ -452,7 +467,10 @@ fn state_subdir(state_dir: &Path, name: &str) -> Result<PathBuf, ServeError> {
 
 /// The embedded RDS's emulator: a pool mounted at [`EMBEDDED_POOL_MOUNT`] with its tables
 /// and sparse disk files under `<state_dir>/rds`.
-fn embedded_emulator(state_dir: &Path, clock: Arc<dyn Clock>) -> Result<Arc<Emulator>, ServeError> {
+pub fn embedded_emulator(
+    state_dir: &Path,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<Emulator>, ServeError> {
     let dir = state_subdir(state_dir, "rds")?;
     let emulator = Emulator::open_dir(
         &dir,
@@ -475,23 +493,25 @@ pub fn embedded_rds(
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
 ) -> Result<Arc<dyn Rds>, ServeError> {
-    let layout = RdsLayout {
-        volume_base_path: EMBEDDED_VOLUME_PATH.into(),
-        pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
-    };
+    let embedded = RdsSettings::embedded();
     let rds = RouterOsRds::new(
         InProcess::new(embedded_emulator(state_dir, clock)?),
-        &layout,
-        crate::retry::Backoff::API,
+        &embedded.layout,
+        embedded.retry,
         entropy,
     )
     .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?;
     Ok(Arc::new(rds))
 }
 
+/// Where the embedded RDS keeps its tables (the emulator's directory): `<state_dir>/rds`.
+pub fn embedded_rds_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("rds")
+}
+
 /// Where the embedded RDS keeps its disk files: `<state_dir>/rds/<EMBEDDED_VOLUME_PATH>`.
 pub fn embedded_volume_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("rds").join(EMBEDDED_VOLUME_PATH)
+    embedded_rds_dir(state_dir).join(EMBEDDED_VOLUME_PATH)
 }
 
 /// The embedded kernel: loop devices over the embedded RDS's disk files
@@ -501,6 +521,7 @@ pub fn loop_kernel(state_dir: &Path, node_id: &NodeId, nqn_prefix: &str) -> Kern
     let initiator = crate::node::loopdev::LoopInitiator::new(
         runner.clone(),
         &embedded_volume_dir(state_dir),
+        &embedded_rds_dir(state_dir),
         nqn_prefix.to_string(),
         format!("nqn.2014-08.io.srvlab.rds-csi:embedded:{node_id}"),
     );
@@ -722,6 +743,7 @@ mod tests {
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         })
         .await
         .unwrap();
@@ -729,6 +751,7 @@ mod tests {
         let l = crate::node::loopdev::LoopInitiator::new(
             runner,
             &embedded_volume_dir(dir.path()),
+            &embedded_rds_dir(dir.path()),
             DEFAULT_NQN_PREFIX.into(),
             "nqn.host".into(),
         );
@@ -754,6 +777,7 @@ mod tests {
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -32,14 +32,15 @@ pub type ApiAccess = (&'static str, &'static str, &'static [&'static str]);
 ///   rebuilt at start-up by a paginated list; an event names its PV (get);
 /// - `nodes` get: a stale record is cleared only when its node's Node object is gone; the
 ///   data-path fence reads the node's host NQN annotation;
-/// - `volumeattachments` list: the start-up rebuild cross-checks the records;
+/// - `volumeattachments` list: the start-up rebuild cross-checks the records; get: a
+///   record whose VolumeAttachment is gone (detached by hand) is cleared as stale;
 /// - `events` create: a fenced publish is reported as an Event.
 ///
 /// No `leases`: leader election is done by the sidecars, not by the plugin.
 pub const API_ACCESS: &[ApiAccess] = &[
     ("", "persistentvolumes", &["get", "list", "patch"]),
     ("", "nodes", &["get"]),
-    ("storage.k8s.io", "volumeattachments", &["list"]),
+    ("storage.k8s.io", "volumeattachments", &["get", "list"]),
     ("", "events", &["create"]),
 ];
 
@@ -196,6 +197,14 @@ mod tests {
         assert!(cluster.node_known(&node).await.unwrap());
         assert!(cluster.node_host_nqn(&node).await.unwrap().is_some());
         assert!(cluster.volume_attachments().await.unwrap().is_some());
+        assert_eq!(
+            cluster
+                .volume_attachment_exists(&vol, &node)
+                .await
+                .unwrap(),
+            Some(false),
+            "csi-a is not the name Kubernetes gives (vol-1, node-a)"
+        );
         let event = ClusterEvent {
             volume_id: vol.clone(),
             reason: "AttachFenced".into(),

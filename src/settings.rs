@@ -74,6 +74,21 @@ pub struct RdsSettings {
     pub retry: Backoff,
 }
 
+impl RdsSettings {
+    /// The embedded RDS: the emulator's pool mounted at [`EMBEDDED_POOL_MOUNT`], disks
+    /// under [`EMBEDDED_VOLUME_PATH`].
+    pub fn embedded() -> Self {
+        Self {
+            access: RdsAccess::Embedded,
+            layout: RdsLayout {
+                volume_base_path: EMBEDDED_VOLUME_PATH.into(),
+                pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
+            },
+            retry: Backoff::API,
+        }
+    }
+}
+
 /// Which RDS.
 #[derive(Debug, Clone)]
 pub enum RdsAccess {
@@ -153,14 +168,7 @@ impl Settings {
             node_id,
             mode,
             state_dir,
-            rds: RdsSettings {
-                access: RdsAccess::Embedded,
-                layout: RdsLayout {
-                    volume_base_path: EMBEDDED_VOLUME_PATH.into(),
-                    pool_mount_point: EMBEDDED_POOL_MOUNT.into(),
-                },
-                retry: Backoff::API,
-            },
+            rds: RdsSettings::embedded(),
             kube: KubeSettings {
                 access: KubeAccess::Off,
                 retry: Backoff::API,
@@ -174,6 +182,7 @@ impl Settings {
             },
             attachment: AttachmentConfig {
                 resync_interval: Duration::from_secs(120),
+                data_path_fence: true,
                 ..AttachmentConfig::default()
             },
             node: NodeSettings {

@@ -64,6 +64,7 @@ async fn publish_is_durable_across_kill_nine_and_an_acknowledged_unpublish_stays
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         })
         .await
         .unwrap();
@@ -178,6 +179,7 @@ async fn data_path_fence_on_the_embedded_default_uses_the_host_nqn_the_node_publ
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         })
         .await
         .unwrap();
@@ -212,5 +214,63 @@ async fn data_path_fence_on_the_embedded_default_uses_the_host_nqn_the_node_publ
     let _ = plugin.child.wait();
     drop(plugin);
     let disk = rds_at(&state).get_disk("pvc-fence").await.unwrap().unwrap();
-    assert_eq!(disk.allowed_host_nqn, None);
+    assert_eq!(
+        disk.allowed_host_nqn.as_deref(),
+        Some("nqn.2014-08.io.srvlab.rds-csi:parked:pvc-fence"),
+        "parked: no host is admitted once unpublished"
+    );
+}
+
+#[tokio::test]
+async fn start_up_parks_volumes_made_before_the_fence_and_switching_it_off_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, state) = (dir.path().join("csi.sock"), dir.path().join("state"));
+    // A volume made before the fence existed: its export admits any host.
+    rds_at(&state)
+        .create_disk(&DiskSpec {
+            slot: "pvc-old".into(),
+            size_bytes: 1 << 30,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: "nqn.2000-02.com.mikrotik:pvc-old".into(),
+            }),
+            copy_from: None,
+            comment: None,
+            allowed_host_nqn: None,
+        })
+        .await
+        .unwrap();
+    let allowed = || async {
+        rds_at(&state)
+            .get_disk("pvc-old")
+            .await
+            .unwrap()
+            .unwrap()
+            .allowed_host_nqn
+    };
+    // The default fences: parked before the socket serves.
+    let mut plugin = Plugin::start(&socket, &state, &[]);
+    assert!(
+        !plugin
+            .log
+            .iter()
+            .any(|l| l.contains("data-path fence is OFF")),
+        "log:\n{}",
+        plugin.log.join("")
+    );
+    plugin.signal("KILL");
+    let _ = plugin.child.wait();
+    drop(plugin);
+    assert_eq!(
+        allowed().await.as_deref(),
+        Some("nqn.2014-08.io.srvlab.rds-csi:parked:pvc-old")
+    );
+    // Switched off: a warning at start-up, and the export opened again.
+    let mut plugin = Plugin::spawn(&socket, &state, &["--data-path-fence=false"]);
+    plugin.wait_for_log("data-path fence is OFF");
+    plugin.wait_for_log("serving");
+    plugin.signal("KILL");
+    let _ = plugin.child.wait();
+    drop(plugin);
+    assert_eq!(allowed().await, None);
 }

@@ -48,7 +48,15 @@ async fn start(args: &[&str]) -> Fixture {
         "--state-dir",
         &state,
     ];
-    argv.extend(["--node-id", NODE, "--mode", "controller"]);
+    // A controller alone on the embedded backend has no node plugin to publish host NQNs,
+    // which the data-path fence needs: these rows check the CSI contract without it.
+    argv.extend([
+        "--node-id",
+        NODE,
+        "--mode",
+        "controller",
+        "--data-path-fence=false",
+    ]);
     argv.extend(args);
     let cli = Cli::try_parse_from(argv).unwrap();
     let settings = cli.settings_in(false).unwrap();

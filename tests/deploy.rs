@@ -1299,23 +1299,44 @@ fn data_path_fence_value_reaches_the_controller() {
     let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
     let plugin = container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap();
     let args = strs(&plugin["args"]);
-    assert!(args.iter().any(|a| a == "--data-path-fence"), "{args:?}");
+    assert!(
+        args.iter().any(|a| a == "--data-path-fence=true"),
+        "{args:?}"
+    );
     let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
     assert!(cli.data_path_fence);
     assert_eq!(cli.rds_pool_mount_point.as_deref(), Some("raid1"));
     assert_eq!(cli.nvme_address.as_deref(), Some("10.0.40.2"));
-    // Off by default: nothing sets the nodes' host-NQN annotation yet.
+    // On by default (the node plugins publish their host NQNs), and off only when asked.
     let default = find(&default_docs(), "Deployment", "rds-csi-controller")
         .cloned()
         .unwrap();
     let plugin = container(&default["spec"]["template"]["spec"], PLUGIN)
         .unwrap()
         .clone();
+    let args = strs(&plugin["args"]);
+    let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
+    assert!(cli.data_path_fence, "the default chart fences");
+    std::fs::write(&values, "dataPathFence: false\n").unwrap();
+    let off_dir = dir.path().join("off");
+    let out = tool(&[
+        "render",
+        "--values",
+        values.to_str().unwrap(),
+        "--out",
+        off_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let docs = load_docs(&off_dir);
+    let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
+    let plugin = container(&deploy["spec"]["template"]["spec"], PLUGIN).unwrap();
+    let args = strs(&plugin["args"]);
     assert!(
-        !strs(&plugin["args"])
-            .iter()
-            .any(|a| a == "--data-path-fence")
+        args.iter().any(|a| a == "--data-path-fence=false"),
+        "{args:?}"
     );
+    let cli = Cli::try_parse_from(std::iter::once(PLUGIN.to_owned()).chain(args)).unwrap();
+    assert!(!cli.data_path_fence);
 }
 
 /// Every example StorageClass must be one the controller accepts: its parameters, as the

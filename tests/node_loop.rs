@@ -115,10 +115,30 @@ impl World {
         Self::ops_in(&self.root)
     }
 
-    /// Creates the backing file of `vol` (what CreateVolume does on the embedded RDS).
+    /// Creates `vol` on the embedded RDS, exported to any host (what CreateVolume does with
+    /// the data-path fence off): its backing file, and the export the loop initiator must
+    /// be admitted to.
     fn create_volume(&self, vol: &str, bytes: u64) {
-        let f = std::fs::File::create(self.backing(vol)).unwrap();
-        f.set_len(bytes).unwrap();
+        use rds_csi::routeros::command::{Command, DiskAdd, ExportSpec};
+        let emulator = rds_csi::compose::embedded_emulator(
+            &self.root.join("state"),
+            std::sync::Arc::new(rds_csi::ports::time::SystemClock),
+        )
+        .unwrap();
+        let add = emulator.apply(&Command::DiskAdd(DiskAdd {
+            slot: vol.into(),
+            file_path: format!("{}/{vol}.img", rds_csi::settings::EMBEDDED_VOLUME_PATH),
+            size_bytes: Some(bytes),
+            copy_from: None,
+            export: Some(ExportSpec {
+                port: 4420,
+                nqn: format!("{PREFIX}{vol}"),
+                allow_host: None,
+            }),
+            comment: None,
+        }));
+        assert!(add.ok, "{}", add.output);
+        assert_eq!(std::fs::metadata(self.backing(vol)).unwrap().len(), bytes);
     }
 
     /// Grows the backing file (what ControllerExpandVolume does on the embedded RDS).
@@ -671,8 +691,19 @@ async fn the_plugin_binary_attaches_over_its_socket_and_recovers_after_a_restart
     let vol = "pvc-plugin-e2e";
     w.create_volume(vol, 64 * MIB);
     let mut plugin = common::Plugin::start(&socket, &state, &["--mode", "all"]);
-    let mut node = NodeClient::new(plugin.channel().await);
     let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    // The data-path fence parked the volume at start-up: publish it to this node first.
+    rds_csi::proto::csi::controller_client::ControllerClient::new(plugin.channel().await)
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "test-node".into(),
+            volume_capability: Some(cap.clone()),
+            volume_context: volume_context(vol),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut node = NodeClient::new(plugin.channel().await);
     let staging = w.staging(vol);
     let target = w.target(vol, "pod-a");
     node.node_stage_volume(NodeStageVolumeRequest {

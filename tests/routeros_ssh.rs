@@ -109,6 +109,7 @@ fn spec(slot: &str, size: u64) -> DiskSpec {
         }),
         copy_from: None,
         comment: None,
+        allowed_host_nqn: None,
     }
 }
 

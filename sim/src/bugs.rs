@@ -1,14 +1,17 @@
 //! Planted bugs for the proof-of-power tests: faulty test-only wrappers at the port
-//! boundaries (the driver has no switch for them). A normal run plants none.
+//! boundaries (the driver has no switch for them). A normal run plants none. One bug sits
+//! at the serving boundary instead: [`Bug::ReissuedPublishSkipsLock`] serves re-issued
+//! calls from a second service instance with its own in-flight table (see
+//! `crate::world`), as a driver whose per-volume lock a re-issued call skips would.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
-use rds_csi::ports::rds::RdsError;
+use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
-use rds_csi::ports::{AttachmentStore, Cluster};
+use rds_csi::ports::{AttachmentStore, Cluster, Rds};
 use rds_csi::routeros::render::CommandLine;
 use rds_csi::routeros::transport::Transport;
 use rds_csi::types::{NodeId, VolumeId};
@@ -84,17 +87,128 @@ impl Cluster for NodeGone {
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
         self.inner.volume_attachments().await
     }
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        self.inner.volume_attachment_exists(volume, node).await
+    }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         self.inner.record_event(event).await
     }
 }
 
-/// The store with `bug` planted, if it is a store bug.
-pub fn wrap_store(inner: Arc<dyn AttachmentStore>, bug: Option<Bug>) -> Arc<dyn AttachmentStore> {
+/// Names the CSI method running on the current task (`None`: none), for bugs that hit
+/// one RPC only.
+pub type CurrentMethod = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// A store whose reads during DeleteVolume find no holder: DeleteVolume does not check
+/// who still holds the volume.
+struct BlindDelete {
+    inner: Arc<dyn AttachmentStore>,
+    method: CurrentMethod,
+}
+
+#[async_trait]
+impl AttachmentStore for BlindDelete {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume_if(volume, previous, holders).await
+    }
+    async fn read_volume(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>, StoreError> {
+        if (self.method)().as_deref() == Some("DeleteVolume") {
+            return Ok(Vec::new());
+        }
+        self.inner.read_volume(volume).await
+    }
+    async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+/// The store with `bug` planted, if it is a store bug; `method` names the running RPC.
+pub fn wrap_store(
+    inner: Arc<dyn AttachmentStore>,
+    bug: Option<Bug>,
+    method: CurrentMethod,
+) -> Arc<dyn AttachmentStore> {
     match bug {
         Some(bug @ (Bug::AckBeforePersist | Bug::DropPrecondition)) => {
             Arc::new(BuggyStore { inner, bug })
         }
+        Some(Bug::DeleteSkipsHolders) => Arc::new(BlindDelete { inner, method }),
+        _ => inner,
+    }
+}
+
+/// An RDS on which parking an export opens it to any host instead (an unpublish that
+/// lifts the fence rather than parking it).
+struct OpenOnPark {
+    inner: Arc<dyn Rds>,
+}
+
+#[async_trait]
+impl Rds for OpenOnPark {
+    async fn ping(&self) -> Result<(), RdsError> {
+        self.inner.ping().await
+    }
+    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.inner.create_disk(spec).await
+    }
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        self.inner.get_disk(slot).await
+    }
+    async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_disks(slot_prefix).await
+    }
+    async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.resize_disk(slot, size_bytes).await
+    }
+    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.delete_disk(slot).await
+    }
+    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
+        self.inner.capacity().await
+    }
+    async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        let host = host_nqn.filter(|h| !rds_csi::attachment::fence::is_parked(Some(h)));
+        self.inner.set_allowed_host(slot, host).await
+    }
+    async fn create_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        comment: &str,
+    ) -> Result<Disk, RdsError> {
+        self.inner.create_snapshot(source, slot, comment).await
+    }
+    async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_snapshots(slot_prefix).await
+    }
+    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.delete_snapshot(slot).await
+    }
+    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.inner.clone_disk(source, spec).await
+    }
+}
+
+/// The `Rds` port with `bug` planted, if it is an RDS-port bug.
+pub fn wrap_rds(inner: Arc<dyn Rds>, bug: Option<Bug>) -> Arc<dyn Rds> {
+    match bug {
+        Some(Bug::UnpublishOpensExport) => Arc::new(OpenOnPark { inner }),
         _ => inner,
     }
 }

@@ -1,8 +1,14 @@
 //! Fault injection: a seeded schedule of controller crashes, crash points around the
 //! attachment write, failovers, partitions and flaky links between the leading controller
-//! and kube or rds, 409 storms, API 5xx bursts, RDS command failures and lost replies, node
-//! plugin crashes, and lost node machines (Node object deleted, the machine replaced by a
-//! fresh one later); and the heal that starts the liveness phase.
+//! and kube or rds, 409 storms, API 5xx bursts and latency spikes, RDS command failures and
+//! lost replies, node plugin crashes, lost node machines (Node object deleted, the machine
+//! replaced later by a fresh one with a new host NQN under the same name), and a node
+//! partitioned while alive; and the heal that starts the liveness phase.
+//!
+//! A node partitioned while alive outlives the heal: it is the case the data-path fence
+//! exists for (Kubernetes force-detaches its volumes six minutes after it stopped
+//! reporting, while it still has them mounted), so it heals on its own schedule, 20–420 s
+//! after it began.
 //!
 //! Crash points are armed here and reached by a wrapper at the `AttachmentStore` port
 //! boundary ([`crate::crash`]), never by luck.
@@ -39,6 +45,11 @@ pub struct Injector {
     /// The lost node, and when its replacement comes up.
     lost: Option<(Duration, usize)>,
     lost_a_node: bool,
+    /// The node partitioned while alive, and when the partition heals.
+    cut_off: Option<(Duration, usize)>,
+    partitioned_a_node: bool,
+    /// When the API latency spike ends.
+    spike_until: Option<Duration>,
     stale_until: Duration,
     healed: bool,
     /// Faults injected, by kind.
@@ -58,6 +69,9 @@ impl Injector {
             flaky: Vec::new(),
             lost: None,
             lost_a_node: false,
+            cut_off: None,
+            partitioned_a_node: false,
+            spike_until: None,
             stale_until: Duration::ZERO,
             healed: false,
             counts: BTreeMap::new(),
@@ -69,10 +83,16 @@ impl Injector {
         self.chaos_end
     }
 
-    /// Whether a node's machine was lost in this scenario.
+    /// Whether a node's machine was lost, or a node partitioned while alive, in this
+    /// scenario: its volumes wait for Kubernetes' force-detach.
     pub fn lost_a_node(&self) -> bool {
-        self.lost_a_node
+        self.lost_a_node || self.partitioned_a_node
     }
+
+    /// Hosts a partitioned node is cut off from on the simulated network: the CO, which
+    /// plays its kubelet and the control plane (its kernel's link to the RDS is the data
+    /// path's, cut through [`Shared::set_partitioned`] and the kernel's unreachability).
+    const NODE_PEERS: [&'static str; 1] = ["co"];
 
     fn count(&mut self, kind: &'static str, sh: &Shared, now: Duration, what: String) {
         *self.counts.entry(kind).or_default() += 1;
@@ -103,12 +123,44 @@ impl Injector {
         {
             self.lost = None;
             let name = node_name(i);
+            // A fresh machine under the same name: re-provisioned, with a new host NQN.
+            let generation = sh.node_life(i).generation;
+            sh.kernels[i].set_host_nqn(&crate::world::host_nqn_of_machine(i, generation));
+            sh.forget_data_path();
             sh.api
-                .put_object(Kind::Node, "", crate::world::node_object(i));
+                .put_object(Kind::Node, "", crate::world::node_object(i, generation));
             sh.restore_node(i);
             sim.bounce(name.as_str());
+            sh.trace.at(
+                now,
+                "fault",
+                format!(
+                    "{name} back as a fresh machine (host NQN {})",
+                    sh.host_nqn_now(i)
+                ),
+            );
+        }
+        // The partitioned node heals on its own schedule, not at the heal.
+        if let Some((until, i)) = self.cut_off
+            && until <= now
+        {
+            self.cut_off = None;
+            let name = node_name(i);
+            for peer in Self::NODE_PEERS {
+                sim.repair(name.as_str(), peer);
+            }
+            sh.kernels[i].set_unreachable(false);
+            sh.set_partitioned(i, None);
             sh.trace
-                .at(now, "fault", format!("{name} back as a fresh machine"));
+                .at(now, "fault", format!("{name}: partition heals"));
+        }
+        if let Some(until) = self.spike_until
+            && (until <= now || healing)
+        {
+            self.spike_until = None;
+            sh.api
+                .set_latency(Duration::from_millis(sh.opts.api_latency_ms));
+            sh.trace.at(now, "fault", "API latency back to normal");
         }
         let l = sh.leader();
         if let Some(stale) = l.stale
@@ -222,6 +274,19 @@ impl Injector {
             self.count("api_5xx", sh, now, format!("API answers {codes:?}"));
             sh.api.fail_next_requests(codes);
         }
+        if self.spike_until.is_none() && self.roll(o.api_spike_pct) {
+            // Longer than the CO's deadline: its call times out while the write lands.
+            let latency = o.rpc_timeout_ms + self.rng.random_range(500..=3_000);
+            let ms = self.rng.random_range(1_000..=5_000);
+            sh.api.set_latency(Duration::from_millis(latency));
+            self.spike_until = Some(now + Duration::from_millis(ms));
+            self.count(
+                "api_spike",
+                sh,
+                now,
+                format!("API latency spikes to {latency}ms for {ms}ms"),
+            );
+        }
         if self.roll(o.rds_fail_pct) {
             let kind = RDS_KINDS[self.rng.random_range(0..RDS_KINDS.len())];
             sh.emulator
@@ -251,11 +316,13 @@ impl Injector {
             );
             sim.bounce(name);
         }
-        // At most one machine lost per scenario, and never the last one up: each loss
-        // costs the workload a force-detach wait of FORCE_DETACH_SECS of virtual time.
-        if !self.lost_a_node && live.len() >= 2 && self.roll(o.node_delete_pct) {
+        // At most one machine lost per scenario, and never the last one up (nor the
+        // partitioned one): each loss costs the workload a force-detach wait of
+        // FORCE_DETACH_SECS of virtual time.
+        let up = sh.schedulable_nodes();
+        if !self.lost_a_node && up.len() >= 2 && self.roll(o.node_delete_pct) {
             self.lost_a_node = true;
-            let i = live[self.rng.random_range(0..live.len())];
+            let i = up[self.rng.random_range(0..up.len())];
             let back = self
                 .rng
                 .random_range(5_000..=(FORCE_DETACH_SECS * 1000 / 2));
@@ -276,16 +343,61 @@ impl Injector {
                 format!("{name} machine lost, Node object deleted; a fresh one joins in {back}ms"),
             );
         }
+        self.partition_node(sim, sh, now);
+    }
+
+    /// At most one node partitioned while alive per scenario, never while a machine is
+    /// lost, and only while another node stays up and reachable for the workload.
+    fn partition_node(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, now: Duration) {
+        let live = sh.schedulable_nodes();
+        if self.partitioned_a_node
+            || self.lost.is_some()
+            || live.len() < 2
+            || !self.roll(sh.opts.node_partition_pct)
+        {
+            return;
+        }
+        self.partitioned_a_node = true;
+        let i = live[self.rng.random_range(0..live.len())];
+        // Half heal around the force-detach (when a node that missed it reconnects while
+        // its volume moves on), the others anywhere from well before to well after it.
+        let ms = if self.rng.random_bool(0.5) {
+            self.rng
+                .random_range(FORCE_DETACH_SECS * 1000..=(FORCE_DETACH_SECS + 20) * 1000)
+        } else {
+            self.rng
+                .random_range(20_000..=(FORCE_DETACH_SECS + 60) * 1000)
+        };
+        let name = node_name(i);
+        for peer in Self::NODE_PEERS {
+            sim.partition(name.as_str(), peer);
+        }
+        sh.kernels[i].set_unreachable(true);
+        sh.set_partitioned(i, Some(now));
+        self.cut_off = Some((now + Duration::from_millis(ms), i));
+        self.count(
+            "node_partition",
+            sh,
+            now,
+            format!(
+                "{name} partitioned while alive for {ms}ms (its kubelet and kernel cut off; \
+                 Kubernetes force-detaches its volumes {FORCE_DETACH_SECS}s after it stopped \
+                 reporting)"
+            ),
+        );
     }
 
     /// The earliest simulated time at which [`Self::tick`] acts without being prompted by a
-    /// host (a fault tick, a heal, a repair, a node's return, a stale leader stepping down);
-    /// `None` once healed. The driver loop runs no idle stretch past it, so every
+    /// host (a fault tick, a heal, a repair, a lost node's return, a partitioned node's heal,
+    /// the end of a latency spike, a stale leader stepping down); once healed, only a
+    /// partitioned node's heal. The driver loop runs no idle stretch past it, so every
     /// time-triggered action of `tick` must be covered here (the idle-skip test in
     /// `sim/tests/seeds.rs` compares traces with and without skipping).
     pub fn next_due(&self, sh: &Shared) -> Option<Duration> {
+        // A node partitioned while alive heals on its own schedule, after the heal too.
+        let cut_off = self.cut_off.map(|(until, _)| until);
         if self.healed {
-            return None;
+            return cut_off;
         }
         let timed = self
             .partitions
@@ -297,6 +409,8 @@ impl Injector {
             .into_iter()
             .chain(timed)
             .chain(self.lost.map(|(back, _)| back))
+            .chain(cut_off)
+            .chain(self.spike_until)
             .chain(stale)
             .min()
     }

@@ -12,7 +12,7 @@
 //!   the proof-of-power tests);
 //! - [`world`] (hosts, network plumbing, the plugins built by the composition root);
 //! - [`workload`] (the CO), [`faults`] (the fault schedule), [`checkers`] (safety and
-//!   liveness).
+//!   liveness), [`datapath`] (the nodes' NVMe connections and their writes, judged).
 //!
 //! [`run`] drives one scenario: a turmoil step per tick of virtual time, except that ticks
 //! in which nothing can happen (no message on the network, no timer due, no fault due) run
@@ -21,6 +21,7 @@
 pub mod bugs;
 pub mod checkers;
 pub mod crash;
+pub mod datapath;
 pub mod faults;
 pub mod idle;
 pub mod model;
@@ -66,6 +67,8 @@ pub struct Report {
     pub op_checks: u64,
     /// Calls kept out while another call on their volume ran (the checker met overlap).
     pub op_refused: u64,
+    /// Writes over the nodes' NVMe connections judged by the data-path checker.
+    pub writes: u64,
     /// Simulated time.
     pub sim_time: Duration,
     /// Wall time (not part of the trace).
@@ -125,14 +128,15 @@ fn messages_in_flight(sim: &turmoil::Sim<'_>) -> bool {
 }
 
 /// How many ticks from `now` the next step may run as one: every tick before the one in
-/// which the next timer fires, up to the one at whose end the injector acts next (`due`)
-/// or the liveness bound `deadline` is passed. At least 1.
+/// which the next timer fires, up to the one at whose end the injector acts or the data
+/// path writes next (`due`) or the liveness bound `deadline` is passed. At least 1.
 fn idle_ticks(idle: &Idle, due: Option<Duration>, deadline: Duration, now: Duration) -> u64 {
     let tick = TICK.as_millis();
     let ms = |d: Duration| d.saturating_sub(now).as_millis();
     // A timer at t runs its task in the tick that contains t: the ticks before it are idle.
     let mut n = idle.next_deadline(now).map_or(u128::MAX, |t| ms(t) / tick);
-    // The injector acts after the first step that ends at or after `due`.
+    // The injector acts, and the data path writes, after the first step that ends at or
+    // after `due`.
     if let Some(due) = due {
         n = n.min(ms(due).div_ceil(tick));
     }
@@ -147,8 +151,10 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
     let time = sh.trace.time();
     sh.trace.at(Duration::ZERO, "sim", opts.to_string());
     for i in 0..opts.nodes {
-        sh.api.put_object(Kind::Node, "", world::node_object(i));
+        sh.api.put_object(Kind::Node, "", world::node_object(i, 0));
     }
+    sh.api
+        .set_latency(Duration::from_millis(opts.api_latency_ms));
     let mut sim = turmoil::Builder::new()
         .rng_seed(opts.seed)
         .epoch(std::time::UNIX_EPOCH + Duration::from_secs(world::EPOCH_SECS))
@@ -187,6 +193,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
     hosts.push("co".into());
 
     let mut injector = Injector::new(sh);
+    let mut data = datapath::DataPath::default();
     let mut failures = Vec::new();
     let mut checks = 0u64;
     let mut steps = 0u64;
@@ -216,9 +223,11 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         let now = time.of(sim.elapsed());
         injector.tick(&mut sim, sh, now);
         sh.sync_data_path();
-        if sh.trace.len() != seen || done {
+        let io = data.step(sh, now);
+        if sh.trace.len() != seen || done || !io.is_empty() {
             checks += 1;
-            let bad = checkers::safety::check(sh);
+            let mut bad = io;
+            bad.extend(checkers::safety::check(sh));
             if !bad.is_empty() {
                 for b in &bad {
                     sh.trace.at(now, "check", format!("VIOLATION {b}"));
@@ -256,7 +265,8 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         // which could have woken a task the timers do not show), with nothing on the
         // network and every running host able to jump.
         if stepping == Stepping::SkipIdle && sh.trace.len() == before && !messages_in_flight(&sim) {
-            let ticks = idle_ticks(idle, injector.next_due(sh), deadline, now);
+            let due = injector.next_due(sh).into_iter().chain(data.next_write_due()).min();
+            let ticks = idle_ticks(idle, due, deadline, now);
             if ticks > 1 {
                 let running: Vec<String> = hosts
                     .iter()
@@ -289,6 +299,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         steps,
         op_checks: sh.ops.checks(),
         op_refused: sh.ops.refused(),
+        writes: data.writes,
         sim_time,
         wall: started.elapsed(),
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report, Stepping};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]\n       sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry\n  S: skip-idle (default) | every-tick";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]\n       sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock\n  S: skip-idle (default) | every-tick";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;
@@ -142,6 +142,7 @@ struct Totals {
     steps: u64,
     op_checks: u64,
     op_refused: u64,
+    writes: u64,
     faults: BTreeMap<&'static str, u64>,
     failures: Vec<(u64, String, String)>,
     nondeterministic: Vec<u64>,
@@ -194,6 +195,7 @@ fn run_many(
                     t.steps += r.steps;
                     t.op_checks += r.op_checks;
                     t.op_refused += r.op_refused;
+                    t.writes += r.writes;
                     for (k, v) in &r.faults {
                         *t.faults.entry(k).or_default() += v;
                     }
@@ -246,6 +248,7 @@ fn run_many(
         "{:<28} {:>12}",
         "  overlapping calls kept out", t.op_refused
     );
+    println!("{:<28} {:>12}", "  data-path writes judged", t.writes);
     println!("{:<28} {:>12}", "faults injected", injected);
     for (k, v) in &t.faults {
         println!("  {k:<26} {v:>12}");

@@ -21,6 +21,16 @@ pub struct Pair {
     pub acked: Option<Op>,
     /// A call sent and not acknowledged yet.
     pub pending: Option<Op>,
+    /// Calls an attacher that lost its state sent and no longer waits for (still running
+    /// on the controller): until they end, the pair's state is not the CO's to claim.
+    pub outstanding: u32,
+}
+
+impl Pair {
+    /// Whether a call on the pair may still take effect (the per-pair checks skip it).
+    pub fn unsettled(&self) -> bool {
+        self.pending.is_some() || self.outstanding > 0
+    }
 }
 
 /// One volume's lifecycle.
@@ -81,8 +91,34 @@ impl Model {
     pub fn node_lost(&mut self, node: &str) {
         for ((_, n), p) in self.pairs.iter_mut() {
             if n == node && (p.pending.is_some() || p.acked == Some(Op::Publish)) {
-                *p = Pair::default();
+                *p = Pair {
+                    outstanding: p.outstanding,
+                    ..Pair::default()
+                };
             }
+        }
+    }
+
+    /// An operator changed (volume, node)'s records by hand (a finalizer removed, a PV
+    /// restored from a backup): what the CO was told about the pair no longer binds the
+    /// store.
+    pub fn operator_changed(&mut self, volume: &str, node: &str) {
+        if let Some(p) = self.pairs.get_mut(&(volume.to_string(), node.to_string())) {
+            p.acked = None;
+            p.pending = None;
+        }
+    }
+
+    /// A detached call on (volume, node) starts (`true`) or ends.
+    pub fn outstanding(&mut self, volume: &str, node: &str, starts: bool) {
+        let p = self
+            .pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default();
+        if starts {
+            p.outstanding += 1;
+        } else {
+            p.outstanding = p.outstanding.saturating_sub(1);
         }
     }
 

@@ -21,15 +21,24 @@ pub enum Bug {
     /// The link to the RDS takes a lost reply as a failure and sends the command again
     /// blindly, without observing whether the first one was applied.
     BlindRdsRetry,
+    /// Unpublish opens the export to any host instead of parking it.
+    UnpublishOpensExport,
+    /// DeleteVolume does not check who still holds the volume.
+    DeleteSkipsHolders,
+    /// A re-issued ControllerPublish is served past the per-volume in-flight lock.
+    ReissuedPublishSkipsLock,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 4] = [
+    pub const ALL: [Bug; 7] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
         Bug::BlindRdsRetry,
+        Bug::UnpublishOpensExport,
+        Bug::DeleteSkipsHolders,
+        Bug::ReissuedPublishSkipsLock,
     ];
 }
 
@@ -85,9 +94,33 @@ pub struct Options {
     /// Chance (%) per tick of a controller failover (the other replica leads; the old
     /// leader keeps answering stale calls for a while).
     pub failover_pct: u32,
-    /// Whether the controller runs with the data-path fence (`--data-path-fence`): each
-    /// export allows only its holder's host NQN, which the simulated data path enforces.
+    /// Whether the controller runs with the data-path fence (`--data-path-fence`, the
+    /// default: on in 7 seeds of 8): each export admits only its holder's host NQN, and
+    /// nobody while unheld, which the simulated data path enforces.
     pub data_path_fence: bool,
+    /// Chance (%) per tick that a node is partitioned while alive (its kubelet cut off from
+    /// the API server, its kernel from the RDS) for 20–420 s, so that Kubernetes
+    /// force-detaches its volumes [`FORCE_DETACH_SECS`] later while it still has them
+    /// mounted and keeps reconnecting; at most one per scenario, only with the fence on
+    /// (without it nothing stops the node when the partition heals).
+    pub node_partition_pct: u32,
+    /// Chance (%) per tick of an API latency spike longer than the CO's deadline (the
+    /// CO's call times out while the write lands later), for 1–5 s.
+    pub api_spike_pct: u32,
+    /// Chance (%) per volume that the provisioner's DeleteVolume races the last detach
+    /// (sent once the pod is gone, before the node unstages and the attacher detaches).
+    pub delete_race_pct: u32,
+    /// Chance (%) per ControllerPublish/Unpublish that the attacher loses its state and
+    /// re-issues the call while the first still runs (to the other replica during a
+    /// failover).
+    pub reissue_pct: u32,
+    /// Chance (%) per round of an operator following a runbook: removing a stuck
+    /// VolumeAttachment's finalizer by hand (the detach never reaches the driver), or
+    /// deleting the PV by hand and restoring it from a backup (stale annotations).
+    pub operator_pct: u32,
+    /// Period of the external-attacher's reconciliation (ListVolumes' published nodes
+    /// against the VolumeAttachments), virtual seconds; 0: off.
+    pub reconcile_secs: u64,
     /// Virtual time between fault ticks (ms).
     pub fault_every_ms: u64,
     /// Length of the chaos phase (virtual s).
@@ -122,18 +155,40 @@ impl Options {
         let failover_pct = rate(10);
         let flaky_link_pct = rate(8);
         let node_delete_pct = rate(4);
+        let node_partition_pct = rate(4);
+        let api_spike_pct = rate(6);
+        let nodes = r.random_range(2..=4);
+        let volumes = r.random_range(1..=4);
+        let moves = r.random_range(1..=3);
+        let repeat_pct = r.random_range(0..=40);
+        let conflict_attach_pct = r.random_range(0..=50);
+        let expand_pct = r.random_range(0..=40);
+        let snapshot_pct = r.random_range(0..=40);
+        let api_latency_ms = r.random_range(0..=20);
+        let data_path_fence = r.random_range(0..8u32) != 0;
+        let rpc_timeout_ms = r.random_range(500..=10_000);
+        let fault_every_ms = r.random_range(200..=2_000);
+        let chaos_secs = r.random_range(10..=60);
+        let delete_race_pct = r.random_range(0..=50);
+        let reissue_pct = r.random_range(0..=20);
+        let operator_pct = r.random_range(0..=20);
+        let reconcile_secs = if r.random_bool(0.5) {
+            r.random_range(5..=60)
+        } else {
+            0
+        };
         Self {
             seed,
-            nodes: r.random_range(2..=4),
-            volumes: r.random_range(1..=4),
-            moves: r.random_range(1..=3),
-            repeat_pct: r.random_range(0..=40),
-            conflict_attach_pct: r.random_range(0..=50),
-            expand_pct: r.random_range(0..=40),
-            snapshot_pct: r.random_range(0..=40),
+            nodes,
+            volumes,
+            moves,
+            repeat_pct,
+            conflict_attach_pct,
+            expand_pct,
+            snapshot_pct,
             api_conflict_pct,
             api_5xx_pct,
-            api_latency_ms: r.random_range(0..=20),
+            api_latency_ms,
             rds_fail_pct,
             rds_lost_reply_pct,
             bounce_pct,
@@ -143,10 +198,20 @@ impl Options {
             node_crash_pct,
             node_delete_pct,
             failover_pct,
-            data_path_fence: r.random_bool(0.5),
-            rpc_timeout_ms: r.random_range(500..=10_000),
-            fault_every_ms: r.random_range(200..=2_000),
-            chaos_secs: r.random_range(10..=60),
+            data_path_fence,
+            node_partition_pct: if data_path_fence {
+                node_partition_pct
+            } else {
+                0
+            },
+            api_spike_pct,
+            delete_race_pct,
+            reissue_pct,
+            operator_pct,
+            reconcile_secs,
+            rpc_timeout_ms,
+            fault_every_ms,
+            chaos_secs,
             bug: None,
         }
     }
@@ -166,7 +231,8 @@ impl fmt::Display for Options {
              snapshot={}% api_409={}% \
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
-             failover={}% fence={} rpc_timeout={}ms fault_every={}ms chaos={}s",
+             failover={}% fence={} node_partition={}% api_spike={}% delete_race={}% \
+             reissue={}% operator={}% reconcile={}s rpc_timeout={}ms fault_every={}ms chaos={}s",
             self.seed,
             self.nodes,
             self.volumes,
@@ -188,6 +254,12 @@ impl fmt::Display for Options {
             self.node_delete_pct,
             self.failover_pct,
             if self.data_path_fence { "on" } else { "off" },
+            self.node_partition_pct,
+            self.api_spike_pct,
+            self.delete_race_pct,
+            self.reissue_pct,
+            self.operator_pct,
+            self.reconcile_secs,
             self.rpc_timeout_ms,
             self.fault_every_ms,
             self.chaos_secs,

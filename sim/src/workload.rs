@@ -9,7 +9,20 @@
 //! NodeUnpublish, NodeUnstage and ControllerUnpublish until OK and the VolumeAttachment
 //! removed (the pod moves to another live node); finally DeleteVolume until OK and the PV
 //! removed. When the node's machine is lost mid-round, its pod goes with it and the
-//! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss.
+//! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss; when the
+//! node is partitioned while alive, the same happens [`FORCE_DETACH_SECS`] after it stopped
+//! reporting (unless it heals first), its kubelet keeps the mount, and cleans up once the
+//! partition heals.
+//!
+//! The cluster's other habits, each a seeded knob: the provisioner's DeleteVolume racing
+//! the last detach (PVC protection ends when the pod is gone, not when the detach is done);
+//! an attacher that lost its state re-issuing ControllerPublish/Unpublish while the first
+//! still runs (on the other replica during a failover); operators following runbooks —
+//! removing a stuck VolumeAttachment's finalizer by hand (the detach never reaches the
+//! driver), deleting a PV by hand and restoring it from a backup (stale annotations); and
+//! the external-attacher's reconciliation, which compares ListVolumes' published nodes
+//! with the VolumeAttachments and re-attaches what the driver says is missing — every
+//! ListVolumes and ControllerGetVolume answer is judged against the durable records.
 //!
 //! Every call and its outcome goes to the trace; acknowledgements go to the
 //! [`Model`](crate::model::Model) the checkers judge, and an answer the spec rules out
@@ -19,16 +32,17 @@
 //! Each volume's choices come from its own seeded RNG, so the schedule of one volume does
 //! not shift another's draws.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::proto::csi::{
-    CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
-    ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, NodeExpandVolumeRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
+    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ListVolumesRequest,
+    NodeExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
@@ -38,7 +52,9 @@ use tonic::{Code, Status};
 
 use crate::model::Op;
 use crate::options::FORCE_DETACH_SECS;
-use crate::world::{DRIVER, KUBELET_ROOT, RESYNC, Shared, csi_channel, node_name};
+use crate::world::{
+    CSI_PORT, DRIVER, KUBELET_ROOT, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
+};
 
 /// Stands for the leading controller replica.
 const CTRL: &str = "controller*";
@@ -90,8 +106,8 @@ struct Reply {
     snapshot_id: String,
 }
 
-async fn send(host: &str, call: Call, timeout: Duration) -> Result<Reply, Status> {
-    let channel = csi_channel(host.to_string(), timeout)
+async fn send(host: &str, port: u16, call: Call, timeout: Duration) -> Result<Reply, Status> {
+    let channel = csi_channel(host.to_string(), port, timeout)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut c = ControllerClient::new(channel.clone());
@@ -153,11 +169,14 @@ fn capability() -> VolumeCapability {
     }
 }
 
-/// The volume's node was lost (its machine gone, Node object deleted) at this virtual time
-/// while the volume was attached to it or on its way there.
+/// The volume's node was lost (its machine gone, Node object deleted) or stopped
+/// reporting (partitioned while alive) at this virtual time while the volume was attached
+/// to it or on its way there.
 #[derive(Debug, Clone, Copy)]
 struct Lost {
     at: Duration,
+    /// The node is alive behind a partition: its kubelet keeps the mount.
+    alive: bool,
 }
 
 /// The answer `code` to `call` is one the spec rules out for the CO's requests, which are
@@ -200,11 +219,30 @@ struct Script {
     vol: String,
     /// The size last acknowledged.
     size: u64,
+    /// The pod's target path of the current round (what a kubelet must clean up).
+    target: Option<String>,
+    /// A kubelet cleaning up after a partition: node index and its task.
+    cleanup: Option<(usize, tokio::task::JoinHandle<()>)>,
+    /// The provisioner's DeleteVolume, when it raced the last detach.
+    deleting: Option<tokio::task::JoinHandle<()>>,
+    /// The PV as a backup made during the last attach holds it (an operator may restore it).
+    backup: Option<serde_json::Value>,
 }
 
 impl Script {
     /// One attempt of `call` on `host` (`CTRL`: the leading controller replica), traced.
     async fn once(&mut self, host: &str, call: &Call, note: &str) -> Result<Reply, Code> {
+        self.once_on(host, CSI_PORT, call, note).await
+    }
+
+    /// One attempt of `call` on `host`:`port`, traced.
+    async fn once_on(
+        &mut self,
+        host: &str,
+        port: u16,
+        call: &Call,
+        note: &str,
+    ) -> Result<Reply, Code> {
         let host = if host == CTRL {
             self.controller()
         } else {
@@ -212,7 +250,7 @@ impl Script {
         };
         let name = call.name();
         let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
-        let r = send(host, call.clone(), timeout).await;
+        let r = send(host, port, call.clone(), timeout).await;
         let outcome = match &r {
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
@@ -254,18 +292,29 @@ impl Script {
         }
     }
 
-    /// Whether node `ix` is still the machine of generation `generation`; if not, when
-    /// that machine was lost.
+    /// Whether node `ix` is still the machine of generation `generation` and reporting;
+    /// if not, when that machine was lost — or, for a node partitioned while alive, when
+    /// it stopped reporting, once the attach/detach controller gives up on it
+    /// ([`FORCE_DETACH_SECS`] later; until then the calls to it just fail and are retried).
     fn alive(&self, ix: usize, generation: u64) -> Result<(), Lost> {
         let life = self.sh.node_life(ix);
-        if life.generation == generation {
-            return Ok(());
+        if life.generation != generation {
+            let at = usize::try_from(generation)
+                .ok()
+                .and_then(|g| life.lost_at.get(g).copied())
+                .unwrap_or_default();
+            return Err(Lost { at, alive: false });
         }
-        let at = usize::try_from(generation)
-            .ok()
-            .and_then(|g| life.lost_at.get(g).copied())
-            .unwrap_or_default();
-        Err(Lost { at })
+        if let Some(since) = self.sh.partitioned_since(ix) {
+            let now = self.sh.trace.time().now();
+            if now >= since + Duration::from_secs(FORCE_DETACH_SECS) {
+                return Err(Lost {
+                    at: since,
+                    alive: true,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `call` until OK on `host` (`CTRL` or a node), as long as node `ix` stays the machine
@@ -330,7 +379,7 @@ impl Script {
             "",
             json!({
                 "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
-                "metadata": { "name": format!("csi-{}-{node}", self.vol) },
+                "metadata": { "name": va_name(&self.vol, node) },
                 "spec": { "attacher": DRIVER, "nodeName": node,
                           "source": { "persistentVolumeName": self.vol } },
                 "status": { "attached": attached },
@@ -339,11 +388,9 @@ impl Script {
     }
 
     fn remove_va(&self, node: &str) {
-        self.sh.api.remove_object(
-            Kind::VolumeAttachment,
-            "",
-            &format!("csi-{}-{node}", self.vol),
-        );
+        self.sh
+            .api
+            .remove_object(Kind::VolumeAttachment, "", &va_name(&self.vol, node));
     }
 
     fn publish_req(&self, node: &str, vctx: &HashMap<String, String>) -> Call {
@@ -375,9 +422,11 @@ impl Script {
     ) -> Result<Reply, Lost> {
         let node = node_name(ix);
         self.model().begin(&self.vol, &node, Op::Publish);
-        let r = self
-            .until_ok_on(CTRL, ix, generation, self.publish_req(&node, vctx))
-            .await?;
+        let call = self.publish_req(&node, vctx);
+        let r = match self.maybe_reissue(&node, &call).await {
+            Some(r) => r,
+            None => self.until_ok_on(CTRL, ix, generation, call).await?,
+        };
         self.ack(ix, generation, Op::Publish)?;
         Ok(r)
     }
@@ -386,13 +435,63 @@ impl Script {
     /// detaches whether or not the node is still there).
     async fn unpublish(&mut self, node: &str) {
         self.model().begin(&self.vol, node, Op::Unpublish);
-        self.until_ok(CTRL, self.unpublish_req(node)).await;
+        let call = self.unpublish_req(node);
+        if self.maybe_reissue(node, &call).await.is_none() {
+            self.until_ok(CTRL, call).await;
+        }
         self.model().ack(&self.vol, node, Op::Unpublish);
     }
 
-    /// A live node other than `ix`, if there is one, else any live node.
+    /// Sometimes the attacher loses its state while `call` (on the volume and `node`)
+    /// runs: the first call keeps running on the controller, unanswered to anyone, and the
+    /// attacher sends it again — to the same replica or, during a failover, to either —
+    /// as a call of its own (the re-issue port). Its answer when it succeeded; else the
+    /// caller goes on as usual.
+    async fn maybe_reissue(&mut self, node: &str, call: &Call) -> Option<Reply> {
+        if self.rng.random_range(0..100) >= self.sh.opts.reissue_pct {
+            return None;
+        }
+        let host = self.controller();
+        let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
+        let (sh, vol, node_name) = (self.sh.clone(), self.vol.clone(), node.to_string());
+        let first = call.clone();
+        self.model().outstanding(&vol, &node_name, true);
+        let running = tokio::spawn(async move {
+            let r = send(host, CSI_PORT, first.clone(), timeout).await;
+            let outcome = match &r {
+                Ok(_) => "OK".to_string(),
+                Err(s) => format!("{:?}", s.code()),
+            };
+            sh.trace.log(
+                "co",
+                format!(
+                    "{} {vol} @{host} (first, its attacher gone) -> {outcome}",
+                    first.name()
+                ),
+            );
+            sh.model
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .outstanding(&vol, &node_name, false);
+        });
+        // Re-issued while the first still runs (if it is already done, the attacher had
+        // its answer).
+        let wait = self.rng.random_range(1..=100);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if running.is_finished() {
+            return None;
+        }
+        self.once_on(CTRL, REISSUE_PORT, call, " (re-issued)")
+            .await
+            .ok()
+    }
+
+    /// A schedulable node (up, reporting) other than `ix`, if there is one, else any.
     fn pick_node(&mut self, ix: usize) -> usize {
-        let live = self.sh.live_nodes();
+        let live = match self.sh.schedulable_nodes() {
+            up if up.is_empty() => self.sh.live_nodes(),
+            up => up,
+        };
         let others: Vec<usize> = live.iter().copied().filter(|&n| n != ix).collect();
         let from = if others.is_empty() { live } else { others };
         from[self.rng.random_range(0..from.len())]
@@ -404,6 +503,7 @@ impl Script {
     async fn conflicting_attach(&mut self, ix: usize, vctx: &HashMap<String, String>) {
         let other = node_name(ix);
         let generation = self.sh.node_life(ix).generation;
+        self.put_va(&other, false);
         self.model().begin(&self.vol, &other, Op::Publish);
         let r = self
             .once(CTRL, &self.publish_req(&other, vctx), " (conflicting)")
@@ -421,25 +521,32 @@ impl Script {
             }
             Err(_) => self.unpublish(&other).await,
         }
+        self.remove_va(&other);
     }
 
     /// One round on node `ix`: the attacher attaches, the kubelet stages and publishes to
     /// a pod, the pod runs, then everything is torn down in reverse and the attachment
-    /// detached. `Err` if the node's machine is lost on the way (its pod goes with it).
+    /// detached. `Err` if the node's machine is lost on the way (its pod goes with it), or
+    /// the node stopped reporting long enough to be force-detached. In the `last` round the
+    /// provisioner may send DeleteVolume as soon as the pod is gone.
     async fn round(
         &mut self,
         ix: usize,
         generation: u64,
         round: usize,
+        last: bool,
         vctx: &HashMap<String, String>,
     ) -> Result<(), Lost> {
         let o = std::sync::Arc::clone(&self.sh.opts);
         let vol = self.vol.clone();
         let node = node_name(ix);
+        self.target = None;
         // The attacher.
         self.put_va(&node, false);
         let published = self.publish(ix, generation, vctx).await?;
         self.put_va(&node, true);
+        // A backup of the PV now holds this attachment (an operator may restore it later).
+        self.backup = self.sh.api.object(Kind::PersistentVolume, "", &vol);
         self.maybe_repeat(CTRL, self.publish_req(&node, vctx)).await;
         if self.rng.random_range(0..100) < o.conflict_attach_pct {
             let other = self.pick_node(ix);
@@ -449,10 +556,9 @@ impl Script {
         }
         self.alive(ix, generation)?;
         // The kubelet. The disk is visible to the node's kernel while it exists on the
-        // RDS (the network between them is not simulated).
+        // RDS; whether the kernel may connect is the RDS's allow lists' (the data path).
         self.show_disk(ix);
-        let staging =
-            format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount");
+        let staging = staging_path(&vol);
         let target =
             format!("{KUBELET_ROOT}/pods/pod-{vol}-{round}/volumes/kubernetes.io~csi/{vol}/mount");
         let stage = Call::Stage(NodeStageVolumeRequest {
@@ -466,6 +572,7 @@ impl Script {
         self.until_ok_on(&node, ix, generation, stage.clone())
             .await?;
         self.maybe_repeat(&node, stage).await;
+        self.target = Some(target.clone());
         let pod = Call::NodePublish(NodePublishVolumeRequest {
             volume_id: vol.clone(),
             publish_context: published.publish_context.clone(),
@@ -477,11 +584,13 @@ impl Script {
         });
         self.until_ok_on(&node, ix, generation, pod.clone()).await?;
         self.maybe_repeat(&node, pod).await;
+        self.reattach_if_asked(ix, generation, vctx).await?;
         if self.rng.random_range(0..100) < o.expand_pct {
             self.expand(ix, generation, &staging, &target).await?;
         }
         // The pod runs for a while.
         self.think(1_000, 15_000).await;
+        self.reattach_if_asked(ix, generation, vctx).await?;
         // The pod moves away.
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: vol.clone(),
@@ -490,6 +599,18 @@ impl Script {
         self.until_ok_on(&node, ix, generation, unpod.clone())
             .await?;
         self.maybe_repeat(&node, unpod).await;
+        // The pod is gone: PVC protection lets the provisioner delete the PV now, while
+        // the kubelet still unstages and the attacher still detaches.
+        if last && self.rng.random_range(0..100) < o.delete_race_pct {
+            self.sh.trace.log(
+                "co",
+                format!("{vol}: pod gone, the provisioner deletes while the detach is under way"),
+            );
+            let child = self.child();
+            self.deleting = Some(tokio::spawn(child.delete_volume()));
+            // The kubelet unstages once its volume manager notices no pod uses it.
+            self.think(100, 3_000).await;
+        }
         let unstage = Call::Unstage(NodeUnstageVolumeRequest {
             volume_id: vol.clone(),
             staging_target_path: staging,
@@ -497,11 +618,147 @@ impl Script {
         self.until_ok_on(&node, ix, generation, unstage.clone())
             .await?;
         self.maybe_repeat(&node, unstage).await;
+        self.target = None;
+        if self.rng.random_range(0..100) < o.operator_pct && self.rng.random_bool(0.5) {
+            // The detach is stuck; a runbook says to remove the VolumeAttachment's
+            // finalizer by hand: the detach never reaches the driver.
+            self.sh.trace.log(
+                "co",
+                format!(
+                    "operator removes the finalizer of {vol}'s VolumeAttachment on {node}: \
+                     the detach never reaches the driver"
+                ),
+            );
+            self.model().operator_changed(&vol, &node);
+            self.remove_va(&node);
+            return Ok(());
+        }
         // The attacher detaches (the node may be lost meanwhile: the detach goes on).
         self.unpublish(&node).await;
         self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
         self.remove_va(&node);
         Ok(())
+    }
+
+    /// The external-attacher's reconciliation found this attachment missing from
+    /// ListVolumes: it re-attaches (ControllerPublish again, until OK).
+    async fn reattach_if_asked(
+        &mut self,
+        ix: usize,
+        generation: u64,
+        vctx: &HashMap<String, String>,
+    ) -> Result<(), Lost> {
+        let node = node_name(ix);
+        if !self.sh.take_reattach(&self.vol, &node) {
+            return Ok(());
+        }
+        self.sh.trace.log(
+            "co",
+            format!(
+                "attacher re-attaches {} to {node} (missing from ListVolumes)",
+                self.vol
+            ),
+        );
+        self.publish(ix, generation, vctx).await.map(|_| ())
+    }
+
+    /// A script for the same volume with its own seeded RNG, for a task of its own (the
+    /// provisioner racing the attacher, a kubelet cleaning up).
+    fn child(&mut self) -> Script {
+        Script {
+            sh: self.sh.clone(),
+            rng: StdRng::seed_from_u64(self.rng.random()),
+            vol: self.vol.clone(),
+            size: self.size,
+            target: None,
+            cleanup: None,
+            deleting: None,
+            backup: None,
+        }
+    }
+
+    /// The kubelet of node `ix`, cut off while its volume was force-detached and moved,
+    /// kept the mount; once the partition heals it learns the pod is gone and unmounts
+    /// and unstages (unless its machine was lost meanwhile). Runs as a task of its own.
+    fn clean_up_after_partition(&mut self, ix: usize, generation: u64) {
+        let target = self.target.take();
+        let mut kubelet = self.child();
+        let handle = tokio::spawn(async move {
+            while kubelet.sh.partitioned_since(ix).is_some() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let node = node_name(ix);
+            let vol = kubelet.vol.clone();
+            kubelet.sh.trace.log(
+                "co",
+                format!("{node}: kubelet back, cleans up {vol} (its pod is gone)"),
+            );
+            if let Some(target) = target {
+                let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+                    volume_id: vol.clone(),
+                    target_path: target,
+                });
+                let _ = kubelet.until_ok_on(&node, ix, generation, unpod).await;
+            }
+            let unstage = Call::Unstage(NodeUnstageVolumeRequest {
+                volume_id: vol.clone(),
+                staging_target_path: staging_path(&vol),
+            });
+            let _ = kubelet.until_ok_on(&node, ix, generation, unstage).await;
+        });
+        self.cleanup = Some((ix, handle));
+    }
+
+    /// Waits for a kubelet's cleanup on node `ix` (or on any node: `None`), if one runs.
+    async fn cleaned_up(&mut self, ix: Option<usize>) {
+        if let Some((at, _)) = &self.cleanup
+            && ix.is_none_or(|ix| ix == *at)
+            && let Some((_, handle)) = self.cleanup.take()
+        {
+            let _ = handle.await;
+        }
+    }
+
+    /// Between rounds, sometimes an operator deletes the PV by hand and restores it from a
+    /// backup made while an earlier attachment held it: stale annotations the driver must
+    /// neither trust to attach twice nor let block the volume.
+    async fn maybe_restore_pv(&mut self) {
+        if self.rng.random_range(0..100) >= self.sh.opts.operator_pct || self.rng.random_bool(0.5) {
+            return;
+        }
+        let Some(backup) = self.backup.take() else {
+            return;
+        };
+        let vol = self.vol.clone();
+        self.sh.trace.log(
+            "co",
+            format!("operator deletes the PV of {vol} by hand and restores it from a backup"),
+        );
+        self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
+        self.think(0, 2_000).await;
+        self.sh.api.put_object(Kind::PersistentVolume, "", backup);
+        for node in self.sh.stored_holders(&vol).unwrap_or_default() {
+            self.model().operator_changed(&vol, &node);
+        }
+    }
+
+    /// The provisioner, on PV release: DeleteVolume until OK, then the PV removed.
+    async fn delete_volume(mut self) {
+        let vol = self.vol.clone();
+        self.model().volume(&vol).deleting = true;
+        let delete = Call::Delete(DeleteVolumeRequest {
+            volume_id: vol.clone(),
+            ..Default::default()
+        });
+        self.until_ok(CTRL, delete.clone()).await;
+        {
+            let mut m = self.model();
+            let v = m.volume(&vol);
+            v.deleting = false;
+            v.deleted = true;
+        }
+        self.maybe_repeat(CTRL, delete).await;
+        self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
     }
 
     /// The node's kernel sees the disk, at its current size, while it exists on the RDS
@@ -602,8 +859,13 @@ impl Script {
         self.sh.trace.log(
             "co",
             format!(
-                "{} on {node}: machine lost at {:.3}s, force-detach at {:.3}s",
+                "{} on {node}: {} at {:.3}s, force-detach at {:.3}s",
                 self.vol,
+                if lost.alive {
+                    "node stopped reporting"
+                } else {
+                    "machine lost"
+                },
                 lost.at.as_secs_f64(),
                 at.as_secs_f64()
             ),
@@ -650,18 +912,25 @@ impl Script {
             }),
         );
         let vctx = created.volume_context;
-        let live = self.sh.live_nodes();
-        let mut ix = live[self.rng.random_range(0..live.len())];
+        let mut ix = self.pick_node(usize::MAX);
         let mut snapshots = Vec::new();
         for round in 0..=o.moves {
+            self.cleaned_up(Some(ix)).await;
             let generation = self.sh.node_life(ix).generation;
-            if let Err(lost) = self.round(ix, generation, round, &vctx).await {
+            let last = round == o.moves;
+            if let Err(lost) = self.round(ix, generation, round, last, &vctx).await {
+                if lost.alive {
+                    self.clean_up_after_partition(ix, generation);
+                }
                 self.force_detach(&node_name(ix), lost).await;
             }
-            if self.rng.random_range(0..100) < o.snapshot_pct {
+            if self.deleting.is_none() && self.rng.random_range(0..100) < o.snapshot_pct {
                 snapshots.push(self.snapshot(round).await);
             }
             self.think(0, 3_000).await;
+            if !last {
+                self.maybe_restore_pv().await;
+            }
             ix = self.pick_node(ix);
         }
         // Snapshots outlive their volume (copies on the RDS): delete them before or after.
@@ -671,31 +940,44 @@ impl Script {
                 self.delete_snapshot(id).await;
             }
         }
-        // The provisioner, on PV release.
-        self.model().volume(&vol).deleting = true;
-        let delete = Call::Delete(DeleteVolumeRequest {
-            volume_id: vol.clone(),
-            ..Default::default()
-        });
-        self.until_ok(CTRL, delete.clone()).await;
-        {
-            let mut m = self.model();
-            let v = m.volume(&vol);
-            v.deleting = false;
-            v.deleted = true;
-        }
-        self.maybe_repeat(CTRL, delete).await;
-        self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
+        // The provisioner, on PV release (unless it already raced the last detach).
+        let deleting = match self.deleting.take() {
+            Some(raced) => raced,
+            None => {
+                let child = self.child();
+                tokio::spawn(child.delete_volume())
+            }
+        };
+        let _ = deleting.await;
         if !snapshots_first {
             for id in &snapshots {
                 self.delete_snapshot(id).await;
             }
         }
+        self.cleaned_up(None).await;
         self.sh.trace.log("co", format!("{vol} done"));
     }
 }
 
-/// The CO client: every volume's script, concurrently, until all are done.
+/// The kubelet's staging path of `vol`.
+fn staging_path(vol: &str) -> String {
+    format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount")
+}
+
+/// The name Kubernetes gives the VolumeAttachment of `vol` on `node` (the driver looks it up
+/// by that name).
+fn va_name(vol: &str, node: &str) -> String {
+    match (
+        rds_csi::types::VolumeId::new(vol),
+        rds_csi::types::NodeId::new(node),
+    ) {
+        (Ok(v), Ok(n)) => rds_csi::kube::cluster::volume_attachment_name(&v, DRIVER, &n),
+        _ => format!("csi-{vol}-{node}"),
+    }
+}
+
+/// The CO client: every volume's script, concurrently, until all are done; and, when the
+/// knob says so, the external-attacher's reconciliation beside them.
 pub async fn run(sh: Shared) -> turmoil::Result {
     let mut tasks = Vec::new();
     for i in 0..sh.opts.volumes {
@@ -704,15 +986,194 @@ pub async fn run(sh: Shared) -> turmoil::Result {
             rng: StdRng::seed_from_u64(sh.opts.seed.wrapping_mul(31).wrapping_add(i as u64)),
             vol: format!("pvc-sim-{i}"),
             size: VOLUME_BYTES as u64,
+            target: None,
+            cleanup: None,
+            deleting: None,
+            backup: None,
         };
         tasks.push(tokio::spawn(script.run()));
     }
+    let reconciler = (sh.opts.reconcile_secs > 0).then(|| tokio::spawn(reconcile(sh.clone())));
     for t in tasks {
         t.await?;
+    }
+    if let Some(r) = reconciler {
+        r.abort();
     }
     // Memory of a replica that missed the other's writes during a failover agrees with
     // the store again after its next resync.
     tokio::time::sleep(RESYNC + Duration::from_secs(5)).await;
     sh.trace.log("co", "workload complete");
     Ok(())
+}
+
+/// The holders of every volume the workload made, as the durable records name them (no
+/// PV: none).
+fn durable(sh: &Shared) -> BTreeMap<String, BTreeSet<String>> {
+    let volumes: Vec<String> = sh
+        .model
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .volumes
+        .keys()
+        .cloned()
+        .collect();
+    volumes
+        .into_iter()
+        .map(|v| {
+            let held = sh.stored_holders(&v).unwrap_or_default();
+            (v, held)
+        })
+        .collect()
+}
+
+/// Judges an answer of `rpc` on `host` (published nodes by volume) against the durable
+/// records, for each volume whose records did not change while the call ran.
+fn judge(
+    sh: &Shared,
+    rpc: &str,
+    host: &str,
+    answer: &BTreeMap<String, BTreeSet<String>>,
+    before: &BTreeMap<String, BTreeSet<String>>,
+    after: &BTreeMap<String, BTreeSet<String>>,
+) {
+    for (vol, said) in answer {
+        match (before.get(vol), after.get(vol)) {
+            (Some(b), Some(a)) if a == b && said != b => sh.co_violation(format!(
+                "{rpc} @{host} says {vol} is published to {said:?}; the durable records say {b:?}"
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// ListVolumes on `host`, every page (two entries a page): published nodes by volume.
+async fn list_volumes(
+    host: &str,
+    timeout: Duration,
+) -> Result<BTreeMap<String, BTreeSet<String>>, Status> {
+    let channel = csi_channel(host.to_string(), CSI_PORT, timeout)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut c = ControllerClient::new(channel);
+    let mut out = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await?
+            .into_inner();
+        for e in page.entries {
+            let (Some(v), Some(st)) = (e.volume, e.status) else {
+                continue;
+            };
+            out.insert(v.volume_id, st.published_node_ids.into_iter().collect());
+        }
+        if page.next_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_token;
+    }
+}
+
+/// ControllerGetVolume of `vol` on `host`: its published nodes.
+async fn get_volume(host: &str, vol: &str, timeout: Duration) -> Result<BTreeSet<String>, Status> {
+    let channel = csi_channel(host.to_string(), CSI_PORT, timeout)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let answer = ControllerClient::new(channel)
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: vol.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(answer
+        .status
+        .map(|s| s.published_node_ids.into_iter().collect())
+        .unwrap_or_default())
+}
+
+/// The external-attacher's reconciliation (`--reconcile-sync`): every `reconcile_secs` it
+/// lists the volumes (ListVolumes, with LIST_VOLUMES_PUBLISHED_NODES) and compares their
+/// published nodes with the VolumeAttachments; one attached in its VolumeAttachment but
+/// missing from the answer is re-attached (its volume's script publishes it again). It
+/// also asks ControllerGetVolume about one volume. Every answer is judged against the
+/// durable records: these answers drive real actions.
+async fn reconcile(sh: Shared) {
+    let period = Duration::from_secs(sh.opts.reconcile_secs);
+    let timeout = Duration::from_millis(sh.opts.rpc_timeout_ms);
+    let mut rng = StdRng::seed_from_u64(sh.opts.seed ^ 0x00a7_7ac4);
+    loop {
+        tokio::time::sleep(period).await;
+        let l = sh.leader();
+        let host = match l.stale {
+            Some(stale) if rng.random_bool(0.5) => stale,
+            _ => l.active,
+        };
+        let before = durable(&sh);
+        let answer = list_volumes(host, timeout).await;
+        let after = durable(&sh);
+        let published = match answer {
+            Ok(p) => p,
+            Err(e) => {
+                sh.trace.log(
+                    "co",
+                    format!("attacher reconcile: ListVolumes @{host} -> {:?}", e.code()),
+                );
+                continue;
+            }
+        };
+        sh.trace.log(
+            "co",
+            format!(
+                "attacher reconcile: ListVolumes @{host} -> OK ({} volumes)",
+                published.len()
+            ),
+        );
+        judge(&sh, "ListVolumes", host, &published, &before, &after);
+        for va in sh.api.objects(Kind::VolumeAttachment) {
+            let attached = va.pointer("/status/attached").and_then(|a| a.as_bool());
+            let vol = va
+                .pointer("/spec/source/persistentVolumeName")
+                .and_then(|v| v.as_str());
+            let node = va.pointer("/spec/nodeName").and_then(|v| v.as_str());
+            if let (Some(true), Some(vol), Some(node)) = (attached, vol, node)
+                && published.get(vol).is_some_and(|p| !p.contains(node))
+            {
+                sh.trace.log(
+                    "co",
+                    format!("attacher reconcile: {vol} on {node} is attached but not published: re-attach"),
+                );
+                sh.request_reattach(vol, node);
+            }
+        }
+        let live: Vec<String> = {
+            let m = sh.model.lock().unwrap_or_else(|p| p.into_inner());
+            m.volumes
+                .iter()
+                .filter(|(_, v)| v.created && !v.deleting && !v.deleted)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        if live.is_empty() {
+            continue;
+        }
+        let vol = live[rng.random_range(0..live.len())].clone();
+        let before = durable(&sh);
+        let answer = get_volume(host, &vol, timeout).await;
+        let after = durable(&sh);
+        if let Ok(nodes) = answer {
+            judge(
+                &sh,
+                "ControllerGetVolume",
+                host,
+                &BTreeMap::from([(vol, nodes)]),
+                &before,
+                &after,
+            );
+        }
+    }
 }

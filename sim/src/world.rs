@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
@@ -50,7 +51,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::crash::CrashPoint;
 use crate::model::Model;
-use crate::options::Options;
+use crate::options::{Bug, Options};
 use crate::overlap::{Ops, Tracked};
 use crate::trace::{SimTime, Trace};
 
@@ -60,6 +61,10 @@ pub const DRIVER: &str = "rds.csi.srvlab.io";
 pub const EPOCH_SECS: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 /// CSI port of the controller and node hosts.
 pub const CSI_PORT: u16 = 10000;
+/// Second CSI port of the controller hosts: where an attacher that lost its state re-issues
+/// a call (the same service as [`CSI_PORT`], one in-flight table; a planted bug serves it
+/// from a second instance).
+pub const REISSUE_PORT: u16 = 10001;
 /// API server port.
 pub const KUBE_PORT: u16 = 6443;
 /// RDS line-protocol port.
@@ -126,6 +131,11 @@ pub struct Shared {
     pub ops: Ops,
     /// The export allow lists last mirrored into the kernels.
     exports: Arc<Mutex<BTreeMap<String, ExportView>>>,
+    /// Per node (index 0 is `node-1`): since when it is partitioned while alive.
+    partitioned: Arc<Mutex<Vec<Option<Duration>>>>,
+    /// (volume, node) pairs the external-attacher's reconciliation found attached in a
+    /// VolumeAttachment but missing from ListVolumes: to be re-attached.
+    reattach: Arc<Mutex<std::collections::BTreeSet<(String, String)>>>,
 }
 
 /// The life of one node's machine: lost (Node object deleted) and replaced by a fresh
@@ -154,9 +164,10 @@ impl Shared {
             Arc::new(SimClock(trace.time().clone())),
         );
         let kernels = (0..opts.nodes)
-            .map(|i| FakeKernel::new(DEFAULT_NQN_PREFIX, &host_nqn(i)))
+            .map(|i| FakeKernel::new(DEFAULT_NQN_PREFIX, &host_nqn_of_machine(i, 0)))
             .collect();
         let nodes = vec![NodeLife::default(); opts.nodes];
+        let partitioned = Arc::new(Mutex::new(vec![None; opts.nodes]));
         Self {
             opts: Arc::new(opts),
             trace,
@@ -175,7 +186,65 @@ impl Shared {
             co_violations: Arc::default(),
             ops: Ops::default(),
             exports: Arc::default(),
+            partitioned,
+            reattach: Arc::default(),
         }
+    }
+
+    /// Node `i` is partitioned while alive since `since` (`None`: reachable again).
+    pub fn set_partitioned(&self, i: usize, since: Option<Duration>) {
+        self.partitioned.lock().unwrap_or_else(|p| p.into_inner())[i] = since;
+    }
+
+    /// Since when node `i` is partitioned while alive, if it is.
+    pub fn partitioned_since(&self, i: usize) -> Option<Duration> {
+        self.partitioned.lock().unwrap_or_else(|p| p.into_inner())[i]
+    }
+
+    /// The external-attacher asks for (volume, node) to be re-attached.
+    pub fn request_reattach(&self, volume: &str, node: &str) {
+        self.reattach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((volume.to_string(), node.to_string()));
+    }
+
+    /// Takes a re-attach request for (volume, node), if there is one.
+    pub fn take_reattach(&self, volume: &str, node: &str) -> bool {
+        self.reattach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(volume.to_string(), node.to_string()))
+    }
+
+    /// The host NQN node `i`'s machine has now (a re-provisioned machine has a new one).
+    pub fn host_nqn_now(&self, i: usize) -> String {
+        host_nqn_of_machine(i, self.node_life(i).generation)
+    }
+
+    /// The holders of `volume` as its PV's annotations name them (`None`: no PV): the
+    /// durable records.
+    pub fn stored_holders(&self, volume: &str) -> Option<std::collections::BTreeSet<String>> {
+        let pv = self
+            .api
+            .object(rds_csi::kube::fake_api::Kind::PersistentVolume, "", volume)?;
+        let nodes = pv
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(rds_csi::kube::pv_store::ANN_ATTACHED_NODE))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        Some(
+            nodes
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
+    /// The node whose current machine has host NQN `nqn`, if any.
+    pub fn node_with_host_nqn(&self, nqn: &str) -> Option<usize> {
+        (0..self.opts.nodes).find(|&i| self.host_nqn_now(i) == nqn)
     }
 
     /// Mirrors the RDS's export allow lists into the kernels (the data path): a kernel is
@@ -188,12 +257,21 @@ impl Shared {
             return;
         }
         for (i, kernel) in self.kernels.iter().enumerate() {
-            let me = host_nqn(i);
+            let me = self.host_nqn_now(i);
             for e in now.values() {
                 kernel.refuse(&e.nqn, e.allow_host.as_ref().is_some_and(|h| *h != me));
             }
         }
         *last = now;
+    }
+
+    /// Forgets the allow lists last mirrored, so the next [`Self::sync_data_path`] mirrors
+    /// them again (a kernel's host NQN changed).
+    pub fn forget_data_path(&self) {
+        self.exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn node_lives(&self) -> std::sync::MutexGuard<'_, Vec<NodeLife>> {
@@ -217,6 +295,14 @@ impl Shared {
     /// Node `i` is back (a fresh machine).
     pub fn restore_node(&self, i: usize) {
         self.node_lives()[i].down = false;
+    }
+
+    /// The nodes whose machine is up and reachable: where pods can be scheduled.
+    pub fn schedulable_nodes(&self) -> Vec<usize> {
+        self.live_nodes()
+            .into_iter()
+            .filter(|&i| self.partitioned_since(i).is_none())
+            .collect()
     }
 
     /// The nodes whose machine is up.
@@ -274,23 +360,33 @@ pub fn node_name(i: usize) -> String {
     format!("node-{}", i + 1)
 }
 
-/// The NVMe host NQN of node `i`'s machine.
-pub fn host_nqn(i: usize) -> String {
-    host_nqn_of(&node_name(i))
+/// The index of the node host named `name`.
+pub fn node_index(name: &str) -> Option<usize> {
+    name.strip_prefix("node-")?
+        .parse::<usize>()
+        .ok()?
+        .checked_sub(1)
 }
 
-/// The NVMe host NQN of the machine of the node named `node`.
-pub fn host_nqn_of(node: &str) -> String {
-    format!("nqn.2014-08.org.nvmexpress:uuid:{node}")
+/// The NVMe host NQN of the machine of generation `generation` of node `i`: a node
+/// re-provisioned under the same name (a fresh machine after a loss) has a new one.
+pub fn host_nqn_of_machine(i: usize, generation: u64) -> String {
+    match generation {
+        0 => format!("nqn.2014-08.org.nvmexpress:uuid:{}", node_name(i)),
+        g => format!("nqn.2014-08.org.nvmexpress:uuid:{}-g{g}", node_name(i)),
+    }
 }
 
-/// Node `i`'s Node object, carrying its host NQN as the node plugin publishes it.
-pub fn node_object(i: usize) -> serde_json::Value {
+/// Node `i`'s Node object for its machine of generation `generation`, carrying that
+/// machine's host NQN as the node plugin publishes it.
+pub fn node_object(i: usize, generation: u64) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {
             "name": node_name(i),
-            "annotations": { (rds_csi::kube::cluster::ANN_HOST_NQN): host_nqn(i) },
+            "annotations": {
+                (rds_csi::kube::cluster::ANN_HOST_NQN): host_nqn_of_machine(i, generation),
+            },
         },
     })
 }
@@ -343,16 +439,20 @@ fn incoming(
     })
 }
 
-/// Opens a CSI channel to `host` over turmoil TCP (one connection per channel).
-pub async fn csi_channel(host: String, rpc_timeout: Duration) -> Result<Channel, BoxError> {
-    let endpoint = Endpoint::from_shared(format!("http://{host}:{CSI_PORT}"))?
+/// Opens a CSI channel to `host`:`port` over turmoil TCP (one connection per channel).
+pub async fn csi_channel(
+    host: String,
+    port: u16,
+    rpc_timeout: Duration,
+) -> Result<Channel, BoxError> {
+    let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(rpc_timeout);
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let host = host.clone();
             async move {
-                turmoil::net::TcpStream::connect((host.as_str(), CSI_PORT))
+                turmoil::net::TcpStream::connect((host.as_str(), port))
                     .await
                     .map(TokioIo::new)
             }
@@ -511,11 +611,17 @@ impl PortLayers for ControllerLayers {
         crate::bugs::wrap_transport(port, self.sh.opts.bug)
     }
     fn rds(&self, port: Arc<dyn Rds>) -> Arc<dyn Rds> {
+        let port = crate::bugs::wrap_rds(port, self.sh.opts.bug);
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn store(&self, port: Arc<dyn AttachmentStore>) -> Arc<dyn AttachmentStore> {
         let port = crate::crash::wrap_store(port, &self.sh.crash, self.name);
-        let port = crate::bugs::wrap_store(port, self.sh.opts.bug);
+        let ops = self.sh.ops.clone();
+        let port = crate::bugs::wrap_store(
+            port,
+            self.sh.opts.bug,
+            Arc::new(move || ops.current_method()),
+        );
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {
@@ -523,12 +629,16 @@ impl PortLayers for ControllerLayers {
     }
 }
 
-/// Finishes start-up (retrying while the backend is unreachable), then serves CSI.
+/// Finishes start-up (retrying while the backend is unreachable), then serves CSI on
+/// [`CSI_PORT`] — and, for a controller (`reissue`), on [`REISSUE_PORT`] too: from the same
+/// service, or with [`Bug::ReissuedPublishSkipsLock`] from a second instance (its own
+/// in-flight table).
 async fn start_and_serve(
     plugin: Plugin,
     trace: &Trace,
     who: &'static str,
     name: &str,
+    reissue: Option<Option<Bug>>,
 ) -> turmoil::Result {
     let mut attempt = 0u32;
     loop {
@@ -546,13 +656,30 @@ async fn start_and_serve(
     }
     trace.log(who, format!("{name} ready"));
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", CSI_PORT)).await?;
-    rds_csi::server::serve(
-        plugin.services(),
-        incoming(listener),
-        std::future::pending::<()>(),
-        Duration::ZERO,
-    )
-    .await
+    let serve = |services, incoming| {
+        rds_csi::server::serve(
+            services,
+            incoming,
+            std::future::pending::<()>(),
+            Duration::ZERO,
+        )
+    };
+    match reissue {
+        None => serve(plugin.services(), incoming(listener).boxed()).await,
+        Some(bug) => {
+            let second = turmoil::net::TcpListener::bind(("0.0.0.0", REISSUE_PORT)).await?;
+            if bug == Some(Bug::ReissuedPublishSkipsLock) {
+                let (a, b) = tokio::join!(
+                    serve(plugin.services(), incoming(listener).boxed()),
+                    serve(plugin.services(), incoming(second).boxed()),
+                );
+                a.and(b)
+            } else {
+                let both = futures::stream::select(incoming(listener), incoming(second));
+                serve(plugin.services(), both.boxed()).await
+            }
+        }
+    }
     .map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -592,7 +719,7 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), manager);
     }
-    start_and_serve(plugin, &sh.trace, "ctrl", name).await
+    start_and_serve(plugin, &sh.trace, "ctrl", name, Some(sh.opts.bug)).await
 }
 
 /// The `node-<i+1>` host, one incarnation: the plugin built by the composition root over
@@ -615,5 +742,5 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     });
     let plugin = compose::build(&settings(&node_name(i), Mode::Node, &sh.opts)?, seams)
         .map_err(|e| e.to_string())?;
-    start_and_serve(plugin, &sh.trace, "node", "").await
+    start_and_serve(plugin, &sh.trace, "node", "", None).await
 }

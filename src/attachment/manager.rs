@@ -10,7 +10,15 @@
 //!   durable, and memory never claims a holder the store refused;
 //! - untrack names the node: an unpublish from a node that no longer holds the volume
 //!   leaves the current holder alone;
-//! - the per-volume lock entries are freed when unused (see [`super::lock`]).
+//! - the per-volume lock entries are freed when unused (see [`super::lock`]);
+//! - the data-path fence ([`super::fence`]) moves only after the attachment record is
+//!   durable, and is re-checked against the store after the move lands: a publish that
+//!   loses a race never moves it, and a move that raced another replica is corrected to what
+//!   the store names. An exported disk no single-node holder owns is parked, never open to
+//!   any host (an open export after an unpublish let a node that missed its detach back in);
+//! - a record whose holder's Node is gone, or whose VolumeAttachment is gone (detached by
+//!   hand: the detach never reached the driver), is stale: it is cleared instead of
+//!   blocking the volume forever.
 //!
 //! Lock order: per-volume lock (async, [`LockTable`]) first, then the map lock (a std
 //! mutex over the in-memory state) for short, non-awaiting critical sections. The map lock
@@ -19,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::attachment::fence::Target;
 use crate::attachment::lock::{LockGuard, LockTable};
 use crate::attachment::persist::store_error;
 use crate::attachment::types::{
@@ -63,6 +72,19 @@ impl State {
         }
         previous
     }
+}
+
+/// Why a record whose VolumeAttachment is gone is stale.
+const DETACHED_BY_HAND: &str =
+    "its VolumeAttachment is gone (detached by hand: the detach never reached the driver)";
+
+/// What a [`AttachmentManager::fence`] did.
+#[derive(Debug, Clone, Copy)]
+struct FenceMove {
+    /// The export's allow list was changed.
+    moved: bool,
+    /// The store still names the holder the move was made for.
+    still_held: bool,
 }
 
 /// Tracks attachments; one per controller instance.
@@ -283,7 +305,8 @@ impl AttachmentManager {
                 }
                 continue;
             }
-            if self.cluster.node_exists(other).await? {
+            let stale = self.stale_reason(&volume, other).await?;
+            if stale.is_none() {
                 // Refuse only what the store confirms (found by the simulation: a stale
                 // holder blocked the volume until restart).
                 self.confirm(&volume, &current).await?;
@@ -299,8 +322,9 @@ impl AttachmentManager {
                 return Err(Error::FailedPrecondition(message));
             }
             let message = format!(
-                "clearing the attachment of volume {volume} to node {other}: its Node object \
-                 is gone; attaching to node {node}"
+                "clearing the attachment of volume {volume} to node {other}: {}; attaching \
+                 to node {node}",
+                stale.unwrap_or_default()
             );
             tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
             self.event(&volume, "StaleAttachmentCleared", &message, true)
@@ -338,6 +362,57 @@ impl AttachmentManager {
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
         self.write(volume, &previous, &next, tentative).await?;
         Ok(removed.into_vec())
+    }
+
+    /// Why `node`'s record of `volume` is stale, or `None` while it is live: its Node object
+    /// is gone (asked fresh), or the orchestrator has no VolumeAttachment for it any more.
+    /// The external-attacher keeps its finalizer on a VolumeAttachment until our unpublish
+    /// succeeded, so a record without one was detached by hand (a runbook removed the
+    /// finalizer of a stuck detach): the detach never reached us, and the record would
+    /// otherwise block the volume forever.
+    async fn stale_reason(&self, volume: &VolumeId, node: &NodeId) -> Result<Option<String>> {
+        if !self.cluster.node_exists(node).await? {
+            return Ok(Some("its Node object is gone".into()));
+        }
+        Ok(match self.cluster.volume_attachment_exists(volume, node).await? {
+            Some(false) => Some(DETACHED_BY_HAND.into()),
+            Some(true) | None => None,
+        })
+    }
+
+    /// DeleteVolume's view of who still uses `volume`: the holders the store names, under
+    /// the volume's lock, with memory set to match; a holder whose VolumeAttachment is gone
+    /// (detached by hand) is stale and cleared first, so a runbook's intervention cannot
+    /// block the delete forever.
+    pub async fn live_holders(&self, volume: &VolumeId) -> Result<Vec<AttachmentRecord>> {
+        let _guard = self.lock(volume).await;
+        let stored = self.read_stored(volume).await?;
+        self.state().set(volume, stored.clone());
+        let mut live = stored.clone();
+        for held in stored.iter() {
+            let node = &held.node_id;
+            if self.cluster.volume_attachment_exists(volume, node).await? == Some(false) {
+                let message = format!(
+                    "clearing the attachment of volume {volume} to node {node}: \
+                     {DETACHED_BY_HAND}"
+                );
+                tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
+                self.event(volume, "StaleAttachmentCleared", &message, true)
+                    .await;
+                live.remove(node);
+            }
+        }
+        if live.len() != stored.len() {
+            let tentative = self.apply_tentative(volume, live.clone(), None)?;
+            self.write(volume, &stored, &live, tentative).await?;
+        }
+        Ok(live.into_vec())
+    }
+
+    /// Every record the store holds, sorted by (volume, node): for answers that must not
+    /// rest on a possibly stale memory (ListVolumes' published nodes).
+    pub async fn stored_records(&self) -> Result<Vec<AttachmentRecord>> {
+        Ok(self.store.load_all().await?)
     }
 
     /// `volume`'s holders in the store (a missing PV holds nothing).
@@ -425,27 +500,134 @@ impl AttachmentManager {
         crate::ports::store::same_holders(memory, holders.as_slice())
     }
 
-    /// After a change to `volume`'s export allow list: the change is not atomic with the
-    /// store, and another replica (during a failover) may have changed the holders since
-    /// our write — and fenced the export to its node before our change landed. Re-reads
-    /// the store (memory follows it) and, when it names a single-node holder other than
-    /// `expected`, fences the export to that holder again. Returns whether the store still
-    /// names `expected` (always true for `None`).
-    async fn refence_from_store(&self, volume: &VolumeId, expected: Option<&NodeId>) -> Result<bool> {
-        let stored = self.read_stored(volume).await?;
-        let holder = stored
-            .iter()
-            .find(|r| r.access_mode.is_single_node())
-            .map(|r| r.node_id.clone());
-        if let Some(holder) = &holder
-            && Some(holder) != expected
-            && let Some(nqn) = self.cluster.node_host_nqn(holder).await?
-        {
-            self.rds.set_allowed_host(volume.as_str(), Some(&nqn)).await?;
+    /// The allow-list value of `target` for `volume` (`Some(None)`: open to any host), or
+    /// `None` when it cannot be known: a holder whose node has not published its host NQN.
+    /// `known` is a host NQN just read for a node (a publish's own), saving a request.
+    async fn allow_value(
+        &self,
+        volume: &VolumeId,
+        target: &Target,
+        known: Option<(&NodeId, &str)>,
+    ) -> Result<Option<Option<String>>> {
+        Ok(match target {
+            Target::Parked => Some(Some(crate::attachment::fence::parked_nqn(volume))),
+            Target::Open => Some(None),
+            Target::Host(node) => match known {
+                Some((n, nqn)) if n == node => Some(Some(nqn.to_string())),
+                _ => self.cluster.node_host_nqn(node).await?.map(Some),
+            },
+        })
+    }
+
+    /// Sets `volume`'s allow list to `value`; a disk gone meanwhile has nothing to fence.
+    async fn set_allow(&self, volume: &VolumeId, value: Option<&str>) -> Result<()> {
+        match self.rds.set_allowed_host(volume.as_str(), value).await {
+            // CSI: "If the volume corresponding to the volume_id ... cannot be found by
+            // the Plugin and the volume can be safely regarded as ControllerUnpublished
+            // from the node, the plugin SHOULD return 0 OK."
+            Ok(()) | Err(RdsError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        let still = expected.is_none_or(|n| stored.nodes().any(|h| h == n));
+    }
+
+    /// Moves `volume`'s export to what the fence wants for `holders` — the holders memory
+    /// and the store agree on right after a durable change, under the volume's lock — then
+    /// re-checks the store: the move is not atomic with it, and another replica (during a
+    /// failover) may have changed the holders since and moved the export before our move
+    /// landed. When the store now wants another target, the export is moved once more to
+    /// it (memory follows the store). Observed first: nothing moves, and nothing is re-read,
+    /// when the export is already right.
+    async fn fence(
+        &self,
+        volume: &VolumeId,
+        holders: &Holders,
+        expected: Option<(&NodeId, Option<&str>)>,
+    ) -> Result<FenceMove> {
+        let unmoved = FenceMove {
+            moved: false,
+            still_held: true,
+        };
+        let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
+        let target = Target::of(self.cfg.data_path_fence, holders);
+        let Some(want) = self.allow_value(volume, &target, known).await? else {
+            tracing::warn!(volume_id = %volume, ?target, "cannot fence the export: the holder has no published host NQN");
+            return Ok(unmoved);
+        };
+        let Some(disk) = self.rds.get_disk(volume.as_str()).await? else {
+            return Ok(unmoved);
+        };
+        if disk.export.is_none() || disk.allowed_host_nqn == want {
+            return Ok(unmoved);
+        }
+        self.set_allow(volume, want.as_deref()).await?;
+        let stored = self.read_stored(volume).await?;
+        let again = Target::of(self.cfg.data_path_fence, &stored);
+        if again != target
+            && let Some(value) = self.allow_value(volume, &again, None).await?
+            && value != want
+        {
+            tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
+            self.set_allow(volume, value.as_deref()).await?;
+        }
+        let still_held = expected.is_none_or(|(n, _)| stored.contains(n));
         self.state().set(volume, stored);
-        Ok(still)
+        Ok(FenceMove {
+            moved: true,
+            still_held,
+        })
+    }
+
+    /// Start-up: brings every exported disk's allow list in line with the fence and the
+    /// stored holders. Volumes created before the fence existed (open exports) are parked
+    /// here, and so are exports a crash left admitting a former holder; with the fence off,
+    /// every fenced or parked export is opened. Each move is made under the volume's lock
+    /// from a fresh read of the store and re-checked like every move. Returns how many
+    /// exports moved; a volume that cannot be settled now is logged and settled by its next
+    /// publish or unpublish.
+    pub async fn settle_fences(&self) -> Result<usize> {
+        let disks = self.rds.list_disks("").await?;
+        let mut moved = 0;
+        // Each holder's host NQN is asked once for the whole sweep.
+        let mut nqns: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
+        for disk in disks.into_iter().filter(|d| d.export.is_some()) {
+            let Ok(volume) = VolumeId::new(disk.slot.as_str()) else {
+                continue;
+            };
+            // Memory was just rebuilt from the store: skip what already agrees with it.
+            let memory: Holders = self.get(&volume).into_iter().collect();
+            let target = Target::of(self.cfg.data_path_fence, &memory);
+            let expected = match &target {
+                Target::Parked => Some(crate::attachment::fence::parked_nqn(&volume)),
+                Target::Open => None,
+                Target::Host(node) => {
+                    if !nqns.contains_key(node) {
+                        let nqn = self.cluster.node_host_nqn(node).await.ok().flatten();
+                        nqns.insert(node.clone(), nqn);
+                    }
+                    nqns.get(node).cloned().flatten()
+                }
+            };
+            if expected == disk.allowed_host_nqn {
+                continue;
+            }
+            let _guard = self.lock(&volume).await;
+            let settled = async {
+                let stored = self.read_stored(&volume).await?;
+                self.state().set(&volume, stored.clone());
+                self.fence(&volume, &stored, None).await
+            };
+            match settled.await {
+                Ok(m) if m.moved => {
+                    tracing::info!(volume_id = %volume, from = ?disk.allowed_host_nqn, "export allow list settled at start-up");
+                    moved += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, error = %e, "cannot settle the export allow list at start-up; the next publish or unpublish does");
+                }
+            }
+        }
+        Ok(moved)
     }
 
     /// Confirms that the store holds what memory says `volume`'s holders are, before an
@@ -536,18 +718,20 @@ impl AttachmentManager {
                 "volume {volume} is not exported over NVMe/TCP on the RDS"
             ))
         })?;
-        let fence = self.cfg.data_path_fence && args.access_mode.is_single_node();
-        let host_nqn = if fence {
-            Some(self.cluster.node_host_nqn(node).await?.ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "the data-path fence is enabled but node {node} has no host NQN \
-                     (Node annotation rds.csi.srvlab.io/host-nqn); the node plugin sets it \
-                     at start-up"
-                ))
-            })?)
+        let fenced = self.cfg.data_path_fence && args.access_mode.is_single_node();
+        let host_nqn = if fenced {
+            self.cluster.node_host_nqn(node).await?
         } else {
             None
         };
+        if fenced && host_nqn.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "node {node} has not published its NVMe host NQN (Node annotation \
+                 rds.csi.srvlab.io/host-nqn), and the data-path fence admits a node to a \
+                 single-node volume only by it: the node plugin must run on {node} first (it \
+                 publishes the NQN at start-up)"
+            )));
+        }
 
         let _guard = self.lock(volume).await;
         let record = AttachmentRecord {
@@ -557,30 +741,24 @@ impl AttachmentManager {
             access_mode: args.access_mode,
             readonly: args.readonly,
         };
-        let slot = volume.as_str();
         // The record first, then the fence: a publish that loses the race to another
         // writer (a former leader during a failover) fails its precondition before it
         // touches the export, so it can never move the fence away from the holder the
         // store names (found by the simulation: a losing publish fenced the export to its
         // node and crashed before undoing it).
         self.track_locked(record).await?;
-        if let Some(nqn) = &host_nqn {
-            // Observed now, under the volume's lock: `disk` was read before it. A failure
-            // fails the call with the record durable; the CO's retry (a repeat) fences again,
-            // and an unpublish clears both.
-            let current = self
-                .rds
-                .get_disk(slot)
-                .await?
-                .and_then(|d| d.allowed_host_nqn);
-            if current.as_deref() != Some(nqn.as_str()) {
-                self.rds.set_allowed_host(slot, Some(nqn)).await?;
-                if !self.refence_from_store(volume, Some(node)).await? {
-                    return Err(Error::Aborted(format!(
-                        "attachments of volume {volume} changed by another writer while it \
-                         was being fenced; memory resynchronised from the store, retry"
-                    )));
-                }
+        // With the fence off an export is open; only one a fenced past left restricted
+        // needs a move (`disk` was read before the lock: the move observes again).
+        if self.cfg.data_path_fence || disk.allowed_host_nqn.is_some() {
+            // A failure fails the call with the record durable; the CO's retry (a repeat)
+            // fences again, and an unpublish parks the export.
+            let holders: Holders = self.get(volume).into_iter().collect();
+            let mine = Some((node, host_nqn.as_deref()));
+            if !self.fence(volume, &holders, mine).await?.still_held {
+                return Err(Error::Aborted(format!(
+                    "attachments of volume {volume} changed by another writer while it \
+                     was being fenced; memory resynchronised from the store, retry"
+                )));
             }
         }
 
@@ -599,49 +777,18 @@ impl AttachmentManager {
     }
 
     /// ControllerUnpublishVolume core: removes the named node's attachment (or all, when
-    /// no node is named), durable before returning, then lifts the data-path fence.
+    /// no node is named), durable before returning, then parks the export once no holder
+    /// is left (also on a repeat: a previous attempt may have recorded the detach and
+    /// failed to park).
     pub async fn unpublish(&self, args: &UnpublishArgs) -> Result<()> {
         let volume = &args.volume_id;
         let _guard = self.lock(volume).await;
-        let removed = self.untrack_locked(volume, args.node_id.as_ref()).await?;
+        self.untrack_locked(volume, args.node_id.as_ref()).await?;
         if !self.cfg.data_path_fence {
             return Ok(());
         }
-        // Lift the fence once no single-node holder remains. Also on a repeated unpublish:
-        // if a previous attempt recorded the detach but failed to lift the fence, the disk
-        // still allows exactly this node.
-        if self.is_attached(volume) {
-            return Ok(());
-        }
-        let lift = if removed.iter().any(|r| r.access_mode.is_single_node()) {
-            true
-        } else if let Some(node) = &args.node_id {
-            let disk = match self.rds.get_disk(volume.as_str()).await? {
-                Some(d) => d,
-                None => return Ok(()),
-            };
-            match (
-                &disk.allowed_host_nqn,
-                self.cluster.node_host_nqn(node).await?,
-            ) {
-                (Some(allowed), Some(nqn)) => *allowed == nqn,
-                _ => false,
-            }
-        } else {
-            false
-        };
-        if !lift {
-            return Ok(());
-        }
-        match self.rds.set_allowed_host(volume.as_str(), None).await {
-            // CSI: "If the volume corresponding to the volume_id ... cannot be found by
-            // the Plugin and the volume can be safely regarded as ControllerUnpublished
-            // from the node, the plugin SHOULD return 0 OK."
-            Ok(()) => {}
-            Err(RdsError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        self.refence_from_store(volume, None).await?;
+        let holders: Holders = self.get(volume).into_iter().collect();
+        self.fence(volume, &holders, None).await?;
         Ok(())
     }
 }

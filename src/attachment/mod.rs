@@ -1,7 +1,9 @@
 //! Attachment tracking: which volume is attached to which node (the heart of the
 //! controller). See [`manager`] for the invariants and the lock order, [`lock`] for the
-//! per-volume lock table, [`rebuild`] for start-up.
+//! per-volume lock table, [`rebuild`] for start-up, [`fence`] for the data-path fence's
+//! rules.
 
+pub mod fence;
 pub mod lock;
 pub mod manager;
 pub(crate) mod persist;

@@ -48,6 +48,7 @@ async fn world(cfg: AttachmentConfig) -> World {
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         })
         .await
         .unwrap();
@@ -110,6 +111,11 @@ fn holders_of(mgr: &AttachmentManager, v: &str) -> Vec<String> {
         .into_iter()
         .map(|r| r.node_id.to_string())
         .collect()
+}
+
+/// The NQN a parked export of `v` admits.
+fn parked(v: &str) -> String {
+    crate::attachment::fence::parked_nqn(&vid(v))
 }
 
 /// The host NQN `v`'s export admits (`None`: any host).
@@ -494,7 +500,7 @@ async fn data_path_fence_follows_the_holder() {
         .unpublish(&unpublish_args("pvc-1", Some("node-b")))
         .await
         .unwrap();
-    assert_eq!(allowed().await, None);
+    assert_eq!(allowed().await, Some(parked("pvc-1")), "parked, not open");
     // A node without a host NQN cannot be fenced to: refused, nothing recorded.
     let err = w
         .mgr
@@ -502,7 +508,8 @@ async fn data_path_fence_follows_the_holder() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::FailedPrecondition(ref m) if m.contains("host NQN")),
+        matches!(err, Error::FailedPrecondition(ref m)
+            if m.contains("host NQN") && m.contains("node plugin must run on node-c first")),
         "{err:?}"
     );
     assert!(w.mgr.list().is_empty());
@@ -541,8 +548,7 @@ async fn a_publish_that_dies_during_its_write_leaves_the_holders_fence_in_place(
     );
 }
 
-/// An RDS where setting one allowed-host value (`None`: lifting the fence) waits until
-/// released.
+/// An RDS where setting one allowed-host value waits until released.
 struct FenceGate {
     inner: Arc<dyn Rds>,
     gated: Option<String>,
@@ -648,17 +654,17 @@ async fn two_fenced_replicas(gated: Option<&str>) -> TwoFenced {
 }
 
 #[tokio::test]
-async fn an_unpublish_lifting_the_fence_after_another_replica_published_fences_it_again() {
+async fn an_unpublish_parking_the_export_after_another_replica_published_fences_it_again() {
     let TwoFenced {
         w,
         gate,
         here,
         other,
-    } = two_fenced_replicas(None).await;
+    } = two_fenced_replicas(Some(&parked("pvc-1"))).await;
     here.publish(&publish_args("pvc-1", "node-a", false))
         .await
         .unwrap();
-    // This replica detaches node-a; between its write and its lift of the fence, the
+    // This replica detaches node-a; between its write and its parking of the export, the
     // other replica (started from the store then) attaches node-b and fences it in.
     let meanwhile = async {
         gate.at_gate.notified().await;
@@ -909,4 +915,258 @@ async fn stored_holders_answer_from_the_store_and_refresh_memory() {
         .collect();
     assert_eq!(held, vec!["node-b"]);
     assert_eq!(holders(&w, "pvc-3"), vec!["node-b"]);
+}
+
+fn fenced() -> AttachmentConfig {
+    AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    }
+}
+
+/// A controller core over `w`'s RDS and manager.
+fn controller(w: &World) -> crate::controller::Controller {
+    crate::controller::Controller::new(
+        crate::controller::ControllerConfig::default(),
+        w.rds.clone(),
+        w.mgr.clone(),
+    )
+}
+
+fn create_args(v: &str, source: Option<crate::controller::volumes::Source>) -> crate::controller::volumes::CreateArgs {
+    crate::controller::volumes::CreateArgs {
+        volume_id: vid(v),
+        range: None,
+        params: Default::default(),
+        fs_type: Some("ext4".into()),
+        source,
+    }
+}
+
+#[tokio::test]
+async fn volumes_are_born_parked_restores_and_clones_too() {
+    use crate::controller::volumes::Source;
+    let w = world(fenced()).await;
+    let c = controller(&w);
+    c.create_volume(&create_args("pvc-new", None)).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-new").await, Some(parked("pvc-new")));
+    c.create_volume(&create_args("pvc-clone", Some(Source::Volume(vid("pvc-new")))))
+        .await
+        .unwrap();
+    assert_eq!(allowed_host(&w, "pvc-clone").await, Some(parked("pvc-clone")));
+    w.rds
+        .create_snapshot("pvc-new", "snap-1", "rds-csi-snapshot-of:pvc-new")
+        .await
+        .unwrap();
+    let snap = crate::types::SnapshotId::new("snap-1").unwrap();
+    c.create_volume(&create_args("pvc-restore", Some(Source::Snapshot(snap))))
+        .await
+        .unwrap();
+    assert_eq!(allowed_host(&w, "pvc-restore").await, Some(parked("pvc-restore")));
+    // Publish moves it to the holder, unpublish parks it again.
+    w.mgr.publish(&publish_args("pvc-new", "node-a", false)).await.unwrap();
+    assert_eq!(
+        allowed_host(&w, "pvc-new").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")
+    );
+    w.mgr.unpublish(&unpublish_args("pvc-new", Some("node-a"))).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-new").await, Some(parked("pvc-new")));
+    // With the fence off a volume is born open.
+    let w = world(AttachmentConfig::default()).await;
+    controller(&w).create_volume(&create_args("pvc-open", None)).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-open").await, None);
+}
+
+#[tokio::test]
+async fn a_single_node_volume_is_never_open_to_any_host() {
+    let w = world(fenced()).await;
+    let c = controller(&w);
+    c.create_volume(&create_args("pvc-x", None)).await.unwrap();
+    let never_open = |step: &'static str| {
+        let w = &w;
+        async move {
+            let a = allowed_host(w, "pvc-x").await;
+            assert!(a.is_some(), "{step}: the export is open to any host");
+            a
+        }
+    };
+    never_open("created").await;
+    let steps: Vec<(&str, bool, Option<&str>)> = vec![
+        ("publish a", true, Some("node-a")),
+        ("repeat publish a", true, Some("node-a")),
+        ("unpublish from b (not the holder)", false, Some("node-b")),
+        ("unpublish a", false, Some("node-a")),
+        ("repeat unpublish a", false, Some("node-a")),
+        ("publish b", true, Some("node-b")),
+        ("unpublish every node", false, None),
+        ("unpublish every node again", false, None),
+    ];
+    for (step, publish, node) in steps {
+        if publish {
+            w.mgr
+                .publish(&publish_args("pvc-x", node.unwrap(), false))
+                .await
+                .unwrap();
+        } else {
+            w.mgr
+                .unpublish(&unpublish_args("pvc-x", node))
+                .await
+                .unwrap();
+        }
+        never_open(step).await;
+    }
+    // A refused second publish and a failed write leave it fenced too.
+    w.mgr.publish(&publish_args("pvc-x", "node-a", false)).await.unwrap();
+    assert!(w.mgr.publish(&publish_args("pvc-x", "node-b", false)).await.is_err());
+    never_open("refused publish").await;
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    assert!(w.mgr.unpublish(&unpublish_args("pvc-x", Some("node-a"))).await.is_err());
+    assert_eq!(
+        never_open("failed unpublish").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa"),
+        "the holder keeps its fence until its detach is durable"
+    );
+    w.mgr.unpublish(&unpublish_args("pvc-x", Some("node-a"))).await.unwrap();
+    assert_eq!(never_open("unpublished").await, Some(parked("pvc-x")));
+}
+
+#[tokio::test]
+async fn a_repeated_unpublish_parks_an_export_a_failed_one_left_fenced() {
+    let w = world(fenced()).await;
+    w.mgr.publish(&publish_args("pvc-1", "node-a", false)).await.unwrap();
+    // The detach is durable but the park fails (the RDS is busy): the call fails, and
+    // the CO's repeat parks the export.
+    w.store.write_volume(&vid("pvc-1"), &[]).await.unwrap();
+    w.mgr.resync().await.unwrap();
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")
+    );
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, Some(parked("pvc-1")));
+}
+
+#[tokio::test]
+async fn multi_node_holders_open_the_export_and_the_last_unpublish_parks_it() {
+    let w = world(fenced()).await;
+    let multi = |n: &str| PublishArgs {
+        access_mode: AccessMode::MultiNodeMultiWriter,
+        block: true,
+        fs_type: None,
+        ..publish_args("pvc-1", n, false)
+    };
+    w.rds
+        .set_allowed_host("pvc-1", Some(&parked("pvc-1")))
+        .await
+        .unwrap();
+    // node-c has no host NQN: a multi-node volume does not need it.
+    w.mgr.publish(&multi("node-a")).await.unwrap();
+    w.mgr.publish(&multi("node-c")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "not fenced: open");
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "node-c still holds it");
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-c"))).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, Some(parked("pvc-1")));
+}
+
+#[tokio::test]
+async fn start_up_parks_the_exports_of_volumes_made_before_the_fence() {
+    // Three volumes made open (before the fence existed): pvc-1 held by node-a in the
+    // store, pvc-2 by node-c (no host NQN published yet), pvc-3 by nobody; and a stale
+    // fence: pvc-4 still admits node-b, whose detach was recorded before a crash.
+    let w = world(fenced()).await;
+    w.rds
+        .create_disk(&DiskSpec {
+            slot: "pvc-4".into(),
+            size_bytes: 1 << 20,
+            export: Some(NvmeExport {
+                port: 4420,
+                nqn: "nqn.2000-02.com.mikrotik:pvc-4".into(),
+            }),
+            copy_from: None,
+            comment: None,
+            allowed_host_nqn: Some("nqn.2014-08.org.nvmexpress:uuid:bbbb".into()),
+        })
+        .await
+        .unwrap();
+    w.rds
+        .create_snapshot("pvc-3", "snap-3", "rds-csi-snapshot-of:pvc-3")
+        .await
+        .unwrap();
+    let record = |v: &str, n: &str| crate::ports::store::AttachmentRecord {
+        volume_id: vid(v),
+        node_id: nid(n),
+        attached_at: UNIX_EPOCH,
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+    };
+    w.store.write_volume(&vid("pvc-1"), &[record("pvc-1", "node-a")]).await.unwrap();
+    w.store.write_volume(&vid("pvc-2"), &[record("pvc-2", "node-c")]).await.unwrap();
+    w.mgr.rebuild().await.unwrap();
+    assert_eq!(w.mgr.settle_fences().await.unwrap(), 3);
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")
+    );
+    assert_eq!(allowed_host(&w, "pvc-2").await, None, "left until node-c publishes its NQN");
+    assert_eq!(allowed_host(&w, "pvc-3").await, Some(parked("pvc-3")));
+    assert_eq!(allowed_host(&w, "pvc-4").await, Some(parked("pvc-4")));
+    assert_eq!(w.rds.get_disk("snap-3").await.unwrap().unwrap().allowed_host_nqn, None);
+    assert_eq!(w.mgr.settle_fences().await.unwrap(), 0, "settled: nothing moves again");
+    assert_eq!(w.mgr.lock_entries(), 0);
+
+    // Switched off, the fence opens every export at start-up.
+    let off = AttachmentManager::new(
+        w.rds.clone(),
+        w.store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    off.rebuild().await.unwrap();
+    assert_eq!(off.settle_fences().await.unwrap(), 3);
+    for v in ["pvc-1", "pvc-2", "pvc-3", "pvc-4"] {
+        assert_eq!(allowed_host(&w, v).await, None, "{v}");
+    }
+}
+
+#[tokio::test]
+async fn a_record_whose_volume_attachment_is_gone_is_cleared_not_blocking() {
+    // node-a's detach was done by hand (the VolumeAttachment's finalizer removed): the
+    // record stays in the store, the VolumeAttachment is gone.
+    let w = world(fenced()).await;
+    w.mgr.publish(&publish_args("pvc-1", "node-a", false)).await.unwrap();
+    w.mgr.publish(&publish_args("pvc-2", "node-a", false)).await.unwrap();
+    let va = |v: &str, n: &str| VolumeAttachmentInfo {
+        volume_id: vid(v),
+        node_id: nid(n),
+        attached: true,
+        deleting: false,
+    };
+    w.cluster.set_volume_attachments(Some(vec![va("pvc-1", "node-b")]));
+    w.mgr.publish(&publish_args("pvc-1", "node-b", false)).await.unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-b"]);
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "node-a is fenced out"
+    );
+    assert!(
+        w.cluster.events().iter().any(|e| e.reason == "StaleAttachmentCleared"
+            && e.message.contains("VolumeAttachment is gone")),
+        "{:?}",
+        w.cluster.events()
+    );
+    // DeleteVolume's view: pvc-2's stale record is cleared, pvc-1's live one is not.
+    assert!(w.mgr.live_holders(&vid("pvc-2")).await.unwrap().is_empty());
+    assert_eq!(stored(&w).await, vec![("pvc-1".into(), "node-b".into())]);
+    assert_eq!(w.mgr.live_holders(&vid("pvc-1")).await.unwrap().len(), 1);
+    // A live VolumeAttachment still fences: node-c is refused while node-b holds it.
+    w.cluster
+        .set_volume_attachments(Some(vec![va("pvc-1", "node-b"), va("pvc-1", "node-c")]));
+    assert!(matches!(
+        w.mgr.publish(&publish_args("pvc-1", "node-a", false)).await,
+        Err(Error::FailedPrecondition(_))
+    ));
 }

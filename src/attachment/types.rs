@@ -111,8 +111,11 @@ pub struct UnpublishArgs {
 pub struct AttachmentConfig {
     /// Most volumes attached to one node (0: no limit).
     pub max_volumes_per_node: u64,
-    /// Data-path fence: publish restricts the disk's NVMe/TCP export to the node's host NQN
-    /// (`nvme-tcp-server-allow-host-name`), unpublish lifts the restriction.
+    /// Data-path fence ([`crate::attachment::fence`]): a published single-node volume's
+    /// NVMe/TCP export admits only its holder's host NQN
+    /// (`nvme-tcp-server-allow-host-name`), an unpublished one is parked (admits nobody).
+    /// Off: exports are open to any host. On in every shipped default; `Default` here is
+    /// off only for unit tests of the rest.
     pub data_path_fence: bool,
     /// How often memory is resynchronised from the store, picking up what another writer
     /// changed (a former leader finishing its calls during a failover); zero: never.

@@ -296,6 +296,13 @@ impl Controller {
             }),
             copy_from: args.source.as_ref().map(|s| s.slot().to_string()),
             comment: Some(layout_comment(args)),
+            // Born parked (restores and clones too): no host reaches a new volume before
+            // its first publish.
+            allowed_host_nqn: self
+                .attachments
+                .config()
+                .data_path_fence
+                .then(|| crate::attachment::fence::parked_nqn(&args.volume_id)),
         };
         let disk = self.rds.create_disk(&spec).await?;
         Ok(self.to_volume(&disk, args))
@@ -319,8 +326,10 @@ impl Controller {
         }
         // "FAILED_PRECONDITION: Indicates that the volume is in use" — never delete a disk a
         // node may still be writing to.
-        // From the store, not memory: another replica may have published it since.
-        let holders = self.attachments.stored_holders(volume_id).await?;
+        // From the store, not memory: another replica may have published it since. The
+        // provisioner may send this while the detach is still on its way (PVC protection
+        // ends when the pod is gone, not when the detach is done): refused until it lands.
+        let holders = self.attachments.live_holders(volume_id).await?;
         if !holders.is_empty() {
             let nodes: Vec<String> = holders.iter().map(|r| r.node_id.to_string()).collect();
             return Err(Error::FailedPrecondition(format!(
@@ -389,18 +398,6 @@ impl Controller {
         )
     }
 
-    fn published_nodes(&self, volume_id: &str) -> Vec<String> {
-        VolumeId::new(volume_id)
-            .map(|v| {
-                self.attachments
-                    .get(&v)
-                    .into_iter()
-                    .map(|r| r.node_id.to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn listed_volume(&self, d: &Disk) -> Volume {
         let mut ctx = HashMap::new();
         if let Some(e) = &d.export {
@@ -433,10 +430,19 @@ impl Controller {
                 message: "not exported".into(),
             },
         };
+        // The published nodes from the store, not memory: the external-attacher acts on
+        // this answer (re-attaches what is missing), and memory may lag another replica.
+        let published_node_ids = self
+            .attachments
+            .stored_holders(volume_id)
+            .await?
+            .into_iter()
+            .map(|r| r.node_id.to_string())
+            .collect();
         Ok(ControllerGetVolumeResponse {
             volume: Some(self.listed_volume(&disk)),
             status: Some(controller_get_volume_response::VolumeStatus {
-                published_node_ids: self.published_nodes(volume_id.as_str()),
+                published_node_ids,
                 volume_condition: Some(condition),
             }),
         })
@@ -449,12 +455,22 @@ impl Controller {
         disks.retain(is_volume);
         disks.sort_by(|a, b| a.slot.cmp(&b.slot));
         let (page, next_token) = paging::page(disks, |d| d.slot.as_str(), token, max_entries)?;
+        // From the store, not memory: the external-attacher compares these with its
+        // VolumeAttachments and re-attaches what the answer says is missing
+        // (LIST_VOLUMES_PUBLISHED_NODES), and memory may lag another replica's writes.
+        let mut published: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for r in self.attachments.stored_records().await? {
+            published
+                .entry(r.volume_id.to_string())
+                .or_default()
+                .push(r.node_id.to_string());
+        }
         let entries = page
             .iter()
             .map(|d| list_volumes_response::Entry {
                 volume: Some(self.listed_volume(d)),
                 status: Some(list_volumes_response::VolumeStatus {
-                    published_node_ids: self.published_nodes(&d.slot),
+                    published_node_ids: published.remove(&d.slot).unwrap_or_default(),
                     volume_condition: None,
                 }),
             })

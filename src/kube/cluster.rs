@@ -23,8 +23,8 @@ use crate::types::{NodeId, VolumeId};
 /// Node annotation holding the node's NVMe host NQN (set by the node plugin).
 pub const ANN_HOST_NQN: &str = "rds.csi.srvlab.io/host-nqn";
 
-/// How long a positive Node answer (and its host NQN) is reused by `node_known` and
-/// `node_host_nqn`. `node_exists` always asks.
+/// How long a positive Node answer is reused by `node_known`. `node_exists` and
+/// `node_host_nqn` always ask.
 pub const NODE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Cache size beyond which expired entries are pruned.
 const NODE_CACHE_PRUNE: usize = 4096;
@@ -73,6 +73,20 @@ struct VaSource {
 struct VaStatus {
     #[serde(default)]
     attached: bool,
+}
+
+/// The name Kubernetes' attach/detach controller gives the VolumeAttachment of volume
+/// handle `volume` on `node` for `driver`: `csi-` + the hex SHA-256 of the three,
+/// concatenated.
+pub fn volume_attachment_name(volume: &VolumeId, driver: &str, node: &NodeId) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{volume}{driver}{node}").as_bytes());
+    let mut name = String::with_capacity(4 + 64);
+    name.push_str("csi-");
+    for b in digest.iter() {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
 }
 
 /// The orchestrator is Kubernetes.
@@ -228,9 +242,9 @@ impl Cluster for KubeCluster {
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
-        if let Some(nqn) = self.cached(node) {
-            return Ok(nqn);
-        }
+        // Always asked: a Node deleted and re-created under the same name (a re-provisioned
+        // machine) carries a new host NQN, and a fence moved to the old one would lock the
+        // new machine out of the volume it was just published.
         Ok(self.fetch_node(node).await?.flatten())
     }
 
@@ -308,6 +322,29 @@ impl Cluster for KubeCluster {
         }
         out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));
         Ok(Some(out))
+    }
+
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        // The attach/detach controller names a VolumeAttachment after what it attaches, so
+        // one GET answers (no LIST of every VolumeAttachment in the cluster).
+        let name = volume_attachment_name(volume, &self.driver_name, node);
+        let what = format!("GET VolumeAttachment {name}");
+        match self
+            .call::<VaLite>(&what, || {
+                ::kube::core::Request::new(VA_PATH).get(&name, &Default::default())
+            })
+            .await?
+        {
+            Ok(va) => Ok(Some(
+                va.spec.attacher == self.driver_name && va.spec.node_name == node.as_str(),
+            )),
+            Err(Failure::Status(404, _)) => Ok(Some(false)),
+            Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        }
     }
 
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {

@@ -50,10 +50,20 @@ fn node_json(name: &str, nqn: Option<&str>) -> Value {
     json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": name, "annotations": ann } })
 }
 
+/// The name Kubernetes gives the VolumeAttachment of PV `pv` (whose volume handle is the
+/// same, as the provisioner names them) on `node`.
+fn va_name(pv: &str, node: &str) -> String {
+    crate::kube::cluster::volume_attachment_name(
+        &VolumeId::new(pv).unwrap(),
+        DRIVER,
+        &NodeId::new(node).unwrap(),
+    )
+}
+
 fn va_json(pv: &str, node: &str, attached: bool) -> Value {
     json!({
         "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
-        "metadata": { "name": format!("csi-{pv}-{node}") },
+        "metadata": { "name": va_name(pv, node) },
         "spec": { "attacher": DRIVER, "nodeName": node, "source": { "persistentVolumeName": pv } },
         "status": { "attached": attached },
     })
@@ -77,6 +87,7 @@ impl World {
                 export: Some(NvmeExport { port: 4420, nqn: format!("nqn.2000-02.com.mikrotik:{v}") }),
                 copy_from: None,
                 comment: None,
+                allowed_host_nqn: None,
             })
             .await
             .unwrap();
@@ -244,7 +255,7 @@ async fn an_acknowledged_unpublish_is_not_resurrected_by_a_restart() {
     m.publish(&publish("pvc-2", "node-a")).await.unwrap();
     m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
     // The attacher drops pvc-1's VolumeAttachment after the acknowledged unpublish.
-    w.api.remove_object(Kind::VolumeAttachment, "", "csi-pvc-1-node-a");
+    w.api.remove_object(Kind::VolumeAttachment, "", &va_name("pvc-1", "node-a"));
     // A stale annotation (e.g. an old controller's late write) must not bring it back either.
     let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
     pv["metadata"]["annotations"] = json!({"rds.csi.srvlab.io/attached-node": "node-a"});
@@ -267,6 +278,8 @@ async fn fencing_uses_node_objects_and_records_an_event() {
         w.rds.get_disk("pvc-1").await.unwrap().unwrap().allowed_host_nqn.as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:node-a")
     );
+    // node-a's VolumeAttachment exists (named as Kubernetes names it): node-b is fenced.
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", "node-a", true));
     let err = m.publish(&publish("pvc-1", "node-b")).await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)));
     let events = w.api.objects(Kind::Event);
@@ -382,7 +395,34 @@ async fn a_stale_controller_cannot_overwrite_a_newer_attachment() {
     assert_eq!(holders, vec!["node-b"]);
     old.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
     assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", "node-b", true));
     assert!(matches!(old.publish(&publish("pvc-1", "node-a")).await, Err(Error::FailedPrecondition(_))));
+    // node-b's detach is done by hand (its VolumeAttachment's finalizer removed): the record
+    // is stale, and node-a gets the volume.
+    w.api.remove_object(Kind::VolumeAttachment, "", &va_name("pvc-1", "node-b"));
+    old.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-a");
+}
+
+#[tokio::test]
+async fn the_volume_attachment_name_is_the_one_kubernetes_gives() {
+    // csi-<sha256(volume handle + driver + node)>, as the attach/detach controller names it.
+    let name = crate::kube::cluster::volume_attachment_name(
+        &VolumeId::new("pvc-1").unwrap(),
+        "rds.csi.srvlab.io",
+        &NodeId::new("node-a").unwrap(),
+    );
+    assert_eq!(name.len(), 4 + 64);
+    assert!(name.starts_with("csi-") && name[4..].chars().all(|c| c.is_ascii_hexdigit()));
+    // sha256("xy") (by `printf xy | sha256sum`) pins the digest and its hex rendering.
+    assert_eq!(
+        crate::kube::cluster::volume_attachment_name(
+            &VolumeId::new("x").unwrap(),
+            "",
+            &NodeId::new("y").unwrap()
+        ),
+        "csi-769a4e6d0003189c7e96c5d9b7e810a0d11c3a12832527ec94b0f86d277f51ca"
+    );
 }
 
 #[tokio::test]

@@ -57,7 +57,8 @@ struct State {
 pub struct FakeKernel {
     state: Arc<Mutex<State>>,
     nqn_prefix: String,
-    host_nqn: String,
+    /// Changes when the machine is re-provisioned ([`Self::set_host_nqn`]).
+    host_nqn: Arc<Mutex<String>>,
     /// `true` while connects are held.
     gate: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -68,7 +69,7 @@ impl FakeKernel {
         Self {
             state: Arc::default(),
             nqn_prefix: nqn_prefix.to_string(),
-            host_nqn: host_nqn.to_string(),
+            host_nqn: Arc::new(Mutex::new(host_nqn.to_string())),
             gate: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
@@ -133,6 +134,11 @@ impl FakeKernel {
         st.paths.clear();
     }
 
+    /// The machine is re-provisioned under the same name: from now on it has `host_nqn`.
+    pub fn set_host_nqn(&self, host_nqn: &str) {
+        *self.host_nqn.lock().unwrap_or_else(|p| p.into_inner()) = host_nqn.to_string();
+    }
+
     /// Holds every `connect` until [`Self::release_connects`].
     pub fn hold_connects(&self) {
         self.gate.send_replace(true);
@@ -167,7 +173,7 @@ fn device_of_nqn(st: &State, nqn: &str) -> Option<PathBuf> {
 #[async_trait]
 impl Initiator for FakeKernel {
     async fn host_nqn(&self) -> Result<String, InitiatorError> {
-        Ok(self.host_nqn.clone())
+        Ok(self.host_nqn.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     async fn connect(&self, target: &NvmeTarget) -> Result<PathBuf, InitiatorError> {

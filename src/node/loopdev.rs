@@ -13,6 +13,10 @@
 //!   exactly what is attached.
 //! - Only loop devices whose backing file is one of this driver's `<rds-dir>/*.img` files
 //!   are detached or listed; every other loop device on the host is left alone.
+//! - A new attach is admitted by the embedded RDS first, as an NVMe/TCP target admits a
+//!   connect: the volume's export must allow this host's NQN (the data-path fence; a parked
+//!   export allows nobody), read fresh from the emulator's tables. An attached device is
+//!   kept, as a live NVMe/TCP connection is not re-checked.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use async_trait::async_trait;
 
 use crate::node::exec::{CommandRunner, ExecError, command_line};
 use crate::ports::initiator::{Connection, Initiator, InitiatorError, NvmeTarget};
+use crate::routeros::emulator::{Admission, admission_in};
 use crate::types::VolumeId;
 
 /// How often to look while waiting for a loop device to go away.
@@ -44,15 +49,19 @@ pub struct LoopInitiator {
     rds_dir: PathBuf,
     nqn_prefix: String,
     host_nqn: String,
+    /// The embedded RDS's emulator directory, whose tables hold the export allow lists.
+    exports: PathBuf,
     sysfs_root: PathBuf,
     dev_root: PathBuf,
 }
 
 impl LoopInitiator {
-    /// Loop devices over `<rds_dir>/<slot>.img` for NQNs `<nqn_prefix><slot>`.
+    /// Loop devices over `<rds_dir>/<slot>.img` for NQNs `<nqn_prefix><slot>`, admitted by
+    /// the export allow lists of the emulator whose tables are in `exports`.
     pub fn new(
         runner: Arc<dyn CommandRunner>,
         rds_dir: &Path,
+        exports: &Path,
         nqn_prefix: String,
         host_nqn: String,
     ) -> Self {
@@ -63,6 +72,7 @@ impl LoopInitiator {
             rds_dir,
             nqn_prefix,
             host_nqn,
+            exports: exports.to_path_buf(),
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
         }
@@ -79,6 +89,28 @@ impl LoopInitiator {
         let slot = nqn.strip_prefix(&self.nqn_prefix).ok_or_else(not_ours)?;
         let slot = VolumeId::new(slot).map_err(|_| not_ours())?;
         Ok(self.dir().join(format!("{slot}.img")))
+    }
+
+    /// Whether the embedded RDS admits this host to `nqn`'s export (the allow list a target
+    /// checks at connect).
+    fn admitted(&self, nqn: &str) -> Result<(), InitiatorError> {
+        let slot = nqn.strip_prefix(&self.nqn_prefix).unwrap_or(nqn);
+        let refused = |why: String| {
+            Err(InitiatorError::Unavailable(format!(
+                "the RDS refused host {} for {nqn}: {why}",
+                self.host_nqn
+            )))
+        };
+        match admission_in(&self.exports, slot, &self.host_nqn) {
+            Ok(Admission::Admitted) => Ok(()),
+            Ok(Admission::Refused { allowed }) => refused(format!(
+                "its export admits only {allowed} (the data-path fence: publish the volume to \
+                 this node first)"
+            )),
+            Ok(Admission::NotExported) => refused("the disk is not exported".into()),
+            Ok(Admission::NoDisk) => refused("no such disk (volume deleted?)".into()),
+            Err(e) => Err(InitiatorError::Command(e.to_string())),
+        }
     }
 
     /// The disk directory as the kernel records backing files: symlinks resolved (the
@@ -195,6 +227,7 @@ impl Initiator for LoopInitiator {
         if let Some(dev) = self.devices_of(&file).await?.into_iter().next() {
             return Ok(dev);
         }
+        self.admitted(&target.nqn)?;
         // A device still being detached (from an earlier unstage) must be gone before the
         // file is attached afresh.
         self.wait_detached(&file).await?;
@@ -289,9 +322,50 @@ impl Initiator for LoopInitiator {
 mod tests {
     use super::*;
     use crate::node::exec::testing::{ScriptedRunner, ok};
+    use crate::ports::time::SystemClock;
+    use crate::routeros::command::{Command, DiskAdd, ExportSpec};
+    use crate::routeros::emulator::{Emulator, PoolConfig};
     use std::fs;
 
-    fn fixture() -> (tempfile::TempDir, LoopInitiator, Arc<ScriptedRunner>) {
+    /// The embedded RDS's tables in `dir/emu`, for the allow-list check.
+    fn emulator(dir: &Path) -> Emulator {
+        let pool = PoolConfig {
+            slot: "pool".into(),
+            mount_point: "pool".into(),
+            size_bytes: 1 << 30,
+        };
+        Emulator::open_dir(&dir.join("emu"), pool, Arc::new(SystemClock)).unwrap()
+    }
+
+    /// Exports `slot` on `emu`, admitting `allow` (`None`: any host).
+    fn export(emu: &Emulator, slot: &str, allow: Option<&str>) {
+        let reply = emu.apply(&Command::DiskAdd(DiskAdd {
+            slot: slot.into(),
+            file_path: format!("pool/{slot}.img"),
+            size_bytes: Some(1 << 20),
+            copy_from: None,
+            export: Some(ExportSpec {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+                allow_host: allow.map(str::to_string),
+            }),
+            comment: None,
+        }));
+        assert!(reply.ok, "{reply:?}");
+    }
+
+    fn target(slot: &str) -> NvmeTarget {
+        NvmeTarget {
+            address: "127.0.0.1".into(),
+            port: 4420,
+            nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        }
+    }
+
+    fn fixture() -> (tempfile::TempDir, LoopInitiator, Arc<ScriptedRunner>, Emulator) {
         let dir = tempfile::tempdir().unwrap();
         let rds = dir.path().join("rds");
         fs::create_dir_all(&rds).unwrap();
@@ -318,19 +392,21 @@ mod tests {
             }
             ok("/dev/loop5\n")
         }));
+        let emu = emulator(dir.path());
         let mut l = LoopInitiator::new(
             runner.clone(),
             &rds,
+            &dir.path().join("emu"),
             "nqn.2000-02.com.mikrotik:".into(),
             "nqn.host".into(),
         );
         l.sysfs_root = dir.path().join("sys");
-        (dir, l, runner)
+        (dir, l, runner, emu)
     }
 
     #[tokio::test]
     async fn finds_only_loop_devices_over_our_backing_files() {
-        let (_d, l, runner) = fixture();
+        let (_d, l, runner, _emu) = fixture();
         assert_eq!(
             l.find_device("nqn.2000-02.com.mikrotik:pvc-1")
                 .await
@@ -358,7 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_attaches_the_backing_file_once() {
-        let (_d, l, runner) = fixture();
+        let (_d, l, runner, emu) = fixture();
         // Already attached: no command.
         l.connect(&NvmeTarget {
             address: "127.0.0.1".into(),
@@ -386,6 +462,7 @@ mod tests {
             Err(InitiatorError::Unavailable(_))
         ));
         fs::write(&file, "").unwrap();
+        export(&emu, "pvc-2", None);
         assert_eq!(l.connect(&t).await.unwrap(), PathBuf::from("/dev/loop5"));
         assert_eq!(
             runner.calls(),
@@ -395,6 +472,41 @@ mod tests {
                 "--show".into(),
                 file.display().to_string()
             ]]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_export_that_does_not_admit_this_host_is_never_attached() {
+        let (d, l, runner, emu) = fixture();
+        let rds = fs::canonicalize(d.path().join("rds")).unwrap();
+        for slot in ["pvc-parked", "pvc-other", "pvc-mine"] {
+            fs::write(rds.join(format!("{slot}.img")), "").unwrap();
+        }
+        export(
+            &emu,
+            "pvc-parked",
+            Some("nqn.2014-08.io.srvlab.rds-csi:parked:pvc-parked"),
+        );
+        export(&emu, "pvc-other", Some("nqn.other-host"));
+        export(&emu, "pvc-mine", Some("nqn.host"));
+        for slot in ["pvc-parked", "pvc-other"] {
+            let err = l.connect(&target(slot)).await.unwrap_err();
+            assert!(
+                matches!(&err, InitiatorError::Unavailable(m) if m.contains("admits only")),
+                "{slot}: {err:?}"
+            );
+        }
+        assert!(runner.calls().is_empty(), "nothing attached: {:?}", runner.calls());
+        assert_eq!(
+            l.connect(&target("pvc-mine")).await.unwrap(),
+            PathBuf::from("/dev/loop5")
+        );
+        // An attached device is kept when the fence moves on (a live connection is not
+        // re-checked): pvc-1 is attached, and its export now admits another host.
+        export(&emu, "pvc-1", Some("nqn.other-host"));
+        assert_eq!(
+            l.connect(&target("pvc-1")).await.unwrap(),
+            PathBuf::from("/dev/loop0")
         );
     }
 }

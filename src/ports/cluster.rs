@@ -56,7 +56,8 @@ pub trait Cluster: Send + Sync + 'static {
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.node_exists(node).await
     }
-    /// The NVMe host NQN the node published (annotation), if known.
+    /// The NVMe host NQN the node published (annotation), if known; asked fresh: a Node
+    /// re-created under the same name (a re-provisioned machine) carries another.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
     /// Publishes `node`'s NVMe host NQN (the node plugin, at start-up) so that the
     /// controller's data-path fence can read it back with [`Cluster::node_host_nqn`].
@@ -65,6 +66,19 @@ pub trait Cluster: Send + Sync + 'static {
     /// VolumeAttachments of this driver, sorted by (volume, node); `None` when the
     /// orchestrator has no such objects (no Kubernetes), so there is nothing to cross-check.
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError>;
+    /// Whether the orchestrator has a VolumeAttachment of this driver for (`volume`,
+    /// `node`), in any state; `None` when it has no such objects (no Kubernetes). Asked
+    /// fresh: a "no" clears an attachment record as detached by hand.
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        Ok(self.volume_attachments().await?.map(|all| {
+            all.iter()
+                .any(|va| va.volume_id == *volume && va.node_id == *node)
+        }))
+    }
     /// Records an event; best effort.
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;
 }

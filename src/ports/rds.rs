@@ -57,6 +57,9 @@ pub struct DiskSpec {
     pub copy_from: Option<String>,
     /// A note kept with the disk entry (e.g. a snapshot's source volume).
     pub comment: Option<String>,
+    /// The host NQN the export admits from the start (`None`: any host). The data-path
+    /// fence creates volumes parked, so no host can connect before a publish.
+    pub allowed_host_nqn: Option<String>,
 }
 
 /// A disk as the RDS reports it.
@@ -128,6 +131,7 @@ pub trait Rds: Send + Sync + 'static {
             export: None,
             copy_from: Some(source.to_string()),
             comment: Some(comment.to_string()),
+            allowed_host_nqn: None,
         })
         .await
     }

@@ -306,6 +306,7 @@ fn matches_spec(d: &Disk, spec: &DiskSpec, file_path: &str) -> bool {
     d.file_path == file_path
         && d.size_bytes == spec.size_bytes
         && d.export == spec.export
+        && (spec.export.is_none() || d.allowed_host_nqn == spec.allowed_host_nqn)
         && (spec.comment.is_none() || d.comment == spec.comment)
 }
 
@@ -326,7 +327,7 @@ impl<T: Transport> Rds for RouterOsRds<T> {
             export: spec.export.as_ref().map(|e| ExportSpec {
                 port: e.port,
                 nqn: e.nqn.clone(),
-                allow_host: None,
+                allow_host: spec.allowed_host_nqn.clone(),
             }),
         });
         // Render before any I/O: a hostile spec never reaches the transport.
@@ -600,6 +601,7 @@ mod tests {
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         }
     }
 

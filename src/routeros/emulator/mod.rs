@@ -8,6 +8,8 @@
 //! integration tests of the SSH transport). Fault hooks per command kind ([`faults`]).
 //!
 //! Semantics kept from RouterOS: removing a disk entry does not remove its backing file;
+//! an export with `nvme-tcp-server-allow-host-name` admits only that host NQN at connect
+//! ([`Admission`]; the embedded default's loop initiator asks it, see [`admission_in`]);
 //! `set`/`remove` on an empty `[find ...]` do nothing and print nothing; without a custom
 //! NQN the export's NQN is the slot; `file-size` only grows; a pool has a fixed size and
 //! `free` is what the files leave (counted by their logical sizes, so the pool is never
@@ -66,6 +68,64 @@ pub struct ExportView {
     pub nqn: String,
     /// The one host NQN allowed to connect (`None`: any host).
     pub allow_host: Option<String>,
+}
+
+/// What the emulated NVMe/TCP target answers a host that connects to a disk's export: the
+/// allow-list check a target makes at connect (an existing connection is not re-checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The export admits the host: its allow list is empty or names the host.
+    Admitted,
+    /// No disk in that slot.
+    NoDisk,
+    /// The disk is not exported over NVMe/TCP.
+    NotExported,
+    /// The export admits only this other host NQN (the data-path fence, or parked).
+    Refused {
+        /// The one host NQN the export admits.
+        allowed: String,
+    },
+}
+
+impl State {
+    fn admission(&self, slot: &str, host_nqn: &str) -> Admission {
+        let Some(d) = self.disks.iter().find(|d| d.slot == slot) else {
+            return Admission::NoDisk;
+        };
+        match &d.export {
+            None => Admission::NotExported,
+            Some(Export {
+                allow_host: Some(allowed),
+                ..
+            }) if allowed != host_nqn => Admission::Refused {
+                allowed: allowed.clone(),
+            },
+            Some(_) => Admission::Admitted,
+        }
+    }
+}
+
+/// Whether the export of `slot` admits `host_nqn`, read fresh from the tables an emulator
+/// persists in `dir` (`dir/emulator.json`): how the embedded default's loop initiator,
+/// possibly in another process, asks the embedded RDS at connect. No tables yet: no disk.
+pub fn admission_in(dir: &Path, slot: &str, host_nqn: &str) -> Result<Admission, OpenError> {
+    Ok(read_state(&dir.join(STATE_FILE))?.admission(slot, host_nqn))
+}
+
+/// Name of the tables' file in an emulator's directory.
+const STATE_FILE: &str = "emulator.json";
+
+/// The tables persisted at `path` (none yet: empty).
+fn read_state(path: &Path) -> Result<State, OpenError> {
+    let err = |e: &dyn std::fmt::Display| OpenError {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(&e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(err(&e)),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,12 +234,8 @@ impl Emulator {
             reason: e.to_string(),
         };
         let backing = FileBacking::new(dir).map_err(|e| err(dir, &e))?;
-        let state_file = dir.join("emulator.json");
-        let state = match std::fs::read(&state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(&state_file, &e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(err(&state_file, &e)),
-        };
+        let state_file = dir.join(STATE_FILE);
+        let state = read_state(&state_file)?;
         Ok(Self {
             pool,
             state: Mutex::new(state),
@@ -233,6 +289,11 @@ impl Emulator {
                 Some((d.slot.clone(), view))
             })
             .collect()
+    }
+
+    /// Whether the export of `slot` admits `host_nqn` now (what a connecting host meets).
+    pub fn admission(&self, slot: &str, host_nqn: &str) -> Admission {
+        self.lock().admission(slot, host_nqn)
     }
 
     /// Size in bytes of the disk in `slot`, if there is one (for checks).

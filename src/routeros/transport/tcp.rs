@@ -234,6 +234,7 @@ mod tests {
             }),
             copy_from: None,
             comment: None,
+            allowed_host_nqn: None,
         };
         // The reply is dropped: the connection closes, the adapter reconnects and observes.
         emu.faults().push(CommandKind::DiskAdd, Fault::DropReply);

@@ -1,0 +1,126 @@
+//! The data-path fence: which host a disk's NVMe/TCP export admits
+//! (`nvme-tcp-server-allow-host-name` on the RDS), as a function of the volume's holders.
+//!
+//! The attachment records say who may use a volume; the fence makes the RDS itself refuse
+//! everyone else, so a node that missed its detach (partitioned while the attach/detach
+//! controller force-detached its volume, then healed) cannot reconnect once the volume has
+//! moved. Rules, with the fence on (the default):
+//! - an exported disk that no single-node holder owns is **parked**: its allow list names
+//!   [`parked_nqn`] of the volume (`nqn.2014-08.io.srvlab.rds-csi:parked:<volume id>`), an
+//!   NQN no host has, so no host can connect. A volume is born parked (CreateVolume, and so
+//!   restores and clones), and is parked again after every unpublish that leaves it without
+//!   a holder;
+//! - a single-node holder: the export admits exactly that node's host NQN (the Node
+//!   annotation its node plugin publishes at start-up);
+//! - multi-node holders: the export is open (no allow list: multi-node volumes are not
+//!   fenced). A KubeVirt live migration (at most two holders of a multi-node block volume)
+//!   plugs in at [`Target::of`] with a target that admits both;
+//! - with the fence off, every export is open.
+//!
+//! The manager ([`super::manager`]) moves the fence only after the attachment record is
+//! durable, and re-checks it against the store after the move lands. The rules here are
+//! pure; they never look at the RDS.
+
+use crate::attachment::types::Holders;
+use crate::types::{NodeId, VolumeId};
+
+/// Prefix of the NQN a parked export admits: the naming authority of this driver, then
+/// `parked:`. No host NQN starts with it (hosts use `nqn.2014-08.org.nvmexpress:uuid:...`
+/// or their own authority), so a parked export admits nobody.
+pub const PARKED_NQN_PREFIX: &str = "nqn.2014-08.io.srvlab.rds-csi:parked:";
+
+/// The NQN a parked export of `volume` admits: [`PARKED_NQN_PREFIX`] + the volume id (at
+/// most 37 + 128 characters, within the 223 an NQN may have).
+pub fn parked_nqn(volume: &VolumeId) -> String {
+    format!("{PARKED_NQN_PREFIX}{volume}")
+}
+
+/// Whether an allow list value is a parked one.
+pub fn is_parked(allowed: Option<&str>) -> bool {
+    allowed.is_some_and(|a| a.starts_with(PARKED_NQN_PREFIX))
+}
+
+/// What a volume's export should admit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Nobody: the allow list names [`parked_nqn`].
+    Parked,
+    /// Exactly this node's host NQN.
+    Host(NodeId),
+    /// Any host (no allow list): multi-node holders, or the fence is off.
+    Open,
+}
+
+impl Target {
+    /// The target for a volume held by `holders`, with the fence on (`fence`) or off.
+    pub fn of(fence: bool, holders: &Holders) -> Target {
+        if !fence {
+            return Target::Open;
+        }
+        if let Some(r) = holders.iter().find(|r| r.access_mode.is_single_node()) {
+            // Fencing guarantees at most one single-node holder.
+            return Target::Host(r.node_id.clone());
+        }
+        if holders.is_empty() {
+            Target::Parked
+        } else {
+            // Multi-node holders are not fenced (issue 13 adds the migration pair here).
+            Target::Open
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attachment::types::AttachmentRecord;
+    use crate::types::AccessMode;
+
+    fn record(node: &str, mode: AccessMode) -> AttachmentRecord {
+        AttachmentRecord {
+            volume_id: VolumeId::new("pvc-1").unwrap(),
+            node_id: NodeId::new(node).unwrap(),
+            attached_at: std::time::UNIX_EPOCH,
+            access_mode: mode,
+            readonly: false,
+        }
+    }
+
+    #[test]
+    fn no_holder_parks_a_single_node_holder_admits_itself_multi_node_is_open() {
+        let none = Holders::new();
+        assert_eq!(Target::of(true, &none), Target::Parked);
+        let one: Holders = [record("node-a", AccessMode::SingleNode)]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            Target::of(true, &one),
+            Target::Host(NodeId::new("node-a").unwrap())
+        );
+        let many: Holders = [
+            record("node-a", AccessMode::MultiNodeMultiWriter),
+            record("node-b", AccessMode::MultiNodeMultiWriter),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(Target::of(true, &many), Target::Open);
+        for h in [&none, &one, &many] {
+            assert_eq!(
+                Target::of(false, h),
+                Target::Open,
+                "the fence off opens all"
+            );
+        }
+    }
+
+    #[test]
+    fn the_parked_nqn_is_derived_from_the_volume_and_is_a_valid_nqn() {
+        let v = VolumeId::new("v".repeat(128)).unwrap();
+        let nqn = parked_nqn(&v);
+        assert!(nqn.ends_with(v.as_str()));
+        assert!(crate::types::Nqn::new(nqn.clone()).is_ok(), "{nqn}");
+        assert!(is_parked(Some(&nqn)));
+        assert!(!is_parked(Some("nqn.2014-08.org.nvmexpress:uuid:aaaa")));
+        assert!(!is_parked(None));
+    }
+}
