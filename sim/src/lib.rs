@@ -265,7 +265,11 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         // which could have woken a task the timers do not show), with nothing on the
         // network and every running host able to jump.
         if stepping == Stepping::SkipIdle && sh.trace.len() == before && !messages_in_flight(&sim) {
-            let due = injector.next_due(sh).into_iter().chain(data.next_write_due()).min();
+            let due = injector
+                .next_due(sh)
+                .into_iter()
+                .chain(data.next_write_due())
+                .min();
             let ticks = idle_ticks(idle, due, deadline, now);
             if ticks > 1 {
                 let running: Vec<String> = hosts
