@@ -162,7 +162,13 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(5))
         .simulation_duration(Duration::from_secs(
-            opts.chaos_secs + options::LIVENESS_SECS + options::FORCE_DETACH_SECS + 60,
+            opts.chaos_secs
+                + opts
+                    .rds_outage
+                    .map_or(0, |(at_ms, secs)| at_ms / 1000 + secs)
+                + options::LIVENESS_SECS
+                + options::FORCE_DETACH_SECS
+                + 60,
         ))
         .build();
     // Every host's software is wrapped to take idle jumps.
@@ -221,13 +227,17 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
             time.skipped(by.saturating_sub(TICK));
         }
         let now = time.of(sim.elapsed());
+        // The kernels' events are judged before a fault can change what the CO was told.
+        let mut bad = checkers::data_path::judge_events(sh, now);
         injector.tick(&mut sim, sh, now);
         sh.sync_data_path();
-        let io = data.step(sh, now);
-        if sh.trace.len() != seen || done || !io.is_empty() {
+        bad.extend(data.step(sh, now));
+        if sh.trace.len() != seen || done || !bad.is_empty() {
             checks += 1;
-            let mut bad = io;
             bad.extend(checkers::safety::check(sh));
+            bad.extend(checkers::data_path::check_usable(sh, now, |i| {
+                injector.heal_of(i)
+            }));
             if !bad.is_empty() {
                 for b in &bad {
                     sh.trace.at(now, "check", format!("VIOLATION {b}"));
@@ -253,7 +263,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
             } else {
                 0
             };
-        let deadline = injector.chaos_end() + Duration::from_secs(allowed);
+        let deadline = injector.heal_at() + Duration::from_secs(allowed);
         if now > deadline {
             let msg =
                 format!("liveness: the workload did not finish within {allowed}s of the heal");
@@ -262,11 +272,16 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
             break;
         }
         // Skip only from a quiet step (nothing traced: no call answered, no fault injected,
-        // which could have woken a task the timers do not show), with nothing on the
-        // network and every running host able to jump.
-        if stepping == Stepping::SkipIdle && sh.trace.len() == before && !messages_in_flight(&sim) {
+        // which could have woken a task the timers do not show; no kernel event waiting to
+        // be judged after the next step), with nothing on the network and every running
+        // host able to jump.
+        if stepping == Stepping::SkipIdle
+            && sh.trace.len() == before
+            && !messages_in_flight(&sim)
+            && !sh.kernels.iter().any(|k| k.has_events())
+        {
             let due = injector
-                .next_due(sh)
+                .next_due(sh, now)
                 .into_iter()
                 .chain(data.next_write_due())
                 .min();

@@ -17,12 +17,17 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Runs `opts(seed)` for `seeds` on two threads; the failing reports, by seed.
+/// One thread per core (scenarios share nothing: the sweep scales with cores).
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Runs `opts(seed)` for `seeds` on [`threads`]; the failing reports, by seed.
 fn sweep(seeds: std::ops::Range<u64>, opts: impl Fn(u64) -> Options + Sync) -> Vec<Report> {
     let next = AtomicU64::new(seeds.start);
     let failed = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for _ in 0..2 {
+        for _ in 0..threads() {
             s.spawn(|| {
                 loop {
                     let seed = next.fetch_add(1, Ordering::SeqCst);
@@ -78,31 +83,34 @@ fn a_seed_replays_to_the_same_trace() {
 
 #[test]
 fn skipping_idle_ticks_changes_nothing_but_the_speed() {
-    // Calm and stormy seeds (API latency spikes in 4, 7, 8, 9, 12, 13, 19, 160), lost
-    // nodes and their force-detach waits, nodes partitioned while alive (14, 15, 17, 160)
-    // with their connections writing, and a failing seed of each planted bug, run one
-    // turmoil step per tick and skipping idle ticks. A skip that missed a timer, a fault,
-    // a data-path write or a message would shift what happens when in nearly every
-    // scenario; a correct one leaves the trace (every call, answer, fault and verdict,
-    // with its time) and the writes judged identical. Rarely, tasks woken in the same millisecond run
-    // in another order after a jump (tokio's timer wheel and scheduler counters see one
-    // advance instead of many ticks): another valid interleaving, so a few seeds may part
-    // ways, but every verdict must agree.
-    let mut cases: Vec<Options> = (1..=20).chain([160]).map(Options::from_seed).collect();
+    // Calm and stormy seeds, lost nodes and their force-detach waits (1..=20: API latency
+    // spikes, RDS outages in 1, 3, 19 with reconnects through them, nodes partitioned while
+    // alive in 13, 15, 20), controllers lost to ctrl-loss-tmo in 79 and 108, connections
+    // writing, and a failing seed of each planted bug, run one turmoil step per tick and
+    // skipping idle ticks. A skip that missed a timer, a fault, a reconnect attempt, a
+    // data-path write or a message would shift what happens when in nearly every scenario;
+    // a correct one leaves the trace (every call, answer, fault, kernel event and verdict,
+    // with its time) and the writes judged identical. Rarely, tasks woken in the same
+    // millisecond run in another order after a jump (tokio's timer wheel and scheduler
+    // counters see one advance instead of many ticks): another valid interleaving, so a
+    // few seeds may part ways, but every verdict must agree.
+    let mut cases: Vec<Options> = (1..=20).chain([79, 108]).map(Options::from_seed).collect();
     cases.extend([
         Options::from_seed(1).with_bug(Bug::AckBeforePersist),
-        Options::from_seed(9).with_bug(Bug::DropPrecondition),
+        Options::from_seed(46).with_bug(Bug::DropPrecondition),
         Options::from_seed(2).with_bug(Bug::NodeGoneWhileAlive),
-        Options::from_seed(10).with_bug(Bug::BlindRdsRetry),
-        Options::from_seed(2).with_bug(Bug::UnpublishOpensExport),
-        Options::from_seed(3).with_bug(Bug::DeleteSkipsHolders),
+        Options::from_seed(13).with_bug(Bug::BlindRdsRetry),
+        Options::from_seed(1).with_bug(Bug::UnpublishOpensExport),
+        Options::from_seed(1).with_bug(Bug::DeleteSkipsHolders),
         Options::from_seed(2).with_bug(Bug::ReissuedPublishSkipsLock),
+        Options::from_seed(19).with_bug(Bug::KernelReconnectDefaults),
+        Options::from_seed(3).with_bug(Bug::RememberedDevicePath),
     ]);
     let next = AtomicU64::new(0);
     let parted = Mutex::new(Vec::new());
     let wrong = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for _ in 0..2 {
+        for _ in 0..threads() {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst) as usize;
@@ -150,21 +158,20 @@ fn skipping_idle_ticks_changes_nothing_but_the_speed() {
 
 #[test]
 fn canonical_traces() {
-    // 5: calm (no faults) with the fence: a re-issued unpublish ABORTED while the first
-    // runs, DeleteVolume racing the last detach (FAILED_PRECONDITION until the record is
-    // gone), and the operator removing the VolumeAttachment's finalizer by hand, after which
-    // the stale record is cleared and the delete converges.
-    // 22: API latency spikes past the CO deadline, a failover, the attacher's
-    // reconciliation (ListVolumes judged against the records), re-issued publishes, two
-    // finalizers removed and two PVs deleted and restored from a backup by hand, deletes
-    // racing detaches.
-    // 28: a node machine lost and re-created under its name with a new host NQN, published
-    // to again (fenced to the new machine) and force-detached six minutes after the loss;
-    // latency spikes, reconciliation, re-issued calls.
-    // 79: a node partitioned while alive: Kubernetes force-detaches its two volumes six
-    // minutes later, the exports are parked, the partition heals and the node's reconnects
-    // are refused by the allow lists, its kubelet cleans up, the volumes move on.
-    for seed in [5u64, 22, 28, 79] {
+    // 11: calm (no faults) with the fence: re-issued publishes ABORTED while the first runs,
+    // the operator removing a VolumeAttachment's finalizer by hand, DeleteVolume racing the
+    // last detach (FAILED_PRECONDITION until the record is gone).
+    // 12: a node machine lost and re-created under its name with a new host NQN, its two
+    // volumes force-detached six minutes after the loss; API latency spikes, the attacher's
+    // reconciliation, re-issued calls.
+    // 66: a node partitioned while alive (its controllers reconnecting): Kubernetes
+    // force-detaches its volume six minutes later, the export is parked, the partition heals
+    // and the node's reconnects are refused by the allow list; its kubelet's unmount waits on
+    // the queued I/O until the node's orphan sweep disconnects the fenced-away controller.
+    // 120: an RDS outage (33 s) with a node's NVMe controller lost under its mounts: the
+    // kubelet sees the volume abnormal and restarts the pod, whose NodePublishVolume repairs
+    // it once the RDS is back.
+    for seed in [11u64, 12, 66, 120] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
         insta::with_settings!({
@@ -228,4 +235,14 @@ fn finds_a_delete_that_does_not_check_the_holders() {
 #[test]
 fn finds_a_reissued_publish_that_skips_the_lock() {
     finds(Bug::ReissuedPublishSkipsLock);
+}
+
+#[test]
+fn finds_a_node_that_connects_without_its_reconnect_defaults() {
+    finds(Bug::KernelReconnectDefaults);
+}
+
+#[test]
+fn finds_a_node_that_remembers_device_paths() {
+    finds(Bug::RememberedDevicePath);
 }
