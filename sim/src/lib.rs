@@ -15,8 +15,8 @@
 //!   liveness), [`datapath`] (the nodes' NVMe connections and their writes, judged).
 //!
 //! [`run`] drives one scenario: a turmoil step per tick of virtual time, except that ticks
-//! in which nothing can happen (no message on the network, no timer due, no fault due) run
-//! as one step ([`Stepping`]).
+//! in which nothing can happen (no message on the network; no timer, fault, kernel
+//! reconnect attempt or data-path write due) run as one step ([`Stepping`]).
 
 pub mod bugs;
 pub mod checkers;
