@@ -333,6 +333,19 @@ impl FakeKernel {
         );
     }
 
+    /// When the next reconnect attempt is due (what [`Self::advance`] acts on next), if a
+    /// controller is reconnecting.
+    pub fn next_attempt(&self) -> Option<Duration> {
+        self.st()
+            .devices
+            .values()
+            .filter_map(|d| match d.link {
+                Link::Connecting { next, .. } => Some(next),
+                Link::Live => None,
+            })
+            .min()
+    }
+
     /// The NQNs with a controller (live or reconnecting), sorted.
     pub fn connected_nqns(&self) -> Vec<String> {
         let mut v: Vec<String> = self.st().devices.values().map(|d| d.nqn.clone()).collect();
@@ -424,6 +437,11 @@ impl FakeKernel {
     /// The events since the last call, oldest first.
     pub fn take_events(&self) -> Vec<KernelEvent> {
         std::mem::take(&mut self.st().events)
+    }
+
+    /// Whether events wait for [`Self::take_events`].
+    pub fn has_events(&self) -> bool {
+        !self.st().events.is_empty()
     }
 
     fn check_ours(&self, nqn: &str) -> Result<(), InitiatorError> {
