@@ -561,11 +561,14 @@ impl Emulator {
                 comment: None,
                 index: i,
                 flags: String::new(),
+                // As devices print it: the two-word type unquoted, the size with a unit
+                // (exact here: a unit only when one decimal is exact).
                 props: vec![
                     ("name", Val::Str(n.clone())),
-                    ("type", Val::Str(".img file".into())),
-                    ("size", Val::Bytes(f.size)),
+                    ("type", Val::Bare(".img file".into())),
+                    ("size", Val::Size(f.size)),
                     ("creation-time", Val::Time(f.created_unix)),
+                    ("last-modified", Val::Time(f.created_unix)),
                 ],
             })
             .collect();
