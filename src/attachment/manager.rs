@@ -522,8 +522,9 @@ impl AttachmentManager {
         // CSI: "NOT_FOUND: Indicates that a volume corresponding to the specified volume_id
         // does not exist." / "... a node corresponding to the specified node_id does not
         // exist."
+        // One `/disk print` (no size needed): the disk exists and its export.
         let disk =
-            self.rds.get_disk(volume.as_str()).await?.ok_or_else(|| {
+            self.rds.find_disk(volume.as_str()).await?.ok_or_else(|| {
                 Error::NotFound(format!("volume {volume} does not exist on the RDS"))
             })?;
         if !self.cluster.node_known(node).await? {
@@ -570,7 +571,7 @@ impl AttachmentManager {
             // and an unpublish clears both.
             let current = self
                 .rds
-                .get_disk(slot)
+                .find_disk(slot)
                 .await?
                 .and_then(|d| d.allowed_host_nqn);
             if current.as_deref() != Some(nqn.as_str()) {
@@ -616,7 +617,7 @@ impl AttachmentManager {
         let lift = if removed.iter().any(|r| r.access_mode.is_single_node()) {
             true
         } else if let Some(node) = &args.node_id {
-            let disk = match self.rds.get_disk(volume.as_str()).await? {
+            let disk = match self.rds.find_disk(volume.as_str()).await? {
                 Some(d) => d,
                 None => return Ok(()),
             };

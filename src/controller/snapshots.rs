@@ -8,7 +8,7 @@ use prost_types::Timestamp;
 
 use crate::controller::{Controller, paging};
 use crate::error::{Error, Result};
-use crate::ports::rds::Disk;
+use crate::ports::rds::{Disk, DiskEntry};
 use crate::proto::csi::{
     ListSnapshotsRequest, ListSnapshotsResponse, Snapshot, list_snapshots_response,
 };
@@ -29,6 +29,15 @@ pub fn source_of(disk: &Disk) -> Option<&str> {
 /// Whether a disk is one of our snapshots.
 fn is_snapshot(disk: &Disk) -> bool {
     disk.export.is_none() && source_of(disk).is_some()
+}
+
+/// Whether a disk entry is one of our snapshots.
+fn is_snapshot_entry(disk: &DiskEntry) -> bool {
+    disk.export.is_none()
+        && disk
+            .comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with(SOURCE_TAG))
 }
 
 /// Parses a snapshot id field.
@@ -75,7 +84,7 @@ impl Controller {
                 ))),
             };
         }
-        self.volume(source).await.map_err(|e| match e {
+        self.volume_entry(source).await.map_err(|e| match e {
             Error::NotFound(_) => {
                 Error::NotFound(format!("source_volume_id: volume {source} does not exist"))
             }
@@ -90,15 +99,15 @@ impl Controller {
 
     /// DeleteSnapshot core.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        match self.rds.get_disk(id.as_str()).await? {
+        match self.rds.find_disk(id.as_str()).await? {
             // "If a snapshot corresponding to the specified snapshot_id does not exist or the
             // artifacts associated with the snapshot do not exist anymore, the Plugin MUST
             // reply 0 OK." A volume of that name is not this snapshot: leave it. An absent
             // disk may be a delete interrupted between `/disk remove` and `/file remove`
-            // (found by the simulation): the adapter's delete still clears the file.
-            Some(d) if is_snapshot(&d) => Ok(self.rds.delete_snapshot(id.as_str()).await?),
+            // (found by the simulation): its file is removed.
+            Some(d) if is_snapshot_entry(&d) => Ok(self.rds.remove_disk(&d).await?),
             Some(_) => Ok(()),
-            None => Ok(self.rds.delete_snapshot(id.as_str()).await?),
+            None => Ok(self.rds.remove_leftover_file(id.as_str()).await?),
         }
     }
 

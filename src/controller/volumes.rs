@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::controller::{Controller, capacity, paging, params};
 use crate::types::context;
 use crate::error::{Error, Result};
-use crate::ports::rds::{Disk, DiskSpec, NvmeExport};
+use crate::ports::rds::{Disk, DiskEntry, DiskSpec, NvmeExport};
 use crate::proto::csi::{
     CapacityRange, ControllerGetVolumeResponse, CreateVolumeRequest, GetCapacityRequest,
     GetCapacityResponse, ListVolumesResponse, ValidateVolumeCapabilitiesRequest,
@@ -168,19 +168,30 @@ fn layout_comment(args: &CreateArgs) -> String {
     format!("{LAYOUT_TAG}{}", args.fs_type.as_deref().unwrap_or("block"))
 }
 
+fn volume_not_found(volume_id: &VolumeId) -> Error {
+    Error::NotFound(format!("volume {volume_id} does not exist"))
+}
+
 /// Whether a disk is a volume (exported) rather than a snapshot.
 fn is_volume(disk: &Disk) -> bool {
     disk.export.is_some()
 }
 
 impl Controller {
-    /// The volume `volume_id`, NOT_FOUND when there is none (a snapshot is not a volume).
+    /// The volume `volume_id` with its exact size, NOT_FOUND when there is none (a
+    /// snapshot is not a volume).
     pub(crate) async fn volume(&self, volume_id: &VolumeId) -> Result<Disk> {
         match self.rds.get_disk(volume_id.as_str()).await? {
             Some(d) if is_volume(&d) => Ok(d),
-            _ => Err(Error::NotFound(format!(
-                "volume {volume_id} does not exist"
-            ))),
+            _ => Err(volume_not_found(volume_id)),
+        }
+    }
+
+    /// The volume `volume_id`'s entry (one command: no size), NOT_FOUND when there is none.
+    pub(crate) async fn volume_entry(&self, volume_id: &VolumeId) -> Result<DiskEntry> {
+        match self.rds.find_disk(volume_id.as_str()).await? {
+            Some(d) if d.export.is_some() => Ok(d),
+            _ => Err(volume_not_found(volume_id)),
         }
     }
 
@@ -304,19 +315,20 @@ impl Controller {
     /// DeleteVolume core.
     pub async fn delete_volume(&self, volume_id: &VolumeId) -> Result<()> {
         let id = volume_id.as_str();
-        match self.rds.get_disk(id).await? {
+        // One `/disk print`: is it there, is it a volume, where is its file.
+        let disk = match self.rds.find_disk(id).await? {
             // "If a volume corresponding to the specified volume_id does not exist or the
             // artifacts associated with the volume do not exist anymore, the Plugin MUST
-            // reply 0 OK." A snapshot of that name is not this volume: leave it. An absent
-            // disk may be a delete interrupted between `/disk remove` and `/file remove`
-            // (found by the simulation): the adapter's delete still clears the file.
+            // reply 0 OK." An absent disk may be a delete interrupted between `/disk
+            // remove` and `/file remove` (found by the simulation): its file is removed.
             None => {
-                self.rds.delete_disk(id).await?;
+                self.rds.remove_leftover_file(id).await?;
                 return Ok(());
             }
-            Some(d) if !is_volume(&d) => return Ok(()),
-            Some(_) => {}
-        }
+            // A snapshot of that name is not this volume: leave it.
+            Some(d) if d.export.is_none() => return Ok(()),
+            Some(d) => d,
+        };
         // "FAILED_PRECONDITION: Indicates that the volume is in use" — never delete a disk a
         // node may still be writing to.
         // From the store, not memory: another replica may have published it since.
@@ -328,7 +340,7 @@ impl Controller {
                 nodes.join(", ")
             )));
         }
-        self.rds.delete_disk(id).await?;
+        self.rds.remove_disk(&disk).await?;
         Ok(())
     }
 
@@ -340,15 +352,11 @@ impl Controller {
         range: Option<&CapacityRange>,
         block: bool,
     ) -> Result<(u64, bool)> {
+        // The exact size decides whether to grow (and is the answer when it does not).
         let disk = self.volume(volume_id).await?;
         let size = match capacity::expand_to(range, disk.size_bytes)? {
             None => disk.size_bytes,
-            Some(new_size) => {
-                self.rds
-                    .resize_disk(volume_id.as_str(), new_size)
-                    .await?
-                    .size_bytes
-            }
+            Some(new_size) => self.rds.grow_disk(&disk, new_size).await?.size_bytes,
         };
         // A filesystem must be grown by the node; a raw block device needs nothing more.
         Ok((size, !block))
@@ -365,7 +373,7 @@ impl Controller {
                 "volume_capabilities is required".into(),
             ));
         }
-        self.volume(&volume_id).await?;
+        self.volume_entry(&volume_id).await?;
         // "Confirmed ... indicates to the CO the set of capabilities that the plugin has
         // validated"; an unsupported set is answered with a message, not an error.
         Ok(

@@ -32,7 +32,8 @@ pub struct DiskAdd {
     pub copy_from: Option<String>,
     /// NVMe/TCP export; `None` leaves the disk unexported (snapshots).
     pub export: Option<ExportSpec>,
-    /// `comment`: a note RouterOS keeps with the entry (a snapshot's source volume).
+    /// `comment`: a note RouterOS keeps with the entry (what the driver records about the
+    /// volume or snapshot: see `crate::types::note`).
     pub comment: Option<String>,
 }
 
@@ -78,6 +79,13 @@ pub enum Command {
         /// The host NQN allowed to connect.
         host_nqn: String,
     },
+    /// `/disk set [find slot=...] comment=...`: the note kept with the entry.
+    DiskSetComment {
+        /// The disk.
+        slot: String,
+        /// The new comment.
+        comment: String,
+    },
     /// `/disk unset [find slot=...] nvme-tcp-server-allow-host-name`.
     DiskUnsetAllowHost {
         /// The disk.
@@ -119,7 +127,8 @@ pub enum Command {
 pub enum CommandKind {
     /// [`Command::DiskAdd`].
     DiskAdd,
-    /// [`Command::DiskSetSize`], [`Command::DiskSetAllowHost`], [`Command::DiskUnsetAllowHost`].
+    /// [`Command::DiskSetSize`], [`Command::DiskSetAllowHost`], [`Command::DiskUnsetAllowHost`],
+    /// [`Command::DiskSetComment`].
     DiskSet,
     /// [`Command::DiskPrint`].
     DiskPrint,
@@ -140,6 +149,7 @@ impl Command {
             Command::DiskAdd(_) => CommandKind::DiskAdd,
             Command::DiskSetSize { .. }
             | Command::DiskSetAllowHost { .. }
+            | Command::DiskSetComment { .. }
             | Command::DiskUnsetAllowHost { .. } => CommandKind::DiskSet,
             Command::DiskPrint { .. } => CommandKind::DiskPrint,
             Command::DiskRemove { .. } => CommandKind::DiskRemove,

@@ -368,6 +368,10 @@ fn disk_set(rest: &[Tok]) -> Result<Command, CliError> {
                 Ok(Command::DiskSetAllowHost { slot, host_nqn })
             }
         }
+        Some([Tok::Arg(k, '=', v)]) if k == "comment" => Ok(Command::DiskSetComment {
+            slot,
+            comment: text(v, k)?,
+        }),
         Some([Tok::Arg(k, ..)]) => Err(CliError(format!("expected end of command (near {k})"))),
         Some(more) => Err(expected_end(more)),
         None => Err(expected_end(&[])),

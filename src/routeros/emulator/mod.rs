@@ -498,6 +498,20 @@ impl Emulator {
                 plan_allow(st, claims, slot, Some(host_nqn.clone()))
             }
             Command::DiskUnsetAllowHost { slot } => plan_allow(st, claims, slot, None),
+            Command::DiskSetComment { slot, comment } => {
+                let Some(d) = st.disks.iter().find(|d| &d.slot == slot) else {
+                    return Ok(Plan::default()); // `set` on an empty [find] does nothing
+                };
+                claims.check(Some(slot), None)?;
+                let comment = Some(comment.clone()).filter(|c| !c.is_empty());
+                if d.comment == comment {
+                    return Ok(Plan::default());
+                }
+                Ok(Plan::changes(vec![Change::Disk(DiskEntry {
+                    comment,
+                    ..d.clone()
+                })]))
+            }
             Command::DiskRemove { slot } => {
                 claims.check(Some(slot), None)?;
                 Ok(Plan::changes(
