@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::ports::cluster::ClusterEvent;
 use crate::ports::rds::RdsError;
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
+use crate::types::note::VolumeNote;
 use crate::types::{NodeId, VolumeId};
 
 use crate::types::context::{
@@ -595,6 +596,14 @@ impl AttachmentManager {
             && !args.block
         {
             ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
+        }
+        // The connect tunables in force (ControllerModifyVolume changes them in the disk's
+        // note): the node reads the publish context before the volume context, so a change
+        // applies at the volume's next attachment.
+        if let Some(note) = disk.comment.as_deref().and_then(VolumeNote::parse) {
+            for (key, value) in note.tunables.context() {
+                ctx.insert(key.to_string(), value);
+            }
         }
         Ok(ctx)
     }

@@ -17,8 +17,9 @@ use crate::routeros::command::{Command, DiskAdd, DiskFilter, PrintStyle};
 pub const MAX_IDENT_LEN: usize = 223;
 /// Longest file path we render.
 pub const MAX_PATH_LEN: usize = 512;
-/// Longest disk comment we render.
-pub const MAX_COMMENT_LEN: usize = 512;
+/// Longest disk comment we render: the driver's note (`crate::types::note`) with the
+/// longest CSI name (128 bytes, 171 characters encoded) and the longest address.
+pub const MAX_COMMENT_LEN: usize = 1024;
 
 /// Why a command cannot be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -296,7 +297,7 @@ fn check_chars(
 }
 
 /// A disk comment: the identifier alphabet (the driver encodes free text into it), but
-/// longer, since it records a name of up to 128 bytes encoded with base64 and more.
+/// longer.
 fn comment(v: &str) -> Result<&str, RenderError> {
     check_chars("comment", v, MAX_COMMENT_LEN, &[':'])?;
     Ok(v)
