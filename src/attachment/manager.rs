@@ -601,7 +601,7 @@ impl AttachmentManager {
         // note): the node reads the publish context before the volume context, so a change
         // applies at the volume's next attachment.
         if let Some(note) = disk.comment.as_deref().and_then(VolumeNote::parse) {
-            for (key, value) in note.tunables.context() {
+            for (key, value) in note.in_force().context() {
                 ctx.insert(key.to_string(), value);
             }
         }

@@ -181,6 +181,7 @@ impl CreateArgs {
             name: self.recorded_name.clone(),
             nvme_address: self.params.nvme_address.clone(),
             tunables: self.params.tunables,
+            modified: Default::default(),
         }
     }
 }
@@ -227,7 +228,9 @@ impl Controller {
     }
 
     /// The `volume_context` of a volume: the same for CreateVolume (and its repeats),
-    /// ListVolumes and ControllerGetVolume, since all read it from the disk and its note.
+    /// ListVolumes and ControllerGetVolume, since all read it from the disk and its note —
+    /// "A volume uniquely identified by `volume_id` SHALL always report the same
+    /// volume_context."
     fn volume_context(
         &self,
         export: Option<&NvmeExport>,
@@ -355,8 +358,10 @@ impl Controller {
         Ok(self.to_volume(&disk, args.source.as_ref()))
     }
 
-    /// ControllerModifyVolume core: `changes` (validated `mutable_parameters`) over the
-    /// tunables the volume's note records; one read, and one write when they differ.
+    /// ControllerModifyVolume core: `changes` (validated `mutable_parameters`) recorded in
+    /// the volume's note as the tunables in force from the next attachment on (its
+    /// `volume_context` stays what CreateVolume returned: "The contents of this field SHALL
+    /// NOT be mutable"); one read, and one write when they differ.
     pub async fn modify_volume(&self, volume_id: &VolumeId, changes: Tunables) -> Result<()> {
         let disk = self.volume_entry(volume_id).await?;
         let Some(mut note) = note_of(disk.comment.as_deref()) else {
@@ -367,11 +372,11 @@ impl Controller {
                  earlier driver or by hand), so its connect settings cannot be changed"
             )));
         };
-        let next = note.tunables.updated(changes);
-        if next == note.tunables {
+        let next = note.modified.updated(changes);
+        if next == note.modified {
             return Ok(());
         }
-        note.tunables = next;
+        note.modified = next;
         self.rds.set_comment(&disk, &note.render()).await?;
         Ok(())
     }

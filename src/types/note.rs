@@ -9,7 +9,10 @@
 //! - volume: `rds-csi-volume:<layout>` then, each optional, `:n.<name>` (the CSI name, when
 //!   the id is derived from it rather than equal to it), `:a.<address>` (the StorageClass'
 //!   `nvmeAddress`), `:clt.<seconds>`, `:rd.<seconds>`, `:kat.<seconds>` (the connect
-//!   tunables); `<layout>` is `ext4`, `xfs` or `block`;
+//!   tunables the volume was created with: its `volume_context`, which "SHALL NOT be
+//!   mutable"), `:mclt.<seconds>`, `:mrd.<seconds>`, `:mkat.<seconds>` (what
+//!   ControllerModifyVolume set since: they win in the publish context); `<layout>` is
+//!   `ext4`, `xfs` or `block`;
 //! - snapshot: `rds-csi-snapshot-of:<source volume id>` then, optional, `:n.<name>`.
 //!
 //! Free text (names, addresses) is base64url without padding, so a note holds only the
@@ -74,8 +77,17 @@ pub struct VolumeNote {
     pub name: Option<String>,
     /// The StorageClass' NVMe/TCP address, when it overrode the controller's.
     pub nvme_address: Option<String>,
-    /// The connect tunables in force.
+    /// The connect tunables the volume was created with (part of its `volume_context`).
     pub tunables: Tunables,
+    /// The connect tunables ControllerModifyVolume set since.
+    pub modified: Tunables,
+}
+
+impl VolumeNote {
+    /// The connect tunables in force: the creation values, with the modified ones over them.
+    pub fn in_force(&self) -> Tunables {
+        self.tunables.updated(self.modified)
+    }
 }
 
 /// What a snapshot's note records.
@@ -115,15 +127,16 @@ impl VolumeNote {
         if let Some(a) = &self.nvme_address {
             out.push_str(&format!(":a.{}", text(a)));
         }
-        let t = &self.tunables;
-        if let Some(v) = t.ctrl_loss_tmo {
-            out.push_str(&format!(":clt.{v}"));
-        }
-        if let Some(v) = t.reconnect_delay {
-            out.push_str(&format!(":rd.{v}"));
-        }
-        if let Some(v) = t.keep_alive_tmo {
-            out.push_str(&format!(":kat.{v}"));
+        for (prefix, t) in [("", &self.tunables), ("m", &self.modified)] {
+            if let Some(v) = t.ctrl_loss_tmo {
+                out.push_str(&format!(":{prefix}clt.{v}"));
+            }
+            if let Some(v) = t.reconnect_delay {
+                out.push_str(&format!(":{prefix}rd.{v}"));
+            }
+            if let Some(v) = t.keep_alive_tmo {
+                out.push_str(&format!(":{prefix}kat.{v}"));
+            }
         }
         out
     }
@@ -149,6 +162,9 @@ impl VolumeNote {
                 "clt" => note.tunables.ctrl_loss_tmo = Some(v.parse().ok()?),
                 "rd" => note.tunables.reconnect_delay = Some(v.parse().ok()?),
                 "kat" => note.tunables.keep_alive_tmo = Some(v.parse().ok()?),
+                "mclt" => note.modified.ctrl_loss_tmo = Some(v.parse().ok()?),
+                "mrd" => note.modified.reconnect_delay = Some(v.parse().ok()?),
+                "mkat" => note.modified.keep_alive_tmo = Some(v.parse().ok()?),
                 _ => {}
             }
         }
@@ -210,7 +226,13 @@ mod tests {
                 reconnect_delay: Some(5),
                 keep_alive_tmo: Some(30),
             },
+            modified: Tunables {
+                ctrl_loss_tmo: Some(600),
+                ..Default::default()
+            },
         };
+        assert_eq!(v.in_force().ctrl_loss_tmo, Some(600));
+        assert_eq!(v.in_force().keep_alive_tmo, Some(30));
         let text = v.render();
         assert!(in_comment_alphabet(&text), "{text}");
         assert_eq!(VolumeNote::parse(&text), Some(v));
