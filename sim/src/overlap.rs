@@ -253,6 +253,12 @@ impl Rds for Tracked<dyn Rds> {
     async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
         self.mark().find_disk(slot).await
     }
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        self.mark().find_disks(slots).await
+    }
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.mark().sized(disk).await
+    }
     async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
         self.mark().remove_disk(disk).await
     }
@@ -264,6 +270,9 @@ impl Rds for Tracked<dyn Rds> {
     }
     async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
         self.mark().set_comment(disk, comment).await
+    }
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.mark().fence_disk(disk, host_nqn).await
     }
 }
 

@@ -570,13 +570,12 @@ impl AttachmentManager {
             // Observed now, under the volume's lock: `disk` was read before it. A failure
             // fails the call with the record durable; the CO's retry (a repeat) fences again,
             // and an unpublish clears both.
-            let current = self
-                .rds
-                .find_disk(slot)
-                .await?
-                .and_then(|d| d.allowed_host_nqn);
-            if current.as_deref() != Some(nqn.as_str()) {
-                self.rds.set_allowed_host(slot, Some(nqn)).await?;
+            let current = self.rds.find_disk(slot).await?.ok_or_else(|| {
+                Error::NotFound(format!("volume {volume} does not exist on the RDS"))
+            })?;
+            if current.allowed_host_nqn.as_deref() != Some(nqn.as_str()) {
+                // On what was just read: no second read of the same disk.
+                self.rds.fence_disk(&current, Some(nqn)).await?;
                 if !self.refence_from_store(volume, Some(node)).await? {
                     return Err(Error::Aborted(format!(
                         "attachments of volume {volume} changed by another writer while it \

@@ -66,9 +66,12 @@ impl Controller {
         // successfully cut and ready to use ... the Plugin MUST reply 0 OK"; the same name
         // from another source is "ALREADY_EXISTS ... Indicates that a snapshot corresponding
         // to the specified snapshot name already exists but is incompatible with the
-        // specified volume_id." One read: absent (one command), or the copy with its exact
-        // size and creation time.
-        if let Some(existing) = self.rds.get_disk(id.as_str()).await? {
+        // specified volume_id." One `/disk print` for the name's slot and the source.
+        let found = self.rds.find_disks(&[id.as_str(), source.as_str()]).await?;
+        let entry = |slot: &str| found.iter().find(|d| d.slot == slot);
+        if let Some(existing) = entry(id.as_str()) {
+            // A repeat: the copy's exact size and creation time.
+            let existing = self.rds.sized(existing).await?;
             let Some(note) = snapshot_note(existing.export.is_some(), existing.comment.as_deref())
             else {
                 return Err(Error::AlreadyExists(format!(
@@ -91,13 +94,12 @@ impl Controller {
             }
             return Ok(to_snapshot(&existing, &note));
         }
-        // The source exists and is a volume: one `/disk print`, its size comes with the copy.
-        self.volume_entry(source).await.map_err(|e| match e {
-            Error::NotFound(_) => {
-                Error::NotFound(format!("source_volume_id: volume {source} does not exist"))
-            }
-            e => e,
-        })?;
+        // The source exists and is a volume (its size comes with the copy).
+        if !entry(source.as_str()).is_some_and(|d| d.export.is_some()) {
+            return Err(Error::NotFound(format!(
+                "source_volume_id: volume {source} does not exist"
+            )));
+        }
         let note = SnapshotNote {
             source: source.to_string(),
             name: recorded.map(str::to_string),

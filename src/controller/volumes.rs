@@ -276,8 +276,14 @@ impl Controller {
         // with the specified capacity_range, volume_capabilities, parameters and
         // mutable_parameters in the CreateVolumeRequest, the Plugin MUST reply 0 OK with the
         // corresponding CreateVolumeResponse." A retry after a lost reply lands here.
-        // One read: absent (the usual case, one command) or the disk with its exact size.
-        if let Some(existing) = self.rds.get_disk(id).await? {
+        // One `/disk print` for the slot and the content source: absent (the usual case)
+        // or the disk, whose exact size is then read.
+        let mut slots = vec![id];
+        slots.extend(args.source.as_ref().map(Source::slot));
+        let found = self.rds.find_disks(&slots).await?;
+        let entry = |slot: &str| found.iter().find(|d| d.slot == slot);
+        if let Some(existing) = entry(id) {
+            let existing = self.rds.sized(existing).await?;
             if !is_volume(&existing) {
                 return Err(Error::AlreadyExists(format!(
                     "name {:?} is taken by a snapshot on the RDS (slot {id}); choose another \
@@ -322,14 +328,15 @@ impl Controller {
         let floor = match &args.source {
             None => 0,
             Some(src) => {
-                let disk = self.rds.get_disk(src.slot()).await?;
-                let found = match (&disk, src) {
-                    (Some(d), Source::Snapshot(_)) => !is_volume(d),
-                    (Some(d), Source::Volume(_)) => is_volume(d),
+                let disk = entry(src.slot());
+                let found = match (disk, src) {
+                    (Some(d), Source::Snapshot(_)) => d.export.is_none(),
+                    (Some(d), Source::Volume(_)) => d.export.is_some(),
                     (None, _) => false,
                 };
                 match (disk, found) {
-                    (Some(d), true) => d.size_bytes,
+                    // The new volume is at least as large: the source's exact size.
+                    (Some(d), true) => self.rds.sized(d).await?.size_bytes,
                     _ => {
                         // "Indicates that the specified source does not exist."
                         let what = match src {

@@ -98,6 +98,8 @@ pub struct DiskEntry {
     pub allowed_host_nqn: Option<String>,
     /// The note kept with the disk entry, if any.
     pub comment: Option<String>,
+    /// The size as `/disk` printed it (possibly rounded), when it did.
+    pub printed_size_bytes: Option<u64>,
 }
 
 impl From<Disk> for DiskEntry {
@@ -108,6 +110,7 @@ impl From<Disk> for DiskEntry {
             export: d.export,
             allowed_host_nqn: d.allowed_host_nqn,
             comment: d.comment,
+            printed_size_bytes: Some(d.size_bytes),
         }
     }
 }
@@ -135,6 +138,20 @@ pub trait Rds: Send + Sync + 'static {
     /// The disk entry in `slot`, if any (one `/disk print`: no exact size).
     async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
         Ok(self.get_disk(slot).await?.map(DiskEntry::from))
+    }
+    /// The entries of those of `slots` that hold a disk (one `/disk print` for all).
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        let mut out = Vec::new();
+        for slot in slots {
+            out.extend(self.find_disk(slot).await?);
+        }
+        Ok(out)
+    }
+    /// `disk` (just observed with [`Rds::find_disk`]) with its exact size and creation time.
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.get_disk(&disk.slot)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("disk slot={}", disk.slot)))
     }
     /// All disks whose slot starts with `slot_prefix`, sorted by slot. Only disks this
     /// driver manages (backing file under its volume path) are listed.
@@ -170,6 +187,10 @@ pub trait Rds: Send + Sync + 'static {
     async fn capacity(&self) -> Result<PoolCapacity, RdsError>;
     /// Sets (or with `None` clears) the host NQN allowed to connect to the disk's export.
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError>;
+    /// [`Rds::set_allowed_host`] on `disk`, just observed with [`Rds::find_disk`].
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.set_allowed_host(&disk.slot, host_nqn).await
+    }
 
     /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size,
     /// carrying `comment`. `NotFound` when the source is absent; `AlreadyExists` when

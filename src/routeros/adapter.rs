@@ -315,24 +315,29 @@ impl<T: Transport> RouterOsRds<T> {
             export,
             allowed_host_nqn: d.allow_host,
             comment: d.comment,
+            printed_size_bytes: d.file_size,
         })
     }
 
     /// A disk in port terms. Its size is the backing file's exact byte count when the
     /// file is known (`/disk` may print `file-size` rounded to a unit).
     fn to_disk(d: DiskInfo, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
-        let printed = d.file_size;
-        let slot = d.slot.clone();
-        let created_unix = file.and_then(|f| f.created_unix);
+        Self::with_file(Self::to_entry(d)?, file)
+    }
+
+    /// `entry` with the size and creation time of its `file` (else the printed size).
+    fn with_file(entry: DiskEntry, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
         let size_bytes = file
             .and_then(|f| f.size)
-            .or(printed)
-            .ok_or_else(|| RdsError::Protocol(format!("disk slot={slot} has no file-size")))?;
-        Ok(Self::sized(Self::to_entry(d)?, size_bytes, created_unix))
+            .or(entry.printed_size_bytes)
+            .ok_or_else(|| {
+                RdsError::Protocol(format!("disk slot={} has no file-size", entry.slot))
+            })?;
+        Ok(Self::disk_of(entry, size_bytes, file.and_then(|f| f.created_unix)))
     }
 
     /// `entry` with its size and creation time.
-    fn sized(entry: DiskEntry, size_bytes: u64, created_unix: Option<i64>) -> Disk {
+    fn disk_of(entry: DiskEntry, size_bytes: u64, created_unix: Option<i64>) -> Disk {
         Disk {
             slot: entry.slot,
             file_path: entry.file_path,
@@ -449,28 +454,48 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         })
     }
 
-    /// `/disk print detail where slot=...`, then, when there is a disk, `/file print
-    /// detail where name=...` of its file: the exact size (`/disk` may print it rounded to
-    /// a tenth of a unit) and the creation time (2 commands; 1 when absent).
+    /// [`Rds::find_disk`] then, when there is a disk, [`Rds::sized`] (2 commands; 1 when
+    /// absent).
     async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
-        let Some(d) = self.observe_disk(slot).await? else {
-            return Ok(None);
+        match self.find_disk(slot).await? {
+            Some(d) => self.sized(&d).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `/file print detail where name=...` of the disk's file (1 command): the exact size
+    /// (`/disk` may print it rounded to a tenth of a unit) and the creation time.
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        let readable = self
+            .renderer
+            .render(&Command::FilePrint {
+                name: disk.file_path.clone(),
+                exact: true,
+            })
+            .is_ok();
+        let file = match readable {
+            true => self.observe_file(&disk.file_path).await?,
+            false => None,
         };
-        let file = match &d.file_path {
-            Some(p)
-                if self
-                    .renderer
-                    .render(&Command::FilePrint {
-                        name: p.clone(),
-                        exact: true,
-                    })
-                    .is_ok() =>
-            {
-                self.observe_file(p).await?
+        Self::with_file(disk.clone(), file.as_ref())
+    }
+
+    /// `/disk print detail where slot="a" or slot="b" ...` (1 command for all).
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        let records = self
+            .read(&Command::DiskPrint {
+                filter: DiskFilter::Slots(slots.iter().map(|s| s.to_string()).collect()),
+                style: PrintStyle::Detail,
+            })
+            .await?;
+        let mut out = Vec::new();
+        for r in &records {
+            let d = DiskInfo::from_record(r)?;
+            if slots.contains(&d.slot.as_str()) {
+                out.push(Self::to_entry(d)?);
             }
-            _ => None,
-        };
-        Self::to_disk(d, file.as_ref()).map(Some)
+        }
+        Ok(out)
     }
 
     /// `/disk print detail [where slot~...]` and one `/file print detail where name~...`
@@ -647,34 +672,46 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         )))
     }
 
-    /// `/disk print detail where slot=...` (is it ours, exported, already so?), then
-    /// `/disk set|unset ... nvme-tcp-server-allow-host-name` unless it already is (2
-    /// commands; 1 when nothing changes).
+    /// [`Rds::find_disk`] (is it there?), then [`Rds::fence_disk`] (2 commands; 1 when
+    /// nothing changes).
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
-        let cmd = match host_nqn {
-            Some(h) => Command::DiskSetAllowHost {
-                slot: slot.to_string(),
-                host_nqn: h.to_string(),
-            },
-            None => Command::DiskUnsetAllowHost {
-                slot: slot.to_string(),
-            },
-        };
-        self.renderer.render(&cmd)?;
-        let d = self
-            .observe_disk(slot)
+        self.renderer.render(&allow_command(slot, host_nqn))?;
+        let disk = self
+            .find_disk(slot)
             .await?
             .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
-        self.check_owned(&d)?;
-        if !d.nvme_export {
+        self.fence_disk(&disk, host_nqn).await
+    }
+
+    /// `/disk set|unset [find slot=...] nvme-tcp-server-allow-host-name` (1 command) on the
+    /// entry the caller just observed: is it ours and exported, and not already so.
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        let slot = disk.slot.as_str();
+        let cmd = allow_command(slot, host_nqn);
+        self.renderer.render(&cmd)?;
+        self.check_owned_path(slot, Some(&disk.file_path))?;
+        if disk.export.is_none() {
             return Err(RdsError::Rejected(format!(
                 "disk slot={slot} is not exported over NVMe/TCP"
             )));
         }
-        if d.allow_host.as_deref() == host_nqn {
+        if disk.allowed_host_nqn.as_deref() == host_nqn {
             return Ok(());
         }
         self.write(&cmd, Expect::AllowHost(slot, host_nqn)).await
+    }
+}
+
+/// `/disk set ... nvme-tcp-server-allow-host-name=<host>`, or `unset` for `None`.
+fn allow_command(slot: &str, host_nqn: Option<&str>) -> Command {
+    match host_nqn {
+        Some(h) => Command::DiskSetAllowHost {
+            slot: slot.to_string(),
+            host_nqn: h.to_string(),
+        },
+        None => Command::DiskUnsetAllowHost {
+            slot: slot.to_string(),
+        },
     }
 }
 
@@ -857,6 +894,10 @@ mod tests {
         assert_eq!(entry, DiskEntry::from(d.clone()));
         let full = rds.get_disk("pvc-a").await.unwrap().unwrap();
         assert_eq!(sent(&rds), ["/disk print", "/file print"]);
+        assert_eq!(rds.sized(&entry).await.unwrap(), full);
+        assert_eq!(sent(&rds), ["/file print"]);
+        let both = rds.find_disks(&["pvc-none", "pvc-a"]).await.unwrap();
+        assert_eq!((both, sent(&rds)), (vec![entry.clone()], vec!["/disk print".to_string()]));
         assert!(rds.get_disk("pvc-none").await.unwrap().is_none());
         assert_eq!(sent(&rds), ["/disk print"]);
         let grown = rds.grow_disk(&full, 2 * GIB).await.unwrap();

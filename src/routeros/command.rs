@@ -44,6 +44,8 @@ pub enum DiskFilter {
     All,
     /// `where slot="..."`.
     Slot(String),
+    /// `where slot="a" or slot="b" ...`: several disks in one round trip.
+    Slots(Vec<String>),
     /// `where slot~"^..."`: slots starting with this prefix (a regex anchor; callers
     /// re-check the prefix exactly, since `.` matches any character).
     SlotPrefix(String),

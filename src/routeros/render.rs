@@ -134,6 +134,16 @@ impl Renderer {
                             quoted(ident("slot", s)?)
                         )
                     }
+                    DiskFilter::Slots(slots) => {
+                        let mut terms = Vec::with_capacity(slots.len());
+                        for s in slots {
+                            terms.push(format!("slot={}", quoted(ident("slot", s)?)));
+                        }
+                        if terms.is_empty() {
+                            return Err(unsafe_value("slot", "", "no slot to select".into()));
+                        }
+                        format!("/disk print {style} where {}", terms.join(" or "))
+                    }
                     DiskFilter::SlotPrefix(p) => format!(
                         "/disk print {style} where slot~{}",
                         quoted(&format!("^{}", ident("slot prefix", p)?))
@@ -484,6 +494,13 @@ pub(crate) mod tests {
                 },
             ),
             (
+                "get two (a snapshot's name and its source)",
+                Command::DiskPrint {
+                    filter: DiskFilter::Slots(vec!["snap-1".into(), slot.clone()]),
+                    style: PrintStyle::Detail,
+                },
+            ),
+            (
                 "list",
                 Command::DiskPrint {
                     filter: DiskFilter::SlotPrefix("pvc-".into()),
@@ -616,6 +633,10 @@ pub(crate) mod tests {
                 },
                 Command::DiskPrint {
                     filter: DiskFilter::MountPoint(h.clone()),
+                    style: PrintStyle::Detail,
+                },
+                Command::DiskPrint {
+                    filter: DiskFilter::Slots(vec!["ok".into(), h.clone()]),
                     style: PrintStyle::Detail,
                 },
                 Command::DiskAdd(DiskAdd {

@@ -693,6 +693,7 @@ impl Emulator {
         let pool_selected = match filter {
             DiskFilter::All => true,
             DiskFilter::Slot(s) => *s == self.pool.slot,
+            DiskFilter::Slots(slots) => slots.contains(&self.pool.slot),
             DiskFilter::SlotPrefix(p) => self.pool.slot.starts_with(p.as_str()),
             DiskFilter::MountPoint(m) => *m == self.pool.mount_point,
         };
@@ -720,6 +721,7 @@ impl Emulator {
             let selected = match filter {
                 DiskFilter::All => true,
                 DiskFilter::Slot(s) => d.slot == *s,
+                DiskFilter::Slots(slots) => slots.contains(&d.slot),
                 DiskFilter::SlotPrefix(p) => d.slot.starts_with(p.as_str()),
                 DiskFilter::MountPoint(_) => false,
             };
