@@ -218,7 +218,7 @@ async fn command_counts(fence: bool) {
         "RouterOS commands per RPC, success path (data-path fence {}):",
         if fence { "on" } else { "off" }
     );
-    let mut report = |rpc: &str, ok: Result<(), tonic::Status>| {
+    let report = |rpc: &str, ok: Result<(), tonic::Status>| {
         let sent = log.take();
         let mut counted: Vec<(String, usize)> = Vec::new();
         for s in sent.iter() {
