@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
-use rds_csi::ports::rds::RdsError;
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
-use rds_csi::ports::{AttachmentStore, Cluster};
+use rds_csi::ports::{AttachmentStore, Cluster, Rds};
 use rds_csi::routeros::render::CommandLine;
 use rds_csi::routeros::transport::Transport;
 use rds_csi::types::{NodeId, VolumeId};
@@ -129,6 +129,94 @@ impl Transport for BlindResend {
 pub fn wrap_transport(inner: Arc<dyn Transport>, bug: Option<Bug>) -> Arc<dyn Transport> {
     match bug {
         Some(Bug::BlindRdsRetry) => Arc::new(BlindResend { inner }),
+        _ => inner,
+    }
+}
+
+/// An RDS that keeps a new snapshot's note without its `:n.` field (the CSI name the driver
+/// records when the snapshot id is derived from the name): the copy exists, but nothing
+/// on the RDS says which name it was made for.
+struct Nameless {
+    inner: Arc<dyn Rds>,
+}
+
+/// `note` without its `:n.<name>` field.
+fn without_name(note: &str) -> String {
+    note.split(':')
+        .filter(|field| !field.starts_with("n."))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[async_trait]
+impl Rds for Nameless {
+    async fn ping(&self) -> Result<(), RdsError> {
+        self.inner.ping().await
+    }
+    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.inner.create_disk(spec).await
+    }
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        self.inner.get_disk(slot).await
+    }
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        self.inner.find_disk(slot).await
+    }
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        self.inner.find_disks(slots).await
+    }
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.inner.sized(disk).await
+    }
+    async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_disks(slot_prefix).await
+    }
+    async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.resize_disk(slot, size_bytes).await
+    }
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.grow_disk(disk, size_bytes).await
+    }
+    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.delete_disk(slot).await
+    }
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        self.inner.remove_disk(disk).await
+    }
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.remove_leftover_file(slot).await
+    }
+    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
+        self.inner.capacity().await
+    }
+    async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.inner.set_allowed_host(slot, host_nqn).await
+    }
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.inner.fence_disk(disk, host_nqn).await
+    }
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        self.inner.set_comment(disk, comment).await
+    }
+    async fn create_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        comment: &str,
+    ) -> Result<Disk, RdsError> {
+        self.inner
+            .create_snapshot(source, slot, &without_name(comment))
+            .await
+    }
+    async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_snapshots(slot_prefix).await
+    }
+}
+
+/// The RDS port with `bug` planted, if it is an RDS bug.
+pub fn wrap_rds(inner: Arc<dyn Rds>, bug: Option<Bug>) -> Arc<dyn Rds> {
+    match bug {
+        Some(Bug::NamelessRds) => Arc::new(Nameless { inner }),
         _ => inner,
     }
 }

@@ -21,15 +21,19 @@ pub enum Bug {
     /// The link to the RDS takes a lost reply as a failure and sends the command again
     /// blindly, without observing whether the first one was applied.
     BlindRdsRetry,
+    /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
+    /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
+    NamelessRds,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 4] = [
+    pub const ALL: [Bug; 5] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
         Bug::BlindRdsRetry,
+        Bug::NamelessRds,
     ];
 }
 

@@ -498,7 +498,7 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
 }
 
 /// The scenario's wrappers around a controller replica's ports: crash points and planted
-/// bugs at the store, planted bugs at the cluster and the RouterOS transport, and the
+/// bugs at the store, planted bugs at the cluster, the RDS and the RouterOS transport, and the
 /// no-overlap checker's call tracking at the RDS and the store.
 struct ControllerLayers {
     sh: Shared,
@@ -510,6 +510,7 @@ impl PortLayers for ControllerLayers {
         crate::bugs::wrap_transport(port, self.sh.opts.bug)
     }
     fn rds(&self, port: Arc<dyn Rds>) -> Arc<dyn Rds> {
+        let port = crate::bugs::wrap_rds(port, self.sh.opts.bug);
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn store(&self, port: Arc<dyn AttachmentStore>) -> Arc<dyn AttachmentStore> {

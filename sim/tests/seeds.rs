@@ -131,3 +131,8 @@ fn finds_a_store_that_drops_the_precondition() {
 fn finds_an_rds_link_that_retries_a_lost_reply_blindly() {
     finds(Bug::BlindRdsRetry);
 }
+
+#[test]
+fn finds_an_rds_that_forgets_the_recorded_name() {
+    finds(Bug::NamelessRds);
+}
