@@ -100,7 +100,8 @@ fn ambiguous(e: &RdsError) -> bool {
 #[derive(Clone, Copy)]
 enum Expect<'a> {
     Created(&'a DiskSpec),
-    /// A snapshot `(slot, source's copy)`: its entry exists, unexported, with the comment.
+    /// A copy `(slot, comment)` made without a size (a snapshot): its entry exists,
+    /// unexported, with the comment.
     Copied(&'a str, &'a str),
     Size(&'a str, u64),
     AllowHost(&'a str, Option<&'a str>),
