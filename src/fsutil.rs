@@ -1,4 +1,7 @@
-//! Small filesystem helpers shared by the local adapters.
+//! Small filesystem helpers shared by the local adapters: atomic replacement of a file and
+//! the append-only [`journal`] the embedded backend keeps its state in.
+
+pub mod journal;
 
 use std::io::Write;
 use std::path::Path;

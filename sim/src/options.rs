@@ -34,11 +34,14 @@ pub enum Bug {
     /// as that path exists: after a reconnect renamed the volume, and the old name went to
     /// another volume, the node mounts the wrong disk.
     RememberedDevicePath,
+    /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
+    /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
+    NamelessRds,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -48,6 +51,7 @@ impl Bug {
         Bug::ReissuedPublishSkipsLock,
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
+        Bug::NamelessRds,
     ];
 }
 

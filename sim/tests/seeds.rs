@@ -246,3 +246,8 @@ fn finds_a_node_that_connects_without_its_reconnect_defaults() {
 fn finds_a_node_that_remembers_device_paths() {
     finds(Bug::RememberedDevicePath);
 }
+
+#[test]
+fn finds_an_rds_that_forgets_the_recorded_name() {
+    finds(Bug::NamelessRds);
+}
