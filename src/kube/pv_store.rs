@@ -219,7 +219,7 @@ fn mode_name(m: AccessMode) -> &'static str {
 }
 
 /// The annotation values for `holders` (sorted by node); `Value::Null` removes a key.
-pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
+pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     if holders.is_empty() {
         for k in [
@@ -255,7 +255,7 @@ pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<S
 }
 
 /// Records encoded in a PV's annotations; malformed parts are reported, not guessed.
-pub(crate) fn records_from(
+pub fn records_from(
     volume: &VolumeId,
     annotations: &BTreeMap<String, String>,
 ) -> Result<Vec<AttachmentRecord>, String> {
