@@ -299,8 +299,26 @@ pub fn records_from(
             readonly,
         });
     }
-    out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    Ok(out)
+    // A node named twice (a hand edit, a restored backup) holds the volume once, since it
+    // was first recorded: the manager keeps one record per node, and a write compares
+    // against these (found by fuzzing). Named read-only and read-write, it is malformed.
+    out.sort_by(|a, b| (&a.node_id, a.attached_at).cmp(&(&b.node_id, b.attached_at)));
+    let mut holders: Vec<AttachmentRecord> = Vec::with_capacity(out.len());
+    for r in out {
+        match holders.last() {
+            Some(prev) if prev.node_id == r.node_id => {
+                if prev.readonly != r.readonly {
+                    return Err(format!(
+                        "{ANN_ATTACHED_NODE} names node {} twice, once read-only and once \
+                         read-write",
+                        r.node_id
+                    ));
+                }
+            }
+            _ => holders.push(r),
+        }
+    }
+    Ok(holders)
 }
 
 /// Attachment records in PV annotations.
