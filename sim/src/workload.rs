@@ -8,9 +8,12 @@
 //! succeeded, sometimes a conflicting ControllerPublish of the volume to another node, then
 //! NodeUnpublish, NodeUnstage and ControllerUnpublish until OK and the VolumeAttachment
 //! removed (the pod moves to another live node); finally DeleteVolume until OK and the PV
-//! removed. When the node's machine is lost mid-round, its pod goes with it and the
-//! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss; when the
-//! node is partitioned while alive, the same happens [`FORCE_DETACH_SECS`] after it stopped
+//! removed. While a pod runs the kubelet polls NodeGetVolumeStats; a volume reported
+//! abnormal gets its pod restarted on the node (NodeUnpublish, then NodePublish of the new
+//! pod, which repairs a stale staging mount). Some volumes' StorageClass sets `ctrlLossTmo`.
+//! When the node's machine is lost mid-round, its pod goes with it and the attach/detach
+//! controller force-detaches [`FORCE_DETACH_SECS`] after the loss; when the node is
+//! partitioned while alive, the same happens [`FORCE_DETACH_SECS`] after it stopped
 //! reporting (unless it heals first), its kubelet keeps the mount, and cleans up once the
 //! partition heals.
 //!
@@ -41,8 +44,8 @@ use rds_csi::proto::csi::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
     ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, CreateSnapshotRequest,
     CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ListVolumesRequest,
-    NodeExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    NodeExpandVolumeRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
@@ -53,7 +56,8 @@ use tonic::{Code, Status};
 use crate::model::Op;
 use crate::options::FORCE_DETACH_SECS;
 use crate::world::{
-    CSI_PORT, DRIVER, KUBELET_ROOT, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
+    CSI_PORT, DRIVER, ORPHAN_SWEEP, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
+    staging_path, target_path,
 };
 
 /// Stands for the leading controller replica.
@@ -61,6 +65,12 @@ const CTRL: &str = "controller*";
 
 /// Size of every volume.
 pub const VOLUME_BYTES: i64 = 1 << 30;
+
+/// How often the kubelet polls the stats of a running pod's volume.
+pub const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// The `ctrlLossTmo` of the StorageClass some volumes use (seconds).
+pub const FINITE_CTRL_LOSS_TMO: i32 = 30;
 
 /// One CSI call.
 #[derive(Debug, Clone)]
@@ -77,6 +87,7 @@ enum Call {
     NodeExpand(NodeExpandVolumeRequest),
     Snapshot(CreateSnapshotRequest),
     DeleteSnapshot(DeleteSnapshotRequest),
+    Stats(NodeGetVolumeStatsRequest),
 }
 
 impl Call {
@@ -94,6 +105,7 @@ impl Call {
             Call::NodeExpand(_) => "NodeExpand",
             Call::Snapshot(_) => "CreateSnapshot",
             Call::DeleteSnapshot(_) => "DeleteSnapshot",
+            Call::Stats(_) => "NodeGetVolumeStats",
         }
     }
 }
@@ -104,6 +116,8 @@ struct Reply {
     volume_context: HashMap<String, String>,
     publish_context: HashMap<String, String>,
     snapshot_id: String,
+    /// NodeGetVolumeStats: the volume is abnormal.
+    abnormal: bool,
 }
 
 async fn send(host: &str, port: u16, call: Call, timeout: Duration) -> Result<Reply, Status> {
@@ -153,6 +167,15 @@ async fn send(host: &str, port: u16, call: Call, timeout: Duration) -> Result<Re
             ..Default::default()
         },
         Call::DeleteSnapshot(r) => c.delete_snapshot(r).await.map(|_| Reply::default())?,
+        Call::Stats(r) => Reply {
+            abnormal: n
+                .node_get_volume_stats(r)
+                .await?
+                .into_inner()
+                .volume_condition
+                .is_some_and(|c| c.abnormal),
+            ..Default::default()
+        },
     };
     Ok(reply)
 }
@@ -167,6 +190,14 @@ fn capability() -> VolumeCapability {
             ..Default::default()
         })),
     }
+}
+
+/// A pod using the volume on a node: its NodePublish (the target path included), the round
+/// it belongs to, and how often it was restarted.
+struct Pod {
+    publish: NodePublishVolumeRequest,
+    round: usize,
+    restarts: u32,
 }
 
 /// The volume's node was lost (its machine gone, Node object deleted) or stopped
@@ -208,6 +239,9 @@ fn forbidden(call: &Call, code: Code) -> Option<&'static str> {
         (Call::Unstage(_) | Call::NodeUnpublish(_), Code::NotFound) => {
             Some("tearing down what is not there must succeed")
         }
+        // The kubelet asks only about a volume it published at that path: a broken volume
+        // is reported abnormal, never as missing.
+        (Call::Stats(_), Code::NotFound) => Some("the volume is published at this path"),
         _ => None,
     }
 }
@@ -252,6 +286,7 @@ impl Script {
         let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
         let r = send(host, port, call.clone(), timeout).await;
         let outcome = match &r {
+            Ok(reply) if reply.abnormal => "OK abnormal".to_string(),
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
@@ -559,8 +594,7 @@ impl Script {
         // RDS; whether the kernel may connect is the RDS's allow lists' (the data path).
         self.show_disk(ix);
         let staging = staging_path(&vol);
-        let target =
-            format!("{KUBELET_ROOT}/pods/pod-{vol}-{round}/volumes/kubernetes.io~csi/{vol}/mount");
+        let target = target_path(&vol, &format!("pod-{vol}-{round}"));
         let stage = Call::Stage(NodeStageVolumeRequest {
             volume_id: vol.clone(),
             publish_context: published.publish_context.clone(),
@@ -573,24 +607,31 @@ impl Script {
             .await?;
         self.maybe_repeat(&node, stage).await;
         self.target = Some(target.clone());
-        let pod = Call::NodePublish(NodePublishVolumeRequest {
-            volume_id: vol.clone(),
-            publish_context: published.publish_context.clone(),
-            staging_target_path: staging.clone(),
-            target_path: target.clone(),
-            volume_capability: Some(capability()),
-            volume_context: vctx.clone(),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, pod.clone()).await?;
-        self.maybe_repeat(&node, pod).await;
+        let mut pod = Pod {
+            publish: NodePublishVolumeRequest {
+                volume_id: vol.clone(),
+                publish_context: published.publish_context.clone(),
+                staging_target_path: staging.clone(),
+                target_path: target,
+                volume_capability: Some(capability()),
+                volume_context: vctx.clone(),
+                ..Default::default()
+            },
+            round,
+            restarts: 0,
+        };
+        let publish = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, publish.clone())
+            .await?;
+        self.maybe_repeat(&node, publish).await;
         self.reattach_if_asked(ix, generation, vctx).await?;
         if self.rng.random_range(0..100) < o.expand_pct {
-            self.expand(ix, generation, &staging, &target).await?;
+            self.expand(ix, generation, &mut pod).await?;
         }
-        // The pod runs for a while.
-        self.think(1_000, 15_000).await;
+        // The pod runs for a while (and may be restarted on the node).
+        self.pod_runs(ix, generation, &mut pod).await?;
         self.reattach_if_asked(ix, generation, vctx).await?;
+        let target = pod.publish.target_path;
         // The pod moves away.
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: vol.clone(),
@@ -761,6 +802,46 @@ impl Script {
         self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
     }
 
+    /// The pod runs on node `ix` for a seeded while, the kubelet polling its volume's stats
+    /// ([`Self::check_pod`]).
+    async fn pod_runs(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let end = now() + Duration::from_millis(self.rng.random_range(1_000..=15_000));
+        while now() < end {
+            tokio::time::sleep(STATS_EVERY.min(end - now())).await;
+            self.check_pod(ix, generation, pod).await?;
+        }
+        Ok(())
+    }
+
+    /// The kubelet polls the stats of the pod's volume; when the volume is reported
+    /// abnormal the pod is restarted on the node: the old pod's NodeUnpublish, then the new
+    /// pod's NodePublish (which repairs a stale staging mount).
+    async fn check_pod(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        self.alive(ix, generation)?;
+        let node = node_name(ix);
+        let stats = Call::Stats(NodeGetVolumeStatsRequest {
+            volume_id: self.vol.clone(),
+            volume_path: pod.publish.target_path.clone(),
+            staging_target_path: pod.publish.staging_target_path.clone(),
+        });
+        if !self.once(&node, &stats, "").await.is_ok_and(|r| r.abnormal) {
+            return Ok(());
+        }
+        pod.restarts += 1;
+        let old = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            target_path: pod.publish.target_path.clone(),
+        });
+        self.until_ok_on(&node, ix, generation, old).await?;
+        let name = format!("pod-{}-{}-{}", self.vol, pod.round, pod.restarts);
+        pod.publish.target_path = target_path(&self.vol, &name);
+        self.target = Some(pod.publish.target_path.clone());
+        let new = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, new).await?;
+        Ok(())
+    }
+
     /// The node's kernel sees the disk, at its current size, while it exists on the RDS
     /// (the network between them is not simulated).
     fn show_disk(&self, ix: usize) {
@@ -783,13 +864,7 @@ impl Script {
     /// The resizer grows the volume by 1 GiB while a pod on node `ix` uses it
     /// (ControllerExpandVolume until OK), then the kubelet grows the filesystem
     /// (NodeExpandVolume until OK).
-    async fn expand(
-        &mut self,
-        ix: usize,
-        generation: u64,
-        staging: &str,
-        target: &str,
-    ) -> Result<(), Lost> {
+    async fn expand(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
         let size = self.size + (1 << 30);
         let range = Some(CapacityRange {
             required_bytes: i64::try_from(size).unwrap_or(i64::MAX),
@@ -807,18 +882,27 @@ impl Script {
         self.maybe_repeat(CTRL, expand).await;
         self.show_disk(ix);
         let node = node_name(ix);
-        let grow = Call::NodeExpand(NodeExpandVolumeRequest {
-            volume_id: self.vol.clone(),
-            volume_path: target.to_string(),
-            capacity_range: range,
-            staging_target_path: staging.to_string(),
-            volume_capability: Some(capability()),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, grow.clone())
-            .await?;
-        self.maybe_repeat(&node, grow).await;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            self.alive(ix, generation)?;
+            let grow = Call::NodeExpand(NodeExpandVolumeRequest {
+                volume_id: self.vol.clone(),
+                volume_path: pod.publish.target_path.clone(),
+                capacity_range: range,
+                staging_target_path: pod.publish.staging_target_path.clone(),
+                volume_capability: Some(capability()),
+                ..Default::default()
+            });
+            if self.once(&node, &grow, "").await.is_ok() {
+                self.maybe_repeat(&node, grow).await;
+                return Ok(());
+            }
+            // Meanwhile the kubelet keeps polling the volume (a stale one cannot grow
+            // until its pod is restarted).
+            self.check_pod(ix, generation, pod).await?;
+            self.backoff(attempt).await;
+            attempt += 1;
+        }
     }
 
     /// The snapshotter takes snapshot `n` of the volume (CreateSnapshot until OK); its id.
@@ -881,7 +965,9 @@ impl Script {
         let vol = self.vol.clone();
         // Claims arrive over the chaos phase, so creates and deletes meet faults too.
         self.think(0, o.chaos_secs * 1000 / 2).await;
-        // The provisioner.
+        // The provisioner, with the volume's StorageClass parameters.
+        let ctrl_loss_tmo = (self.rng.random_range(0..100) < o.finite_ctrl_loss_pct)
+            .then_some(FINITE_CTRL_LOSS_TMO);
         let create = Call::Create(CreateVolumeRequest {
             name: vol.clone(),
             capacity_range: Some(CapacityRange {
@@ -889,8 +975,12 @@ impl Script {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![capability()],
+            parameters: ctrl_loss_tmo
+                .map(|t| [("ctrlLossTmo".to_string(), t.to_string())].into())
+                .unwrap_or_default(),
             ..Default::default()
         });
+        self.model().volume(&vol).ctrl_loss_tmo = ctrl_loss_tmo;
         let created = self.until_ok(CTRL, create.clone()).await;
         {
             let mut m = self.model();
@@ -959,11 +1049,6 @@ impl Script {
     }
 }
 
-/// The kubelet's staging path of `vol`.
-fn staging_path(vol: &str) -> String {
-    format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount")
-}
-
 /// The name Kubernetes gives the VolumeAttachment of `vol` on `node` (the driver looks it up
 /// by that name).
 fn va_name(vol: &str, node: &str) -> String {
@@ -1001,8 +1086,10 @@ pub async fn run(sh: Shared) -> turmoil::Result {
         r.abort();
     }
     // Memory of a replica that missed the other's writes during a failover agrees with
-    // the store again after its next resync.
-    tokio::time::sleep(RESYNC + Duration::from_secs(5)).await;
+    // the store again after its next resync, and a connection a node was left with is past
+    // its orphan grace period and swept.
+    let settle = RESYNC.max(ORPHAN_SWEEP.grace + ORPHAN_SWEEP.interval * 2);
+    tokio::time::sleep(settle + Duration::from_secs(5)).await;
     sh.trace.log("co", "workload complete");
     Ok(())
 }
