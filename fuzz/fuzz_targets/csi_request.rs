@@ -251,7 +251,13 @@ fn check_node_publish(req: &NodePublishVolumeRequest, ops: &NodeOps) -> Result<(
     volume_renders(&p.volume_id);
     assert!(path_is_fine(&req.staging_target_path) && path_is_fine(&req.target_path));
     assert_ne!(p.target_path, p.staging_path);
-    assert!(is_plain_argument(&p.nqn));
+    assert!(is_plain_argument(&p.target.nqn), "nqn {:?}", p.target.nqn);
+    assert!(
+        is_plain_argument(&p.target.address),
+        "address {:?}",
+        p.target.address
+    );
+    assert!(p.target.port != 0);
     Ok(())
 }
 
