@@ -9,7 +9,9 @@
 //!   `multi-node-multi-writer` (absent: `single-node`, the conservative reading of
 //!   annotations written by the earlier driver, which had only the first two).
 //!
-//! No holder: the annotations are removed.
+//! A node named twice in `attached-node` (a hand edit, a restored backup) is one holder,
+//! since the earliest of its times; named once read-only and once read-write, the record is
+//! malformed. No holder: the annotations are removed.
 //!
 //! One request per change in the common case: a JSON merge patch carrying
 //! `metadata.resourceVersion` (the version we last saw: from the start-up LIST or our own

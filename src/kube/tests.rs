@@ -355,9 +355,10 @@ async fn annotations_round_trip_and_legacy_ones_read_as_single_node() {
 #[tokio::test]
 async fn a_node_named_twice_in_the_annotations_holds_the_volume_once() {
     // Found by fuzzing (`attachment_record`): `node-a,node-a` decoded as two holders of a
-    // volume whose holder set has one record per node (ListVolumes listed node-a twice, a
-    // retried write saw "another writer"). It reads as one holder since the earliest time;
-    // the next write stores it once. Named read-only and read-write, it is malformed.
+    // volume whose holder set has one record per node (ListVolumes listed node-a twice; a
+    // write retried after a conflict compared its one record with two). It reads as one
+    // holder since the earliest time; the next write stores it once. Named read-only and
+    // read-write, it is malformed.
     let w = World::new(&["pvc-1"]).await;
     let doubled = json!({
         "rds.csi.srvlab.io/attached-node": "node-a,node-a",
