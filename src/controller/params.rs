@@ -84,10 +84,14 @@ fn parse_int<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result
         .map_err(|_| Error::InvalidArgument(format!("parameters.{key}: {value:?} is not {what}")))
 }
 
-/// Validates an address-like value: a host name or IP, no spaces or syntax.
+/// Validates an address-like value: a host name or IP, no spaces or syntax, and no leading
+/// `-` (no host name starts with one; nvme-cli would read it as an option, so the node
+/// refuses it: found checking, with the `csi_request` fuzz target, that every volume
+/// context the controller answers is one the node accepts).
 fn parse_host(key: &str, value: &str) -> Result<String> {
     let ok = !value.is_empty()
         && value.len() <= 253
+        && !value.starts_with('-')
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
@@ -292,6 +296,8 @@ mod tests {
                 "1.2.3.4; /system reset",
                 "parameters.nvmeAddress",
             ),
+            ("nvmeAddress", "-0.0.0.5", "parameters.nvmeAddress"),
+            ("rdsAddress", "-x", "parameters.rdsAddress"),
             (
                 "rdsAddress",
                 "10.9.9.9",

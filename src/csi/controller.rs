@@ -11,6 +11,7 @@ use crate::controller::{Controller, ControllerConfig};
 use crate::csi::inflight::{InFlight, InFlightGuard};
 use crate::csi::rpc;
 use crate::error::{Error, Result};
+use crate::types::{SnapshotId, VolumeId};
 use crate::proto::csi::{
     ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
     ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
@@ -55,6 +56,24 @@ impl ControllerService {
         self.inflight
             .try_start(&format!("snapshot/{id}"), &format!("snapshot {id}"))
     }
+}
+
+/// Validates a CreateSnapshot request: the snapshot id the name gives, the name to record
+/// with it (when the id is derived from the name) and the source volume id — what the core
+/// works on; snapshots take no parameters.
+pub fn validate_create_snapshot(
+    req: &CreateSnapshotRequest,
+) -> Result<(SnapshotId, Option<String>, VolumeId)> {
+    let (name, recorded) = snapshot_name(&req.name)?;
+    let source = volume_id_field(&req.source_volume_id, "source_volume_id")?;
+    if !req.parameters.is_empty() {
+        let mut keys: Vec<&String> = req.parameters.keys().collect();
+        keys.sort();
+        return Err(Error::InvalidArgument(format!(
+            "parameters: snapshots take none, got {keys:?}"
+        )));
+    }
+    Ok((name, recorded, source))
 }
 
 /// The capabilities this controller offers.
@@ -198,15 +217,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.get_ref();
         rpc("CreateSnapshot", &req.source_volume_id, req, async {
-            let (name, recorded) = snapshot_name(&req.name)?;
-            let source = volume_id_field(&req.source_volume_id, "source_volume_id")?;
-            if !req.parameters.is_empty() {
-                let mut keys: Vec<&String> = req.parameters.keys().collect();
-                keys.sort();
-                return Err(Error::InvalidArgument(format!(
-                    "parameters: snapshots take none, got {keys:?}"
-                )));
-            }
+            let (name, recorded, source) = validate_create_snapshot(req)?;
             let _snap = self.snapshot_guard(name.as_str())?;
             let _vol = self.volume_guard(source.as_str())?;
             let snapshot = self

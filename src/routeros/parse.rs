@@ -66,7 +66,7 @@ pub fn check_reply(text: &str) -> Result<(), RosError> {
     let Some(first) = text.lines().map(str::trim).find(|l| !l.is_empty()) else {
         return Ok(());
     };
-    let msg: String = first.chars().take(300).collect();
+    let msg = shown(first);
     let lower = msg.to_ascii_lowercase();
     if let Some(rest) = lower.strip_prefix("failure:") {
         return Err(classify_failure(rest, msg));
@@ -88,6 +88,21 @@ pub fn check_reply(text: &str) -> Result<(), RosError> {
         return Err(RosError::Unavailable(msg));
     }
     Ok(())
+}
+
+/// Remote text as it may appear in a message (logs, gRPC status): at most 300 characters,
+/// control characters escaped (found by fuzzing: a reply's bell or escape sequence reached
+/// the message raw).
+fn shown(line: &str) -> String {
+    let mut out = String::new();
+    for c in line.chars().take(300) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn classify_failure(rest: &str, msg: String) -> RosError {
