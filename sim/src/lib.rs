@@ -22,6 +22,7 @@ pub mod bugs;
 pub mod checkers;
 pub mod crash;
 pub mod datapath;
+pub mod events;
 pub mod faults;
 pub mod idle;
 pub mod model;
@@ -249,7 +250,8 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         }
         if done {
             checks += 1;
-            let bad = checkers::liveness::check(sh);
+            let mut bad = checkers::liveness::check(sh);
+            bad.extend(checkers::events::check(sh));
             for b in &bad {
                 sh.trace.at(now, "check", format!("LIVENESS {b}"));
             }

@@ -37,11 +37,13 @@ pub enum Bug {
     /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
     /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
     NamelessRds,
+    /// The Event of an attachment is dropped while reporting it recorded.
+    AttachedEventDropped,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -52,6 +54,7 @@ impl Bug {
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
         Bug::NamelessRds,
+        Bug::AttachedEventDropped,
     ];
 }
 

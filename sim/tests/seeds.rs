@@ -251,3 +251,8 @@ fn finds_a_node_that_remembers_device_paths() {
 fn finds_an_rds_that_forgets_the_recorded_name() {
     finds(Bug::NamelessRds);
 }
+
+#[test]
+fn finds_an_attachment_event_that_is_dropped() {
+    finds(Bug::AttachedEventDropped);
+}

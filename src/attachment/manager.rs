@@ -34,7 +34,8 @@ use crate::attachment::types::{
     AttachmentConfig, AttachmentRecord, Holders, PublishArgs, UnpublishArgs,
 };
 use crate::error::{Error, Result};
-use crate::ports::cluster::ClusterEvent;
+use crate::metrics::{AttachmentMetrics, CallOutcome, StaleReason};
+use crate::ports::cluster::{ClusterEvent, reason};
 use crate::ports::rds::{DiskEntry, RdsError};
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
 use crate::types::note::VolumeNote;
@@ -50,6 +51,8 @@ struct State {
     volumes: BTreeMap<VolumeId, Holders>,
     /// Number of volumes attached to each node (nodes with none are absent).
     per_node: BTreeMap<NodeId, u64>,
+    /// Number of records (volume, node): the sum of `per_node`.
+    records: u64,
 }
 
 impl State {
@@ -57,6 +60,7 @@ impl State {
     /// holders.
     fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
         let previous = self.volumes.remove(volume).unwrap_or_default();
+        self.records = self.records.saturating_sub(previous.len() as u64) + next.len() as u64;
         for node in previous.nodes().filter(|n| !next.contains(n)) {
             if let Some(count) = self.per_node.get_mut(node) {
                 *count = count.saturating_sub(1);
@@ -78,6 +82,8 @@ impl State {
 /// Why a record whose VolumeAttachment is gone is stale.
 const DETACHED_BY_HAND: &str =
     "its VolumeAttachment is gone (detached by hand: the detach never reached the driver)";
+/// Why a record whose Node is gone is stale.
+const NODE_GONE: &str = "its Node object is gone";
 
 /// What a [`AttachmentManager::fence`] did.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +103,7 @@ pub struct AttachmentManager {
     cfg: AttachmentConfig,
     locks: LockTable<VolumeId>,
     state: Mutex<State>,
+    metrics: AttachmentMetrics,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -104,6 +111,31 @@ impl std::fmt::Debug for AttachmentManager {
         f.debug_struct("AttachmentManager")
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
+    }
+}
+
+/// The map lock's guard: keeps `rds_csi_attachment_records` in step with memory.
+struct StateGuard<'a> {
+    guard: std::sync::MutexGuard<'a, State>,
+    metrics: &'a AttachmentMetrics,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.set_records(self.guard.records);
     }
 }
 
@@ -146,7 +178,14 @@ impl AttachmentManager {
             cfg,
             locks: LockTable::new(),
             state: Mutex::new(State::default()),
+            metrics: AttachmentMetrics::default(),
         }
+    }
+
+    /// Records into `metrics` (the plugin's registry) instead of unregistered series.
+    pub fn with_metrics(mut self, metrics: AttachmentMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The configuration.
@@ -154,8 +193,13 @@ impl AttachmentManager {
         &self.cfg
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The in-memory state under the map lock; the records gauge follows every change when
+    /// the guard drops.
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            metrics: &self.metrics,
+        }
     }
 
     pub(crate) fn store(&self) -> &dyn AttachmentStore {
@@ -316,19 +360,22 @@ impl AttachmentManager {
                      attached to one node at a time, so node {node} must wait until it is \
                      detached from {other}"
                 );
-                self.event(&volume, "AttachFenced", &message, true).await;
+                self.metrics.conflict();
+                self.event(&volume, reason::ATTACHMENT_CONFLICT, &message, true)
+                    .await;
                 // CSI: "FAILED_PRECONDITION: Indicates that a volume corresponding to the
                 // specified volume_id has been published at another node and does not
                 // have MULTI_NODE volume capability."
                 return Err(Error::FailedPrecondition(message));
             }
+            let (why, stale) = stale.unwrap_or((StaleReason::NodeGone, NODE_GONE));
             let message = format!(
-                "clearing the attachment of volume {volume} to node {other}: {}; attaching \
-                 to node {node}",
-                stale.unwrap_or_default()
+                "clearing the attachment of volume {volume} to node {other}: {stale}; \
+                 attaching to node {node}"
             );
             tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
-            self.event(&volume, "StaleAttachmentCleared", &message, true)
+            self.metrics.stale_cleared(why);
+            self.event(&volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
                 .await;
             next.remove(other);
         }
@@ -371,12 +418,16 @@ impl AttachmentManager {
     /// succeeded, so a record without one was detached by hand (a runbook removed the
     /// finalizer of a stuck detach): the detach never reached us, and the record would
     /// otherwise block the volume forever.
-    async fn stale_reason(&self, volume: &VolumeId, node: &NodeId) -> Result<Option<String>> {
+    async fn stale_reason(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<(StaleReason, &'static str)>> {
         if !self.cluster.node_exists(node).await? {
-            return Ok(Some("its Node object is gone".into()));
+            return Ok(Some((StaleReason::NodeGone, NODE_GONE)));
         }
         Ok(match self.cluster.volume_attachment_exists(volume, node).await? {
-            Some(false) => Some(DETACHED_BY_HAND.into()),
+            Some(false) => Some((StaleReason::VolumeAttachmentGone, DETACHED_BY_HAND)),
             Some(true) | None => None,
         })
     }
@@ -398,7 +449,9 @@ impl AttachmentManager {
                      {DETACHED_BY_HAND}"
                 );
                 tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
-                self.event(volume, "StaleAttachmentCleared", &message, true)
+                self.metrics
+                    .stale_cleared(StaleReason::VolumeAttachmentGone);
+                self.event(volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
                     .await;
                 live.remove(node);
             }
@@ -681,6 +734,7 @@ impl AttachmentManager {
         };
         drop(tentative);
         if matches!(e, crate::ports::store::StoreError::Conflict(_)) {
+            self.metrics.write_conflict();
             match self.read_stored(volume).await {
                 Ok(holders) => {
                     tracing::warn!(volume_id = %volume, holders = ?holders.nodes().collect::<Vec<_>>(),
@@ -709,8 +763,22 @@ impl AttachmentManager {
 
     /// ControllerPublishVolume core: checks the volume and node exist, tracks the
     /// attachment (fenced, durable), sets the data-path fence when enabled, and returns
-    /// the `publish_context` the node connects with.
+    /// the `publish_context` the node connects with. An acknowledged publish is reported
+    /// as the Event `VolumeAttached` (a repeat bumps its count) and counted by outcome.
     pub async fn publish(&self, args: &PublishArgs) -> Result<BTreeMap<String, String>> {
+        let result = self.publish_tracked(args).await;
+        self.metrics
+            .publish(CallOutcome::of_code(result.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)));
+        if result.is_ok() {
+            let (volume, node) = (&args.volume_id, &args.node_id);
+            let message = format!("volume {volume} attached to node {node}");
+            self.event(volume, reason::VOLUME_ATTACHED, &message, false)
+                .await;
+        }
+        result
+    }
+
+    async fn publish_tracked(&self, args: &PublishArgs) -> Result<BTreeMap<String, String>> {
         let volume = &args.volume_id;
         let node = &args.node_id;
         // CSI: "NOT_FOUND: Indicates that a volume corresponding to the specified volume_id
@@ -800,8 +868,24 @@ impl AttachmentManager {
     /// ControllerUnpublishVolume core: removes the named node's attachment (or all, when
     /// no node is named), durable before returning, then parks the export once no holder
     /// is left (also on a repeat: a previous attempt may have recorded the detach and
-    /// failed to park).
+    /// failed to park). An acknowledged unpublish that names a node is reported as the
+    /// Event `VolumeDetached` (a repeat bumps its count) and counted by outcome.
     pub async fn unpublish(&self, args: &UnpublishArgs) -> Result<()> {
+        let result = self.unpublish_tracked(args).await;
+        self.metrics
+            .unpublish(CallOutcome::of_code(result.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)));
+        if result.is_ok()
+            && let Some(node) = &args.node_id
+        {
+            let volume = &args.volume_id;
+            let message = format!("volume {volume} detached from node {node}");
+            self.event(volume, reason::VOLUME_DETACHED, &message, false)
+                .await;
+        }
+        result
+    }
+
+    async fn unpublish_tracked(&self, args: &UnpublishArgs) -> Result<()> {
         let volume = &args.volume_id;
         let _guard = self.lock(volume).await;
         self.untrack_locked(volume, args.node_id.as_ref()).await?;

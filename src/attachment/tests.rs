@@ -228,10 +228,19 @@ async fn publish_to_second_node_is_fenced_with_an_event() {
         tonic::Code::FailedPrecondition
     );
     assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
-    let events = w.cluster.events();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].reason, "AttachFenced");
-    assert!(events[0].warning);
+    let reasons: Vec<(String, bool)> = w
+        .cluster
+        .events()
+        .into_iter()
+        .map(|e| (e.reason, e.warning))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("VolumeAttached".to_string(), false),
+            ("AttachmentConflict".to_string(), true)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -254,7 +263,11 @@ async fn a_holder_whose_node_is_gone_is_cleared_and_the_publish_proceeds() {
         "stale clear and new holder in one write"
     );
     assert_eq!(w.mgr.volumes_on(&nid("node-a")), 0);
-    assert_eq!(w.cluster.events()[0].reason, "StaleAttachmentCleared");
+    let reasons: Vec<String> = w.cluster.events().into_iter().map(|e| e.reason).collect();
+    assert_eq!(
+        reasons,
+        ["VolumeAttached", "StaleAttachmentCleared", "VolumeAttached"]
+    );
 }
 
 #[tokio::test]
