@@ -214,35 +214,16 @@ mod tests {
 
     #[test]
     fn survives_kill_nine_at_any_point_with_every_acknowledged_write() {
-        use std::io::BufRead;
-        let exe = std::env::current_exe().unwrap();
         // Past the first compactions (every 1,024 writes) too.
         for kill_after in [1u64, 2, 5, 13, 40, 1500, 2600] {
             let dir = tempfile::tempdir().unwrap();
-            let mut child = std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "backend::file_store::tests::kill_nine_child_writer",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("RDS_CSI_KILL9_DIR", dir.path())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
-            let mut acked = 0u64;
-            for line in std::io::BufReader::new(stdout).lines() {
-                if line.unwrap().starts_with("ACK ") {
-                    acked += 1;
-                    if acked == kill_after {
-                        break;
-                    }
-                }
-            }
-            child.kill().unwrap(); // SIGKILL, mid-write or between writes
-            child.wait().unwrap();
+            // SIGKILL once `kill_after` changes were acknowledged.
+            let acked = crate::fsutil::kill9::kill_after_acks(
+                "backend::file_store::tests::kill_nine_child_writer",
+                "RDS_CSI_KILL9_DIR",
+                dir.path(),
+                kill_after,
+            );
             assert_eq!(acked, kill_after, "child stopped early");
             let store = FileStore::open(dir.path()).expect("store must reopen after kill -9");
             let records = tokio::runtime::Builder::new_current_thread()

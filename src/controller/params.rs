@@ -208,9 +208,12 @@ pub fn parse_mutable(params: &HashMap<String, String>) -> Result<Tunables> {
             } else {
                 " is not a parameter of this driver"
             };
+            // The key escaped: it is the CO's text (found by fuzzing: a key with NULs reached
+            // the message as it was).
             return Err(Error::InvalidArgument(format!(
-                "mutable_parameters.{key}{fixed}; the parameters that can change on a live \
-                 volume are {MUTABLE:?} (applied the next time the volume is attached)"
+                "mutable_parameters.{}{fixed}; the parameters that can change on a live \
+                 volume are {MUTABLE:?} (applied the next time the volume is attached)",
+                key.escape_debug()
             )));
         }
         tunable(&mut out, "mutable_parameters", key, value)?;
@@ -280,6 +283,12 @@ mod tests {
                 "{k}={v}: {err}"
             );
         }
+        // Found by fuzzing (`csi_request`): an unknown key is escaped, never echoed raw.
+        let err = parse_mutable(&map(&[("nvmeA\0\0\nx", "1")])).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains(r"mutable_parameters.nvmeA\0\0\nx") && !m.contains('\0') && !m.contains('\n')),
+            "{err}"
+        );
     }
 
     #[test]

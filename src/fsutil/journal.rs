@@ -148,75 +148,75 @@ struct Replayed<S> {
 
 /// Reads `snapshot` and replays `log` onto it, writing nothing.
 fn replay<S: Journaled>(snapshot: &Path, log: &Path) -> Result<Replayed<S>, JournalError> {
-        let (generation, mut state) = match read_optional(snapshot)? {
-            None => (0, S::default()),
-            Some(bytes) => match serde_json::from_slice::<Snapshot<S>>(&bytes) {
-                Ok(s) => (s.generation, s.state),
-                Err(e) => match serde_json::from_slice::<S>(&bytes) {
-                    Ok(legacy) => (0, legacy),
-                    Err(_) => return Err(corrupt(snapshot, e)),
-                },
+    let (generation, mut state) = match read_optional(snapshot)? {
+        None => (0, S::default()),
+        Some(bytes) => match serde_json::from_slice::<Snapshot<S>>(&bytes) {
+            Ok(s) => (s.generation, s.state),
+            Err(e) => match serde_json::from_slice::<S>(&bytes) {
+                Ok(legacy) => (0, legacy),
+                Err(_) => return Err(corrupt(snapshot, e)),
             },
+        },
+    };
+    let mut lines = 0;
+    let mut keep = 0u64;
+    let mut fresh = true;
+    if let Some(mut bytes) = read_optional(log)? {
+        let (header, rest) = match bytes.iter().position(|b| *b == b'\n') {
+            Some(at) => (Some(serde_json::from_slice::<Header>(&bytes[..at])), at + 1),
+            // The header is written whole (atomically): no complete first line means
+            // an empty journal.
+            None => (None, 0),
         };
-        let mut lines = 0;
-        let mut keep = 0u64;
-        let mut fresh = true;
-        if let Some(mut bytes) = read_optional(log)? {
-            let (header, rest) = match bytes.iter().position(|b| *b == b'\n') {
-                Some(at) => (Some(serde_json::from_slice::<Header>(&bytes[..at])), at + 1),
-                // The header is written whole (atomically): no complete first line means
-                // an empty journal.
-                None => (None, 0),
-            };
-            match header {
-                None => {}
-                Some(Err(e)) => {
-                    return Err(corrupt(log, format!("the first line is not a journal header: {e}")));
-                }
-                Some(Ok(h)) if h.generation < generation => {
-                    tracing::info!(journal = %log.display(), "journal of an older snapshot ignored (its changes are in the snapshot)");
-                }
-                Some(Ok(h)) if h.generation > generation => {
-                    return Err(corrupt(
-                        log,
-                        format!(
-                            "journal generation {} is newer than its snapshot's ({generation})",
-                            h.generation
-                        ),
-                    ));
-                }
-                Some(Ok(_)) => {
-                    fresh = false;
-                    keep = rest as u64;
-                    let body = bytes.split_off(rest);
-                    let mut at = 0;
-                    while at < body.len() {
-                        let Some(len) = body[at..].iter().position(|b| *b == b'\n') else {
-                            tracing::warn!(journal = %log.display(), bytes = body.len() - at, "dropping an incomplete last journal line (a writer was killed mid-write)");
+        match header {
+            None => {}
+            Some(Err(e)) => {
+                return Err(corrupt(log, format!("the first line is not a journal header: {e}")));
+            }
+            Some(Ok(h)) if h.generation < generation => {
+                tracing::info!(journal = %log.display(), "journal of an older snapshot ignored (its changes are in the snapshot)");
+            }
+            Some(Ok(h)) if h.generation > generation => {
+                return Err(corrupt(
+                    log,
+                    format!(
+                        "journal generation {} is newer than its snapshot's ({generation})",
+                        h.generation
+                    ),
+                ));
+            }
+            Some(Ok(_)) => {
+                fresh = false;
+                keep = rest as u64;
+                let body = bytes.split_off(rest);
+                let mut at = 0;
+                while at < body.len() {
+                    let Some(len) = body[at..].iter().position(|b| *b == b'\n') else {
+                        tracing::warn!(journal = %log.display(), bytes = body.len() - at, "dropping an incomplete last journal line (a writer was killed mid-write)");
+                        break;
+                    };
+                    let line = &body[at..at + len];
+                    match serde_json::from_slice::<Vec<S::Change>>(line) {
+                        Ok(changes) => changes.into_iter().for_each(|c| state.apply(c)),
+                        // Only the last line may be torn (zeros after a power loss too).
+                        Err(_) if at + len + 1 == body.len() => {
+                            tracing::warn!(journal = %log.display(), "dropping an unreadable last journal line");
                             break;
-                        };
-                        let line = &body[at..at + len];
-                        match serde_json::from_slice::<Vec<S::Change>>(line) {
-                            Ok(changes) => changes.into_iter().for_each(|c| state.apply(c)),
-                            // Only the last line may be torn (zeros after a power loss too).
-                            Err(_) if at + len + 1 == body.len() => {
-                                tracing::warn!(journal = %log.display(), "dropping an unreadable last journal line");
-                                break;
-                            }
-                            Err(e) => {
-                                return Err(corrupt(
-                                    log,
-                                    format!("line {} is not a journal entry: {e}", lines + 2),
-                                ));
-                            }
                         }
-                        lines += 1;
-                        at += len + 1;
-                        keep = (rest + at) as u64;
+                        Err(e) => {
+                            return Err(corrupt(
+                                log,
+                                format!("line {} is not a journal entry: {e}", lines + 2),
+                            ));
+                        }
                     }
+                    lines += 1;
+                    at += len + 1;
+                    keep = (rest + at) as u64;
                 }
             }
         }
+    }
     Ok(Replayed {
         generation,
         state,

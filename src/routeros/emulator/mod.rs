@@ -1002,35 +1002,16 @@ mod tests {
 
     #[test]
     fn every_answered_add_survives_kill_nine_mid_way() {
-        use std::io::BufRead;
-        let exe = std::env::current_exe().unwrap();
         // Past the first compactions of the tables' journal too.
         for kill_after in [1u64, 7, 300, 1200] {
             let dir = tempfile::tempdir().unwrap();
-            let mut child = std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "routeros::emulator::tests::kill_nine_child_emulator",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("RDS_CSI_EMU_KILL9_DIR", dir.path())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
-            let mut acked = 0u64;
-            for line in std::io::BufReader::new(stdout).lines() {
-                if line.unwrap().starts_with("ACK ") {
-                    acked += 1;
-                    if acked == kill_after {
-                        break;
-                    }
-                }
-            }
-            child.kill().unwrap(); // SIGKILL, mid-command or between commands
-            child.wait().unwrap();
+            // SIGKILL once `kill_after` changes were acknowledged.
+            let acked = crate::fsutil::kill9::kill_after_acks(
+                "routeros::emulator::tests::kill_nine_child_emulator",
+                "RDS_CSI_EMU_KILL9_DIR",
+                dir.path(),
+                kill_after,
+            );
             assert_eq!(acked, kill_after, "child stopped early");
             let emu = Emulator::open_dir(dir.path(), pool(), Arc::new(SystemClock))
                 .expect("the emulator must reopen after kill -9");
