@@ -34,6 +34,9 @@ pub enum Bug {
     /// as that path exists: after a reconnect renamed the volume, and the old name went to
     /// another volume, the node mounts the wrong disk.
     RememberedDevicePath,
+    /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
+    /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
+    NamelessRds,
     /// The Event of an attachment is dropped while reporting it recorded.
     AttachedEventDropped,
     /// The orphan reconciler's view of the cluster loses the PersistentVolumes and
@@ -43,7 +46,7 @@ pub enum Bug {
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 12] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -53,6 +56,7 @@ impl Bug {
         Bug::ReissuedPublishSkipsLock,
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
+        Bug::NamelessRds,
         Bug::AttachedEventDropped,
         Bug::OrphanReferencesLost,
     ];

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rds_csi::ports::Rds;
-use rds_csi::ports::rds::{Disk, DiskSpec, DiskTraffic, PoolCapacity, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, DiskTraffic, PoolCapacity, RdsError};
 
 /// Why the disk in a slot is wanted right now (`None`: nothing wants it).
 pub type Wanted = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -59,21 +59,47 @@ impl Rds for Judged {
     async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
         self.inner.get_disk(slot).await
     }
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        self.inner.find_disk(slot).await
+    }
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        self.inner.find_disks(slots).await
+    }
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.inner.sized(disk).await
+    }
     async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
         self.inner.list_disks(slot_prefix).await
     }
     async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
         self.inner.resize_disk(slot, size_bytes).await
     }
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.grow_disk(disk, size_bytes).await
+    }
     async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
         self.judge(slot);
         self.inner.delete_disk(slot).await
+    }
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        self.judge(&disk.slot);
+        self.inner.remove_disk(disk).await
+    }
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        self.judge(slot);
+        self.inner.remove_leftover_file(slot).await
     }
     async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
         self.inner.capacity().await
     }
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
         self.inner.set_allowed_host(slot, host_nqn).await
+    }
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.inner.fence_disk(disk, host_nqn).await
+    }
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        self.inner.set_comment(disk, comment).await
     }
     async fn disk_traffic(&self, slot: &str) -> Result<DiskTraffic, RdsError> {
         self.inner.disk_traffic(slot).await
@@ -88,12 +114,5 @@ impl Rds for Judged {
     }
     async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
         self.inner.list_snapshots(slot_prefix).await
-    }
-    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
-        self.judge(slot);
-        self.inner.delete_snapshot(slot).await
-    }
-    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
-        self.inner.clone_disk(source, spec).await
     }
 }

@@ -341,7 +341,7 @@ impl Script {
             return Err(Lost { at, alive: false });
         }
         if let Some(since) = self.sh.partitioned_since(ix) {
-            let now = turmoil::sim_elapsed().unwrap_or_default();
+            let now = self.sh.trace.time().now();
             if now >= since + Duration::from_secs(FORCE_DETACH_SECS) {
                 return Err(Lost {
                     at: since,
@@ -805,7 +805,8 @@ impl Script {
     /// The pod runs on node `ix` for a seeded while, the kubelet polling its volume's stats
     /// ([`Self::check_pod`]).
     async fn pod_runs(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
-        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
         let end = now() + Duration::from_millis(self.rng.random_range(1_000..=15_000));
         while now() < end {
             tokio::time::sleep(STATS_EVERY.min(end - now())).await;
@@ -909,7 +910,9 @@ impl Script {
     async fn snapshot(&mut self, n: usize) -> String {
         let call = Call::Snapshot(CreateSnapshotRequest {
             source_volume_id: self.vol.clone(),
-            name: format!("snap-{}-{n}", self.vol),
+            // A name that is no RDS slot (as a CO other than Kubernetes may send): the
+            // snapshot's id is derived from it and the name recorded on the RDS.
+            name: format!("snapshot #{n} of {}", self.vol),
             ..Default::default()
         });
         // The snapshotter's VolumeSnapshotContent exists before CreateSnapshot is sent and
@@ -985,7 +988,7 @@ impl Script {
     /// The attach/detach controller gives up on the lost node's unmount and force-detaches
     /// FORCE_DETACH_SECS after the loss: ControllerUnpublish until OK, VA removed.
     async fn force_detach(&mut self, node: &str, lost: Lost) {
-        let now = turmoil::sim_elapsed().unwrap_or_default();
+        let now = self.sh.trace.time().now();
         let at = lost.at + Duration::from_secs(FORCE_DETACH_SECS);
         self.sh.trace.log(
             "co",
@@ -1198,7 +1201,7 @@ pub async fn run(sh: Shared) -> turmoil::Result {
     // of its end (a node left a connection it does not hold) are settled like the others.
     if sh.opts.abandon_pct > 0 {
         let chaos = Duration::from_secs(sh.opts.chaos_secs);
-        let now = turmoil::sim_elapsed().unwrap_or_default();
+        let now = sh.trace.time().now();
         tokio::time::sleep(chaos.saturating_sub(now)).await;
     }
     let settle = RESYNC.max(ORPHAN_SWEEP.grace + ORPHAN_SWEEP.interval * 2);

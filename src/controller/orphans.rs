@@ -39,13 +39,13 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::attachment::AttachmentManager;
-use crate::controller::snapshots::source_of;
 use crate::error::Result;
 use crate::metrics::{Reconciler, ReconcilerMetrics};
 use crate::ports::cluster::{ClusterEvent, DiskReferences, reason};
-use crate::ports::rds::Disk;
+use crate::ports::rds::{Disk, DiskEntry};
 use crate::ports::{Clock, Cluster, Leadership, Rds};
 use crate::types::VolumeId;
+use crate::types::note::SnapshotNote;
 
 /// What the orphan reconciler does with what it finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -209,7 +209,11 @@ impl OrphanVolumes {
         match &disk.export {
             Some(e) if e.nqn.starts_with(&self.nqn_prefix) => Some(DiskKind::Volume),
             Some(_) => None,
-            None => source_of(disk).map(|_| DiskKind::Snapshot),
+            None => disk
+                .comment
+                .as_deref()
+                .and_then(SnapshotNote::parse)
+                .map(|_| DiskKind::Snapshot),
         }
     }
 
@@ -396,10 +400,8 @@ impl OrphanVolumes {
                 tracing::info!("orphan volume reconciler: no longer the leader; deleting nothing more");
                 return Ok(());
             }
-            let deleted = match kind {
-                DiskKind::Volume => self.rds.delete_disk(&slot).await,
-                DiskKind::Snapshot => self.rds.delete_snapshot(&slot).await,
-            };
+            // Volume or snapshot alike: the entry just observed, then its file.
+            let deleted = self.rds.remove_disk(&DiskEntry::from(disk.clone())).await;
             if let Err(e) = deleted {
                 tracing::warn!(disk = %slot, error = %e, "cannot delete the orphan disk; the next pass retries");
                 continue;

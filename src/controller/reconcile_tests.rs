@@ -11,7 +11,7 @@ use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs};
 use crate::backend::{local_cluster::LocalCluster, mem_store::MemStore};
 use crate::controller::orphans::{OrphanMode, OrphanVolumeConfig, OrphanVolumes};
 use crate::controller::reconcile::{ReconcileConfig, Reconcilers, StaleAttachments};
-use crate::controller::snapshots::source_comment;
+use crate::types::note::SnapshotNote;
 use crate::csi::inflight::InFlight;
 use crate::metrics::{Metrics, StaleReason};
 use crate::ports::cluster::{ClusterError, DiskReferences, VolumeAttachmentInfo, reason};
@@ -98,7 +98,15 @@ impl World {
 
     async fn snapshot(&self, slot: &str, source: &str) {
         self.rds
-            .create_snapshot(source, slot, &source_comment(&vid(source)))
+            .create_snapshot(
+                source,
+                slot,
+                &SnapshotNote {
+                    source: source.to_string(),
+                    name: None,
+                }
+                .render(),
+            )
             .await
             .unwrap();
     }

@@ -9,7 +9,9 @@
 //!   `multi-node-multi-writer` (absent: `single-node`, the conservative reading of
 //!   annotations written by the earlier driver, which had only the first two).
 //!
-//! No holder: the annotations are removed.
+//! A node named twice in `attached-node` (a hand edit, a restored backup) is one holder,
+//! since the earliest of its times; named once read-only and once read-write, the record is
+//! malformed. No holder: the annotations are removed.
 //!
 //! One request per change in the common case: a JSON merge patch carrying
 //! `metadata.resourceVersion` (the version we last saw: from the start-up LIST or our own
@@ -219,7 +221,7 @@ fn mode_name(m: AccessMode) -> &'static str {
 }
 
 /// The annotation values for `holders` (sorted by node); `Value::Null` removes a key.
-pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
+pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     if holders.is_empty() {
         for k in [
@@ -255,7 +257,7 @@ pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<S
 }
 
 /// Records encoded in a PV's annotations; malformed parts are reported, not guessed.
-pub(crate) fn records_from(
+pub fn records_from(
     volume: &VolumeId,
     annotations: &BTreeMap<String, String>,
 ) -> Result<Vec<AttachmentRecord>, String> {
@@ -299,8 +301,26 @@ pub(crate) fn records_from(
             readonly,
         });
     }
-    out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    Ok(out)
+    // A node named twice (a hand edit, a restored backup) holds the volume once, since it
+    // was first recorded: the manager keeps one record per node, and a write compares
+    // against these (found by fuzzing). Named read-only and read-write, it is malformed.
+    out.sort_by(|a, b| (&a.node_id, a.attached_at).cmp(&(&b.node_id, b.attached_at)));
+    let mut holders: Vec<AttachmentRecord> = Vec::with_capacity(out.len());
+    for r in out {
+        match holders.last() {
+            Some(prev) if prev.node_id == r.node_id => {
+                if prev.readonly != r.readonly {
+                    return Err(format!(
+                        "{ANN_ATTACHED_NODE} names node {} twice, once read-only and once \
+                         read-write",
+                        r.node_id
+                    ));
+                }
+            }
+            _ => holders.push(r),
+        }
+    }
+    Ok(holders)
 }
 
 /// Attachment records in PV annotations.
