@@ -14,8 +14,9 @@
 //! The list is checked against the code too: a test here drives every method of the
 //! `AttachmentStore` and `Cluster` production adapters against the simulated API server
 //! and requires the requests it sees to be exactly [`API_ACCESS`] for the controller's
-//! methods and [`NODE_API_ACCESS`] for the node's (the simulated server
-//! counts a `watch=true` GET as a list, so a watch cannot be detected that way).
+//! methods and [`NODE_API_ACCESS`] for the node's; the controller's watches
+//! (`crate::kube::watch`) are started there too (the simulated server counts a
+//! `watch=true` GET as `WATCH`).
 //!
 //! Invariants: entries are unique per (api group, resource); verbs are Kubernetes RBAC verbs
 //! (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`).
@@ -42,14 +43,18 @@ pub type ApiAccess = (&'static str, &'static str, &'static [&'static str]);
 ///   reconcilers with one Lease (`<driver>-reconcilers`), created when absent, renewed and
 ///   taken over by a merge patch with a resourceVersion precondition;
 /// - `volumesnapshotcontents` list: the orphan volume reconciler never judges a snapshot
-///   disk a VolumeSnapshotContent references (the PV list serves it for volumes).
+///   disk a VolumeSnapshotContent references (the PV list serves it for volumes);
+/// - list + watch of `persistentvolumes`, `nodes`, `volumeattachments` and
+///   `volumesnapshotcontents`: the controller's watches (kube's runtime watcher: a list,
+///   then a watch from its resourceVersion) follow what other writers change and feed the
+///   reconcilers.
 pub const API_ACCESS: &[ApiAccess] = &[
-    ("", "persistentvolumes", &["get", "list", "patch"]),
-    ("", "nodes", &["get"]),
-    ("storage.k8s.io", "volumeattachments", &["get", "list"]),
+    ("", "persistentvolumes", &["get", "list", "watch", "patch"]),
+    ("", "nodes", &["get", "list", "watch"]),
+    ("storage.k8s.io", "volumeattachments", &["get", "list", "watch"]),
     ("", "events", &["create", "patch"]),
     ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
-    ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["list"]),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["list", "watch"]),
 ];
 
 /// What the node plugin (`--mode node`) calls on the Kubernetes API.
@@ -108,6 +113,7 @@ mod tests {
         let verb = match method {
             "GET" => "get",
             "LIST" => "list",
+            "WATCH" => "watch",
             "POST" => "create",
             "PATCH" => "patch",
             "PUT" => "update",
@@ -249,6 +255,13 @@ mod tests {
         );
         assert!(lease.try_lead().await.unwrap());
         assert!(lease.try_lead().await.unwrap());
+        // The controller's watches: every kind listed, then watched.
+        use crate::ports::ClusterWatch;
+        let watch = crate::kube::KubeWatch::new(api.client(), DRIVER, Arc::new(SeededEntropy::from_seed(11)));
+        watch.start();
+        while !watch.synced() || api.requests().keys().filter(|k| k.starts_with("WATCH ")).count() < 4 {
+            tokio::task::yield_now().await;
+        }
 
         let grants = |list: &[ApiAccess]| -> BTreeSet<_> {
             list.iter()

@@ -14,7 +14,8 @@ use rds_csi::ports::cluster::{ClusterError, ClusterEvent, DiskReferences, Volume
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
 use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, DiskTraffic, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
-use rds_csi::ports::{AttachmentStore, Cluster, Initiator, Rds};
+use rds_csi::ports::watch::Change;
+use rds_csi::ports::{AttachmentStore, Cluster, ClusterWatch, Initiator, Rds};
 use rds_csi::routeros::render::CommandLine;
 use rds_csi::routeros::transport::Transport;
 use rds_csi::types::{NodeId, VolumeId};
@@ -220,6 +221,38 @@ impl Cluster for ReferencesLost {
     }
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
         self.inner.record_event(event).await
+    }
+}
+
+/// The watches with `bug` planted, if it is one of theirs: [`Bug::OrphanReferencesLost`]
+/// loses the references the watches' caches hold, as it loses the API's.
+pub fn wrap_watch(inner: Arc<dyn ClusterWatch>, bug: Option<Bug>) -> Arc<dyn ClusterWatch> {
+    match bug {
+        Some(Bug::OrphanReferencesLost) => Arc::new(WatchedReferencesLost { inner }),
+        _ => inner,
+    }
+}
+
+struct WatchedReferencesLost {
+    inner: Arc<dyn ClusterWatch>,
+}
+
+#[async_trait]
+impl ClusterWatch for WatchedReferencesLost {
+    fn start(&self) {
+        self.inner.start();
+    }
+    async fn changes(&self) -> Vec<Change> {
+        self.inner.changes().await
+    }
+    fn volume_attachments(&self) -> Option<Vec<VolumeAttachmentInfo>> {
+        self.inner.volume_attachments()
+    }
+    fn disk_references(&self) -> Option<DiskReferences> {
+        self.inner.disk_references().map(|_| DiskReferences {
+            volumes: Default::default(),
+            snapshots: Some(Default::default()),
+        })
     }
 }
 

@@ -44,6 +44,9 @@ const RDS_KINDS: [CommandKind; 5] = [
 /// The seeded fault schedule of one scenario.
 pub struct Injector {
     rng: StdRng,
+    /// The watch faults' own draws: the other faults' schedule stays what it was before
+    /// watch faults existed.
+    watch_rng: StdRng,
     next: Duration,
     every: Duration,
     chaos_end: Duration,
@@ -74,6 +77,7 @@ impl Injector {
         let o = &sh.opts;
         Self {
             rng: StdRng::seed_from_u64(o.seed ^ 0xfa_17),
+            watch_rng: StdRng::seed_from_u64(o.seed ^ 0x3a7c_4ed5),
             next: Duration::from_millis(o.fault_every_ms),
             every: Duration::from_millis(o.fault_every_ms),
             chaos_end: Duration::from_secs(o.chaos_secs),
@@ -315,6 +319,29 @@ impl Injector {
                 .collect();
             self.count("api_5xx", sh, now, format!("API answers {codes:?}"));
             sh.api.fail_next_requests(codes);
+        }
+        if o.watch_fault_pct > 0 && self.watch_rng.random_range(0..100) < o.watch_fault_pct {
+            if self.watch_rng.random_bool(0.5) {
+                sh.api.cut_watches();
+                self.count(
+                    "watch_cut",
+                    sh,
+                    now,
+                    "API server cuts every watch stream".into(),
+                );
+            } else {
+                let n = self.watch_rng.random_range(1..=4);
+                sh.api.gone_next_watches(n);
+                sh.api.cut_watches();
+                self.count(
+                    "watch_gone",
+                    sh,
+                    now,
+                    format!(
+                        "API server cuts every watch stream; the next {n} watches answer 410 Gone"
+                    ),
+                );
+            }
         }
         if self.spike_until.is_none() && self.roll(o.api_spike_pct) {
             // Longer than the CO's deadline: its call times out while the write lands.

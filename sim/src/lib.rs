@@ -276,11 +276,13 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         }
         // Skip only from a quiet step (nothing traced: no call answered, no fault injected,
         // which could have woken a task the timers do not show; no kernel event waiting to
-        // be judged after the next step), with nothing on the network and every running
-        // host able to jump.
+        // be judged after the next step; no watch event the API server has yet to stream:
+        // a direct write by the CO wakes the kube host's watch streams, which no timer
+        // shows), with nothing on the network and every running host able to jump.
         if stepping == Stepping::SkipIdle
             && sh.trace.len() == before
             && !messages_in_flight(&sim)
+            && sh.api.watch_lines_pending() == 0
             && !sh.kernels.iter().any(|k| k.has_events())
         {
             let due = injector

@@ -170,6 +170,10 @@ pub struct Options {
     /// CreateVolume (no PV), deletes the PV by hand without DeleteVolume, or forgets the
     /// volume's snapshots (their VolumeSnapshotContents deleted without DeleteSnapshot).
     pub abandon_pct: u32,
+    /// Chance (%) per tick (in seeds with faults, drawn up to 8) that the API server cuts
+    /// every watch stream (the controllers' watchers watch again from where they were), or
+    /// cuts them and answers the next watches 410 Gone (the watchers relist).
+    pub watch_fault_pct: u32,
     /// Planted bug (proof-of-power tests only; `None` in every normal run).
     pub bug: Option<Bug>,
 }
@@ -250,6 +254,8 @@ impl Options {
         } else {
             (false, 0, 0)
         };
+        // Drawn after the reconcilers' knobs, for the same reason.
+        let watch_fault_pct = if calm { 0 } else { r.random_range(0..=8) };
         Self {
             seed,
             nodes,
@@ -293,6 +299,7 @@ impl Options {
             orphan_delete,
             orphan_grace_secs,
             abandon_pct,
+            watch_fault_pct,
             bug: None,
         }
     }
@@ -314,7 +321,7 @@ impl fmt::Display for Options {
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
              failover={}% fence={} node_partition={}% api_spike={}% delete_race={}% \
              reissue={}% operator={}% reconcile={}s rpc_timeout={}ms fault_every={}ms chaos={}s \
-             outage={} finite_ctrl_loss={}% device_loss={}% leftover={}%",
+             outage={} finite_ctrl_loss={}% device_loss={}% leftover={}% watch_fault={}%",
             self.seed,
             self.nodes,
             self.volumes,
@@ -352,6 +359,7 @@ impl fmt::Display for Options {
             self.finite_ctrl_loss_pct,
             self.device_loss_pct,
             self.leftover_pct,
+            self.watch_fault_pct,
         )?;
         if self.reconcilers {
             write!(

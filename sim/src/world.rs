@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
 use rds_csi::compose::{self, Kernel, Plugin, PortLayers, Seams};
 use rds_csi::controller::orphans::{OrphanMode, OrphanVolumeConfig};
-use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi, Kind};
+use rds_csi::kube::fake_api::{FakeApi, Kind};
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::node::{NodeOptions, OrphanConfig};
 use rds_csi::ports::time::SeededEntropy;
@@ -167,17 +167,32 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The disks on the RDS the CO abandoned (orphans for the reconciler), sorted.
+    /// The disks the CO abandoned (orphans for the reconciler) whose entry or backing file
+    /// is still on the RDS, sorted.
     pub fn abandoned_disks(&self) -> Vec<String> {
         let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
-        self.emulator
-            .disk_slots()
-            .into_iter()
-            .filter(|s| {
-                model.volumes.get(s).is_some_and(|v| v.abandoned)
-                    || model.snapshots.get(s).is_some_and(|v| v.abandoned)
-            })
-            .collect()
+        let slots = self.emulator.disk_slots();
+        let files = self.emulator.file_names();
+        // A disk is gone once its entry and its backing file are: deleting one is two
+        // RouterOS commands (`/disk remove`, then `/file remove`).
+        let mut left: Vec<String> = model
+            .volumes
+            .iter()
+            .filter(|(_, v)| v.abandoned)
+            .map(|(s, _)| s)
+            .chain(
+                model
+                    .snapshots
+                    .iter()
+                    .filter(|(_, v)| v.abandoned)
+                    .map(|(s, _)| s),
+            )
+            .filter(|s| slots.contains(*s) || files.iter().any(|f| f.contains(&format!("/{s}."))))
+            .cloned()
+            .collect();
+        left.sort();
+        left.dedup();
+        left
     }
 
     /// Why the disk in `slot` is wanted now, if it is: a PersistentVolume or a
@@ -543,12 +558,51 @@ pub async fn csi_channel(
 }
 
 /// The `kube::Client` transport: one turmoil TCP connection per request, bounded by
-/// [`KUBE_TIMEOUT`], the whole answer read inside the bound.
+/// [`KUBE_TIMEOUT`], the whole answer read inside the bound; a watch's answer is a stream
+/// instead, its head bounded by [`KUBE_TIMEOUT`] and each later chunk by [`WATCH_IDLE`]
+/// (turmoil drops segments without a reset: a watch cut by a partition would otherwise
+/// wait forever; the server sends a bookmark every minute, so a silent minute and more is
+/// a dead stream).
 #[derive(Debug, Clone, Copy)]
 pub struct KubeHttp;
 
+/// How long a watch stream may stay silent before the client gives it up.
+pub const WATCH_IDLE: Duration = Duration::from_secs(75);
+
+/// A response body of [`KubeHttp`].
+type KubeBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A streamed body whose every frame must come within `idle` of the previous one.
+struct IdleBody {
+    inner: hyper::body::Incoming,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let at = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(at);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("watch stream silent too long".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
 impl tower::Service<http::Request<kube::client::Body>> for KubeHttp {
-    type Response = http::Response<Full<Bytes>>;
+    type Response = http::Response<KubeBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -557,6 +611,10 @@ impl tower::Service<http::Request<kube::client::Body>> for KubeHttp {
     }
 
     fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let watch = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
         Box::pin(async move {
             let exchange = async move {
                 let stream = turmoil::net::TcpStream::connect(("kube", KUBE_PORT)).await?;
@@ -567,8 +625,20 @@ impl tower::Service<http::Request<kube::client::Body>> for KubeHttp {
                 });
                 let resp = tx.send_request(req).await?;
                 let (parts, body) = resp.into_parts();
-                let bytes = body.collect().await?.to_bytes();
-                Ok::<_, BoxError>(http::Response::from_parts(parts, Full::new(bytes)))
+                let body: KubeBody = if watch {
+                    IdleBody {
+                        inner: body,
+                        idle: WATCH_IDLE,
+                        timer: Box::pin(tokio::time::sleep(WATCH_IDLE)),
+                    }
+                    .boxed_unsync()
+                } else {
+                    let bytes = body.collect().await?.to_bytes();
+                    Full::new(bytes)
+                        .map_err(|never| match never {})
+                        .boxed_unsync()
+                };
+                Ok::<_, BoxError>(http::Response::from_parts(parts, body))
             };
             match tokio::time::timeout(KUBE_TIMEOUT, exchange).await {
                 Ok(r) => r,
@@ -617,19 +687,8 @@ pub async fn kube_host(api: FakeApi) -> turmoil::Result {
                             .path_and_query()
                             .map(|p| p.as_str().to_string())
                             .unwrap_or_default();
-                        let answer = api.handle(&parts.method, &pq, &body).await;
-                        let mut resp = http::Response::new(Full::new(answer.body));
-                        *resp.status_mut() = answer.status;
-                        let h = resp.headers_mut();
-                        h.insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/json"),
-                        );
-                        // hyper stamps the wall clock unless the header is set.
-                        h.insert(
-                            http::header::DATE,
-                            http::HeaderValue::from_static(FIXED_DATE),
-                        );
+                        // A watch answers a stream; every response has a fixed `date`.
+                        let resp = api.respond(&parts.method, &pq, &body).await.into_response();
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });

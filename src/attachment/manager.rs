@@ -571,6 +571,12 @@ impl AttachmentManager {
     /// write) and memory set to the store's. Returns how many volumes changed.
     pub async fn resync(&self) -> Result<usize> {
         let records = self.store.load_all().await?;
+        Ok(self.resync_from(records).await)
+    }
+
+    /// [`resync`](Self::resync) against `records`, every record of the store as just
+    /// listed (a watch's relist): no second list. Returns how many volumes changed.
+    pub async fn resync_from(&self, records: Vec<AttachmentRecord>) -> usize {
         let mut stored: BTreeMap<VolumeId, Holders> = BTreeMap::new();
         for r in records {
             let holders = stored.entry(r.volume_id.clone()).or_default();
@@ -603,7 +609,30 @@ impl AttachmentManager {
                 changed += 1;
             }
         }
-        Ok(changed)
+        changed
+    }
+
+    /// A watch saw `volume`'s stored holders become `holders`: when memory differs, the
+    /// volume is re-read under its lock (the event may predate our own latest write) and
+    /// memory set to the store's. Returns whether memory changed. Our own writes come back
+    /// this way too, equal to memory: they cost nothing.
+    pub async fn follow(&self, volume: &VolumeId, holders: &[AttachmentRecord]) -> Result<bool> {
+        let mut seen = Holders::default();
+        for r in holders {
+            seen.insert(r.clone());
+        }
+        if self.same_in_memory(volume, &seen) {
+            return Ok(false);
+        }
+        let _guard = self.lock(volume).await;
+        let fresh = self.read_stored(volume).await?;
+        if self.same_in_memory(volume, &fresh) {
+            return Ok(false);
+        }
+        tracing::info!(volume_id = %volume, holders = ?fresh.nodes().collect::<Vec<_>>(),
+            "attachments changed by another writer (seen by the watch); memory resynchronised from the store");
+        self.state().set(volume, fresh);
+        Ok(true)
     }
 
     fn same_in_memory(&self, volume: &VolumeId, holders: &Holders) -> bool {

@@ -24,6 +24,7 @@ mod reconcile_tests;
 pub mod snapshots;
 pub mod traffic;
 pub mod volumes;
+pub mod watched;
 
 use std::sync::Arc;
 

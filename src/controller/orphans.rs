@@ -43,7 +43,7 @@ use crate::error::Result;
 use crate::metrics::{Reconciler, ReconcilerMetrics};
 use crate::ports::cluster::{ClusterEvent, DiskReferences, reason};
 use crate::ports::rds::{Disk, DiskEntry};
-use crate::ports::{Clock, Cluster, Leadership, Rds};
+use crate::ports::{Clock, Cluster, ClusterWatch, Leadership, Rds};
 use crate::types::VolumeId;
 use crate::types::note::SnapshotNote;
 
@@ -143,6 +143,7 @@ pub struct OrphanVolumes {
     cfg: OrphanVolumeConfig,
     metrics: ReconcilerMetrics,
     seen: Mutex<BTreeMap<String, Seen>>,
+    watch: Option<Arc<dyn ClusterWatch>>,
 }
 
 impl std::fmt::Debug for OrphanVolumes {
@@ -185,7 +186,24 @@ impl OrphanVolumes {
             cfg,
             metrics,
             seen: Mutex::new(BTreeMap::new()),
+            watch: None,
         }
+    }
+
+    /// Judges from `watch`'s caches (once they are listed) instead of listing the
+    /// PersistentVolumes, VolumeSnapshotContents and VolumeAttachments every pass; a
+    /// deletion is still decided on fresh answers from the API.
+    pub fn with_watch(mut self, watch: Arc<dyn ClusterWatch>) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// What references the disks: the watch's cache when it has listed them, else the API.
+    async fn references(&self) -> Result<Option<DiskReferences>> {
+        if let Some(refs) = self.watch.as_ref().and_then(|w| w.disk_references()) {
+            return Ok(Some(refs));
+        }
+        Ok(self.cluster.disk_references(false).await?)
     }
 
     /// The settings.
@@ -266,13 +284,16 @@ impl OrphanVolumes {
         // The disks first, then what wants them: a disk created after the references were
         // read would otherwise look unreferenced.
         let disks = self.rds.list_disks("").await?;
-        let Some(refs) = self.cluster.disk_references(false).await? else {
+        let Some(refs) = self.references().await? else {
             self.forget();
             tracing::debug!("orphan volume reconciler: the orchestrator keeps no PersistentVolumes; nothing judged");
             return Ok(report);
         };
         report.judged = true;
-        let published = self.published().await?;
+        let published = match self.watch.as_ref().and_then(|w| w.volume_attachments()) {
+            Some(vas) => vas.into_iter().map(|va| va.volume_id.to_string()).collect(),
+            None => self.published().await?,
+        };
         let candidates: Vec<Candidate> = disks
             .into_iter()
             .filter_map(|d| {

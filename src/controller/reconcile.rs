@@ -29,7 +29,7 @@ use crate::attachment::AttachmentManager;
 use crate::controller::orphans::{OrphanMode, OrphanVolumes};
 use crate::error::Result;
 use crate::metrics::{Reconciler, ReconcilerMetrics, StaleReason};
-use crate::ports::{Cluster, Leadership};
+use crate::ports::{Cluster, ClusterWatch, Leadership};
 use crate::types::{NodeId, VolumeId};
 
 /// The attachment reconciler.
@@ -37,6 +37,7 @@ pub struct StaleAttachments {
     attachments: Arc<AttachmentManager>,
     cluster: Arc<dyn Cluster>,
     metrics: ReconcilerMetrics,
+    watch: Option<Arc<dyn ClusterWatch>>,
 }
 
 impl std::fmt::Debug for StaleAttachments {
@@ -56,7 +57,16 @@ impl StaleAttachments {
             attachments,
             cluster,
             metrics,
+            watch: None,
         }
+    }
+
+    /// Picks candidates from `watch`'s VolumeAttachments (once listed) instead of listing
+    /// them every pass; each clear is still decided on fresh answers
+    /// ([`AttachmentManager::clear_if_stale`]).
+    pub fn with_watch(mut self, watch: Arc<dyn ClusterWatch>) -> Self {
+        self.watch = Some(watch);
+        self
     }
 
     /// One pass: the records whose Node is gone or which no VolumeAttachment names are
@@ -78,8 +88,12 @@ impl StaleAttachments {
             return Ok(Vec::new());
         }
         // Without VolumeAttachments (no Kubernetes) there is nothing to judge against.
-        let Some(vas) = self.cluster.volume_attachments().await? else {
-            return Ok(Vec::new());
+        let vas = match self.watch.as_ref().and_then(|w| w.volume_attachments()) {
+            Some(vas) => vas,
+            None => match self.cluster.volume_attachments().await? {
+                Some(vas) => vas,
+                None => return Ok(Vec::new()),
+            },
         };
         let mut nodes: BTreeMap<NodeId, bool> = BTreeMap::new();
         for r in &records {

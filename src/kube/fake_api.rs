@@ -10,6 +10,23 @@
 //! moves), 5xx on the next N requests, and a fixed latency (a `tokio::time::sleep`, which
 //! turmoil virtualises). Requests are counted by verb.
 //!
+//! **Watches.** A collection GET with `watch=true` (or `watch=1`) answers a stream of
+//! newline-delimited JSON watch events, like the real API server: from `resourceVersion=N`,
+//! every change of that kind after `N` kept in its bounded event history (a watch cache of
+//! [`DEFAULT_WATCH_HISTORY`] events per kind, [`FakeApi::set_watch_history`]) is replayed,
+//! then live ADDED/MODIFIED/DELETED events follow; without a resourceVersion (or `0`) the
+//! current objects come first as ADDED. A resourceVersion older than the history answers
+//! one `ERROR` event carrying a `Status` with code 410 (reason `Expired`, "too old resource
+//! version") and ends the stream — the real server's answer, on which a client relists.
+//! `allowWatchBookmarks=true` adds a BOOKMARK (the current resourceVersion) every
+//! [`BOOKMARK_INTERVAL`]; `timeoutSeconds` ends the stream after that long. Faults: every
+//! open stream cut ([`FakeApi::cut_watches`]), the next watches answered 410
+//! ([`FakeApi::gone_next_watches`]), the history compacted ([`FakeApi::compact_history`]).
+//! A paginated LIST is a snapshot as far as watches go: every page carries the
+//! resourceVersion of the first (the continue token keeps it), so a watch from there
+//! replays what changed during the listing. A deletion moves the resourceVersion (the
+//! DELETED event carries the new one), as on the real server.
+//!
 //! The HTTP handling ([`FakeApi::handle`]: method, path, body → status, body) is separate
 //! from the transport: [`FakeApi`] is also a tower service that `kube::Client::new`
 //! accepts, and the simulation can serve `handle` over turmoil TCP. Responses carry a fixed
@@ -18,9 +35,10 @@
 //! Objects are stored as serialized bytes, so 100,000 PVs cost tens of MiB and a LIST page
 //! is a concatenation, not a re-serialization.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +49,12 @@ use serde_json::{Value, json};
 
 /// Fixed `date` header of every response.
 pub const FIXED_DATE: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
+
+/// Events of each kind kept for watches to resume from (the watch cache's size).
+pub const DEFAULT_WATCH_HISTORY: usize = 1000;
+
+/// How often a watch that allows bookmarks gets one (the real server: about a minute).
+pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Object kinds the fake serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,7 +106,32 @@ struct Obj {
     json: Bytes,
 }
 
+/// One change of an object, as a watch reports it.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    namespace: String,
+    /// The whole watch event line (`{"type":..,"object":..}\n`).
+    line: Bytes,
+}
+
+/// The event history of one kind: what a watch from an older resourceVersion replays.
 #[derive(Debug, Default)]
+struct History {
+    changes: VecDeque<Change>,
+    /// Changes up to this resourceVersion are forgotten: a watch from before it is 410.
+    floor: u64,
+}
+
+/// An open watch stream.
+#[derive(Debug)]
+struct Watcher {
+    kind: Kind,
+    namespace: String,
+    tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Debug)]
 struct State {
     objects: BTreeMap<Key, Obj>,
     rv: u64,
@@ -90,6 +139,71 @@ struct State {
     conflicts: u64,
     errors: Vec<u16>,
     latency: Duration,
+    history: BTreeMap<Kind, History>,
+    history_limit: usize,
+    watchers: Vec<Watcher>,
+    gone_watches: u64,
+    listed_objects: u64,
+    watch_events: u64,
+    /// Lines sent to watch streams and not yet taken by their readers.
+    pending: Arc<AtomicU64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            rv: 0,
+            requests: BTreeMap::new(),
+            conflicts: 0,
+            errors: Vec::new(),
+            latency: Duration::ZERO,
+            history: BTreeMap::new(),
+            history_limit: DEFAULT_WATCH_HISTORY,
+            watchers: Vec::new(),
+            gone_watches: 0,
+            listed_objects: 0,
+            watch_events: 0,
+            pending: Arc::default(),
+        }
+    }
+}
+
+impl State {
+    /// Records a change of `kind` (the object's JSON already carries `rv`) and sends it to
+    /// the open watches of that kind.
+    fn changed(&mut self, kind: Kind, namespace: &str, rv: u64, kind_word: &str, json: &Bytes) {
+        let mut line = Vec::with_capacity(json.len() + 32);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(kind_word.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(json);
+        line.extend_from_slice(b"}\n");
+        let line = Bytes::from(line);
+        let limit = self.history_limit;
+        let h = self.history.entry(kind).or_default();
+        h.changes.push_back(Change {
+            rv,
+            namespace: namespace.to_string(),
+            line: line.clone(),
+        });
+        while h.changes.len() > limit {
+            if let Some(old) = h.changes.pop_front() {
+                h.floor = old.rv;
+            }
+        }
+        let mut sent = 0;
+        self.watchers.retain(|w| {
+            if w.kind != kind || !(w.namespace.is_empty() || w.namespace == namespace) {
+                return !w.tx.is_closed();
+            }
+            let ok = w.tx.send(line.clone()).is_ok();
+            sent += u64::from(ok);
+            ok
+        });
+        self.watch_events += sent;
+        self.pending.fetch_add(sent, Ordering::SeqCst);
+    }
 }
 
 /// The simulated API server. Clones share state.
@@ -201,17 +315,21 @@ impl FakeApi {
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let json = Bytes::from(obj.to_string());
-        st.objects
-            .insert((kind, namespace.to_string(), name), Obj { rv, json });
+        let key = (kind, namespace.to_string(), name);
+        let word = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.changed(kind, namespace, rv, word, &json);
+        st.objects.insert(key, Obj { rv, json });
         rv
     }
 
     /// Removes an object (test set-up, e.g. a Node going away).
     pub fn remove_object(&self, kind: Kind, namespace: &str, name: &str) -> bool {
-        self.state()
-            .objects
-            .remove(&(kind, namespace.to_string(), name.to_string()))
-            .is_some()
+        let mut st = self.state();
+        delete(&mut st, &(kind, namespace.to_string(), name.to_string())).is_some()
     }
 
     /// An object as JSON.
@@ -306,7 +424,7 @@ impl FakeApi {
                 },
                 None => not_found(route.kind, name),
             },
-            (&Method::GET, None) => list(&st, &route, query),
+            (&Method::GET, None) => list(&mut st, &route, query),
             (&Method::POST, None) => {
                 let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
                     return status_body(400, "BadRequest", "body is not JSON");
@@ -341,13 +459,9 @@ impl FakeApi {
                     let rv = st.rv;
                     if let Ok(mut obj) = serde_json::from_slice::<Value>(&current.json) {
                         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-                        st.objects.insert(
-                            key(name),
-                            Obj {
-                                rv,
-                                json: Bytes::from(obj.to_string()),
-                            },
-                        );
+                        let json = Bytes::from(obj.to_string());
+                        st.changed(route.kind, &route.namespace, rv, "MODIFIED", &json);
+                        st.objects.insert(key(name), Obj { rv, json });
                     }
                     return conflict(route.kind, name);
                 }
@@ -367,15 +481,252 @@ impl FakeApi {
                 };
                 store(&mut st, key(name), obj, StatusCode::OK)
             }
-            (&Method::DELETE, Some(name)) => match st.objects.remove(&key(name)) {
-                Some(o) => Answer {
+            (&Method::DELETE, Some(name)) => match delete(&mut st, &key(name)) {
+                Some(json) => Answer {
                     status: StatusCode::OK,
-                    body: o.json,
+                    body: json,
                 },
                 None => not_found(route.kind, name),
             },
             _ => status_body(405, "MethodNotAllowed", &format!("{method} {path}")),
         }
+    }
+}
+
+/// What [`FakeApi::respond`] answers: a whole body, or a watch's stream of event lines.
+#[derive(Debug)]
+pub enum Reply {
+    /// A whole answer.
+    Whole(Answer),
+    /// A watch: status 200 and a stream of newline-delimited JSON watch events.
+    Watch(WatchStream),
+}
+
+/// The receiving end of one watch; on drop, lines still queued stop counting as pending.
+#[derive(Debug)]
+struct WatchRx {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<AtomicU64>,
+}
+
+impl Drop for WatchRx {
+    fn drop(&mut self) {
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A watch's stream of newline-delimited JSON events (one event a line), ending when the
+/// watch's timeout passes, the server cuts it, or after a 410 `ERROR` event.
+pub struct WatchStream {
+    inner: Pin<Box<dyn futures::Stream<Item = Bytes> + Send>>,
+}
+
+impl std::fmt::Debug for WatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream").finish_non_exhaustive()
+    }
+}
+
+impl futures::Stream for WatchStream {
+    type Item = Bytes;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// The 410 a watch from a resourceVersion older than the history gets, as an event line.
+fn gone_line(asked: u64, floor: u64) -> Bytes {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("too old resource version: {asked} ({floor})"),
+        "reason": "Expired", "code": 410,
+    });
+    Bytes::from(format!("{{\"type\":\"ERROR\",\"object\":{status}}}\n"))
+}
+
+impl FakeApi {
+    /// Handles one request after the configured latency; a watch answers a stream.
+    pub async fn respond(&self, method: &Method, path_and_query: &str, body: &[u8]) -> Reply {
+        let latency = self.state().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let is_watch = matches!(query_param(query, "watch"), Some("true" | "1"));
+        match route(path) {
+            Some(route) if is_watch && method == Method::GET && route.name.is_none() => {
+                self.watch(&route, query)
+            }
+            _ => Reply::Whole(self.handle_now(method, path_and_query, body)),
+        }
+    }
+
+    /// Opens a watch of `route`'s collection.
+    fn watch(&self, route: &Route, query: &str) -> Reply {
+        let mut st = self.state();
+        *st.requests
+            .entry(format!("WATCH {}", route.kind.resource()))
+            .or_insert(0) += 1;
+        if let Some(code) = st.errors.pop() {
+            return Reply::Whole(status_body(code, "InternalError", "injected server error"));
+        }
+        let from = match query_param(query, "resourceVersion").filter(|v| !v.is_empty()) {
+            None | Some("0") => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    return Reply::Whole(status_body(
+                        400,
+                        "BadRequest",
+                        &format!("invalid resourceVersion {v:?}"),
+                    ));
+                }
+            },
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let pending = Arc::clone(&st.pending);
+        let mut queued = 0u64;
+        let mut register = true;
+        let floor = st.history.get(&route.kind).map_or(0, |h| h.floor);
+        let gone = st.gone_watches > 0;
+        match from {
+            Some(v) if gone || v < floor => {
+                st.gone_watches = st.gone_watches.saturating_sub(1);
+                queued += u64::from(tx.send(gone_line(v, floor.max(v + 1))).is_ok());
+                register = false;
+            }
+            Some(v) => {
+                if let Some(h) = st.history.get(&route.kind) {
+                    for c in h.changes.iter().filter(|c| {
+                        c.rv > v && (route.namespace.is_empty() || c.namespace == route.namespace)
+                    }) {
+                        queued += u64::from(tx.send(c.line.clone()).is_ok());
+                    }
+                }
+            }
+            None => {
+                for ((k, ns, _), o) in st.objects.iter() {
+                    if *k == route.kind && (route.namespace.is_empty() || *ns == route.namespace) {
+                        let mut line = Vec::with_capacity(o.json.len() + 32);
+                        line.extend_from_slice(b"{\"type\":\"ADDED\",\"object\":");
+                        line.extend_from_slice(&o.json);
+                        line.extend_from_slice(b"}\n");
+                        queued += u64::from(tx.send(Bytes::from(line)).is_ok());
+                    }
+                }
+            }
+        }
+        st.watch_events += queued;
+        pending.fetch_add(queued, Ordering::SeqCst);
+        if register {
+            st.watchers.push(Watcher {
+                kind: route.kind,
+                namespace: route.namespace.clone(),
+                tx,
+            });
+        }
+        drop(st);
+        let bookmarks = query_param(query, "allowWatchBookmarks") == Some("true");
+        let timeout = query_param(query, "timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let api = self.clone();
+        let kind = route.kind;
+        let rx = WatchRx { rx, pending };
+        let end = timeout.map(|t| tokio::time::Instant::now() + t);
+        let stream = futures::stream::unfold((rx, api, end), move |(mut rx, api, end)| async move {
+            loop {
+                let next_bookmark = tokio::time::sleep(BOOKMARK_INTERVAL);
+                let until_end = async {
+                    match end {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    line = rx.rx.recv() => {
+                        let line = line?;
+                        rx.pending.fetch_sub(1, Ordering::SeqCst);
+                        return Some((line, (rx, api, end)));
+                    }
+                    () = until_end => return None,
+                    () = next_bookmark, if bookmarks => {
+                        let st = api.state();
+                        if !rx.rx.is_empty() {
+                            continue;
+                        }
+                        let (api_version, list) = kind.list_kind();
+                        let singular = list.strip_suffix("List").unwrap_or(list);
+                        let line = Bytes::from(format!(
+                            "{{\"type\":\"BOOKMARK\",\"object\":{{\"kind\":\"{singular}\",\"apiVersion\":\"{api_version}\",\"metadata\":{{\"resourceVersion\":\"{}\"}}}}}}\n",
+                            st.rv
+                        ));
+                        drop(st);
+                        return Some((line, (rx, api, end)));
+                    }
+                }
+            }
+        });
+        Reply::Watch(WatchStream {
+            inner: Box::pin(stream),
+        })
+    }
+
+    /// Ends every open watch stream (the lines already queued are still delivered), as a
+    /// restarting API server or a load balancer cutting connections would.
+    pub fn cut_watches(&self) {
+        self.state().watchers.clear();
+    }
+
+    /// The next `n` watches from a resourceVersion answer 410 Gone (an `ERROR` event), as
+    /// when their version fell out of the server's watch cache.
+    pub fn gone_next_watches(&self, n: u64) {
+        self.state().gone_watches += n;
+    }
+
+    /// Forgets every kind's event history (an etcd compaction): a watch from an earlier
+    /// resourceVersion answers 410 Gone.
+    pub fn compact_history(&self) {
+        let mut st = self.state();
+        let rv = st.rv;
+        for h in st.history.values_mut() {
+            h.changes.clear();
+            h.floor = rv;
+        }
+    }
+
+    /// Keeps at most `n` events of each kind for watches to resume from.
+    pub fn set_watch_history(&self, n: usize) {
+        self.state().history_limit = n;
+    }
+
+    /// Watch event lines sent and not yet taken by the streams' readers: while there are
+    /// any, a host has work no timer shows.
+    pub fn watch_lines_pending(&self) -> u64 {
+        self.state().pending.load(Ordering::SeqCst)
+    }
+
+    /// Open watch streams.
+    pub fn open_watches(&self) -> usize {
+        let mut st = self.state();
+        st.watchers.retain(|w| !w.tx.is_closed());
+        st.watchers.len()
+    }
+
+    /// Objects sent in LIST answers so far.
+    pub fn listed_objects(&self) -> u64 {
+        self.state().listed_objects
+    }
+
+    /// Watch events sent so far (replayed and live).
+    pub fn watch_events(&self) -> u64 {
+        self.state().watch_events
     }
 }
 
@@ -404,6 +755,12 @@ fn store(st: &mut State, key: Key, mut obj: Value, status: StatusCode) -> Answer
     let rv = st.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     let json = Bytes::from(obj.to_string());
+    let word = if status == StatusCode::CREATED {
+        "ADDED"
+    } else {
+        "MODIFIED"
+    };
+    st.changed(key.0, &key.1, rv, word, &json);
     st.objects.insert(
         key,
         Obj {
@@ -414,13 +771,40 @@ fn store(st: &mut State, key: Key, mut obj: Value, status: StatusCode) -> Answer
     Answer { status, body: json }
 }
 
-fn list(st: &State, route: &Route, query: &str) -> Answer {
+/// Deletes an object: the deletion moves the resourceVersion, and the DELETED event (and
+/// the answer) carry the object's last state at the new version.
+fn delete(st: &mut State, key: &Key) -> Option<Bytes> {
+    let o = st.objects.remove(key)?;
+    st.rv += 1;
+    let rv = st.rv;
+    let json = match serde_json::from_slice::<Value>(&o.json) {
+        Ok(mut obj) => {
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            Bytes::from(obj.to_string())
+        }
+        Err(_) => o.json,
+    };
+    st.changed(key.0, &key.1, rv, "DELETED", &json);
+    Some(json)
+}
+
+fn list(st: &mut State, route: &Route, query: &str) -> Answer {
     let limit = query_param(query, "limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    // The continue token is the name of the last item of the previous page.
-    let start = query_param(query, "continue").unwrap_or("");
+    // The continue token is `<resourceVersion of the first page>_<name of the last item of
+    // the previous page>` (`_` is in no object name, and needs no escaping in a query):
+    // every page answers the first page's version, from which a watch replays whatever
+    // changed while the pages were read.
+    let (snapshot, start) = match query_param(query, "continue") {
+        Some(t) => match t.split_once('_') {
+            Some((rv, name)) => (rv.parse::<u64>().ok(), name),
+            None => (None, t),
+        },
+        None => (None, ""),
+    };
+    let snapshot = snapshot.unwrap_or(st.rv);
     let lower = (route.kind, route.namespace.clone(), start.to_string());
     let mut items: Vec<&Bytes> = Vec::new();
     let mut last: Option<&str> = None;
@@ -440,10 +824,11 @@ fn list(st: &State, route: &Route, query: &str) -> Answer {
         items.push(&obj.json);
         last = Some(name);
     }
+    let listed = items.len() as u64;
     let (api_version, kind) = route.kind.list_kind();
-    let mut meta = json!({ "resourceVersion": st.rv.to_string() });
+    let mut meta = json!({ "resourceVersion": snapshot.to_string() });
     if let Some(t) = &token {
-        meta["continue"] = json!(t);
+        meta["continue"] = json!(format!("{snapshot}_{t}"));
     }
     let mut out = Vec::with_capacity(items.iter().map(|b| b.len() + 1).sum::<usize>() + 128);
     out.extend_from_slice(
@@ -457,14 +842,57 @@ fn list(st: &State, route: &Route, query: &str) -> Answer {
         out.extend_from_slice(item);
     }
     out.extend_from_slice(b"]}");
+    st.listed_objects += listed;
     Answer {
         status: StatusCode::OK,
         body: Bytes::from(out),
     }
 }
 
+/// A response body: a whole answer or a watch's stream.
+pub type ReplyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The error type of [`ReplyBody`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Reply {
+    /// The HTTP response of this reply, with the fixed `date` header (hyper stamps the wall
+    /// clock only when the header is absent).
+    pub fn into_response(self) -> http::Response<ReplyBody> {
+        use futures::StreamExt;
+        use http_body_util::BodyExt;
+        let (status, body) = match self {
+            Reply::Whole(a) => (
+                a.status,
+                http_body_util::Full::new(a.body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
+            Reply::Watch(stream) => (
+                StatusCode::OK,
+                http_body_util::StreamBody::new(
+                    stream.map(|b| Ok::<_, BoxError>(hyper::body::Frame::data(b))),
+                )
+                .boxed_unsync(),
+            ),
+        };
+        let mut resp = http::Response::new(body);
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            http::header::DATE,
+            http::HeaderValue::from_static(FIXED_DATE),
+        );
+        resp
+    }
+}
+
 impl tower::Service<http::Request<::kube::client::Body>> for FakeApi {
-    type Response = http::Response<::kube::client::Body>;
+    type Response = http::Response<ReplyBody>;
     type Error = std::convert::Infallible;
     type Future =
         Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
@@ -483,19 +911,7 @@ impl tower::Service<http::Request<::kube::client::Body>> for FakeApi {
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
-            let answer = api.handle(&parts.method, &path, &body).await;
-            let mut resp = http::Response::new(::kube::client::Body::from(answer.body));
-            *resp.status_mut() = answer.status;
-            let headers = resp.headers_mut();
-            headers.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            headers.insert(
-                http::header::DATE,
-                http::HeaderValue::from_static(FIXED_DATE),
-            );
-            Ok(resp)
+            Ok(api.respond(&parts.method, &path, &body).await.into_response())
         })
     }
 }
@@ -528,21 +944,7 @@ impl FakeApi {
                     .path_and_query()
                     .map(|p| p.as_str().to_string())
                     .unwrap_or_default();
-                let answer = api.handle(&parts.method, &path, &bytes).await;
-                let text = String::from_utf8_lossy(&answer.body).into_owned();
-                let mut resp = http::Response::new(text);
-                *resp.status_mut() = answer.status;
-                let headers = resp.headers_mut();
-                headers.insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                // hyper stamps a wall-clock date only when the header is absent.
-                headers.insert(
-                    http::header::DATE,
-                    http::HeaderValue::from_static(FIXED_DATE),
-                );
-                Ok::<_, hyper::Error>(resp)
+                Ok::<_, hyper::Error>(api.respond(&parts.method, &path, &bytes).await.into_response())
             }
         });
         hyper::server::conn::http1::Builder::new()

@@ -1,6 +1,7 @@
 //! Kubernetes adapters (kube-rs): the `AttachmentStore` over PV annotations
 //! ([`pv_store`]), the `Cluster` port ([`cluster`]), the `Leadership` port over a Lease
-//! ([`lease`]), client construction, and the simulated
+//! ([`lease`]), the `ClusterWatch` port over kube's runtime watcher ([`watch`]), client
+//! construction, and the simulated
 //! API server the tests and the simulation run them against ([`fake_api`]).
 //!
 //! kube's own retry layer is off (`Config::default_retry = false`): it draws jitter from
@@ -11,6 +12,7 @@ pub mod cluster;
 pub mod fake_api;
 pub mod lease;
 pub mod pv_store;
+pub mod watch;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::retry::Backoff;
 pub use cluster::KubeCluster;
 pub use lease::KubeLease;
 pub use pv_store::{PvIndex, PvStore};
+pub use watch::KubeWatch;
 
 /// Namespace events about cluster-scoped objects (PVs) are recorded in.
 pub const EVENT_NAMESPACE: &str = "default";

@@ -521,8 +521,8 @@ async fn fake_api_lists_in_pages_and_checks_preconditions() {
     let page = |q: &str| -> Value { serde_json::from_slice(&api.handle_now(&http::Method::GET, &format!("/api/v1/nodes?{q}"), b"").body).unwrap() };
     let p1 = page("limit=2");
     assert_eq!(p1["items"].as_array().unwrap().len(), 2);
-    assert_eq!(p1["metadata"]["continue"], "n1");
-    let p3 = page("limit=2&continue=n3");
+    assert_eq!(p1["metadata"]["continue"], "5_n1");
+    let p3 = page("limit=2&continue=5_n3");
     assert_eq!(p3["items"][0]["metadata"]["name"], "n4");
     assert!(p3["metadata"].get("continue").is_none());
     let rv = api.object(Kind::Node, "", "n0").unwrap()["metadata"]["resourceVersion"].clone();
@@ -696,4 +696,236 @@ async fn the_node_publishes_its_host_nqn_and_the_controller_reads_it_back() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("PATCH Node node-z"), "{err}");
+}
+
+// ---- Watches ---------------------------------------------------------------------------
+
+mod watches {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::controller::watched::apply;
+    use crate::kube::KubeWatch;
+    use crate::kube::fake_api::Reply;
+    use crate::kube::pv_store::annotations_for;
+    use crate::ports::ClusterWatch;
+    use crate::ports::store::AttachmentRecord;
+    use crate::ports::watch::Change;
+
+    fn record(v: &str, n: &str, secs: u64) -> AttachmentRecord {
+        AttachmentRecord {
+            volume_id: VolumeId::new(v).unwrap(),
+            node_id: NodeId::new(n).unwrap(),
+            attached_at: UNIX_EPOCH + Duration::from_secs(secs),
+            access_mode: AccessMode::SingleNode,
+            readonly: false,
+        }
+    }
+
+    /// Another writer (a replica during a failover, an operator) sets `pv`'s records.
+    fn write_by_another(api: &FakeApi, pv: &str, holders: &[AttachmentRecord]) {
+        let patch = json!({ "metadata": { "annotations": annotations_for(holders) } });
+        let path = format!("/api/v1/persistentvolumes/{pv}");
+        let ans = api.handle_now(&http::Method::PATCH, &path, patch.to_string().as_bytes());
+        assert_eq!(ans.status, http::StatusCode::OK);
+    }
+
+    fn delete(api: &FakeApi, path: &str) {
+        let ans = api.handle_now(&http::Method::DELETE, path, b"");
+        assert_eq!(ans.status, http::StatusCode::OK, "DELETE {path}");
+    }
+
+    /// Applies what the watch sees until every kind is listed.
+    async fn synced(watch: &KubeWatch, m: &AttachmentManager) {
+        let mut relisted = false;
+        while !relisted {
+            let changes = watch.changes().await;
+            relisted = changes.iter().any(|c| matches!(c, Change::Relisted { .. }));
+            apply(changes, m, &|| {}).await;
+        }
+        for _ in 0..10_000 {
+            if watch.synced() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the watches never listed every kind");
+    }
+
+    fn lists(api: &FakeApi) -> Vec<(String, u64)> {
+        api.requests()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("LIST "))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_writers_changes_are_followed_by_the_watch_without_a_list() {
+        let w = World::new(&["pvc-1", "pvc-2"]).await;
+        w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-2", "node-a", true));
+        let m = w.controller(AttachmentConfig::default()).await;
+        m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+        let watch = KubeWatch::new(w.api.client(), DRIVER, Arc::new(SeededEntropy::from_seed(2)));
+        watch.start();
+        synced(&watch, &m).await;
+        assert_eq!(watch.lists(), 4, "one list of each kind");
+        w.api.reset_requests();
+        let listed = w.api.listed_objects();
+
+        // A failover's other replica moved pvc-1 to node-b: memory follows, one GET.
+        let moved = record("pvc-1", "node-b", 5);
+        write_by_another(&w.api, "pvc-1", std::slice::from_ref(&moved));
+        let changes = watch.changes().await;
+        let seen = Change::Holders {
+            volume: VolumeId::new("pvc-1").unwrap(),
+            holders: vec![moved.clone()],
+        };
+        assert_eq!(changes, vec![seen]);
+        apply(changes, &m, &|| {}).await;
+        assert_eq!(m.list(), vec![moved]);
+
+        // A VolumeAttachment deleted by hand, then a Node deleted: each nudges the
+        // attachment reconciler, whose candidates now come from the watch's cache.
+        let nudges = AtomicU32::new(0);
+        let nudge = || {
+            nudges.fetch_add(1, Ordering::SeqCst);
+        };
+        delete(
+            &w.api,
+            &format!("/apis/storage.k8s.io/v1/volumeattachments/{}", va_name("pvc-2", "node-a")),
+        );
+        let changes = watch.changes().await;
+        assert_eq!(changes, vec![Change::Detached]);
+        apply(changes, &m, &nudge).await;
+        assert_eq!(watch.volume_attachments(), Some(Vec::new()));
+        delete(&w.api, "/api/v1/nodes/node-a");
+        let changes = watch.changes().await;
+        assert_eq!(changes, vec![Change::Detached]);
+        apply(changes, &m, &nudge).await;
+        assert_eq!(nudges.load(Ordering::SeqCst), 2);
+
+        let refs = watch.disk_references().unwrap();
+        assert_eq!(refs.volumes.into_iter().collect::<Vec<_>>(), ["pvc-1", "pvc-2"]);
+        assert_eq!(refs.snapshots, Some(Default::default()));
+        // Nothing was listed again.
+        assert_eq!(lists(&w.api), Vec::new(), "{:?}", w.api.requests());
+        assert_eq!(w.api.listed_objects(), listed);
+        assert_eq!(watch.lists(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_watch_resumes_from_its_version_and_a_410_relists() {
+        let w = World::new(&["pvc-1"]).await;
+        let m = w.controller(AttachmentConfig::default()).await;
+        let watch = KubeWatch::new(w.api.client(), DRIVER, Arc::new(SeededEntropy::from_seed(3)));
+        watch.start();
+        synced(&watch, &m).await;
+        w.api.reset_requests();
+
+        // The server cuts every stream; the change made meanwhile is replayed from the
+        // watch's version when it watches again: no list.
+        w.api.cut_watches();
+        let moved = record("pvc-1", "node-b", 7);
+        write_by_another(&w.api, "pvc-1", std::slice::from_ref(&moved));
+        let changes = watch.changes().await;
+        assert!(
+            changes.iter().any(|c| matches!(c, Change::Holders { holders, .. } if *holders == [moved.clone()])),
+            "{changes:?}"
+        );
+        apply(changes, &m, &|| {}).await;
+        assert_eq!(m.list(), vec![moved]);
+        assert_eq!(lists(&w.api), Vec::new());
+        assert!(w.api.requests().get("WATCH persistentvolumes").is_some_and(|n| *n >= 1));
+
+        // Now the next watches are answered 410 Gone: the watcher lists again, and the
+        // listed records replace what memory believed.
+        w.api.reset_requests();
+        w.api.gone_next_watches(4);
+        w.api.cut_watches();
+        write_by_another(&w.api, "pvc-1", &[]);
+        let mut relisted = false;
+        while !relisted {
+            let changes = watch.changes().await;
+            relisted = changes.iter().any(|c| matches!(c, Change::Relisted { .. }));
+            apply(changes, &m, &|| {}).await;
+        }
+        assert_eq!(m.list(), Vec::new());
+        assert!(lists(&w.api).iter().any(|(k, _)| k == "LIST persistentvolumes"), "{:?}", w.api.requests());
+        assert!(watch.lists() > 4);
+    }
+
+    async fn next_line(reply: &mut Reply) -> Option<Value> {
+        let Reply::Watch(stream) = reply else {
+            panic!("not a watch: {reply:?}");
+        };
+        let line = stream.next().await?;
+        assert!(line.ends_with(b"\n"), "one event a line");
+        Some(serde_json::from_slice(&line).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fake_api_watch_replays_streams_bookmarks_and_answers_410_beyond_its_history() {
+        let api = FakeApi::new();
+        let rv0 = api.put_object(Kind::Node, "", node_json("n0", None));
+        api.put_object(Kind::Node, "", node_json("n1", None));
+        let get = http::Method::GET;
+        // From rv0: the change after it is replayed, then live changes follow.
+        let mut w = api
+            .respond(&get, &format!("/api/v1/nodes?watch=true&resourceVersion={rv0}&allowWatchBookmarks=true&timeoutSeconds=290"), b"")
+            .await;
+        let e = next_line(&mut w).await.unwrap();
+        assert_eq!((e["type"].as_str(), e["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("n1")));
+        delete(&api, "/api/v1/nodes/n0");
+        let e = next_line(&mut w).await.unwrap();
+        assert_eq!(e["type"], "DELETED");
+        let deleted_at: u64 = e["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        assert!(deleted_at > rv0 + 1, "a deletion moves the version");
+        // Silence: a bookmark a minute later, at the current version.
+        let e = next_line(&mut w).await.unwrap();
+        assert_eq!(e["type"], "BOOKMARK");
+        assert_eq!(e["object"]["metadata"]["resourceVersion"], deleted_at.to_string());
+        // A watch from before the history: one ERROR event with a 410 Status, then the end.
+        api.set_watch_history(2);
+        api.put_object(Kind::Node, "", node_json("n2", None));
+        api.put_object(Kind::Node, "", node_json("n3", None));
+        let mut old = api
+            .respond(&get, &format!("/api/v1/nodes?watch=true&resourceVersion={rv0}"), b"")
+            .await;
+        let e = next_line(&mut old).await.unwrap();
+        assert_eq!((e["type"].as_str(), e["object"]["code"].as_u64()), (Some("ERROR"), Some(410)));
+        assert_eq!(e["object"]["reason"], "Expired");
+        assert!(next_line(&mut old).await.is_none());
+        // The timeout ends a watch; a cut ends it at once.
+        let mut short = api
+            .respond(&get, &format!("/api/v1/nodes?watch=true&resourceVersion={deleted_at}&timeoutSeconds=5"), b"")
+            .await;
+        assert_eq!(next_line(&mut short).await.unwrap()["object"]["metadata"]["name"], "n2");
+        assert_eq!(next_line(&mut short).await.unwrap()["object"]["metadata"]["name"], "n3");
+        assert!(next_line(&mut short).await.is_none());
+        api.cut_watches();
+        assert!(next_line(&mut w).await.is_some_and(|e| e["object"]["metadata"]["name"] == "n2"));
+        assert!(next_line(&mut w).await.is_some());
+        assert!(next_line(&mut w).await.is_none());
+        assert_eq!(api.watch_lines_pending(), 0);
+        assert_eq!(api.requests().get("WATCH nodes"), Some(&3));
+    }
+
+    #[tokio::test]
+    async fn a_paginated_list_answers_its_first_pages_version_on_every_page() {
+        let api = FakeApi::new();
+        for i in 0..5 {
+            api.put_object(Kind::Node, "", node_json(&format!("n{i}"), None));
+        }
+        let page = |q: &str| -> Value {
+            serde_json::from_slice(&api.handle_now(&http::Method::GET, &format!("/api/v1/nodes?{q}"), b"").body).unwrap()
+        };
+        let p1 = page("limit=2");
+        let token = p1["metadata"]["continue"].as_str().unwrap().to_string();
+        api.put_object(Kind::Node, "", node_json("n0", Some("nqn.changed")));
+        let p2 = page(&format!("limit=2&continue={token}"));
+        assert_eq!(p2["metadata"]["resourceVersion"], p1["metadata"]["resourceVersion"]);
+        assert_eq!(api.listed_objects(), 4);
+    }
 }

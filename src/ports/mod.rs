@@ -11,6 +11,7 @@ pub mod mounter;
 pub mod rds;
 pub mod store;
 pub mod time;
+pub mod watch;
 
 pub use cluster::Cluster;
 pub use initiator::Initiator;
@@ -19,3 +20,4 @@ pub use mounter::Mounter;
 pub use rds::Rds;
 pub use store::AttachmentStore;
 pub use time::{Clock, Entropy};
+pub use watch::ClusterWatch;
