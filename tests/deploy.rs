@@ -1364,7 +1364,7 @@ fn a_wrong_plugin_verb_fails() {
         "missing [/persistentvolumes:patch]",
         |docs| {
             let role = find_mut(docs, "ClusterRole", "rds-csi-plugin");
-            role["rules"][0]["verbs"] = json!(["get", "list", "update"]);
+            role["rules"][0]["verbs"] = json!(["get", "list", "watch", "update"]);
         },
     );
     assert_caught(
@@ -1372,7 +1372,7 @@ fn a_wrong_plugin_verb_fails() {
         "extra [/persistentvolumes:delete]",
         |docs| {
             let role = find_mut(docs, "ClusterRole", "rds-csi-plugin");
-            role["rules"][0]["verbs"] = json!(["get", "list", "patch", "delete"]);
+            role["rules"][0]["verbs"] = json!(["get", "list", "watch", "patch", "delete"]);
         },
     );
     assert_caught("wildcard", "wildcard rule", |docs| {
