@@ -156,6 +156,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         layers,
     } = seams;
     let mode = settings.mode;
+    let metrics = Arc::new(Metrics::default());
     let kube = match kube {
         Some(client) => Some(client),
         None => kube_client(settings)?,
@@ -212,13 +213,16 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             }
         };
         let store = layers.store(store);
-        let attachments = Arc::new(AttachmentManager::new(
-            Arc::clone(&rds),
-            store,
-            Arc::clone(&cluster),
-            Arc::clone(&clock),
-            settings.attachment.clone(),
-        ));
+        let attachments = Arc::new(
+            AttachmentManager::new(
+                Arc::clone(&rds),
+                store,
+                Arc::clone(&cluster),
+                Arc::clone(&clock),
+                settings.attachment.clone(),
+            )
+            .with_metrics(metrics.migrations()),
+        );
         Some(ControllerPart {
             core: Controller::new(settings.controller.clone(), Arc::clone(&rds), attachments),
             rds,
@@ -254,7 +258,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         controller,
         node,
         readiness: Readiness::default(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
     })
 }
 
@@ -338,7 +342,7 @@ impl Plugin {
         self.readiness.clone()
     }
 
-    /// The per-RPC metrics of this instance.
+    /// The metrics of this instance (per RPC, migrations).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
@@ -671,6 +675,8 @@ mod tests {
             attached_at: std::time::UNIX_EPOCH,
             access_mode: AccessMode::SingleNode,
             readonly: false,
+            migration: None,
+            generation: 0,
         };
         store.write_volume(&volume, &[record]).await.unwrap();
         assert!(manager.get(&volume).is_empty());

@@ -174,6 +174,8 @@ mod tests {
             attached_at: FixedClock.now(),
             access_mode: AccessMode::SingleNode,
             readonly: false,
+            migration: None,
+            generation: 0,
         };
         // Every method of both ports (add new port methods here), including the conflict
         // paths (re-read, then retry) and a volume the index has not seen.
@@ -210,6 +212,7 @@ mod tests {
             reason: "AttachFenced".into(),
             message: "test".into(),
             warning: true,
+            subject: crate::ports::cluster::EventSubject::Claim,
         };
         cluster.record_event(&event).await.unwrap();
 

@@ -1,6 +1,13 @@
 //! Prometheus metrics (prefix `rds_csi_`): a counter and a latency histogram per CSI method
 //! and gRPC code, recorded by a tower layer around the gRPC server so every RPC is counted
-//! the same way, and an HTTP endpoint serving the text exposition format.
+//! the same way; the controller's live migrations ([`MigrationMetrics`]); and an HTTP
+//! endpoint serving the text exposition format.
+//!
+//! Names (one list): `rds_csi_rpcs_total{method,code}`,
+//! `rds_csi_rpc_duration_seconds{method,code}`,
+//! `rds_csi_migrations_total{outcome,timed_out}`,
+//! `rds_csi_migration_duration_seconds{outcome}`, `rds_csi_migrations_in_flight`. Labels are
+//! bounded (no volume or node names).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,6 +16,7 @@ use std::task::{Context, Poll};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -21,11 +29,76 @@ pub struct RpcLabels {
     pub code: String,
 }
 
+/// Labels of a migration that ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// `completed` (the source detached) or `failed` (the target detached).
+    pub outcome: String,
+    /// `true` when it ended after outliving its `migrationTimeoutSeconds`.
+    pub timed_out: String,
+}
+
+/// Labels of a migration's duration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `completed` or `failed`.
+    pub outcome: String,
+}
+
+/// The controller's live migrations (KubeVirt): ended ones by outcome, their durations, and
+/// those running in this controller's memory. Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct MigrationMetrics {
+    ended: Family<MigrationLabels, Counter>,
+    duration: Family<OutcomeLabels, Histogram>,
+    in_flight: Gauge,
+}
+
+impl Default for MigrationMetrics {
+    /// Series registered nowhere (tests, or a manager built without a registry).
+    fn default() -> Self {
+        Self {
+            ended: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            in_flight: Gauge::default(),
+        }
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 s .. ~68 min: migrations last seconds to the longest timeout (3600 s).
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+impl MigrationMetrics {
+    /// A migration ended: `completed` or `failed`, after `seconds`, past its timeout or not.
+    pub fn ended(&self, outcome: &str, timed_out: bool, seconds: f64) {
+        self.ended
+            .get_or_create(&MigrationLabels {
+                outcome: outcome.to_string(),
+                timed_out: timed_out.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The gauge of migrations running in this controller's memory (the attachment manager
+    /// keeps it in step with its memory).
+    pub fn in_flight(&self) -> Gauge {
+        self.in_flight.clone()
+    }
+}
+
 /// The plugin's metrics. One per plugin instance.
 pub struct Metrics {
     registry: Registry,
     rpcs: Family<RpcLabels, Counter>,
     latency: Family<RpcLabels, Histogram>,
+    migrations: MigrationMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -51,10 +124,29 @@ impl Default for Metrics {
             "CSI RPC latency, by method and gRPC code",
             latency.clone(),
         );
+        let migrations = MigrationMetrics::default();
+        registry.register(
+            "migrations",
+            "Live migrations of multi-node block volumes that ended, by outcome (completed: \
+             the source detached; failed: the target detached) and whether they outlived \
+             their timeout",
+            migrations.ended.clone(),
+        );
+        registry.register(
+            "migration_duration_seconds",
+            "How long live migrations ran, by outcome",
+            migrations.duration.clone(),
+        );
+        registry.register(
+            "migrations_in_flight",
+            "Live migrations running, as this controller's memory knows them",
+            migrations.in_flight.clone(),
+        );
         Self {
             registry,
             rpcs,
             latency,
+            migrations,
         }
     }
 }
@@ -68,6 +160,11 @@ impl Metrics {
         };
         self.rpcs.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// The migration metrics (handles sharing this registry's series).
+    pub fn migrations(&self) -> MigrationMetrics {
+        self.migrations.clone()
     }
 
     /// The text exposition of every metric.
@@ -193,5 +290,25 @@ mod tests {
             text.contains("rds_csi_rpc_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn migrations_appear_by_outcome_with_durations_and_in_flight() {
+        let m = Metrics::default();
+        let mig = m.migrations();
+        mig.in_flight().set(2);
+        mig.ended("completed", false, 12.0);
+        mig.ended("completed", false, 30.0);
+        mig.ended("failed", true, 400.0);
+        let text = m.render();
+        for want in [
+            r#"rds_csi_migrations_total{outcome="completed",timed_out="false"} 2"#,
+            r#"rds_csi_migrations_total{outcome="failed",timed_out="true"} 1"#,
+            r#"rds_csi_migration_duration_seconds_count{outcome="completed"} 2"#,
+            r#"rds_csi_migration_duration_seconds_sum{outcome="failed"} 400.0"#,
+            "rds_csi_migrations_in_flight 2",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
     }
 }

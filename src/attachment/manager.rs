@@ -18,7 +18,14 @@
 //!   any host (an open export after an unpublish let a node that missed its detach back in);
 //! - a record whose holder's Node is gone, or whose VolumeAttachment is gone (detached by
 //!   hand: the detach never reached the driver), is stale: it is cleared instead of
-//!   blocking the volume forever.
+//!   blocking the volume forever;
+//! - a multi-node block volume has at most two holders; the second starts a live migration
+//!   recorded in the same write ([`super::migration`]), which either holder's unpublish
+//!   ends. Events (on the PVC) and metrics follow every durable change, never a tentative
+//!   one (the earlier driver allowed any number of holders until its late versions, and
+//!   kept the migration in memory only);
+//! - every write carries the holder set's generation, and the store compares it: a replica
+//!   whose memory is older than the store (A → B → A meanwhile) cannot write over it.
 //!
 //! Lock order: per-volume lock (async, [`LockTable`]) first, then the map lock (a std
 //! mutex over the in-memory state) for short, non-awaiting critical sections. The map lock
@@ -34,7 +41,9 @@ use crate::attachment::types::{
     AttachmentConfig, AttachmentRecord, Holders, PublishArgs, UnpublishArgs,
 };
 use crate::error::{Error, Result};
-use crate::ports::cluster::ClusterEvent;
+use crate::attachment::migration::{self, Change, Outcome};
+use crate::metrics::MigrationMetrics;
+use crate::ports::cluster::{ClusterEvent, EventSubject, reason};
 use crate::ports::rds::RdsError;
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
 use crate::types::{NodeId, VolumeId};
@@ -49,13 +58,28 @@ struct State {
     volumes: BTreeMap<VolumeId, Holders>,
     /// Number of volumes attached to each node (nodes with none are absent).
     per_node: BTreeMap<NodeId, u64>,
+    /// Volumes whose migration runs (the metrics' gauge, kept in step).
+    migrating: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl State {
-    /// Replaces the holders of `volume`, keeping `per_node` in step. Returns the previous
-    /// holders.
+    /// An empty state counting its migrations in `migrating` (reset to 0).
+    fn new(migrating: prometheus_client::metrics::gauge::Gauge) -> Self {
+        migrating.set(0);
+        Self {
+            volumes: BTreeMap::new(),
+            per_node: BTreeMap::new(),
+            migrating,
+        }
+    }
+
+    /// Replaces the holders of `volume`, keeping `per_node` and the migration gauge in
+    /// step. Returns the previous holders.
     fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
         let previous = self.volumes.remove(volume).unwrap_or_default();
+        let delta = i64::from(migration::running(&next).is_some())
+            - i64::from(migration::running(&previous).is_some());
+        self.migrating.inc_by(delta);
         for node in previous.nodes().filter(|n| !next.contains(n)) {
             if let Some(count) = self.per_node.get_mut(node) {
                 *count = count.saturating_sub(1);
@@ -96,6 +120,7 @@ pub struct AttachmentManager {
     cfg: AttachmentConfig,
     locks: LockTable<VolumeId>,
     state: Mutex<State>,
+    metrics: MigrationMetrics,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -137,6 +162,7 @@ impl AttachmentManager {
         clock: Arc<dyn Clock>,
         cfg: AttachmentConfig,
     ) -> Self {
+        let metrics = MigrationMetrics::default();
         Self {
             rds,
             store,
@@ -144,8 +170,25 @@ impl AttachmentManager {
             clock,
             cfg,
             locks: LockTable::new(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(metrics.in_flight())),
+            metrics,
         }
+    }
+
+    /// Records migrations in `metrics` (a plugin's registry) from now on.
+    pub fn with_metrics(mut self, metrics: MigrationMetrics) -> Self {
+        let state = std::mem::take(
+            self.state
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut fresh = State::new(metrics.in_flight());
+        for (volume, holders) in state.volumes {
+            fresh.set(&volume, holders);
+        }
+        *self.state.get_mut().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.metrics = metrics;
+        self
     }
 
     /// The configuration.
@@ -167,7 +210,7 @@ impl AttachmentManager {
 
     /// Replaces the whole in-memory state (start-up only).
     pub(crate) fn replace_all(&self, records: Vec<AttachmentRecord>) {
-        let mut state = State::default();
+        let mut state = State::new(self.metrics.in_flight());
         let mut records = records.into_iter().peekable();
         while let Some(first) = records.next() {
             let volume = first.volume_id.clone();
@@ -219,6 +262,11 @@ impl AttachmentManager {
         self.locks.len()
     }
 
+    /// Migrations running, as memory knows them.
+    pub fn migrations_in_flight(&self) -> i64 {
+        self.state().migrating.get()
+    }
+
     /// Applies `next` tentatively, checking the node limit for `adding` atomically with
     /// the change (two volumes racing for a node's last slot cannot both get it).
     fn apply_tentative(
@@ -251,10 +299,15 @@ impl AttachmentManager {
     /// Records `record` as a holder of its volume: check and act under the volume's lock,
     /// durable before returning. Fencing:
     /// another live holder of a single-node volume → FAILED_PRECONDITION; a holder whose
-    /// Node object is gone is cleared.
-    pub async fn track(&self, record: AttachmentRecord) -> Result<()> {
+    /// Node object is gone is cleared. A second holder of a multi-node block volume starts a
+    /// migration that may run `migration_timeout`; a third is refused.
+    pub async fn track(
+        &self,
+        record: AttachmentRecord,
+        migration_timeout: std::time::Duration,
+    ) -> Result<()> {
         let _guard = self.lock(&record.volume_id).await;
-        self.track_locked(record).await
+        self.track_locked(record, migration_timeout).await
     }
 
     /// Removes `node`'s attachment of `volume` (absent already is success); other holders
@@ -264,7 +317,11 @@ impl AttachmentManager {
         self.untrack_locked(volume, Some(node)).await.map(|_| ())
     }
 
-    async fn track_locked(&self, record: AttachmentRecord) -> Result<()> {
+    async fn track_locked(
+        &self,
+        mut record: AttachmentRecord,
+        migration_timeout: std::time::Duration,
+    ) -> Result<()> {
         let volume = record.volume_id.clone();
         let node = record.node_id.clone();
         let current: Holders = self
@@ -305,8 +362,7 @@ impl AttachmentManager {
                 }
                 continue;
             }
-            let stale = self.stale_reason(&volume, other).await?;
-            if stale.is_none() {
+            if !self.clear_if_stale(&volume, other, &node, &mut next).await? {
                 // Refuse only what the store confirms (found by the simulation: a stale
                 // holder blocked the volume until restart).
                 self.confirm(&volume, &current).await?;
@@ -315,25 +371,96 @@ impl AttachmentManager {
                      attached to one node at a time, so node {node} must wait until it is \
                      detached from {other}"
                 );
-                self.event(&volume, "AttachFenced", &message, true).await;
+                self.event(&volume, reason::ATTACH_FENCED, &message, true, EventSubject::Volume)
+                    .await;
                 // CSI: "FAILED_PRECONDITION: Indicates that a volume corresponding to the
                 // specified volume_id has been published at another node and does not
                 // have MULTI_NODE volume capability."
                 return Err(Error::FailedPrecondition(message));
             }
-            let message = format!(
-                "clearing the attachment of volume {volume} to node {other}: {}; attaching \
-                 to node {node}",
-                stale.unwrap_or_default()
-            );
-            tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
-            self.event(&volume, "StaleAttachmentCleared", &message, true)
-                .await;
-            next.remove(other);
         }
+        if migration::migrates(record.access_mode) && next.len() >= migration::MAX_HOLDERS {
+            // At the limit: a holder whose Node or VolumeAttachment is gone does not count.
+            let held: Vec<NodeId> = next.nodes().cloned().collect();
+            for other in &held {
+                self.clear_if_stale(&volume, other, &node, &mut next).await?;
+            }
+            if next.len() >= migration::MAX_HOLDERS {
+                self.confirm(&volume, &current).await?;
+                let message = self.limit_message(&volume, &node, &next);
+                self.event(&volume, reason::ATTACH_FENCED, &message, true, EventSubject::Volume)
+                    .await;
+                return Err(Error::FailedPrecondition(message));
+            }
+        }
+        let mut next = migration::settle(next);
+        migration::start(&next, &mut record, migration_timeout);
         next.insert(record);
+        let next = next.stamped_after(&current);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
         self.write(&volume, &current, &next, tentative).await
+    }
+
+    /// Removes `other` from `next` when its record of `volume` is stale (its Node or its
+    /// VolumeAttachment gone), with an Event; whether it was. `node` is the one attaching.
+    async fn clear_if_stale(
+        &self,
+        volume: &VolumeId,
+        other: &NodeId,
+        node: &NodeId,
+        next: &mut Holders,
+    ) -> Result<bool> {
+        let Some(why) = self.stale_reason(volume, other).await? else {
+            return Ok(false);
+        };
+        let message = format!(
+            "clearing the attachment of volume {volume} to node {other}: {why}; attaching \
+             to node {node}"
+        );
+        tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
+        self.event(
+            volume,
+            reason::STALE_ATTACHMENT_CLEARED,
+            &message,
+            true,
+            EventSubject::Volume,
+        )
+        .await;
+        next.remove(other);
+        Ok(true)
+    }
+
+    /// Why `node` cannot attach `volume`, held by two nodes (`holders`) already.
+    fn limit_message(&self, volume: &VolumeId, node: &NodeId, holders: &Holders) -> String {
+        let nodes: Vec<String> = holders.nodes().map(ToString::to_string).collect();
+        let both = nodes.join(" and ");
+        let Some(m) = migration::running(holders) else {
+            return format!(
+                "volume {volume} is attached to two nodes already ({both}); a multi-node \
+                 block volume is attached to at most two nodes (a live migration's source \
+                 and target), so node {node} must wait until one of them is detached"
+            );
+        };
+        let now = self.clock.now();
+        let (elapsed, limit) = (m.elapsed(now).as_secs(), m.timeout.as_secs());
+        let (source, target) = (&m.source, &m.target);
+        if m.timed_out(now) {
+            format!(
+                "volume {volume} is attached to two nodes ({both}): the live migration from \
+                 {source} to {target} started {elapsed}s ago and outlived its timeout of \
+                 {limit}s (StorageClass parameter migrationTimeoutSeconds), so it may be \
+                 stuck; no other node can attach until one of the two is detached — to \
+                 reset, detach the source node {source} (or the target {target}); node \
+                 {node} must wait"
+            )
+        } else {
+            format!(
+                "volume {volume} is attached to two nodes ({both}): a live migration from \
+                 {source} to {target} has been running for {elapsed}s (timeout {limit}s); a \
+                 multi-node block volume is attached to at most two nodes, so node {node} \
+                 must wait for the migration to finish"
+            )
+        }
     }
 
     /// Removes `node` (or, with `None`, every holder) from `volume`; returns the removed
@@ -349,16 +476,17 @@ impl AttachmentManager {
             .get(volume)
             .cloned()
             .unwrap_or_default();
-        let (removed, next) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
+        let (removed, rest) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
         if removed.is_empty() {
             // "Not attached" is acknowledged without a write, so only if the store agrees
             // (found by the simulation: the former leader's in-flight publish landed
             // after our rebuild, and the acknowledged unpublish left it in the store).
-            // Nothing removed: `next` is the whole of memory's holders.
-            self.confirm(volume, &next).await?;
+            // Nothing removed: `rest` is the whole of memory's holders.
+            self.confirm(volume, &rest).await?;
             return Ok(Vec::new());
         }
-        let previous: Holders = removed.iter().chain(next.iter()).cloned().collect();
+        let previous: Holders = removed.iter().chain(rest.iter()).cloned().collect();
+        let next = migration::settle(rest).stamped_after(&previous);
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
         self.write(volume, &previous, &next, tentative).await?;
         Ok(removed.into_vec())
@@ -397,12 +525,19 @@ impl AttachmentManager {
                      {DETACHED_BY_HAND}"
                 );
                 tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
-                self.event(volume, "StaleAttachmentCleared", &message, true)
-                    .await;
+                self.event(
+                    volume,
+                    reason::STALE_ATTACHMENT_CLEARED,
+                    &message,
+                    true,
+                    EventSubject::Volume,
+                )
+                .await;
                 live.remove(node);
             }
         }
         if live.len() != stored.len() {
+            live = migration::settle(live).stamped_after(&stored);
             let tentative = self.apply_tentative(volume, live.clone(), None)?;
             self.write(volume, &stored, &live, tentative).await?;
         }
@@ -665,6 +800,7 @@ impl AttachmentManager {
             .await
         else {
             tentative.commit();
+            self.migration_changed(volume, previous, next).await;
             return Ok(());
         };
         drop(tentative);
@@ -683,15 +819,84 @@ impl AttachmentManager {
         Err(store_error(volume, e))
     }
 
-    async fn event(&self, volume: &VolumeId, reason: &str, message: &str, warning: bool) {
+    async fn event(
+        &self,
+        volume: &VolumeId,
+        reason: &str,
+        message: &str,
+        warning: bool,
+        subject: EventSubject,
+    ) {
         let event = ClusterEvent {
             volume_id: volume.clone(),
             reason: reason.to_string(),
             message: message.to_string(),
             warning,
+            subject,
         };
         if let Err(e) = self.cluster.record_event(&event).await {
             tracing::warn!(volume_id = %volume, error = %e, "cannot record event {reason}");
+        }
+    }
+
+    /// Reports the migrations a durable change from `previous` to `next` started or ended:
+    /// an Event on the volume's PVC, a log line, the metrics.
+    async fn migration_changed(&self, volume: &VolumeId, previous: &Holders, next: &Holders) {
+        for change in migration::changes(previous, next) {
+            let now = self.clock.now();
+            let (reason, warning, message) = match &change {
+                Change::Started(m) => (
+                    reason::MIGRATION_STARTED,
+                    false,
+                    format!(
+                        "live migration of volume {volume} from node {} to node {} started \
+                         (both attached; timeout {}s)",
+                        m.source,
+                        m.target,
+                        m.timeout.as_secs()
+                    ),
+                ),
+                Change::Ended(m, outcome) => {
+                    let elapsed = m.elapsed(now);
+                    let late = m.timed_out(now);
+                    let (reason, warning, what) = match outcome {
+                        Outcome::Completed => (
+                            reason::MIGRATION_COMPLETED,
+                            false,
+                            format!("completed: the source {} detached", m.source),
+                        ),
+                        Outcome::Failed => (
+                            reason::MIGRATION_FAILED,
+                            true,
+                            format!("failed: the target {} detached", m.target),
+                        ),
+                    };
+                    let label = match outcome {
+                        Outcome::Completed => "completed",
+                        Outcome::Failed => "failed",
+                    };
+                    self.metrics.ended(label, late, elapsed.as_secs_f64());
+                    (
+                        reason,
+                        warning,
+                        format!(
+                            "live migration of volume {volume} from node {} to node {} {what} \
+                             after {:.1}s{}",
+                            m.source,
+                            m.target,
+                            elapsed.as_secs_f64(),
+                            if late {
+                                format!(", past its timeout of {}s", m.timeout.as_secs())
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    )
+                }
+            };
+            tracing::info!(volume_id = %volume, reason, "{message}");
+            self.event(volume, reason, &message, warning, EventSubject::Claim)
+                .await;
         }
     }
 
@@ -718,7 +923,10 @@ impl AttachmentManager {
                 "volume {volume} is not exported over NVMe/TCP on the RDS"
             ))
         })?;
-        let fenced = self.cfg.data_path_fence && args.access_mode.is_single_node();
+        // The fence names a holder's host for single-node volumes and for multi-node block
+        // volumes (one holder, or a migration's target); readers share an open export.
+        let fenced = self.cfg.data_path_fence
+            && (args.access_mode.is_single_node() || migration::migrates(args.access_mode));
         let host_nqn = if fenced {
             self.cluster.node_host_nqn(node).await?
         } else {
@@ -727,26 +935,27 @@ impl AttachmentManager {
         if fenced && host_nqn.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "node {node} has not published its NVMe host NQN (Node annotation \
-                 rds.csi.srvlab.io/host-nqn), and the data-path fence admits a node to a \
-                 single-node volume only by it: the node plugin must run on {node} first (it \
-                 publishes the NQN at start-up)"
+                 rds.csi.srvlab.io/host-nqn), and the data-path fence admits a node to this \
+                 volume only by it: the node plugin must run on {node} first (it publishes \
+                 the NQN at start-up)"
             )));
         }
 
         let _guard = self.lock(volume).await;
-        let record = AttachmentRecord {
-            volume_id: volume.clone(),
-            node_id: node.clone(),
-            attached_at: self.clock.now(),
-            access_mode: args.access_mode,
-            readonly: args.readonly,
-        };
+        let record = AttachmentRecord::new(
+            volume.clone(),
+            node.clone(),
+            // What the store keeps of it, so the stored record equals memory's.
+            crate::ports::store::truncate_to_micros(self.clock.now()),
+            args.access_mode,
+            args.readonly,
+        );
         // The record first, then the fence: a publish that loses the race to another
         // writer (a former leader during a failover) fails its precondition before it
         // touches the export, so it can never move the fence away from the holder the
         // store names (found by the simulation: a losing publish fenced the export to its
         // node and crashed before undoing it).
-        self.track_locked(record).await?;
+        self.track_locked(record, args.migration_timeout).await?;
         // With the fence off an export is open; only one a fenced past left restricted
         // needs a move (`disk` was read before the lock: the move observes again).
         if self.cfg.data_path_fence || disk.allowed_host_nqn.is_some() {

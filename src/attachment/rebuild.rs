@@ -65,15 +65,21 @@ impl AttachmentManager {
         for volume in &touched {
             // `kept` is sorted by (volume, node), as `load_all` returns records.
             let start = kept.partition_point(|r| r.volume_id < *volume);
-            let holders: Holders = kept[start..]
-                .iter()
-                .take_while(|r| r.volume_id == *volume)
-                .cloned()
-                .collect();
-            if let Err(e) = write_holders(self.store(), volume, &holders).await {
-                tracing::warn!(volume_id = %volume, error = %e,
-                    "cannot clear stale attachment records; they stay ignored in memory");
-                report.clear_failures += 1;
+            let end = start + kept[start..].partition_point(|r| r.volume_id == *volume);
+            let before: Holders = kept[start..end].iter().cloned().collect();
+            // A migration whose source was dropped has completed; the set is a new one.
+            let holders =
+                crate::attachment::migration::settle(before.clone()).stamped_after(&before);
+            match write_holders(self.store(), volume, &holders).await {
+                // Memory holds what the store now does (its generation too).
+                Ok(()) => {
+                    kept.splice(start..end, holders.into_vec());
+                }
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, error = %e,
+                        "cannot clear stale attachment records; they stay ignored in memory");
+                    report.clear_failures += 1;
+                }
             }
         }
         report.kept = kept.len();

@@ -20,22 +20,28 @@ impl Clock for FixedClock {
     }
 }
 
-struct World {
-    _dir: tempfile::TempDir,
-    rds: Arc<InMemoryRds>,
-    store: Arc<MemStore>,
-    cluster: Arc<LocalCluster>,
-    mgr: Arc<AttachmentManager>,
+pub(super) struct World {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) rds: Arc<InMemoryRds>,
+    pub(super) store: Arc<MemStore>,
+    pub(super) cluster: Arc<LocalCluster>,
+    pub(super) mgr: Arc<AttachmentManager>,
 }
 
-fn vid(s: &str) -> VolumeId {
+pub(super) fn vid(s: &str) -> VolumeId {
     VolumeId::new(s).unwrap()
 }
-fn nid(s: &str) -> NodeId {
+pub(super) fn nid(s: &str) -> NodeId {
     NodeId::new(s).unwrap()
 }
 
 async fn world(cfg: AttachmentConfig) -> World {
+    world_with(cfg, Arc::new(FixedClock)).await
+}
+
+/// Volumes `pvc-1..3` on an in-memory RDS, nodes `node-a..c` (a and b with host NQNs), a
+/// manager over them with `cfg` and `clock`.
+pub(super) async fn world_with(cfg: AttachmentConfig, clock: Arc<dyn Clock>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let rds = crate::routeros::in_memory_rds(1 << 40);
     for v in ["pvc-1", "pvc-2", "pvc-3"] {
@@ -71,7 +77,7 @@ async fn world(cfg: AttachmentConfig) -> World {
         rds.clone(),
         store.clone(),
         cluster.clone(),
-        Arc::new(FixedClock),
+        clock,
         cfg,
     ));
     World {
@@ -83,7 +89,7 @@ async fn world(cfg: AttachmentConfig) -> World {
     }
 }
 
-fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
+pub(super) fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
     PublishArgs {
         volume_id: vid(v),
         node_id: nid(n),
@@ -92,17 +98,18 @@ fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
         block: false,
         fs_type: Some("ext4".into()),
         nvme_address: Some("10.0.0.5".into()),
+        migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
     }
 }
 
-fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
+pub(super) fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
     UnpublishArgs {
         volume_id: vid(v),
         node_id: n.map(nid),
     }
 }
 
-fn holders(w: &World, v: &str) -> Vec<String> {
+pub(super) fn holders(w: &World, v: &str) -> Vec<String> {
     holders_of(&w.mgr, v)
 }
 
@@ -119,7 +126,7 @@ fn parked(v: &str) -> String {
 }
 
 /// The host NQN `v`'s export admits (`None`: any host).
-async fn allowed_host(w: &World, v: &str) -> Option<String> {
+pub(super) async fn allowed_host(w: &World, v: &str) -> Option<String> {
     w.rds.get_disk(v).await.unwrap().unwrap().allowed_host_nqn
 }
 
@@ -917,7 +924,7 @@ async fn stored_holders_answer_from_the_store_and_refresh_memory() {
     assert_eq!(holders(&w, "pvc-3"), vec!["node-b"]);
 }
 
-fn fenced() -> AttachmentConfig {
+pub(super) fn fenced() -> AttachmentConfig {
     AttachmentConfig {
         data_path_fence: true,
         ..Default::default()
@@ -1048,24 +1055,22 @@ async fn a_repeated_unpublish_parks_an_export_a_failed_one_left_fenced() {
 }
 
 #[tokio::test]
-async fn multi_node_holders_open_the_export_and_the_last_unpublish_parks_it() {
+async fn multi_node_readers_open_the_export_and_the_last_unpublish_parks_it() {
     let w = world(fenced()).await;
-    let multi = |n: &str| PublishArgs {
-        access_mode: AccessMode::MultiNodeMultiWriter,
-        block: true,
-        fs_type: None,
-        ..publish_args("pvc-1", n, false)
+    let readers = |n: &str| PublishArgs {
+        access_mode: AccessMode::MultiNodeReadOnly,
+        ..publish_args("pvc-1", n, true)
     };
     w.rds
         .set_allowed_host("pvc-1", Some(&parked("pvc-1")))
         .await
         .unwrap();
-    // node-c has no host NQN: a multi-node volume does not need it.
-    w.mgr.publish(&multi("node-a")).await.unwrap();
-    w.mgr.publish(&multi("node-c")).await.unwrap();
-    assert_eq!(allowed_host(&w, "pvc-1").await, None, "not fenced: open");
+    // node-c has no host NQN: readers share an open export and do not need it.
+    w.mgr.publish(&readers("node-a")).await.unwrap();
+    w.mgr.publish(&readers("node-c")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "readers: open");
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
-    assert_eq!(allowed_host(&w, "pvc-1").await, None, "node-c still holds it");
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "node-c still reads it");
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-c"))).await.unwrap();
     assert_eq!(allowed_host(&w, "pvc-1").await, Some(parked("pvc-1")));
 }
@@ -1100,6 +1105,8 @@ async fn start_up_parks_the_exports_of_volumes_made_before_the_fence() {
         attached_at: UNIX_EPOCH,
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     w.store.write_volume(&vid("pvc-1"), &[record("pvc-1", "node-a")]).await.unwrap();
     w.store.write_volume(&vid("pvc-2"), &[record("pvc-2", "node-c")]).await.unwrap();

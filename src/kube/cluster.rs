@@ -1,8 +1,10 @@
 //! The `Cluster` port over the Kubernetes API (production): Node existence and host NQN
 //! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver (paginated LIST,
 //! PV names resolved to volume handles through the shared [`PvIndex`]), and Events on the
-//! PersistentVolume; the node plugin publishes its host NQN with one merge PATCH of its
-//! Node's annotations. Transient failures are retried with the seeded [`Backoff`].
+//! PersistentVolume or on the claim bound to it (the PV's `spec.claimRef`, read with one GET
+//! per event: only migrations report on the claim, and they are rare); the node plugin
+//! publishes its host NQN with one merge PATCH of its Node's annotations. Transient failures
+//! are retried with the seeded [`Backoff`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,9 @@ use serde_json::json;
 use crate::kube::pv_store::{
     Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
 };
-use crate::ports::cluster::{Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use crate::ports::cluster::{
+    Cluster, ClusterError, ClusterEvent, EventSubject, VolumeAttachmentInfo,
+};
 use crate::ports::{Clock, Entropy};
 use crate::retry::Backoff;
 use crate::types::{NodeId, VolumeId};
@@ -205,6 +209,26 @@ impl KubeCluster {
         }
     }
 
+    /// The claim bound to `pv_name` (namespace, name), if it has one.
+    async fn claim_of(&self, pv_name: &str) -> Result<Option<(String, String)>, ClusterError> {
+        let what = format!("GET PersistentVolume {pv_name}");
+        match self
+            .call::<PvLite>(&what, || {
+                ::kube::core::Request::new("/api/v1/persistentvolumes")
+                    .get(pv_name, &Default::default())
+            })
+            .await?
+        {
+            Ok(pv) => Ok(pv
+                .spec
+                .claim_ref
+                .filter(|c| !c.name.is_empty() && !c.namespace.is_empty())
+                .map(|c| (c.namespace, c.name))),
+            Err(Failure::Status(404, _)) => Ok(None),
+            Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        }
+    }
+
     async fn volume_of_pv(&self, pv_name: &str) -> Result<Option<VolumeId>, ClusterError> {
         if let Some(v) = self.index.volume_of(pv_name) {
             return Ok(Some(v));
@@ -353,15 +377,33 @@ impl Cluster for KubeCluster {
             .get(&event.volume_id)
             .map(|r| r.name)
             .unwrap_or_else(|| event.volume_id.to_string());
+        // A claim's events live in its namespace; a PV's (cluster-scoped) in ours.
+        let claim = match event.subject {
+            EventSubject::Volume => None,
+            EventSubject::Claim => self.claim_of(&pv_name).await?,
+        };
+        let (namespace, involved, object_name) = match &claim {
+            Some((ns, name)) => (
+                ns.as_str(),
+                json!({ "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "namespace": ns, "name": name }),
+                name.as_str(),
+            ),
+            None => (
+                self.event_namespace.as_str(),
+                json!({ "apiVersion": "v1", "kind": "PersistentVolume", "name": pv_name }),
+                pv_name.as_str(),
+            ),
+        };
         let now = format_time(self.clock.now());
         // Seconds precision for the legacy timestamps, as the API server expects.
         let now_secs = format!("{}Z", now.get(..19).unwrap_or(&now));
-        let name = format!("{pv_name}.{:016x}", self.entropy.next_u64());
+        let name = format!("{object_name}.{:016x}", self.entropy.next_u64());
         let body = json!({
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": { "name": name, "namespace": self.event_namespace },
-            "involvedObject": { "apiVersion": "v1", "kind": "PersistentVolume", "name": pv_name },
+            "metadata": { "name": name, "namespace": namespace },
+            "involvedObject": involved,
             "reason": event.reason,
             "message": event.message,
             "type": if event.warning { "Warning" } else { "Normal" },
@@ -372,7 +414,7 @@ impl Cluster for KubeCluster {
             "count": 1,
         });
         let data = serde_json::to_vec(&body).map_err(|e| ClusterError::Other(e.to_string()))?;
-        let path = format!("/api/v1/namespaces/{}/events", self.event_namespace);
+        let path = format!("/api/v1/namespaces/{namespace}/events");
         match self
             .call::<serde_json::Value>("POST Event", || {
                 ::kube::core::Request::new(path.as_str()).create(&Default::default(), data.clone())

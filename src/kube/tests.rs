@@ -125,6 +125,7 @@ fn publish(v: &str, n: &str) -> PublishArgs {
         block: false,
         fs_type: Some("ext4".into()),
         nvme_address: None,
+        migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
     }
 }
 
@@ -316,40 +317,86 @@ async fn cluster_adapter_reads_nodes_and_volume_attachments() {
 }
 
 #[tokio::test]
-async fn annotations_round_trip_and_legacy_ones_read_as_single_node() {
+async fn annotations_round_trip_and_legacy_ones_read_their_mode_from_the_pv() {
     use crate::kube::pv_store::{annotations_for, records_from};
+    use crate::ports::store::{AttachmentRecord, Migration};
     let v = VolumeId::new("pvc-1").unwrap();
-    let recs = vec![
-        crate::ports::store::AttachmentRecord {
-            volume_id: v.clone(),
-            node_id: NodeId::new("node-a").unwrap(),
-            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_000_007),
-            access_mode: AccessMode::MultiNodeReadOnly,
-            readonly: true,
-        },
-        crate::ports::store::AttachmentRecord {
-            volume_id: v.clone(),
-            node_id: NodeId::new("node-b").unwrap(),
-            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_500_000),
-            access_mode: AccessMode::MultiNodeReadOnly,
-            readonly: true,
-        },
+    let rec = |node: &str, us: u64, mode: AccessMode, readonly: bool| {
+        let mut r = AttachmentRecord::new(
+            v.clone(),
+            NodeId::new(node).unwrap(),
+            UNIX_EPOCH + Duration::from_micros(us),
+            mode,
+            readonly,
+        );
+        r.generation = 7;
+        r
+    };
+    let text = |recs: &[AttachmentRecord]| -> std::collections::BTreeMap<String, String> {
+        annotations_for(recs)
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+            .collect()
+    };
+    let readers = vec![
+        rec("node-a", 1_760_000_000_000_007, AccessMode::MultiNodeReadOnly, true),
+        rec("node-b", 1_760_000_000_500_000, AccessMode::MultiNodeReadOnly, true),
     ];
-    let ann: std::collections::BTreeMap<String, String> = annotations_for(&recs)
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().unwrap().to_string()))
-        .collect();
-    assert_eq!(records_from(&v, &ann).unwrap(), recs);
+    assert_eq!(records_from(&v, &text(&readers), AccessMode::SingleNode).unwrap(), readers);
+    // A migration: on the target's record, in its own annotations.
+    let mut target = rec("node-b", 1_760_000_000_500_000, AccessMode::MultiNodeMultiWriter, false);
+    target.migration = Some(Migration {
+        source: NodeId::new("node-a").unwrap(),
+        started_at: target.attached_at,
+        timeout: Duration::from_secs(90),
+    });
+    let vm = vec![rec("node-a", 1_760_000_000_000_007, AccessMode::MultiNodeMultiWriter, false), target];
+    let ann = text(&vm);
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-timeout-seconds"], "90");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-started-at"], "2025-10-09T08:53:20.500000Z");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "7");
+    assert_eq!(records_from(&v, &ann, AccessMode::SingleNode).unwrap(), vm);
+    // Written by the earlier driver: one node, a time with an offset, no mode: the PV says.
     let legacy: std::collections::BTreeMap<String, String> = [
         ("rds.csi.srvlab.io/attached-node".to_string(), "node-a".to_string()),
-        ("rds.csi.srvlab.io/attached-at".to_string(), "2025-11-12T00:36:13Z".to_string()),
+        ("rds.csi.srvlab.io/attached-at".to_string(), "2025-11-12T01:36:13.123456+01:00".to_string()),
     ]
     .into();
-    let r = records_from(&v, &legacy).unwrap();
-    assert_eq!((r.len(), r[0].access_mode, r[0].readonly), (1, AccessMode::SingleNode, false));
-    let bad: std::collections::BTreeMap<String, String> =
-        [("rds.csi.srvlab.io/attached-node".to_string(), "bad node".to_string())].into();
-    assert!(records_from(&v, &bad).is_err());
+    let r = records_from(&v, &legacy, AccessMode::MultiNodeMultiWriter).unwrap();
+    assert_eq!(
+        (r.len(), r[0].access_mode, r[0].readonly, r[0].generation),
+        (1, AccessMode::MultiNodeMultiWriter, false, 0)
+    );
+    assert_eq!(r[0].attached_at, UNIX_EPOCH + Duration::from_micros(1_762_907_773_123_456));
+    for (k, bad) in [
+        ("rds.csi.srvlab.io/attached-node", "bad node"),
+        ("rds.csi.srvlab.io/attachment-generation", "seven"),
+    ] {
+        let mut ann = legacy.clone();
+        ann.insert(k.to_string(), bad.to_string());
+        assert!(records_from(&v, &ann, AccessMode::SingleNode).is_err(), "{k}={bad}");
+    }
+    // A migration source that holds nothing describes no migration: ignored, holders kept.
+    let mut stray = legacy.clone();
+    stray.insert("rds.csi.srvlab.io/migration-source".into(), "node-z".into());
+    let r = records_from(&v, &stray, AccessMode::SingleNode).unwrap();
+    assert_eq!((r.len(), r[0].migration.is_none()), (1, true));
+}
+
+#[test]
+fn the_mode_of_a_pv_without_a_mode_annotation_comes_from_its_spec() {
+    use crate::kube::pv_store::{PvSpecLite, mode_of_spec};
+    let spec = |modes: &[&str], volume_mode: Option<&str>| PvSpecLite {
+        access_modes: modes.iter().map(|m| m.to_string()).collect(),
+        volume_mode: volume_mode.map(str::to_string),
+        ..Default::default()
+    };
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteMany"], Some("Block"))), AccessMode::MultiNodeMultiWriter);
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteMany"], Some("Filesystem"))), AccessMode::SingleNode);
+    assert_eq!(mode_of_spec(&spec(&["ReadOnlyMany"], None)), AccessMode::MultiNodeReadOnly);
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteOnce", "ReadOnlyMany"], None)), AccessMode::SingleNode);
+    assert_eq!(mode_of_spec(&spec(&[], None)), AccessMode::SingleNode);
 }
 
 #[tokio::test]
@@ -468,6 +515,8 @@ async fn the_fake_api_serves_the_real_client_over_tcp() {
         attached_at: FixedClock.now(),
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     api.conflict_next_writes(2);
     store.write_volume(&v, std::slice::from_ref(&rec)).await.unwrap();
@@ -487,11 +536,15 @@ async fn a_write_whose_answer_was_lost_is_recognised_on_retry() {
         attached_at: FixedClock.now(),
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     // Another path writes exactly what we are about to write (as if our earlier attempt had
     // landed and its answer was lost); our cached version is now stale.
     let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
-    pv["metadata"]["annotations"] = serde_json::Value::Object(crate::kube::pv_store::annotations_for(std::slice::from_ref(&rec)));
+    let mut ann = crate::kube::pv_store::annotations_for(std::slice::from_ref(&rec));
+    ann.retain(|_, v| !v.is_null()); // a merge patch's nulls remove keys
+    pv["metadata"]["annotations"] = serde_json::Value::Object(ann);
     w.api.put_object(Kind::PersistentVolume, "", pv);
     w.api.reset_requests();
     store.write_volume_if(&v, &[], std::slice::from_ref(&rec)).await.unwrap();

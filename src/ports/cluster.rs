@@ -32,17 +32,53 @@ pub struct VolumeAttachmentInfo {
     pub deleting: bool,
 }
 
+/// The reasons of the events the driver records: one list.
+pub mod reason {
+    /// A publish refused because the volume is attached elsewhere (single-node) or to two
+    /// nodes already (a migrating multi-node volume). On the PersistentVolume.
+    pub const ATTACH_FENCED: &str = "AttachFenced";
+    /// A record whose node or VolumeAttachment is gone was cleared. On the PV.
+    pub const STALE_ATTACHMENT_CLEARED: &str = "StaleAttachmentCleared";
+    /// A live migration started (a second node attached a multi-node block volume). On the
+    /// PersistentVolumeClaim.
+    pub const MIGRATION_STARTED: &str = "MigrationStarted";
+    /// A live migration completed (the source node detached). On the PVC.
+    pub const MIGRATION_COMPLETED: &str = "MigrationCompleted";
+    /// A live migration failed (the target node detached). On the PVC.
+    pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// Every reason, sorted.
+    pub const ALL: &[&str] = &[
+        ATTACH_FENCED,
+        MIGRATION_COMPLETED,
+        MIGRATION_FAILED,
+        MIGRATION_STARTED,
+        STALE_ATTACHMENT_CLEARED,
+    ];
+}
+
+/// Which object an event is recorded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSubject {
+    /// The volume's PersistentVolume.
+    Volume,
+    /// The PersistentVolumeClaim bound to the volume's PV (its `spec.claimRef`); the PV
+    /// when it has none.
+    Claim,
+}
+
 /// An event to record on an object (e.g. a fenced publish).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterEvent {
     /// The volume the event is about.
     pub volume_id: VolumeId,
-    /// Short machine-readable reason (`AttachFenced`).
+    /// Short machine-readable reason (one of [`reason::ALL`]).
     pub reason: String,
     /// Human-readable message.
     pub message: String,
     /// Warning (true) or Normal.
     pub warning: bool,
+    /// The object it is recorded on.
+    pub subject: EventSubject,
 }
 
 /// The orchestrator.
