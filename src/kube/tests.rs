@@ -590,3 +590,140 @@ async fn the_node_publishes_its_host_nqn_and_the_controller_reads_it_back() {
         .unwrap_err();
     assert!(err.to_string().contains("PATCH Node node-z"), "{err}");
 }
+
+/// A VM disk's PV: `ReadWriteMany`, `volumeMode: Block`, bound to the claim `vms/<name>`.
+fn vm_pv_json(name: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadWriteMany"],
+            "volumeMode": "Block",
+            "claimRef": { "kind": "PersistentVolumeClaim", "namespace": "vms", "name": format!("{name}-claim") },
+            "csi": { "driver": DRIVER, "volumeHandle": name },
+        },
+    })
+}
+
+fn vm_publish(v: &str, n: &str) -> PublishArgs {
+    PublishArgs {
+        access_mode: AccessMode::MultiNodeMultiWriter,
+        block: true,
+        fs_type: None,
+        ..publish(v, n)
+    }
+}
+
+#[tokio::test]
+async fn migration_events_go_to_the_claim_in_its_namespace() {
+    let w = World::new(&["pvc-vm"]).await;
+    w.api.put_object(Kind::PersistentVolume, "", vm_pv_json("pvc-vm", json!({})));
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    m.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a,node-b");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-timeout-seconds"], "300");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "2");
+    m.unpublish(&unpublish("pvc-vm", "node-a")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-b");
+    assert!(ann.get("rds.csi.srvlab.io/migration-source").is_none(), "{ann}");
+    let events: Vec<(String, String, String, String)> = w
+        .api
+        .objects(Kind::Event)
+        .iter()
+        .map(|e| {
+            let s = |p: &str| e.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+            (s("/reason"), s("/metadata/namespace"), s("/involvedObject/kind"), s("/involvedObject/name"))
+        })
+        .collect();
+    for reason in ["MigrationStarted", "MigrationCompleted"] {
+        assert!(
+            events.contains(&(
+                reason.to_string(),
+                "vms".to_string(),
+                "PersistentVolumeClaim".to_string(),
+                "pvc-vm-claim".to_string()
+            )),
+            "{reason}: {events:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stale_replica_cannot_start_a_phantom_migration_after_an_a_b_a_change() {
+    let w = World::new(&["pvc-vm"]).await;
+    w.api.put_object(Kind::PersistentVolume, "", vm_pv_json("pvc-vm", json!({})));
+    for n in ["node-a", "node-b"] {
+        w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-vm", n, true));
+    }
+    let old = w.controller(AttachmentConfig::default()).await;
+    old.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    // Failover: the new leader runs a whole migration attempt that fails (node-b attached,
+    // then detached): the holders are node-a again, as the old leader believes.
+    let new = w.controller(AttachmentConfig::default()).await;
+    new.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    new.unpublish(&unpublish("pvc-vm", "node-b")).await.unwrap();
+    assert_eq!(w.annotations("pvc-vm")["rds.csi.srvlab.io/attached-node"], "node-a");
+    // The old leader's late publish of node-b (sent before the detach) must not land: the
+    // generation moved on although the holders look the same.
+    let err = old.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a");
+    assert!(ann.get("rds.csi.srvlab.io/migration-source").is_none(), "no phantom: {ann}");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "3");
+}
+
+#[tokio::test]
+async fn a_listing_that_saw_a_newer_version_does_not_let_stale_memory_write_over_it() {
+    let w = World::new(&["pvc-1"]).await;
+    for n in ["node-a", "node-b"] {
+        w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", n, true));
+    }
+    let old = w.controller(AttachmentConfig::default()).await;
+    old.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    let new = w.controller(AttachmentConfig::default()).await;
+    new.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    new.publish(&publish("pvc-1", "node-b")).await.unwrap();
+    // The old leader answers a ListVolumes: its store reads every PV (the newest versions)
+    // while its memory still says node-a.
+    assert_eq!(old.stored_records().await.unwrap().len(), 1);
+    // A late unpublish of node-a there must not write "nobody" over node-b's attachment.
+    let err = old.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+}
+
+#[tokio::test]
+async fn records_the_earlier_driver_left_are_rebuilt_with_the_mode_their_pv_says() {
+    let w = World::new(&["pvc-vm"]).await;
+    // As the Go driver wrote them: one node, Go's RFC 3339 with microseconds, no mode.
+    w.api.put_object(
+        Kind::PersistentVolume,
+        "",
+        vm_pv_json(
+            "pvc-vm",
+            json!({
+                "rds.csi.srvlab.io/attached-node": "node-a",
+                "rds.csi.srvlab.io/attached-at": "2025-11-12T00:36:13.123456Z",
+            }),
+        ),
+    );
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-vm", "node-a", true));
+    let m = w.controller(AttachmentConfig::default()).await;
+    let held = m.get(&VolumeId::new("pvc-vm").unwrap());
+    assert_eq!((held.len(), held[0].access_mode), (1, AccessMode::MultiNodeMultiWriter));
+    w.api.reset_requests();
+    // The kubelet's re-publish is a repeat (not ALREADY_EXISTS over a "single-node" guess),
+    // and a second node starts a migration.
+    m.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    assert_eq!(w.api.requests().get("PATCH persistentvolumes"), None);
+    m.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-mode"], "multi-node-multi-writer");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
+}
