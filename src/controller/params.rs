@@ -3,6 +3,14 @@
 //! Unknown keys are refused (naming the key) so that a typo in a StorageClass is found at
 //! the first provisioning, not after data was written with the wrong settings. Keys the
 //! Kubernetes external-provisioner adds itself (`csi.storage.k8s.io/...`) are accepted.
+//!
+//! Drop-in for the earlier Go driver (same driver name, same hardware): every key its
+//! StorageClasses may carry is accepted. `migrationTimeoutSeconds` is read as it read it
+//! (clamped to 30–3600 s, a value that is not a positive number means the default, each
+//! with a warning) and carried in the `volume_context`; `keepAliveTmo=0` means the
+//! kernel's default (the node then passes no `--keep-alive-tmo`); `sshPort` and
+//! `nqnPrefix`, which it declared but never used, are accepted with a warning
+//! ([`keys::IGNORED`]): the controller's `--rds-port` and `--nvme-nqn-prefix` are what count.
 
 use std::collections::HashMap;
 
@@ -26,6 +34,12 @@ pub mod keys {
     pub const RECONNECT_DELAY: &str = "reconnectDelay";
     /// nvme connect `--keep-alive-tmo`.
     pub const KEEP_ALIVE_TMO: &str = "keepAliveTmo";
+    /// How long a live migration of a multi-node block volume may run (seconds).
+    pub const MIGRATION_TIMEOUT: &str = crate::types::context::MIGRATION_TIMEOUT;
+    /// The earlier driver's SSH port key: declared there, never used; accepted, ignored.
+    pub const SSH_PORT: &str = "sshPort";
+    /// The earlier driver's NQN prefix key: declared there, never used; accepted, ignored.
+    pub const NQN_PREFIX: &str = "nqnPrefix";
     /// Prefix of the keys Kubernetes sidecars add (PVC name/namespace, PV name).
     pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -34,12 +48,18 @@ pub mod keys {
         CTRL_LOSS_TMO,
         FS_TYPE,
         KEEP_ALIVE_TMO,
+        MIGRATION_TIMEOUT,
+        NQN_PREFIX,
         NVME_ADDRESS,
         NVME_PORT,
         RDS_ADDRESS,
         RECONNECT_DELAY,
+        SSH_PORT,
         VOLUME_PATH,
     ];
+
+    /// Keys accepted for the earlier driver's StorageClasses but without effect here.
+    pub const IGNORED: &[&str] = &[NQN_PREFIX, SSH_PORT];
 }
 
 /// Filesystems the node can create and grow.
@@ -67,8 +87,13 @@ pub struct VolumeParams {
     pub ctrl_loss_tmo: Option<i32>,
     /// Reconnect delay (seconds, ≥ 1).
     pub reconnect_delay: Option<u32>,
-    /// Keep-alive timeout (seconds, ≥ 1).
+    /// Keep-alive timeout (seconds; 0: the kernel's default).
     pub keep_alive_tmo: Option<u32>,
+    /// `migrationTimeoutSeconds`, as the controller will use it (clamped), when given.
+    pub migration_timeout: Option<std::time::Duration>,
+    /// What was given but is not used as given (ignored keys, clamped or defaulted
+    /// values): one line each, for a warning.
+    pub warnings: Vec<String>,
 }
 
 fn parse_int<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T> {
@@ -127,19 +152,36 @@ pub fn parse(params: &HashMap<String, String>, expected: &Expected) -> Result<Vo
                 }
                 out.ctrl_loss_tmo = Some(v);
             }
-            keys::RECONNECT_DELAY | keys::KEEP_ALIVE_TMO => {
+            keys::RECONNECT_DELAY => {
                 let v: u32 = parse_int(key, value, "a positive number of seconds")?;
                 if v == 0 {
                     return Err(Error::InvalidArgument(format!(
                         "parameters.{key}: must be at least 1 second"
                     )));
                 }
-                if key == keys::RECONNECT_DELAY {
-                    out.reconnect_delay = Some(v);
-                } else {
-                    out.keep_alive_tmo = Some(v);
-                }
+                out.reconnect_delay = Some(v);
             }
+            keys::KEEP_ALIVE_TMO => {
+                out.keep_alive_tmo = Some(parse_int(
+                    key,
+                    value,
+                    "a number of seconds (0: the kernel's default)",
+                )?);
+            }
+            keys::MIGRATION_TIMEOUT => {
+                let used = match crate::attachment::migration::timeout_from(Some(value)) {
+                    Ok(t) => t,
+                    Err((t, why)) => {
+                        out.warnings.push(format!("parameters.{key}: {why}"));
+                        t
+                    }
+                };
+                out.migration_timeout = Some(used);
+            }
+            k if keys::IGNORED.contains(&k) => out.warnings.push(format!(
+                "parameters.{key}={value:?} is accepted for StorageClasses of the earlier \
+                 driver but has no effect; the controller's flags decide"
+            )),
             keys::RDS_ADDRESS => {
                 let v = parse_host(key, value)?;
                 if let Some(mine) = &expected.rds_address
@@ -210,6 +252,47 @@ mod tests {
     }
 
     #[test]
+    fn the_earlier_drivers_storage_classes_are_accepted() {
+        use std::time::Duration;
+        // As the earlier driver's chart wrote them (its defaults included).
+        let p = parse(
+            &map(&[
+                ("rdsAddress", "10.0.0.1"),
+                ("nvmeAddress", "10.0.0.5"),
+                ("nvmePort", "4420"),
+                ("volumePath", "/storage-pool/metal-csi"),
+                ("fsType", "ext4"),
+                ("ctrlLossTmo", "-1"),
+                ("reconnectDelay", "5"),
+                ("keepAliveTmo", "0"),
+                ("migrationTimeoutSeconds", "600"),
+                ("sshPort", "22"),
+                ("nqnPrefix", "nqn.2000-02.com.mikrotik"),
+            ]),
+            &Expected {
+                rds_address: Some("10.0.0.1".into()),
+                volume_path: Some("storage-pool/metal-csi".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(p.keep_alive_tmo, Some(0), "0: the kernel's default");
+        assert_eq!(p.migration_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p.warnings.iter().any(|w| w.contains("sshPort")));
+        assert!(p.warnings.iter().any(|w| w.contains("nqnPrefix")));
+        // Out of range or not a number: used as the earlier driver used it, and said so.
+        for (v, used) in [("5", 30), ("86400", 3600), ("abc", 300), ("0", 300)] {
+            let p = parse(&map(&[("migrationTimeoutSeconds", v)]), &Expected::default())
+                .unwrap();
+            assert_eq!(p.migration_timeout, Some(Duration::from_secs(used)), "{v}");
+            assert_eq!(p.warnings.len(), 1, "{v}: {:?}", p.warnings);
+        }
+        // A typo stays refused.
+        let err = parse(&map(&[("migrationTimeout", "300")]), &Expected::default()).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"migrationTimeout\""), "{err}");
+    }
+
+    #[test]
     fn bad_parameters_are_named() {
         for (k, v, needle) in [
             ("fstype", "ext4", "unknown key \"fstype\""),
@@ -218,6 +301,7 @@ mod tests {
             ("nvmePort", "99999", "parameters.nvmePort"),
             ("ctrlLossTmo", "-2", "parameters.ctrlLossTmo"),
             ("reconnectDelay", "0", "parameters.reconnectDelay"),
+            ("keepAliveTmo", "-1", "parameters.keepAliveTmo"),
             (
                 "nvmeAddress",
                 "1.2.3.4; /system reset",

@@ -212,6 +212,12 @@ impl Controller {
         if let Some(v) = p.keep_alive_tmo {
             ctx.insert(context::KEEP_ALIVE_TMO.to_string(), v.to_string());
         }
+        if let Some(t) = p.migration_timeout {
+            ctx.insert(
+                context::MIGRATION_TIMEOUT.to_string(),
+                t.as_secs().to_string(),
+            );
+        }
         ctx
     }
 
@@ -228,6 +234,9 @@ impl Controller {
     /// CreateVolume core.
     pub async fn create_volume(&self, args: &CreateArgs) -> Result<Volume> {
         let id = args.volume_id.as_str();
+        for w in &args.params.warnings {
+            tracing::warn!(volume_id = %id, "{w}");
+        }
         // Observe first. The spec: "If a volume corresponding to the specified volume name
         // already exists, is accessible from accessibility_requirements, and is compatible
         // with the specified capacity_range, volume_capabilities, parameters and
