@@ -44,6 +44,9 @@ pub struct Volume {
     pub deleting: bool,
     /// Size acknowledged by CreateVolume or the last ControllerExpandVolume.
     pub size: u64,
+    /// A VM disk (RWX block, `MULTI_NODE_MULTI_WRITER`): two holders during a live
+    /// migration, never three.
+    pub multi: bool,
 }
 
 /// One snapshot's lifecycle.

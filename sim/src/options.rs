@@ -27,11 +27,14 @@ pub enum Bug {
     DeleteSkipsHolders,
     /// A re-issued ControllerPublish is served past the per-volume in-flight lock.
     ReissuedPublishSkipsLock,
+    /// The cluster finds no VolumeAttachment of a VM disk's holders (judged detached by
+    /// hand): a third node attaches while two hold the disk.
+    ThirdNodeAttaches,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -39,6 +42,7 @@ impl Bug {
         Bug::UnpublishOpensExport,
         Bug::DeleteSkipsHolders,
         Bug::ReissuedPublishSkipsLock,
+        Bug::ThirdNodeAttaches,
     ];
 }
 
@@ -125,9 +129,20 @@ pub struct Options {
     pub fault_every_ms: u64,
     /// Length of the chaos phase (virtual s).
     pub chaos_secs: u64,
+    /// KubeVirt VMs (besides the volumes): each an RWX block disk that live-migrates
+    /// between live nodes — migrations that complete, that fail (the target detached, or
+    /// lost), and that outlast their timeout (a third node's attach is then refused).
+    pub vms: usize,
+    /// Live migrations of each VM.
+    pub migrations: usize,
+    /// The VM disks' `migrationTimeoutSeconds`.
+    pub migration_timeout_secs: u64,
     /// Planted bug (proof-of-power tests only; `None` in every normal run).
     pub bug: Option<Bug>,
 }
+
+/// Volume ids of the VMs' disks start so (the volumes': `pvc-sim-`).
+pub const VM_PREFIX: &str = "pvc-vm-";
 
 /// Bound on the liveness phase: after healing, the workload must finish within this.
 pub const LIVENESS_SECS: u64 = 600;
@@ -177,6 +192,14 @@ impl Options {
         } else {
             0
         };
+        // Drawn last, so the knobs above keep their values for every seed.
+        let vms = if r.random_bool(0.5) {
+            r.random_range(1..=2)
+        } else {
+            0
+        };
+        let migrations = r.random_range(1..=3);
+        let migration_timeout_secs = r.random_range(30..=60);
         Self {
             seed,
             nodes,
@@ -212,6 +235,9 @@ impl Options {
             rpc_timeout_ms,
             fault_every_ms,
             chaos_secs,
+            vms,
+            migrations,
+            migration_timeout_secs,
             bug: None,
         }
     }
@@ -264,6 +290,13 @@ impl fmt::Display for Options {
             self.fault_every_ms,
             self.chaos_secs,
         )?;
+        if self.vms > 0 {
+            write!(
+                f,
+                " vms={} migrations={} migration_timeout={}s",
+                self.vms, self.migrations, self.migration_timeout_secs
+            )?;
+        }
         if let Some(bug) = self.bug {
             write!(f, " bug={bug:?}")?;
         }

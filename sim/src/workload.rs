@@ -45,13 +45,13 @@ use rds_csi::proto::csi::{
     NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
-    volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
+    volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
 };
 use serde_json::json;
 use tonic::{Code, Status};
 
 use crate::model::Op;
-use crate::options::FORCE_DETACH_SECS;
+use crate::options::{FORCE_DETACH_SECS, VM_PREFIX};
 use crate::world::{
     CSI_PORT, DRIVER, KUBELET_ROOT, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
 };
@@ -169,6 +169,16 @@ fn capability() -> VolumeCapability {
     }
 }
 
+/// A KubeVirt VM disk: a PVC `ReadWriteMany` + `volumeMode: Block`.
+fn vm_capability() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
 /// The volume's node was lost (its machine gone, Node object deleted) or stopped
 /// reporting (partitioned while alive) at this virtual time while the volume was attached
 /// to it or on its way there.
@@ -227,9 +237,20 @@ struct Script {
     deleting: Option<tokio::task::JoinHandle<()>>,
     /// The PV as a backup made during the last attach holds it (an operator may restore it).
     backup: Option<serde_json::Value>,
+    /// A VM disk ([`vm_capability`]) rather than a single-node volume.
+    vm: bool,
 }
 
 impl Script {
+    /// The volume's capability.
+    fn cap(&self) -> VolumeCapability {
+        if self.vm {
+            vm_capability()
+        } else {
+            capability()
+        }
+    }
+
     /// One attempt of `call` on `host` (`CTRL`: the leading controller replica), traced.
     async fn once(&mut self, host: &str, call: &Call, note: &str) -> Result<Reply, Code> {
         self.once_on(host, CSI_PORT, call, note).await
@@ -397,7 +418,7 @@ impl Script {
         Call::Publish(ControllerPublishVolumeRequest {
             volume_id: self.vol.clone(),
             node_id: node.to_string(),
-            volume_capability: Some(capability()),
+            volume_capability: Some(self.cap()),
             readonly: false,
             volume_context: vctx.clone(),
             ..Default::default()
@@ -674,6 +695,7 @@ impl Script {
             cleanup: None,
             deleting: None,
             backup: None,
+            vm: self.vm,
         }
     }
 
@@ -959,6 +981,303 @@ impl Script {
     }
 }
 
+/// How a VM's live migration ends (drawn per migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The VM moved: the source is detached.
+    Completes,
+    /// KubeVirt gave up: the target is detached, the VM stays on the source.
+    TargetDetached,
+}
+
+impl Script {
+    /// Where the VM's `n`th pod (virt-launcher) on node `ix` maps the disk.
+    fn vm_target(&self, ix: usize, n: usize) -> String {
+        format!(
+            "{KUBELET_ROOT}/pods/virt-launcher-{}-{n}/volumeDevices/kubernetes.io~csi/{}-on-{}",
+            self.vol,
+            self.vol,
+            node_name(ix)
+        )
+    }
+
+    /// The attacher attaches the VM disk to node `ix` and the kubelet maps it into the
+    /// VM's `n`th pod there (NodeStage, NodePublish of the raw block device).
+    async fn vm_attach(
+        &mut self,
+        ix: usize,
+        generation: u64,
+        n: usize,
+        vctx: &HashMap<String, String>,
+    ) -> Result<String, Lost> {
+        let node = node_name(ix);
+        self.put_va(&node, false);
+        let published = self.publish(ix, generation, vctx).await?;
+        self.put_va(&node, true);
+        self.maybe_repeat(CTRL, self.publish_req(&node, vctx)).await;
+        self.show_disk(ix);
+        let staging = staging_path(&self.vol);
+        let stage = Call::Stage(NodeStageVolumeRequest {
+            volume_id: self.vol.clone(),
+            publish_context: published.publish_context.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(vm_capability()),
+            volume_context: vctx.clone(),
+            ..Default::default()
+        });
+        self.until_ok_on(&node, ix, generation, stage).await?;
+        let target = self.vm_target(ix, n);
+        let pod = Call::NodePublish(NodePublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            publish_context: published.publish_context,
+            staging_target_path: staging,
+            target_path: target.clone(),
+            volume_capability: Some(vm_capability()),
+            volume_context: vctx.clone(),
+            ..Default::default()
+        });
+        self.until_ok_on(&node, ix, generation, pod.clone()).await?;
+        self.maybe_repeat(&node, pod).await;
+        Ok(target)
+    }
+
+    /// The VM's pod on node `ix` is gone: the kubelet unmaps and unstages, the attacher
+    /// detaches.
+    async fn vm_detach(&mut self, ix: usize, generation: u64, target: String) -> Result<(), Lost> {
+        let node = node_name(ix);
+        let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            target_path: target,
+        });
+        self.until_ok_on(&node, ix, generation, unpod).await?;
+        let unstage = Call::Unstage(NodeUnstageVolumeRequest {
+            volume_id: self.vol.clone(),
+            staging_target_path: staging_path(&self.vol),
+        });
+        self.until_ok_on(&node, ix, generation, unstage).await?;
+        self.unpublish(&node).await;
+        self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
+        self.remove_va(&node);
+        Ok(())
+    }
+
+    /// Node `ix` (the VM's pod `target` on it) was lost or stopped reporting: its kubelet
+    /// cleans up once back (if alive), and the attach/detach controller force-detaches.
+    async fn vm_lost(&mut self, ix: usize, generation: u64, target: String, lost: Lost) {
+        self.target = Some(target);
+        if lost.alive {
+            self.clean_up_after_partition(ix, generation);
+        }
+        self.target = None;
+        self.force_detach(&node_name(ix), lost).await;
+    }
+
+    /// Starts the VM on a live node other than `not` (retrying elsewhere when the node is
+    /// lost on the way): (node, generation, target path).
+    async fn vm_start(
+        &mut self,
+        not: usize,
+        n: &mut usize,
+        vctx: &HashMap<String, String>,
+    ) -> (usize, u64, String) {
+        let mut ix = self.pick_node(not);
+        loop {
+            self.cleaned_up(Some(ix)).await;
+            let generation = self.sh.node_life(ix).generation;
+            *n += 1;
+            match self.vm_attach(ix, generation, *n, vctx).await {
+                Ok(target) => return (ix, generation, target),
+                Err(lost) => {
+                    let target = self.vm_target(ix, *n);
+                    self.vm_lost(ix, generation, target, lost).await;
+                }
+            }
+            ix = self.pick_node(ix);
+        }
+    }
+
+    /// A KubeVirt VM: its disk (RWX block, `migrationTimeoutSeconds` from the knobs)
+    /// created, the VM started on a node, then live-migrated `migrations` times to another
+    /// live node (the disk attached, staged and mapped there while the source still holds
+    /// it), each migration ending as drawn: completed (the source detached), failed (the
+    /// target detached first), or first outlasting its timeout, when a third node's attach
+    /// is refused, then ending either way; a target lost mid-migration fails it (force-
+    /// detached), a source lost restarts the VM elsewhere. Sometimes a third node's attach
+    /// meets a running migration. Finally the VM stops and its disk is deleted.
+    async fn run_vm(mut self, i: usize) {
+        let o = std::sync::Arc::clone(&self.sh.opts);
+        let vol = self.vol.clone();
+        self.think(0, o.chaos_secs * 1000 / 2).await;
+        let create = Call::Create(CreateVolumeRequest {
+            name: vol.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: VOLUME_BYTES,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![vm_capability()],
+            parameters: [(
+                rds_csi::types::context::MIGRATION_TIMEOUT.to_string(),
+                o.migration_timeout_secs.to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        });
+        let created = self.until_ok(CTRL, create.clone()).await;
+        {
+            let mut m = self.model();
+            let v = m.volume(&vol);
+            v.created = true;
+            v.size = self.size;
+            v.multi = true;
+        }
+        self.maybe_repeat(CTRL, create).await;
+        self.sh.api.put_object(
+            Kind::PersistentVolume,
+            "",
+            json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": { "name": vol },
+                "spec": {
+                    "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteMany"],
+                    "volumeMode": "Block",
+                    "claimRef": { "kind": "PersistentVolumeClaim", "namespace": "vms",
+                                  "name": format!("vm-{i}-disk") },
+                    "csi": { "driver": DRIVER, "volumeHandle": vol },
+                },
+            }),
+        );
+        let vctx = created.volume_context;
+        let mut pods = 0;
+        let (mut src, mut src_gen, mut src_target) =
+            self.vm_start(usize::MAX, &mut pods, &vctx).await;
+        for m in 0..o.migrations {
+            // The VM runs for a while.
+            self.think(1_000, 10_000).await;
+            if let Err(lost) = self.alive(src, src_gen) {
+                self.vm_lost(src, src_gen, src_target, lost).await;
+                (src, src_gen, src_target) = self.vm_start(src, &mut pods, &vctx).await;
+                continue;
+            }
+            let dst = self.pick_node(src);
+            if dst == src {
+                continue; // no other live node to move to
+            }
+            let draw = self.rng.random_range(0..100u32);
+            let outlasts = draw >= 75;
+            let ending = if draw < 50 || (outlasts && self.rng.random_bool(0.5)) {
+                Ending::Completes
+            } else {
+                Ending::TargetDetached
+            };
+            let (from, to) = (node_name(src), node_name(dst));
+            self.sh.trace.log(
+                "co",
+                format!(
+                    "VM {vol}: live migration {m} from {from} to {to} ({}{})",
+                    match ending {
+                        Ending::Completes => "to complete",
+                        Ending::TargetDetached => "to fail: the target detaches",
+                    },
+                    if outlasts {
+                        ", after outlasting its timeout"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            self.cleaned_up(Some(dst)).await;
+            let dst_gen = self.sh.node_life(dst).generation;
+            pods += 1;
+            let started = turmoil::sim_elapsed().unwrap_or_default();
+            let dst_target = match self.vm_attach(dst, dst_gen, pods, &vctx).await {
+                Ok(t) => t,
+                Err(lost) => {
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: migration {m} fails, its target {to} is lost"),
+                    );
+                    let t = self.vm_target(dst, pods);
+                    self.vm_lost(dst, dst_gen, t, lost).await;
+                    continue;
+                }
+            };
+            if self.rng.random_range(0..100) < o.conflict_attach_pct {
+                let third = self.pick_third(src, dst);
+                if let Some(third) = third {
+                    self.conflicting_attach(third, &vctx).await;
+                }
+            }
+            if outlasts {
+                let past = self.rng.random_range(1_000..=20_000);
+                let until = started
+                    + Duration::from_secs(o.migration_timeout_secs)
+                    + Duration::from_millis(past);
+                let now = turmoil::sim_elapsed().unwrap_or_default();
+                tokio::time::sleep(until.saturating_sub(now)).await;
+                self.sh.trace.log(
+                    "co",
+                    format!(
+                        "VM {vol}: migration {m} from {from} to {to} outlasted its timeout of {}s",
+                        o.migration_timeout_secs
+                    ),
+                );
+                if let Some(third) = self.pick_third(src, dst) {
+                    self.conflicting_attach(third, &vctx).await;
+                }
+            } else {
+                self.think(500, 5_000).await;
+            }
+            let (leaving, leaving_gen, leaving_target) = match ending {
+                Ending::Completes => (src, src_gen, src_target.clone()),
+                Ending::TargetDetached => (dst, dst_gen, dst_target.clone()),
+            };
+            if let Err(lost) = self
+                .vm_detach(leaving, leaving_gen, leaving_target.clone())
+                .await
+            {
+                self.vm_lost(leaving, leaving_gen, leaving_target, lost)
+                    .await;
+            }
+            let elapsed = turmoil::sim_elapsed()
+                .unwrap_or_default()
+                .saturating_sub(started);
+            self.sh.trace.log(
+                "co",
+                format!(
+                    "VM {vol}: migration {m} {} after {:.1}s",
+                    match ending {
+                        Ending::Completes => format!("completed, the VM runs on {to}"),
+                        Ending::TargetDetached => format!("failed, the VM stays on {from}"),
+                    },
+                    elapsed.as_secs_f64()
+                ),
+            );
+            if ending == Ending::Completes {
+                (src, src_gen, src_target) = (dst, dst_gen, dst_target);
+            }
+        }
+        // The VM stops.
+        if let Err(lost) = self.vm_detach(src, src_gen, src_target.clone()).await {
+            self.vm_lost(src, src_gen, src_target, lost).await;
+        }
+        let child = self.child();
+        let _ = tokio::spawn(child.delete_volume()).await;
+        self.cleaned_up(None).await;
+        self.sh.trace.log("co", format!("{vol} done"));
+    }
+
+    /// A schedulable node other than `a` and `b`, if there is one.
+    fn pick_third(&mut self, a: usize, b: usize) -> Option<usize> {
+        let others: Vec<usize> = self
+            .sh
+            .schedulable_nodes()
+            .into_iter()
+            .filter(|&n| n != a && n != b)
+            .collect();
+        (!others.is_empty()).then(|| others[self.rng.random_range(0..others.len())])
+    }
+}
+
 /// The kubelet's staging path of `vol`.
 fn staging_path(vol: &str) -> String {
     format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount")
@@ -990,8 +1309,23 @@ pub async fn run(sh: Shared) -> turmoil::Result {
             cleanup: None,
             deleting: None,
             backup: None,
+            vm: false,
         };
         tasks.push(tokio::spawn(script.run()));
+    }
+    for i in 0..sh.opts.vms {
+        let script = Script {
+            sh: sh.clone(),
+            rng: StdRng::seed_from_u64(sh.opts.seed.wrapping_mul(37).wrapping_add(1000 + i as u64)),
+            vol: format!("{VM_PREFIX}{i}"),
+            size: VOLUME_BYTES as u64,
+            target: None,
+            cleanup: None,
+            deleting: None,
+            backup: None,
+            vm: true,
+        };
+        tasks.push(tokio::spawn(script.run_vm(i)));
     }
     let reconciler = (sh.opts.reconcile_secs > 0).then(|| tokio::spawn(reconcile(sh.clone())));
     for t in tasks {
