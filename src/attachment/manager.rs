@@ -635,21 +635,34 @@ impl AttachmentManager {
         crate::ports::store::same_holders(memory, holders.as_slice())
     }
 
-    /// The allow-list value of `target` for `volume` (`Some(None)`: open to any host), or
-    /// `None` when it cannot be known: a holder whose node has not published its host NQN.
-    /// `known` is a host NQN just read for a node (a publish's own), saving a request.
+    /// The allow-list value of `target` for `volume` (`None`: open to any host); a holder
+    /// whose node has not published its host NQN gets the export parked. `known` is a host
+    /// NQN just read for a node (a publish's own), saving a request.
     async fn allow_value(
         &self,
         volume: &VolumeId,
         target: &Target,
         known: Option<(&NodeId, &str)>,
-    ) -> Result<Option<Option<String>>> {
+    ) -> Result<Option<String>> {
         Ok(match target {
-            Target::Parked => Some(Some(crate::attachment::fence::parked_nqn(volume))),
-            Target::Open => Some(None),
+            Target::Parked => Some(crate::attachment::fence::parked_nqn(volume)),
+            Target::Open => None,
             Target::Host(node) => match known {
-                Some((n, nqn)) if n == node => Some(Some(nqn.to_string())),
-                _ => self.cluster.node_host_nqn(node).await?.map(Some),
+                Some((n, nqn)) if n == node => Some(nqn.to_string()),
+                _ => match self.cluster.node_host_nqn(node).await? {
+                    Some(nqn) => Some(nqn),
+                    // A holder without a host NQN (its Node object gone with its machine)
+                    // cannot be named: park rather than leave the export admitting whoever
+                    // it admitted — a former holder (found by the simulation: a migration's
+                    // target detached while the source's machine was lost kept the target
+                    // admitted). The holder is admitted again once it publishes its NQN
+                    // and is published to.
+                    None => {
+                        tracing::warn!(volume_id = %volume, node_id = %node,
+                            "the holder has no published host NQN: parking the export");
+                        Some(crate::attachment::fence::parked_nqn(volume))
+                    }
+                },
             },
         })
     }
@@ -684,10 +697,7 @@ impl AttachmentManager {
         };
         let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
         let target = Target::of(self.cfg.data_path_fence, holders);
-        let Some(want) = self.allow_value(volume, &target, known).await? else {
-            tracing::warn!(volume_id = %volume, ?target, "cannot fence the export: the holder has no published host NQN");
-            return Ok(unmoved);
-        };
+        let want = self.allow_value(volume, &target, known).await?;
         let Some(disk) = self.rds.get_disk(volume.as_str()).await? else {
             return Ok(unmoved);
         };
@@ -697,12 +707,12 @@ impl AttachmentManager {
         self.set_allow(volume, want.as_deref()).await?;
         let stored = self.read_stored(volume).await?;
         let again = Target::of(self.cfg.data_path_fence, &stored);
-        if again != target
-            && let Some(value) = self.allow_value(volume, &again, None).await?
-            && value != want
-        {
-            tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
-            self.set_allow(volume, value.as_deref()).await?;
+        if again != target {
+            let value = self.allow_value(volume, &again, None).await?;
+            if value != want {
+                tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
+                self.set_allow(volume, value.as_deref()).await?;
+            }
         }
         let still_held = expected.is_none_or(|(n, _)| stored.contains(n));
         self.state().set(volume, stored);

@@ -256,6 +256,25 @@ async fn the_fence_admits_the_holder_then_the_target_then_who_remains() {
 }
 
 #[tokio::test]
+async fn a_failed_migration_whose_source_machine_is_gone_parks_the_export() {
+    // Found by the simulation: the source's machine was lost (its Node object, and with it
+    // its host NQN, gone) before the target detached; the export kept admitting the
+    // detached target while the records named only the source.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    w.cluster.remove_node(&nid("node-a"));
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-b"))).await.unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await,
+        Some(crate::attachment::fence::parked_nqn(&vid("pvc-1"))),
+        "nobody is admitted: not the target that left, and the source cannot be named"
+    );
+}
+
+#[tokio::test]
 async fn a_target_without_a_host_nqn_is_refused_before_anything_is_written() {
     let (w, _, _) = vm_world(fenced()).await;
     w.cluster.register_node(nid("node-c"), None);
