@@ -100,18 +100,19 @@ async fn main() {
         };
         let staging = root.join(format!("stage-{label}"));
         let target = root.join(format!("target-{label}"));
+        let nvme = NvmeTarget {
+            address: String::new(),
+            port: 4420,
+            nqn,
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        };
         let stage = Stage {
             volume_id: id.clone(),
             staging_path: staging.clone(),
             cap: cap.clone(),
-            target: NvmeTarget {
-                address: String::new(),
-                port: 4420,
-                nqn: nqn.clone(),
-                ctrl_loss_tmo: None,
-                reconnect_delay: None,
-                keep_alive_tmo: None,
-            },
+            target: nvme.clone(),
         };
         let publish = Publish {
             volume_id: id.clone(),
@@ -119,7 +120,7 @@ async fn main() {
             target_path: target.clone(),
             cap,
             readonly: false,
-            nqn,
+            target: nvme,
         };
         let mut t: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
         for round in 0..rounds {

@@ -11,7 +11,7 @@ use clap::Parser;
 use crate::attachment::AttachmentConfig;
 use crate::controller::ControllerConfig;
 use crate::controller::params::Expected;
-use crate::node::NodeOptions;
+use crate::node::{NodeOptions, OrphanConfig, ReconnectDefaults};
 use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::{HostKeyPolicy, SshConfig, load_private_key};
 use crate::server::ServeError;
@@ -198,6 +198,58 @@ pub struct Cli {
     #[arg(long, hide_env_values = true, env = "RDS_CSI_NQN_PREFIX", default_value = DEFAULT_NQN_PREFIX)]
     pub nvme_nqn_prefix: String,
 
+    /// NVMe/TCP controller loss timeout of the node's connections, in seconds, when the
+    /// volume's StorageClass sets no ctrlLossTmo (-1: reconnect forever, I/O queued while the
+    /// RDS is away; a number: after that long the kernel deletes the controller and I/O on
+    /// the volume fails).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_NVME_CTRL_LOSS_TMO",
+        default_value_t = -1,
+        allow_negative_numbers = true
+    )]
+    pub nvme_ctrl_loss_tmo: i32,
+
+    /// Seconds between the node's reconnect attempts when the volume's StorageClass sets no
+    /// reconnectDelay.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_NVME_RECONNECT_DELAY",
+        default_value_t = 5
+    )]
+    pub nvme_reconnect_delay: u32,
+
+    /// NVMe/TCP keep-alive timeout in seconds when the volume's StorageClass sets no
+    /// keepAliveTmo [default: the kernel's].
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_NVME_KEEP_ALIVE_TMO")]
+    pub nvme_keep_alive_tmo: Option<u32>,
+
+    /// How often the node looks for orphan NVMe connections (this driver's, used by no
+    /// mount, held by no VolumeAttachment of the node), in seconds; also once at start-up
+    /// (0: never). Needs Kubernetes.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ORPHAN_SWEEP",
+        default_value_t = 300
+    )]
+    pub orphan_sweep_secs: u64,
+
+    /// How long a connection must stay an orphan before it is disconnected, in seconds.
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_ORPHAN_GRACE",
+        default_value_t = 600
+    )]
+    pub orphan_grace_secs: u64,
+
+    /// Only log the orphan connections that would be disconnected.
+    #[arg(long, hide_env_values = true, env = "RDS_CSI_ORPHAN_DRY_RUN")]
+    pub orphan_dry_run: bool,
+
     /// NVMe/TCP address nodes connect to [default: the --rds-address host, else 127.0.0.1].
     #[arg(long, hide_env_values = true, env = "RDS_NVME_ADDRESS")]
     pub nvme_address: Option<String>,
@@ -300,9 +352,15 @@ impl Cli {
                     .or_else(|| in_cluster.then(|| PathBuf::from("/var/lib/kubelet"))),
                 nqn_prefix: self.nvme_nqn_prefix.clone(),
                 require_target_address: initiator == InitiatorKind::Nvme,
+                reconnect: self.reconnect_defaults()?,
             },
             initiator,
             host_nqn: self.nvme_host_nqn.clone(),
+            orphans: OrphanConfig {
+                interval: Duration::from_secs(self.orphan_sweep_secs),
+                grace: Duration::from_secs(self.orphan_grace_secs),
+                dry_run: self.orphan_dry_run,
+            },
         };
         Ok(Settings {
             driver_name: self.driver_name.clone(),
@@ -324,6 +382,32 @@ impl Cli {
                 metrics_address: self.metrics_address,
                 drain: Duration::from_secs(self.drain_timeout_secs),
             },
+        })
+    }
+
+    /// The node's reconnect defaults, checked as the kernel would check them.
+    fn reconnect_defaults(&self) -> Result<ReconnectDefaults, ServeError> {
+        let config = |m: String| ServeError::Config(m);
+        if self.nvme_ctrl_loss_tmo < -1 {
+            return Err(config(format!(
+                "--nvme-ctrl-loss-tmo {}: -1 (reconnect forever) or a number of seconds",
+                self.nvme_ctrl_loss_tmo
+            )));
+        }
+        if self.nvme_reconnect_delay == 0 {
+            return Err(config(
+                "--nvme-reconnect-delay 0: at least 1 second between reconnect attempts".into(),
+            ));
+        }
+        if self.nvme_keep_alive_tmo == Some(0) {
+            return Err(config(
+                "--nvme-keep-alive-tmo 0: at least 1 second, or unset for the kernel's".into(),
+            ));
+        }
+        Ok(ReconnectDefaults {
+            ctrl_loss_tmo: self.nvme_ctrl_loss_tmo,
+            reconnect_delay: self.nvme_reconnect_delay,
+            keep_alive_tmo: self.nvme_keep_alive_tmo,
         })
     }
 
@@ -459,12 +543,56 @@ mod tests {
     }
 
     #[test]
+    fn reconnect_defaults_and_the_orphan_sweep_come_from_flags() {
+        let s = settings(&[], false);
+        assert_eq!(s.node.options.reconnect, ReconnectDefaults::default());
+        assert_eq!(s.node.options.reconnect.ctrl_loss_tmo, -1);
+        assert_eq!(s.node.options.reconnect.reconnect_delay, 5);
+        assert_eq!(s.node.orphans, OrphanConfig::default());
+        let s = settings(
+            &[
+                "--nvme-ctrl-loss-tmo",
+                "600",
+                "--nvme-reconnect-delay",
+                "10",
+                "--nvme-keep-alive-tmo",
+                "30",
+                "--orphan-sweep-secs",
+                "0",
+                "--orphan-grace-secs",
+                "60",
+                "--orphan-dry-run",
+            ],
+            false,
+        );
+        assert_eq!(
+            s.node.options.reconnect,
+            ReconnectDefaults {
+                ctrl_loss_tmo: 600,
+                reconnect_delay: 10,
+                keep_alive_tmo: Some(30),
+            }
+        );
+        assert_eq!(
+            s.node.orphans,
+            OrphanConfig {
+                interval: Duration::ZERO,
+                grace: Duration::from_secs(60),
+                dry_run: true,
+            }
+        );
+    }
+
+    #[test]
     fn bad_flags_are_refused_naming_the_flag() {
         for (args, flag) in [
             (&["--driver-name", "Not_A_Name"][..], "driver"),
             (&["--node-id", "bad node"][..], "--node-id"),
             (&["--nvme-nqn-prefix", "bad prefix "][..], "--nvme-nqn-prefix"),
             (&["--rds-address", "10.0.0.1"][..], "--rds-key-file"),
+            (&["--nvme-ctrl-loss-tmo", "-2"][..], "--nvme-ctrl-loss-tmo"),
+            (&["--nvme-reconnect-delay", "0"][..], "--nvme-reconnect-delay"),
+            (&["--nvme-keep-alive-tmo", "0"][..], "--nvme-keep-alive-tmo"),
         ] {
             let mut all = vec!["rds-csi-plugin"];
             all.extend_from_slice(args);

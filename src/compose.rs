@@ -20,11 +20,12 @@ use crate::controller::Controller;
 use crate::csi::{
     controller::ControllerService,
     identity::{IdentityService, Readiness},
+    inflight::InFlight,
     node::NodeService,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::node::{COMMAND_TIMEOUT, NodeOps, SYSCALL_TIMEOUT};
+use crate::node::{COMMAND_TIMEOUT, NodeOps, OrphanSweeper, SYSCALL_TIMEOUT};
 use crate::ports::time::{SeededEntropy, SystemClock};
 use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Mounter, Rds};
 use crate::proto::csi::{controller_server, identity_server, node_server};
@@ -127,6 +128,10 @@ struct NodePart {
     initiator: Arc<dyn Initiator>,
     /// Where the node publishes its host NQN for the controller's data-path fence.
     cluster: Arc<dyn Cluster>,
+    /// The keys of the node operations in flight, shared by the service and the sweep.
+    inflight: InFlight,
+    /// The sweep of orphan connections (started by [`Plugin::start`]).
+    sweeper: Arc<OrphanSweeper>,
 }
 
 /// One plugin instance: what [`build`] made, ready to [`start`](Plugin::start) and serve.
@@ -231,19 +236,33 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         None
     };
 
+    let metrics = Arc::new(Metrics::default());
     let node = if mode.node() {
         let kernel = match kernel {
             Some(k) => k,
             None => kernel_from(settings)?,
         };
+        let ops = NodeOps::new(
+            Arc::clone(&kernel.initiator),
+            kernel.mounter,
+            settings.node.options.clone(),
+        )
+        .with_metrics(Arc::clone(&metrics));
+        let inflight = InFlight::default();
+        let sweeper = Arc::new(OrphanSweeper::new(
+            settings.node_id.clone(),
+            ops.clone(),
+            Arc::clone(&cluster),
+            Arc::new(inflight.clone()),
+            settings.node.orphans,
+            Arc::clone(&metrics),
+        ));
         Some(NodePart {
-            ops: NodeOps::new(
-                Arc::clone(&kernel.initiator),
-                kernel.mounter,
-                settings.node.options.clone(),
-            ),
+            ops,
             initiator: kernel.initiator,
             cluster,
+            inflight,
+            sweeper,
         })
     } else {
         None
@@ -266,8 +285,9 @@ impl Plugin {
     /// Start-up work that must finish before the socket accepts requests — the RDS
     /// answers, the attachment state is rebuilt, the node has read what the kernel has
     /// attached and mounted and published its host NQN — then the background tasks
-    /// (attachment resync). Marks the plugin ready. Idempotent: the simulation retries it
-    /// while the backend is unreachable.
+    /// (attachment resync, the node's orphan sweep, whose first round runs at once). Marks
+    /// the plugin ready. Idempotent: the simulation retries it while the backend is
+    /// unreachable.
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.controller {
             c.rds.ping().await?;
@@ -297,6 +317,9 @@ impl Plugin {
         if let Some(c) = &self.controller {
             c.core.attachments().spawn_resync();
         }
+        if let Some(n) = &self.node {
+            Arc::clone(&n.sweeper).spawn();
+        }
         self.readiness.set_ready();
         Ok(())
     }
@@ -315,11 +338,14 @@ impl Plugin {
                 controller_server::ControllerServer::new(ControllerService::new(c.core.clone()))
             }),
             node: self.node.as_ref().map(|n| {
-                node_server::NodeServer::new(NodeService::new(
-                    self.node_id.clone(),
-                    i64::try_from(self.max_volumes_per_node).unwrap_or(i64::MAX),
-                    n.ops.clone(),
-                ))
+                node_server::NodeServer::new(
+                    NodeService::new(
+                        self.node_id.clone(),
+                        i64::try_from(self.max_volumes_per_node).unwrap_or(i64::MAX),
+                        n.ops.clone(),
+                    )
+                    .with_inflight(n.inflight.clone()),
+                )
             }),
             metrics: Arc::clone(&self.metrics),
         }
@@ -393,13 +419,16 @@ fn kube_client(settings: &Settings) -> Result<Option<::kube::Client>, ServeError
         KubeAccess::InCluster => match crate::kube::client(None) {
             Ok(client) => Ok(Some(client)),
             // A node plugin in a pod without a ServiceAccount token still serves its
-            // volumes; it only cannot publish its host NQN (optional: the data-path fence).
+            // volumes; it only cannot publish its host NQN (optional: the data-path fence)
+            // nor sweep orphan connections.
             Err(e) if !settings.mode.controller() => {
                 tracing::warn!(
                     error = %e,
                     "no Kubernetes client: this node's NVMe host NQN is not published, so with \
-                     --data-path-fence the controller cannot publish volumes here; mount the node \
-                     ServiceAccount token (the chart does) or annotate the Node by hand"
+                     --data-path-fence the controller cannot publish volumes here, and the \
+                     orphan sweep has no VolumeAttachments to judge by (it disconnects nothing); \
+                     mount the node ServiceAccount token (the chart does) or annotate the Node \
+                     by hand"
                 );
                 Ok(None)
             }

@@ -106,7 +106,7 @@ impl Error {
                 MountError::NotFound(_) => Code::NotFound,
                 MountError::Timeout(_) => Code::DeadlineExceeded,
                 MountError::Busy(_) => Code::FailedPrecondition,
-                MountError::Unsupported(_) => Code::FailedPrecondition,
+                MountError::Unsupported(_) | MountError::Corrupt(_) => Code::FailedPrecondition,
                 MountError::Command(_) | MountError::Io(_) => Code::Internal,
             },
         }

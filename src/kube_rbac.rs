@@ -48,8 +48,16 @@ pub const API_ACCESS: &[ApiAccess] = &[
 ///
 /// - `nodes` patch: at start-up it publishes its NVMe host NQN as the annotation
 ///   `rds.csi.srvlab.io/host-nqn` of its own Node (one merge patch), which the controller's
-///   data-path fence reads.
-pub const NODE_API_ACCESS: &[ApiAccess] = &[("", "nodes", &["patch"])];
+///   data-path fence reads;
+/// - `volumeattachments` list and `persistentvolumes` get: the orphan sweep asks which
+///   volumes the controller's records hold on this node (the VolumeAttachments naming it,
+///   their PV resolved to the volume handle) before it disconnects a connection nothing
+///   uses. Read-only.
+pub const NODE_API_ACCESS: &[ApiAccess] = &[
+    ("", "nodes", &["patch"]),
+    ("storage.k8s.io", "volumeattachments", &["list"]),
+    ("", "persistentvolumes", &["get"]),
+];
 
 #[cfg(test)]
 mod tests {
@@ -231,12 +239,23 @@ mod tests {
              `python3 deploy/tools/deploycheck.py sync` (tests/deploy.rs checks the chart)"
         );
 
-        // The node plugin's calls (add new node-side methods here), on a fresh API server.
+        // The node plugin's calls (add new node-side methods here), counted afresh, through
+        // adapters of its own (as the node's own client: no index filled by a PV scan).
         api.reset_requests();
-        cluster
+        let (_, node_cluster) = crate::kube::adapters(
+            api.client(),
+            DRIVER,
+            Arc::new(FixedClock),
+            Arc::new(SeededEntropy::from_seed(8)),
+            fast,
+        );
+        node_cluster
             .set_node_host_nqn(&node, "nqn.2014-08.org.nvmexpress:uuid:b")
             .await
             .unwrap();
+        let held = node_cluster.volume_attachments_on(&node).await.unwrap().unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(held[0].volume_id, vol);
         let called: BTreeSet<_> = api.requests().keys().map(|r| grant_of(r)).collect();
         assert_eq!(
             called,

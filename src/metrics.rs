@@ -1,13 +1,13 @@
 //! Prometheus metrics (prefix `rds_csi_`): a counter and a latency histogram per CSI method
 //! and gRPC code, recorded by a tower layer around the gRPC server so every RPC is counted
-//! the same way; the controller's live migrations ([`MigrationMetrics`]); and an HTTP
-//! endpoint serving the text exposition format.
+//! the same way; the node's data path (NVMe connects and disconnects by outcome with their
+//! duration, stale mounts detected, recoveries, orphan connections cleaned); the
+//! controller's live migrations ([`MigrationMetrics`]: `rds_csi_migrations_total{outcome,
+//! timed_out}`, `rds_csi_migration_duration_seconds{outcome}`, `rds_csi_migrations_in_flight`);
+//! and an HTTP endpoint serving the text exposition format.
 //!
-//! Names (one list): `rds_csi_rpcs_total{method,code}`,
-//! `rds_csi_rpc_duration_seconds{method,code}`,
-//! `rds_csi_migrations_total{outcome,timed_out}`,
-//! `rds_csi_migration_duration_seconds{outcome}`, `rds_csi_migrations_in_flight`. Labels are
-//! bounded (no volume or node names).
+//! Every metric name is registered in [`Metrics::default`], the one list. Labels are
+//! bounded sets (methods, codes, outcomes): never a volume id.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ pub struct MigrationLabels {
 
 /// Labels of a migration's duration.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub struct MigrationOutcome {
     /// `completed` or `failed`.
     pub outcome: String,
 }
@@ -50,7 +50,7 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug)]
 pub struct MigrationMetrics {
     ended: Family<MigrationLabels, Counter>,
-    duration: Family<OutcomeLabels, Histogram>,
+    duration: Family<MigrationOutcome, Histogram>,
     in_flight: Gauge,
 }
 
@@ -80,7 +80,7 @@ impl MigrationMetrics {
             })
             .inc();
         self.duration
-            .get_or_create(&OutcomeLabels {
+            .get_or_create(&MigrationOutcome {
                 outcome: outcome.to_string(),
             })
             .observe(seconds);
@@ -93,12 +93,40 @@ impl MigrationMetrics {
     }
 }
 
+/// Labels of the NVMe connect/disconnect metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NvmeLabels {
+    /// `connect` or `disconnect`.
+    pub op: &'static str,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Labels of the stale-mount counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// The node call that saw it: `stage`, `publish`, `stats`, `expand`.
+    pub check: &'static str,
+}
+
+/// Labels of counters by outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Recoveries: `ok`, `error`. Orphans: `disconnected`, `error`, `dry_run`.
+    pub outcome: &'static str,
+}
+
 /// The plugin's metrics. One per plugin instance.
 pub struct Metrics {
     registry: Registry,
     rpcs: Family<RpcLabels, Counter>,
     latency: Family<RpcLabels, Histogram>,
     migrations: MigrationMetrics,
+    nvme: Family<NvmeLabels, Counter>,
+    nvme_latency: Family<NvmeLabels, Histogram>,
+    stale_mounts: Family<CheckLabels, Counter>,
+    recoveries: Family<OutcomeLabels, Counter>,
+    orphans: Family<OutcomeLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,11 +170,51 @@ impl Default for Metrics {
             "Live migrations running, as this controller's memory knows them",
             migrations.in_flight.clone(),
         );
+        let nvme = Family::<NvmeLabels, Counter>::default();
+        let nvme_latency = Family::<NvmeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 14))
+        });
+        let stale_mounts = Family::<CheckLabels, Counter>::default();
+        let recoveries = Family::<OutcomeLabels, Counter>::default();
+        let orphans = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "nvme_operations",
+            "NVMe connects and disconnects on the node, by operation and outcome",
+            nvme.clone(),
+        );
+        registry.register(
+            "nvme_operation_duration_seconds",
+            "Duration of NVMe connects and disconnects on the node, by operation and outcome",
+            nvme_latency.clone(),
+        );
+        registry.register(
+            "stale_mounts_detected",
+            "Staging or publish mounts found on a device that is gone or no longer the \
+             volume's, by the node call that found them",
+            stale_mounts.clone(),
+        );
+        registry.register(
+            "volume_recoveries",
+            "Repairs of a stale staging mount (remount of the volume's current device and \
+             re-bind of its publish targets), by outcome",
+            recoveries.clone(),
+        );
+        registry.register(
+            "orphan_connections",
+            "NVMe connections of this driver that no volume on the node uses and no \
+             VolumeAttachment holds, by what the sweep did with them",
+            orphans.clone(),
+        );
         Self {
             registry,
             rpcs,
             latency,
             migrations,
+            nvme,
+            nvme_latency,
+            stale_mounts,
+            recoveries,
+            orphans,
         }
     }
 }
@@ -165,6 +233,33 @@ impl Metrics {
     /// The migration metrics (handles sharing this registry's series).
     pub fn migrations(&self) -> MigrationMetrics {
         self.migrations.clone()
+    }
+
+    /// Records one NVMe `op` (`connect`, `disconnect`) that took `seconds`.
+    pub fn observe_nvme(&self, op: &'static str, ok: bool, seconds: f64) {
+        let labels = NvmeLabels {
+            op,
+            outcome: if ok { "ok" } else { "error" },
+        };
+        self.nvme.get_or_create(&labels).inc();
+        self.nvme_latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records a stale mount seen by the node call `check`.
+    pub fn stale_mount(&self, check: &'static str) {
+        self.stale_mounts.get_or_create(&CheckLabels { check }).inc();
+    }
+
+    /// Records one recovery of a stale staging mount.
+    pub fn recovery(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.recoveries.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Records what the orphan sweep did with one connection: `disconnected`, `error`,
+    /// `dry_run`.
+    pub fn orphan(&self, outcome: &'static str) {
+        self.orphans.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// The text exposition of every metric.
@@ -309,6 +404,30 @@ mod tests {
             "rds_csi_migrations_in_flight 2",
         ] {
             assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn node_data_path_metrics_have_conventional_names_and_bounded_labels() {
+        let m = Metrics::default();
+        m.observe_nvme("connect", true, 0.2);
+        m.observe_nvme("connect", false, 30.0);
+        m.observe_nvme("disconnect", true, 0.1);
+        m.stale_mount("stats");
+        m.stale_mount("stats");
+        m.recovery(true);
+        m.orphan("dry_run");
+        let text = m.render();
+        for line in [
+            r#"rds_csi_nvme_operations_total{op="connect",outcome="ok"} 1"#,
+            r#"rds_csi_nvme_operations_total{op="connect",outcome="error"} 1"#,
+            r#"rds_csi_nvme_operations_total{op="disconnect",outcome="ok"} 1"#,
+            r#"rds_csi_nvme_operation_duration_seconds_count{op="connect",outcome="error"} 1"#,
+            r#"rds_csi_stale_mounts_detected_total{check="stats"} 2"#,
+            r#"rds_csi_volume_recoveries_total{outcome="ok"} 1"#,
+            r#"rds_csi_orphan_connections_total{outcome="dry_run"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
         }
     }
 }

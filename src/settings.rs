@@ -5,8 +5,8 @@
 //! (the SSH key was read when the settings were made).
 //!
 //! Each part is the configuration type of the layer that consumes it
-//! ([`ControllerConfig`], [`AttachmentConfig`], [`NodeOptions`], [`RdsLayout`]), so a
-//! setting has one type from the flag to its use.
+//! ([`ControllerConfig`], [`AttachmentConfig`], [`NodeOptions`], [`OrphanConfig`],
+//! [`RdsLayout`]), so a setting has one type from the flag to its use.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::attachment::AttachmentConfig;
 use crate::controller::ControllerConfig;
 use crate::controller::params::Expected;
-use crate::node::NodeOptions;
+use crate::node::{NodeOptions, OrphanConfig};
 use crate::retry::Backoff;
 use crate::routeros::RdsLayout;
 use crate::routeros::transport::ssh::SshConfig;
@@ -140,6 +140,8 @@ pub struct NodeSettings {
     pub initiator: InitiatorKind,
     /// This host's NVMe host NQN (`None`: read `/etc/nvme/hostnqn`).
     pub host_nqn: Option<String>,
+    /// The sweep of orphan NVMe connections.
+    pub orphans: OrphanConfig,
 }
 
 /// Serving.
@@ -192,6 +194,7 @@ impl Settings {
                 },
                 initiator,
                 host_nqn: None,
+                orphans: OrphanConfig::default(),
             },
             serve: ServeSettings {
                 endpoint: Endpoint::Unix("/tmp/rds-csi/csi.sock".into()),

@@ -1106,7 +1106,7 @@ fn other_faults_fail() {
             docs.push(b);
         },
     );
-    assert_caught("node role unbound", "missing [/nodes:patch]", |docs| {
+    assert_caught("node role unbound", "missing [/nodes:patch, ", |docs| {
         docs.retain(|d| {
             !(d["kind"] == "ClusterRoleBinding" && d["metadata"]["name"] == "rds-csi-node")
         });

@@ -102,6 +102,7 @@ impl World {
             allowed_root: Some(root.join("kubelet")),
             nqn_prefix: PREFIX.into(),
             require_target_address: false,
+            ..NodeOptions::default()
         }
     }
 
@@ -861,4 +862,311 @@ async fn a_volume_travels_create_publish_stage_and_back_in_one_embedded_plugin()
     .await
     .unwrap();
     assert!(!w.backing(&id).exists());
+}
+
+// ---- The self-healing data path on real loop devices ----------------------------------
+
+/// Every loop device over `vol`'s backing file, with whether it is being detached
+/// (autoclear: `losetup -d` while a mount still holds it).
+fn loop_devices(w: &World, vol: &str) -> Vec<(PathBuf, bool)> {
+    let want = w.backing(vol);
+    let mut out: Vec<(PathBuf, bool)> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let autoclear = std::fs::read_to_string(e.path().join("loop/autoclear"))
+                .is_ok_and(|v| v.trim() == "1");
+            (Path::new(b.trim()) == want)
+                .then(|| (Path::new("/dev").join(e.file_name()), autoclear))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The source device of the mount at `path`.
+fn source_of(w: &World, path: &str) -> String {
+    let line = w
+        .mounted(path)
+        .pop()
+        .unwrap_or_else(|| panic!("{path} not mounted"));
+    line.split(" - ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+/// `major:minor` of the mount at `path`.
+fn dev_of(w: &World, path: &str) -> String {
+    w.mounted(path)
+        .pop()
+        .unwrap()
+        .split(' ')
+        .nth(2)
+        .unwrap()
+        .to_string()
+}
+
+/// The volume's device goes away under its mounts and comes back under another name: the
+/// loop device is detached (the kernel keeps it for the mounts, but it is no longer the
+/// volume's: the initiator skips it) and the backing file attached again.
+fn rename_device(w: &World, vol: &str) -> (PathBuf, PathBuf) {
+    let old = w.loop_device(vol).unwrap();
+    run("losetup", &["-d", &old.display().to_string()]);
+    let new = PathBuf::from(run(
+        "losetup",
+        &["-f", "--show", &w.backing(vol).display().to_string()],
+    ));
+    assert_ne!(old, new);
+    (old, new)
+}
+
+#[tokio::test]
+async fn a_renamed_device_is_reported_abnormal_and_publish_then_stage_repair_it_keeping_the_data() {
+    let w = World::new();
+    let vol = "pvc-renamed";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeMultiWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    let pod_a = w.target(vol, "pod-a");
+    w.publish(vol, &pod_a, cap.clone(), false).await.unwrap();
+    let file = Path::new(&pod_a).join("precious");
+    std::fs::write(&file, b"written before the outage").unwrap();
+    std::fs::File::open(&file).unwrap().sync_all().unwrap();
+
+    let (old, new) = rename_device(&w, vol);
+    let stats = w.stats(vol, &pod_a).await.unwrap();
+    let cond = stats.volume_condition.unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("stale") && cond.message.contains(&old.display().to_string()),
+        "{cond:?}"
+    );
+
+    // A new pod's NodePublishVolume repairs the staging mount and re-binds pod-a.
+    let pod_b = w.target(vol, "pod-b");
+    w.publish(vol, &pod_b, cap.clone(), false).await.unwrap();
+    assert_eq!(source_of(&w, &w.staging(vol)), new.display().to_string());
+    let new_dev = dev_of(&w, &w.staging(vol));
+    assert_eq!(
+        dev_of(&w, &pod_a),
+        new_dev,
+        "pod-a bound to the repaired filesystem"
+    );
+    assert_eq!(dev_of(&w, &pod_b), new_dev);
+    assert_eq!(
+        w.mounted(&pod_a).len(),
+        1,
+        "the dead bind is gone, not stacked under"
+    );
+    for pod in [&pod_a, &pod_b] {
+        let got = std::fs::read(Path::new(pod).join("precious")).unwrap();
+        assert_eq!(got, b"written before the outage");
+        let cond = w.stats(vol, pod).await.unwrap().volume_condition.unwrap();
+        assert!(!cond.abnormal, "{cond:?}");
+    }
+    // Nothing holds the old device any more: no mount, and the volume's only device in use
+    // is the new one (the kernel detaches the old one once the last opener, often udev,
+    // lets go of it).
+    let in_use: Vec<(PathBuf, bool)> = loop_devices(&w, vol)
+        .into_iter()
+        .filter(|(_, detaching)| !detaching)
+        .collect();
+    assert_eq!(in_use, vec![(new.clone(), false)]);
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let old_source = format!(" {} ", old.display());
+    let ours = |l: &&str| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|t| Path::new(t).starts_with(&w.root))
+    };
+    assert!(
+        !table.lines().filter(ours).any(|l| l.contains(&old_source)),
+        "{table}"
+    );
+
+    // Again, and this time the kubelet's NodeStageVolume repairs it.
+    std::fs::write(Path::new(&pod_b).join("second"), b"also kept").unwrap();
+    std::fs::File::open(Path::new(&pod_b).join("second"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let (_, newer) = rename_device(&w, vol);
+    w.stage(vol, cap.clone()).await.unwrap();
+    assert_eq!(source_of(&w, &w.staging(vol)), newer.display().to_string());
+    for pod in [&pod_a, &pod_b] {
+        assert_eq!(
+            std::fs::read(Path::new(pod).join("second")).unwrap(),
+            b"also kept"
+        );
+        assert!(
+            !w.stats(vol, pod)
+                .await
+                .unwrap()
+                .volume_condition
+                .unwrap()
+                .abnormal
+        );
+    }
+
+    for pod in [&pod_a, &pod_b] {
+        w.unpublish(vol, pod).await.unwrap();
+    }
+    w.unstage(vol).await.unwrap();
+    assert!(loop_devices(&w, vol).is_empty());
+}
+
+#[tokio::test]
+async fn a_corrupted_ext4_is_refused_at_stage_and_a_replayable_one_is_repaired() {
+    let w = World::new();
+    let vol = "pvc-fsck";
+    w.create_volume(vol, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    w.stage(vol, cap.clone()).await.unwrap();
+    std::fs::write(Path::new(&w.staging(vol)).join("data"), b"x").unwrap();
+    w.unstage(vol).await.unwrap();
+    let img = w.backing(vol).display().to_string();
+
+    // Marked as having errors (as the kernel does after an I/O error), nothing else wrong:
+    // e2fsck -p repairs it on its own and the stage goes on.
+    run("debugfs", &["-w", "-R", "ssv state 2", &img]);
+    w.stage(vol, cap.clone()).await.unwrap();
+    assert_eq!(
+        std::fs::read(Path::new(&w.staging(vol)).join("data")).unwrap(),
+        b"x"
+    );
+    w.unstage(vol).await.unwrap();
+    // A mount alone keeps the error state; the check before it cleared it.
+    let state = run("dumpe2fs", &["-h", &img]);
+    assert!(
+        state
+            .lines()
+            .any(|l| l.starts_with("Filesystem state:") && l.ends_with(" clean")),
+        "{state}"
+    );
+
+    // The root directory destroyed: only a person may repair that. Refused, clearly, with
+    // nothing mounted and nothing formatted.
+    run("debugfs", &["-w", "-R", "clri <2>", &img]);
+    run("debugfs", &["-w", "-R", "ssv state 2", &img]);
+    let err = w.stage(vol, cap.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("cannot repair without a person")
+            && err.message().contains("e2fsck -f"),
+        "{err:?}"
+    );
+    assert!(w.mounted(&w.staging(vol)).is_empty());
+    let fs = run("blkid", &["-p", "-o", "value", "-s", "TYPE", &img]);
+    assert_eq!(fs, "ext4", "never reformatted");
+    w.unstage(vol).await.unwrap();
+    assert!(loop_devices(&w, vol).is_empty());
+}
+
+#[tokio::test]
+async fn orphan_cleanup_leaves_foreign_devices_and_mounts_alone() {
+    use rds_csi::backend::local_cluster::LocalCluster;
+    use rds_csi::csi::inflight::InFlight;
+    use rds_csi::metrics::Metrics;
+    use rds_csi::node::{OrphanConfig, OrphanSweeper};
+    use rds_csi::ports::cluster::VolumeAttachmentInfo;
+    use std::sync::Arc;
+
+    let w = World::new();
+    // Left behind by an earlier life of the node: attached, nothing uses it.
+    for vol in ["pvc-orphan", "pvc-held"] {
+        w.create_volume(vol, 16 * MIB);
+        run(
+            "losetup",
+            &["-f", "--show", &w.backing(vol).display().to_string()],
+        );
+    }
+    // Staged and published: in use.
+    let staged = "pvc-staged";
+    w.create_volume(staged, 64 * MIB);
+    let cap = mount_cap("ext4", AM::SingleNodeWriter);
+    w.stage(staged, cap.clone()).await.unwrap();
+    w.publish(staged, &w.target(staged, "pod-a"), cap, false)
+        .await
+        .unwrap();
+    // Someone else's loop device, mounted under the kubelet root, and a tmpfs there too.
+    let foreign = w.root.join("foreign.img");
+    std::fs::File::create(&foreign)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    run("mkfs.ext4", &["-q", &foreign.display().to_string()]);
+    let foreign_dev = run("losetup", &["-f", "--show", &foreign.display().to_string()]);
+    let foreign_mnt = w.path("pods/other/volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(&foreign_mnt).unwrap();
+    run("mount", &[&foreign_dev, &foreign_mnt]);
+    let tmpfs = w.path("plugins/kubernetes.io/csi/rds/pvc-orphan/globalmount");
+    std::fs::create_dir_all(&tmpfs).unwrap();
+    run("mount", &["-t", "tmpfs", "tmpfs", &tmpfs]);
+
+    // The records hold pvc-held on this node (a staged raw block volume has no mount).
+    let cluster = Arc::new(LocalCluster::new([]));
+    cluster.set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+        volume_id: rds_csi::types::VolumeId::new("pvc-held").unwrap(),
+        node_id: NodeId::new("node-1").unwrap(),
+        attached: true,
+        deleting: false,
+    }]));
+    let sweeper = OrphanSweeper::new(
+        NodeId::new("node-1").unwrap(),
+        w.ops(),
+        cluster,
+        Arc::new(InFlight::default()),
+        OrphanConfig {
+            interval: std::time::Duration::from_secs(60),
+            grace: std::time::Duration::ZERO,
+            dry_run: false,
+        },
+        Arc::new(Metrics::default()),
+    );
+    let report = sweeper.sweep().await.unwrap();
+    assert_eq!(report.disconnected, vec![format!("{PREFIX}pvc-orphan")]);
+    assert!(loop_devices(&w, "pvc-orphan").is_empty());
+    assert_eq!(loop_devices(&w, "pvc-held").len(), 1);
+    assert_eq!(loop_devices(&w, staged).len(), 1);
+    assert_eq!(w.mounted(&w.staging(staged)).len(), 1);
+    assert_eq!(w.mounted(&foreign_mnt).len(), 1, "foreign mount untouched");
+    assert_eq!(w.mounted(&tmpfs).len(), 1, "tmpfs untouched");
+    let backing = std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/backing_file",
+        Path::new(&foreign_dev)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+    ))
+    .unwrap();
+    assert_eq!(
+        backing.trim(),
+        foreign.display().to_string(),
+        "foreign loop device attached"
+    );
+    // A second sweep finds nothing more to do.
+    assert!(sweeper.sweep().await.unwrap().disconnected.is_empty());
+
+    w.unpublish(staged, &w.target(staged, "pod-a"))
+        .await
+        .unwrap();
+    w.unstage(staged).await.unwrap();
 }

@@ -4,14 +4,17 @@
 //! calls from a second service instance with its own in-flight table (see
 //! `crate::world`), as a driver whose per-volume lock a re-issued call skips would.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
+use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
 use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
-use rds_csi::ports::{AttachmentStore, Cluster, Rds};
+use rds_csi::ports::{AttachmentStore, Cluster, Initiator, Rds};
 use rds_csi::routeros::render::CommandLine;
 use rds_csi::routeros::transport::Transport;
 use rds_csi::types::{NodeId, VolumeId};
@@ -257,6 +260,102 @@ impl Transport for BlindResend {
 pub fn wrap_transport(inner: Arc<dyn Transport>, bug: Option<Bug>) -> Arc<dyn Transport> {
     match bug {
         Some(Bug::BlindRdsRetry) => Arc::new(BlindResend { inner }),
+        _ => inner,
+    }
+}
+
+/// A node initiator with a node bug: it drops the reconnect tunables of every connect (the
+/// kernel's defaults apply), or it remembers the first device path it saw for each volume
+/// and answers with it as long as some device of the driver has that path.
+struct BuggyInitiator {
+    inner: Arc<dyn Initiator>,
+    bug: Bug,
+    remembered: Mutex<BTreeMap<String, PathBuf>>,
+}
+
+impl BuggyInitiator {
+    /// The remembered path of `nqn` if a device of the driver still has it; otherwise
+    /// `fresh()`, remembered if nothing was.
+    async fn recall(
+        &self,
+        nqn: &str,
+        fresh: Result<Option<PathBuf>, InitiatorError>,
+    ) -> Result<Option<PathBuf>, InitiatorError> {
+        let old = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(nqn)
+            .cloned();
+        if let Some(old) = old
+            && self.inner.nqn_of_device(&old).await?.is_some()
+        {
+            return Ok(Some(old));
+        }
+        let fresh = fresh?;
+        if let Some(p) = &fresh {
+            self.remembered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(nqn.to_string())
+                .or_insert_with(|| p.clone());
+        }
+        Ok(fresh)
+    }
+}
+
+#[async_trait]
+impl Initiator for BuggyInitiator {
+    async fn host_nqn(&self) -> Result<String, InitiatorError> {
+        self.inner.host_nqn().await
+    }
+    async fn connect(&self, target: &NvmeTarget) -> Result<PathBuf, InitiatorError> {
+        match self.bug {
+            Bug::KernelReconnectDefaults => {
+                let target = NvmeTarget {
+                    ctrl_loss_tmo: None,
+                    reconnect_delay: None,
+                    ..target.clone()
+                };
+                self.inner.connect(&target).await
+            }
+            _ => {
+                let fresh = self.inner.connect(target).await.map(Some);
+                Ok(self.recall(&target.nqn, fresh).await?.unwrap_or_default())
+            }
+        }
+    }
+    async fn disconnect(&self, nqn: &str) -> Result<(), InitiatorError> {
+        self.inner.disconnect(nqn).await
+    }
+    async fn find_device(&self, nqn: &str) -> Result<Option<PathBuf>, InitiatorError> {
+        let fresh = self.inner.find_device(nqn).await;
+        match self.bug {
+            Bug::RememberedDevicePath => self.recall(nqn, fresh).await,
+            _ => fresh,
+        }
+    }
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        self.inner.nqn_of_device(device).await
+    }
+    async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
+        self.inner.connections().await
+    }
+    async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
+        self.inner.rescan(nqn).await
+    }
+}
+
+/// The node's initiator with `bug` planted, if it is a node bug.
+pub fn wrap_initiator(inner: Arc<dyn Initiator>, bug: Option<Bug>) -> Arc<dyn Initiator> {
+    match bug {
+        Some(bug @ (Bug::KernelReconnectDefaults | Bug::RememberedDevicePath)) => {
+            Arc::new(BuggyInitiator {
+                inner,
+                bug,
+                remembered: Mutex::new(BTreeMap::new()),
+            })
+        }
         _ => inner,
     }
 }

@@ -4,21 +4,28 @@
 //!
 //! A connection is made by NodeStage through the RDS's allow list (the kernels refuse what
 //! the allow lists exclude, [`crate::world::Shared::sync_data_path`]), so it starts live.
-//! A node partitioned while alive loses it; its kernel keeps reconnecting (the volume
-//! context's `ctrlLossTmo=-1`), and each attempt is admitted or refused by the export's
-//! allow list *at that moment* ([`rds_csi::routeros::emulator::Emulator::admission`]) —
-//! exactly what the data-path fence is for. A live connection is not re-checked when the
-//! allow list changes (as with a real NVMe/TCP target).
+//! Whether it is live is the node kernel's ([`rds_csi::node::fake::FakeKernel`]): a node
+//! partitioned while alive loses it, and so does every node while the RDS is down; the
+//! kernel keeps reconnecting (until its `ctrl-loss-tmo`), and each attempt is admitted or
+//! refused by the export's allow list *at that moment* (mirrored into the kernel; the trace
+//! says which, from [`rds_csi::routeros::emulator::Emulator::admission`]) — exactly what
+//! the data-path fence is for. A live connection is not re-checked when the allow list
+//! changes (as with a real NVMe/TCP target).
 //!
-//! Every [`WRITE_EVERY`] of virtual time each live connection writes (its kubelet kept the
-//! mount; dirty pages, journal), and each write is judged: it may only reach a disk whose
-//! durable records (the PV annotations) name the writing node a holder. And at every step:
-//! no disk is deleted while a node still has a live connection to it.
+//! Every [`WRITE_EVERY`] of virtual time each live connection whose device is in use (a
+//! filesystem mount or a raw block bind: its kubelet kept the mount; dirty pages, journal)
+//! writes, and each write is judged: it may only reach a disk whose durable records (the PV
+//! annotations) name the writing node a holder. And at every step: no disk is deleted while
+//! a node still has a live connection in use to it. A connection nothing uses (one an
+//! unstage left behind in an earlier life of the node, until the node's orphan sweep
+//! removes it) carries no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use rds_csi::ports::Initiator;
+use rds_csi::node::fake::FakeKernel;
+use rds_csi::ports::initiator::Connection;
+use rds_csi::ports::{Initiator, Mounter};
 use rds_csi::routeros::emulator::Admission;
 use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
 
@@ -64,22 +71,29 @@ impl DataPath {
                 continue;
             }
             let node = node_name(i);
-            let cut_off = sh.partitioned_since(i).is_some();
+            let partitioned = sh.partitioned_since(i).is_some();
             for c in conns {
-                let Some(slot) = c.nqn.strip_prefix(DEFAULT_NQN_PREFIX) else {
+                let Connection { nqn, device, .. } = c;
+                let Some(slot) = nqn.strip_prefix(DEFAULT_NQN_PREFIX) else {
                     continue;
                 };
                 let slot = slot.to_string();
-                seen.insert((i, c.nqn.clone()));
-                let link = self.links.entry((i, c.nqn)).or_insert(Link::Live);
+                seen.insert((i, nqn.clone()));
+                // The kernel's controller says whether the link is live (it reconnects through
+                // the allow lists mirrored into it); while it is not, the export's allow list
+                // says whether its attempts are refused or the RDS is just away.
+                let live = !partitioned && kernel.is_live(&nqn);
+                let link = self.links.entry((i, nqn)).or_insert(Link::Live);
                 let was = *link;
-                *link = match (cut_off, was) {
-                    (true, _) => Link::Reconnecting,
-                    (false, Link::Live) => Link::Live,
-                    (false, _) => match sh.emulator.admission(&slot, &sh.host_nqn_now(i)) {
-                        Admission::Admitted => Link::Live,
+                *link = if live {
+                    Link::Live
+                } else if partitioned {
+                    Link::Reconnecting
+                } else {
+                    match sh.emulator.admission(&slot, &sh.host_nqn_now(i)) {
+                        Admission::Admitted => Link::Reconnecting,
                         _ => Link::Refused,
-                    },
+                    }
                 };
                 if *link != was {
                     let what = match link {
@@ -89,7 +103,7 @@ impl DataPath {
                     };
                     sh.trace.at(now, "data", format!("{node} {what} ({slot})"));
                 }
-                if *link != Link::Live {
+                if *link != Link::Live || !in_use(kernel, &device) {
                     continue;
                 }
                 if sh.emulator.disk_size(&slot).is_none() {
@@ -112,4 +126,21 @@ impl DataPath {
         self.links.retain(|k, _| seen.contains(k));
         bad
     }
+}
+
+/// Whether `device` is in use on `kernel`: mounted (a filesystem mount or a bind of it) or
+/// bound raw into a pod.
+fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
+    futures::executor::block_on(async {
+        let Ok(number) = Mounter::device_number(kernel, device).await else {
+            return false;
+        };
+        let mounted = Mounter::mounts(kernel)
+            .await
+            .is_ok_and(|ms| ms.iter().any(|m| m.dev == number));
+        mounted
+            || Mounter::device_binds(kernel, device)
+                .await
+                .is_ok_and(|b| !b.is_empty())
+    })
 }

@@ -1,14 +1,20 @@
 //! Fault injection: a seeded schedule of controller crashes, crash points around the
 //! attachment write, failovers, partitions and flaky links between the leading controller
 //! and kube or rds, 409 storms, API 5xx bursts and latency spikes, RDS command failures and
-//! lost replies, node plugin crashes, lost node machines (Node object deleted, the machine
-//! replaced later by a fresh one with a new host NQN under the same name), and a node
-//! partitioned while alive; and the heal that starts the liveness phase.
+//! lost replies, node plugin crashes (some leaving the restarted node a connection it does
+//! not hold), lost node machines (Node object deleted, the machine replaced later by a fresh
+//! one with a new host NQN under the same name), a node partitioned while alive, NVMe
+//! controllers lost under their mounts, and an RDS outage (the `rds` host down, every
+//! node's controllers reconnecting, some longer than the kernel's 600 s ctrl-loss-tmo); and
+//! the heal that starts the liveness phase, once the chaos phase and the outage are over.
 //!
 //! A node partitioned while alive outlives the heal: it is the case the data-path fence
 //! exists for (Kubernetes force-detaches its volumes six minutes after it stopped
 //! reporting, while it still has them mounted), so it heals on its own schedule, 20–420 s
 //! after it began.
+//!
+//! The nodes' kernels keep time through [`Injector::tick`] (reconnect attempts,
+//! ctrl-loss-tmo).
 //!
 //! Crash points are armed here and reached by a wrapper at the `AttachmentStore` port
 //! boundary ([`crate::crash`]), never by luck.
@@ -21,6 +27,7 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rds_csi::kube::fake_api::Kind;
 use rds_csi::routeros::command::CommandKind;
 use rds_csi::routeros::emulator::faults::Fault;
+use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
 
 use crate::crash::Point;
 use crate::options::FORCE_DETACH_SECS;
@@ -47,10 +54,15 @@ pub struct Injector {
     lost_a_node: bool,
     /// The node partitioned while alive, and when the partition heals.
     cut_off: Option<(Duration, usize)>,
+    /// When the partitioned node's partition ended, and which node it was.
+    partition_healed: Option<(Duration, usize)>,
     partitioned_a_node: bool,
     /// When the API latency spike ends.
     spike_until: Option<Duration>,
     stale_until: Duration,
+    /// The RDS outage: when it starts and ends, and whether it is on.
+    outage: Option<(Duration, Duration)>,
+    outage_on: bool,
     healed: bool,
     /// Faults injected, by kind.
     pub counts: BTreeMap<&'static str, u64>,
@@ -70,17 +82,39 @@ impl Injector {
             lost: None,
             lost_a_node: false,
             cut_off: None,
+            partition_healed: None,
             partitioned_a_node: false,
             spike_until: None,
             stale_until: Duration::ZERO,
+            outage: o.rds_outage.map(|(at_ms, secs)| {
+                let at = Duration::from_millis(at_ms);
+                (at, at + Duration::from_secs(secs))
+            }),
+            outage_on: false,
             healed: false,
             counts: BTreeMap::new(),
         }
     }
 
-    /// When the chaos phase ends.
+    /// When the chaos phase ends (no new faults after it).
     pub fn chaos_end(&self) -> Duration {
         self.chaos_end
+    }
+
+    /// When the world heals and the liveness phase starts: the end of the chaos phase, or
+    /// of the RDS outage if that is later.
+    pub fn heal_at(&self) -> Duration {
+        self.outage
+            .map_or(self.chaos_end, |(_, end)| end.max(self.chaos_end))
+    }
+
+    /// When node `i` heals: the world's heal, or the end of its partition while alive if
+    /// that came later.
+    pub fn heal_of(&self, i: usize) -> Duration {
+        match self.partition_healed {
+            Some((at, j)) if j == i => at.max(self.heal_at()),
+            _ => self.heal_at(),
+        }
     }
 
     /// Whether a node's machine was lost, or a node partitioned while alive, in this
@@ -109,7 +143,11 @@ impl Injector {
             self.count("crash_point", sh, now, format!("{host} crashes at {p:?}"));
             sim.bounce(host);
         }
-        let healing = now >= self.chaos_end;
+        for k in &sh.kernels {
+            k.advance(now);
+        }
+        self.rds_outage(sim, sh, now);
+        let healing = now >= self.heal_at();
         for (_, a, b) in take_due(&mut self.partitions, now, healing) {
             sim.repair(a, b);
             sh.trace.at(now, "fault", format!("repair {a}<->{b}"));
@@ -145,11 +183,15 @@ impl Injector {
             && until <= now
         {
             self.cut_off = None;
+            self.partition_healed = Some((now, i));
             let name = node_name(i);
             for peer in Self::NODE_PEERS {
                 sim.repair(name.as_str(), peer);
             }
-            sh.kernels[i].set_unreachable(false);
+            // During an RDS outage the kernel stays cut off until the RDS is back.
+            if !self.outage_on {
+                sh.kernels[i].outage_ends();
+            }
             sh.set_partitioned(i, None);
             sh.trace
                 .at(now, "fault", format!("{name}: partition heals"));
@@ -186,7 +228,7 @@ impl Injector {
             }
             return;
         }
-        if now < self.next {
+        if now < self.next || now >= self.chaos_end {
             return;
         }
         self.next += self.every;
@@ -314,7 +356,31 @@ impl Injector {
                 now,
                 format!("{name} plugin crash + restart"),
             );
+            if self.roll(o.leftover_pct) {
+                self.leave_connection(sh, i, now);
+            }
             sim.bounce(name);
+        }
+        if self.roll(o.device_loss_pct) {
+            let i = live[self.rng.random_range(0..live.len())];
+            // Not a VM disk's: the VM workload does not model a migration's source whose
+            // controller is lost (it cannot reconnect until the migration ends: the export
+            // admits the target), nor restarts the pods of two nodes independently.
+            let nqns: Vec<String> = sh.kernels[i]
+                .connected_nqns()
+                .into_iter()
+                .filter(|n| !n.contains(crate::options::VM_PREFIX))
+                .collect();
+            if !nqns.is_empty() {
+                let nqn = &nqns[self.rng.random_range(0..nqns.len())];
+                sh.kernels[i].lose_connection(nqn);
+                self.count(
+                    "device_loss",
+                    sh,
+                    now,
+                    format!("{} loses the NVMe controller of {nqn}", node_name(i)),
+                );
+            }
         }
         // At most one machine lost per scenario, and never the last one up (nor the
         // partitioned one): each loss costs the workload a force-detach wait of
@@ -372,7 +438,8 @@ impl Injector {
         for peer in Self::NODE_PEERS {
             sim.partition(name.as_str(), peer);
         }
-        sh.kernels[i].set_unreachable(true);
+        // Its kernel loses the RDS like in an outage: every controller reconnects.
+        sh.kernels[i].outage_begins(now);
         sh.set_partitioned(i, Some(now));
         self.cut_off = Some((now + Duration::from_millis(ms), i));
         self.count(
@@ -385,6 +452,77 @@ impl Injector {
                  reporting)"
             ),
         );
+    }
+
+    /// Starts or ends the RDS outage when due: the `rds` host goes down (management and
+    /// NVMe/TCP), every node's controllers start reconnecting; at the end it comes back
+    /// with its disks (a reboot).
+    fn rds_outage(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, now: Duration) {
+        let Some((start, end)) = self.outage else {
+            return;
+        };
+        if !self.outage_on && now >= start && now < end {
+            self.outage_on = true;
+            sim.crash("rds");
+            for k in &sh.kernels {
+                k.outage_begins(now);
+            }
+            let secs = (end - start).as_secs();
+            self.count(
+                "rds_outage",
+                sh,
+                now,
+                format!("RDS down for {secs}s (reboot)"),
+            );
+        } else if self.outage_on && now >= end {
+            self.outage_on = false;
+            sim.bounce("rds");
+            for k in &sh.kernels {
+                k.outage_ends();
+            }
+            // A node still partitioned stays cut off from the RDS until its partition heals.
+            if let Some((_, i)) = self.cut_off {
+                sh.kernels[i].outage_begins(now);
+            }
+            sh.trace.at(now, "fault", "RDS back");
+        }
+    }
+
+    /// Node `i`'s kernel keeps a connection to a volume the node does not hold, as an
+    /// unstage that never finished in an earlier life would leave it.
+    fn leave_connection(&mut self, sh: &Shared, i: usize, now: Duration) {
+        let node = node_name(i);
+        let kernel = &sh.kernels[i];
+        let connected = kernel.connected_nqns();
+        let candidates: Vec<String> = {
+            let model = sh.model.lock().unwrap_or_else(|p| p.into_inner());
+            sh.emulator
+                .disk_slots()
+                .into_iter()
+                .filter(|v| {
+                    v.starts_with("pvc-")
+                        && !v.starts_with(crate::options::VM_PREFIX)
+                        && !model.holds(v, &node)
+                })
+                .filter(|v| !connected.contains(&format!("{DEFAULT_NQN_PREFIX}{v}")))
+                .collect()
+        };
+        if candidates.is_empty() {
+            return;
+        }
+        let vol = &candidates[self.rng.random_range(0..candidates.len())];
+        let nqn = format!("{DEFAULT_NQN_PREFIX}{vol}");
+        if kernel.disk(&nqn).is_none() {
+            kernel.add_disk(&nqn, sh.emulator.disk_size(vol).unwrap_or(1 << 30));
+        }
+        if kernel.leave_connection(&nqn).is_some() {
+            self.count(
+                "leftover",
+                sh,
+                now,
+                format!("{node} restarts with a connection to {vol}, which it does not hold"),
+            );
+        }
     }
 
     fn backend(&mut self) -> &'static str {

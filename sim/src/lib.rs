@@ -108,7 +108,13 @@ fn run_world(sh: &Shared) -> Report {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(5))
         .simulation_duration(Duration::from_secs(
-            opts.chaos_secs + options::LIVENESS_SECS + options::FORCE_DETACH_SECS + 60,
+            opts.chaos_secs
+                + opts
+                    .rds_outage
+                    .map_or(0, |(at_ms, secs)| at_ms / 1000 + secs)
+                + options::LIVENESS_SECS
+                + options::FORCE_DETACH_SECS
+                + 60,
         ))
         .build();
     let api = sh.api.clone();
@@ -139,13 +145,17 @@ fn run_world(sh: &Shared) -> Report {
             }
         };
         let now = sim.elapsed();
+        // The kernels' events are judged before a fault can change what the CO was told.
+        let mut bad = checkers::data_path::judge_events(sh, now);
         injector.tick(&mut sim, sh, now);
         sh.sync_data_path();
-        let io = data.step(sh, now);
-        if sh.trace.len() != seen || done || !io.is_empty() {
+        bad.extend(data.step(sh, now));
+        if sh.trace.len() != seen || done || !bad.is_empty() {
             checks += 1;
-            let mut bad = io;
             bad.extend(checkers::safety::check(sh));
+            bad.extend(checkers::data_path::check_usable(sh, now, |i| {
+                injector.heal_of(i)
+            }));
             if !bad.is_empty() {
                 for b in &bad {
                     sh.trace.at(now, "check", format!("VIOLATION {b}"));
@@ -171,7 +181,7 @@ fn run_world(sh: &Shared) -> Report {
             } else {
                 0
             };
-        if now > injector.chaos_end() + Duration::from_secs(allowed) {
+        if now > injector.heal_at() + Duration::from_secs(allowed) {
             let msg =
                 format!("liveness: the workload did not finish within {allowed}s of the heal");
             sh.trace.at(now, "check", msg.clone());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        ThirdNodeAttaches";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;

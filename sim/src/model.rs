@@ -44,6 +44,8 @@ pub struct Volume {
     pub deleting: bool,
     /// Size acknowledged by CreateVolume or the last ControllerExpandVolume.
     pub size: u64,
+    /// The `ctrlLossTmo` its StorageClass sets (`None`: the node's default applies).
+    pub ctrl_loss_tmo: Option<i32>,
     /// A VM disk (RWX block, `MULTI_NODE_MULTI_WRITER`): two holders during a live
     /// migration, never three.
     pub multi: bool,
@@ -123,6 +125,14 @@ impl Model {
         } else {
             p.outstanding = p.outstanding.saturating_sub(1);
         }
+    }
+
+    /// Whether `node` holds `volume`: its ControllerPublish was acknowledged and no
+    /// ControllerUnpublish since.
+    pub fn holds(&self, volume: &str, node: &str) -> bool {
+        self.pairs
+            .get(&(volume.to_string(), node.to_string()))
+            .is_some_and(|p| p.acked == Some(Op::Publish))
     }
 
     /// The lifecycle record of snapshot `id`.

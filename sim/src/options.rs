@@ -27,6 +27,13 @@ pub enum Bug {
     DeleteSkipsHolders,
     /// A re-issued ControllerPublish is served past the per-volume in-flight lock.
     ReissuedPublishSkipsLock,
+    /// The node connects without its reconnect defaults: the kernel's own ctrl-loss-tmo
+    /// (600 s) applies, and an RDS outage longer than that fails the filesystems.
+    KernelReconnectDefaults,
+    /// The node's initiator answers with the device path it first saw for a volume as long
+    /// as that path exists: after a reconnect renamed the volume, and the old name went to
+    /// another volume, the node mounts the wrong disk.
+    RememberedDevicePath,
     /// The cluster finds no VolumeAttachment of a VM disk's holders (judged detached by
     /// hand): a third node attaches while two hold the disk.
     ThirdNodeAttaches,
@@ -34,7 +41,7 @@ pub enum Bug {
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 10] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -42,6 +49,8 @@ impl Bug {
         Bug::UnpublishOpensExport,
         Bug::DeleteSkipsHolders,
         Bug::ReissuedPublishSkipsLock,
+        Bug::KernelReconnectDefaults,
+        Bug::RememberedDevicePath,
         Bug::ThirdNodeAttaches,
     ];
 }
@@ -98,6 +107,19 @@ pub struct Options {
     /// Chance (%) per tick of a controller failover (the other replica leads; the old
     /// leader keeps answering stale calls for a while).
     pub failover_pct: u32,
+    /// An RDS outage (a reboot: management and NVMe/TCP gone, every node's controllers
+    /// reconnecting): when it starts (ms of virtual time) and how long it lasts (s; some
+    /// longer than the kernel's default ctrl-loss-tmo of 600 s). The heal waits for its end.
+    pub rds_outage: Option<(u64, u64)>,
+    /// Chance (%) per volume that its StorageClass sets `ctrlLossTmo` (30 s): its
+    /// controllers are deleted by outages longer than that, and its mounts need repair.
+    pub finite_ctrl_loss_pct: u32,
+    /// Chance (%) per tick that a node loses one of its NVMe controllers (deleted under its
+    /// mounts; the volume comes back under a new name when connected again).
+    pub device_loss_pct: u32,
+    /// Chance (%) that a node plugin crash leaves the restarted node a connection to a
+    /// volume it does not hold (an unstage that never finished in an earlier life).
+    pub leftover_pct: u32,
     /// Whether the controller runs with the data-path fence (`--data-path-fence`, the
     /// default: on in 7 seeds of 8): each export admits only its holder's host NQN, and
     /// nobody while unheld, which the simulated data path enforces.
@@ -172,6 +194,9 @@ impl Options {
         let node_delete_pct = rate(4);
         let node_partition_pct = rate(4);
         let api_spike_pct = rate(6);
+        let device_loss_pct = rate(6);
+        let leftover_pct = rate(60);
+        let outage_roll = rate(100);
         let nodes = r.random_range(2..=4);
         let volumes = r.random_range(1..=4);
         let moves = r.random_range(1..=3);
@@ -192,15 +217,7 @@ impl Options {
         } else {
             0
         };
-        // Drawn last, so the knobs above keep their values for every seed.
-        let vms = if r.random_bool(0.5) {
-            r.random_range(1..=2)
-        } else {
-            0
-        };
-        let migrations = r.random_range(1..=3);
-        let migration_timeout_secs = r.random_range(30..=60);
-        Self {
+        let mut opts = Self {
             seed,
             nodes,
             volumes,
@@ -235,11 +252,34 @@ impl Options {
             rpc_timeout_ms,
             fault_every_ms,
             chaos_secs,
-            vms,
-            migrations,
-            migration_timeout_secs,
+            vms: 0,
+            migrations: 0,
+            migration_timeout_secs: 0,
+            rds_outage: match outage_roll {
+                // One seed in six (of those with faults) has an outage, half of them long.
+                0 => None,
+                n if n <= 8 => Some((
+                    r.random_range(0..=chaos_secs * 1000),
+                    r.random_range(610..=780),
+                )),
+                n if n <= 16 => Some((
+                    r.random_range(0..=chaos_secs * 1000),
+                    r.random_range(5..=90),
+                )),
+                _ => None,
+            },
+            finite_ctrl_loss_pct: if calm { 0 } else { r.random_range(0..=50) },
+            device_loss_pct,
+            leftover_pct,
             bug: None,
+        };
+        // The VMs are drawn last, so every knob above keeps its value for every seed.
+        if r.random_bool(0.5) {
+            opts.vms = r.random_range(1..=2);
         }
+        opts.migrations = r.random_range(1..=3);
+        opts.migration_timeout_secs = r.random_range(30..=60);
+        opts
     }
 
     /// With `bug` planted.
@@ -258,7 +298,8 @@ impl fmt::Display for Options {
              api_5xx={}% api_latency={}ms rds_fail={}% rds_lost_reply={}% bounce={}% \
              crash_point={}% partition={}% flaky_link={}% node_crash={}% node_delete={}% \
              failover={}% fence={} node_partition={}% api_spike={}% delete_race={}% \
-             reissue={}% operator={}% reconcile={}s rpc_timeout={}ms fault_every={}ms chaos={}s",
+             reissue={}% operator={}% reconcile={}s rpc_timeout={}ms fault_every={}ms chaos={}s \
+             outage={} finite_ctrl_loss={}% device_loss={}% leftover={}%",
             self.seed,
             self.nodes,
             self.volumes,
@@ -289,6 +330,13 @@ impl fmt::Display for Options {
             self.rpc_timeout_ms,
             self.fault_every_ms,
             self.chaos_secs,
+            match self.rds_outage {
+                Some((at, secs)) => format!("{secs}s@{}.{:03}s", at / 1000, at % 1000),
+                None => "none".into(),
+            },
+            self.finite_ctrl_loss_pct,
+            self.device_loss_pct,
+            self.leftover_pct,
         )?;
         if self.vms > 0 {
             write!(

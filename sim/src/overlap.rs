@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
-use rds_csi::ports::mounter::{MountEntry, MountError, TargetKind, UsageStats};
+use rds_csi::ports::mounter::{FsCheck, MountEntry, MountError, TargetKind, UsageStats};
 use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::ports::{AttachmentStore, Initiator, Mounter, Rds};
@@ -313,6 +313,9 @@ impl<K: Initiator + Mounter> Initiator for Tracked<K> {
     async fn find_device(&self, nqn: &str) -> Result<Option<PathBuf>, InitiatorError> {
         self.mark().find_device(nqn).await
     }
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        self.mark().nqn_of_device(device).await
+    }
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
         self.mark().connections().await
     }
@@ -325,6 +328,9 @@ impl<K: Initiator + Mounter> Initiator for Tracked<K> {
 impl<K: Initiator + Mounter> Mounter for Tracked<K> {
     async fn filesystem_of(&self, device: &Path) -> Result<Option<String>, MountError> {
         self.mark().filesystem_of(device).await
+    }
+    async fn check_filesystem(&self, device: &Path, fs_type: &str) -> Result<FsCheck, MountError> {
+        self.mark().check_filesystem(device, fs_type).await
     }
     async fn format(&self, device: &Path, fs_type: &str) -> Result<(), MountError> {
         self.mark().format(device, fs_type).await

@@ -8,9 +8,12 @@
 //! succeeded, sometimes a conflicting ControllerPublish of the volume to another node, then
 //! NodeUnpublish, NodeUnstage and ControllerUnpublish until OK and the VolumeAttachment
 //! removed (the pod moves to another live node); finally DeleteVolume until OK and the PV
-//! removed. When the node's machine is lost mid-round, its pod goes with it and the
-//! attach/detach controller force-detaches [`FORCE_DETACH_SECS`] after the loss; when the
-//! node is partitioned while alive, the same happens [`FORCE_DETACH_SECS`] after it stopped
+//! removed. While a pod runs the kubelet polls NodeGetVolumeStats; a volume reported
+//! abnormal gets its pod restarted on the node (NodeUnpublish, then NodePublish of the new
+//! pod, which repairs a stale staging mount). Some volumes' StorageClass sets `ctrlLossTmo`.
+//! When the node's machine is lost mid-round, its pod goes with it and the attach/detach
+//! controller force-detaches [`FORCE_DETACH_SECS`] after the loss; when the node is
+//! partitioned while alive, the same happens [`FORCE_DETACH_SECS`] after it stopped
 //! reporting (unless it heals first), its kubelet keeps the mount, and cleans up once the
 //! partition heals.
 //!
@@ -41,8 +44,8 @@ use rds_csi::proto::csi::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
     ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, CreateSnapshotRequest,
     CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ListVolumesRequest,
-    NodeExpandVolumeRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+    NodeExpandVolumeRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
@@ -53,7 +56,8 @@ use tonic::{Code, Status};
 use crate::model::Op;
 use crate::options::{FORCE_DETACH_SECS, VM_PREFIX};
 use crate::world::{
-    CSI_PORT, DRIVER, KUBELET_ROOT, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
+    CSI_PORT, DRIVER, ORPHAN_SWEEP, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
+    staging_path, target_path,
 };
 
 /// Stands for the leading controller replica.
@@ -61,6 +65,12 @@ const CTRL: &str = "controller*";
 
 /// Size of every volume.
 pub const VOLUME_BYTES: i64 = 1 << 30;
+
+/// How often the kubelet polls the stats of a running pod's volume.
+pub const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// The `ctrlLossTmo` of the StorageClass some volumes use (seconds).
+pub const FINITE_CTRL_LOSS_TMO: i32 = 30;
 
 /// One CSI call.
 #[derive(Debug, Clone)]
@@ -77,6 +87,7 @@ enum Call {
     NodeExpand(NodeExpandVolumeRequest),
     Snapshot(CreateSnapshotRequest),
     DeleteSnapshot(DeleteSnapshotRequest),
+    Stats(NodeGetVolumeStatsRequest),
 }
 
 impl Call {
@@ -94,6 +105,7 @@ impl Call {
             Call::NodeExpand(_) => "NodeExpand",
             Call::Snapshot(_) => "CreateSnapshot",
             Call::DeleteSnapshot(_) => "DeleteSnapshot",
+            Call::Stats(_) => "NodeGetVolumeStats",
         }
     }
 }
@@ -104,6 +116,8 @@ struct Reply {
     volume_context: HashMap<String, String>,
     publish_context: HashMap<String, String>,
     snapshot_id: String,
+    /// NodeGetVolumeStats: the volume is abnormal.
+    abnormal: bool,
 }
 
 async fn send(host: &str, port: u16, call: Call, timeout: Duration) -> Result<Reply, Status> {
@@ -153,6 +167,15 @@ async fn send(host: &str, port: u16, call: Call, timeout: Duration) -> Result<Re
             ..Default::default()
         },
         Call::DeleteSnapshot(r) => c.delete_snapshot(r).await.map(|_| Reply::default())?,
+        Call::Stats(r) => Reply {
+            abnormal: n
+                .node_get_volume_stats(r)
+                .await?
+                .into_inner()
+                .volume_condition
+                .is_some_and(|c| c.abnormal),
+            ..Default::default()
+        },
     };
     Ok(reply)
 }
@@ -177,6 +200,14 @@ fn vm_capability() -> VolumeCapability {
         }),
         access_type: Some(AccessType::Block(BlockVolume {})),
     }
+}
+
+/// A pod using the volume on a node: its NodePublish (the target path included), the round
+/// it belongs to, and how often it was restarted.
+struct Pod {
+    publish: NodePublishVolumeRequest,
+    round: usize,
+    restarts: u32,
 }
 
 /// The volume's node was lost (its machine gone, Node object deleted) or stopped
@@ -218,6 +249,9 @@ fn forbidden(call: &Call, code: Code) -> Option<&'static str> {
         (Call::Unstage(_) | Call::NodeUnpublish(_), Code::NotFound) => {
             Some("tearing down what is not there must succeed")
         }
+        // The kubelet asks only about a volume it published at that path: a broken volume
+        // is reported abnormal, never as missing.
+        (Call::Stats(_), Code::NotFound) => Some("the volume is published at this path"),
         _ => None,
     }
 }
@@ -273,6 +307,7 @@ impl Script {
         let timeout = Duration::from_millis(self.sh.opts.rpc_timeout_ms);
         let r = send(host, port, call.clone(), timeout).await;
         let outcome = match &r {
+            Ok(reply) if reply.abnormal => "OK abnormal".to_string(),
             Ok(_) => "OK".to_string(),
             Err(s) => format!("{:?}", s.code()),
         };
@@ -580,8 +615,7 @@ impl Script {
         // RDS; whether the kernel may connect is the RDS's allow lists' (the data path).
         self.show_disk(ix);
         let staging = staging_path(&vol);
-        let target =
-            format!("{KUBELET_ROOT}/pods/pod-{vol}-{round}/volumes/kubernetes.io~csi/{vol}/mount");
+        let target = target_path(&vol, &format!("pod-{vol}-{round}"));
         let stage = Call::Stage(NodeStageVolumeRequest {
             volume_id: vol.clone(),
             publish_context: published.publish_context.clone(),
@@ -594,24 +628,31 @@ impl Script {
             .await?;
         self.maybe_repeat(&node, stage).await;
         self.target = Some(target.clone());
-        let pod = Call::NodePublish(NodePublishVolumeRequest {
-            volume_id: vol.clone(),
-            publish_context: published.publish_context.clone(),
-            staging_target_path: staging.clone(),
-            target_path: target.clone(),
-            volume_capability: Some(capability()),
-            volume_context: vctx.clone(),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, pod.clone()).await?;
-        self.maybe_repeat(&node, pod).await;
+        let mut pod = Pod {
+            publish: NodePublishVolumeRequest {
+                volume_id: vol.clone(),
+                publish_context: published.publish_context.clone(),
+                staging_target_path: staging.clone(),
+                target_path: target,
+                volume_capability: Some(capability()),
+                volume_context: vctx.clone(),
+                ..Default::default()
+            },
+            round,
+            restarts: 0,
+        };
+        let publish = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, publish.clone())
+            .await?;
+        self.maybe_repeat(&node, publish).await;
         self.reattach_if_asked(ix, generation, vctx).await?;
         if self.rng.random_range(0..100) < o.expand_pct {
-            self.expand(ix, generation, &staging, &target).await?;
+            self.expand(ix, generation, &mut pod).await?;
         }
-        // The pod runs for a while.
-        self.think(1_000, 15_000).await;
+        // The pod runs for a while (and may be restarted on the node).
+        self.pod_runs(ix, generation, &mut pod).await?;
         self.reattach_if_asked(ix, generation, vctx).await?;
+        let target = pod.publish.target_path;
         // The pod moves away.
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: vol.clone(),
@@ -783,6 +824,46 @@ impl Script {
         self.sh.api.remove_object(Kind::PersistentVolume, "", &vol);
     }
 
+    /// The pod runs on node `ix` for a seeded while, the kubelet polling its volume's stats
+    /// ([`Self::check_pod`]).
+    async fn pod_runs(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let end = now() + Duration::from_millis(self.rng.random_range(1_000..=15_000));
+        while now() < end {
+            tokio::time::sleep(STATS_EVERY.min(end - now())).await;
+            self.check_pod(ix, generation, pod).await?;
+        }
+        Ok(())
+    }
+
+    /// The kubelet polls the stats of the pod's volume; when the volume is reported
+    /// abnormal the pod is restarted on the node: the old pod's NodeUnpublish, then the new
+    /// pod's NodePublish (which repairs a stale staging mount).
+    async fn check_pod(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
+        self.alive(ix, generation)?;
+        let node = node_name(ix);
+        let stats = Call::Stats(NodeGetVolumeStatsRequest {
+            volume_id: self.vol.clone(),
+            volume_path: pod.publish.target_path.clone(),
+            staging_target_path: pod.publish.staging_target_path.clone(),
+        });
+        if !self.once(&node, &stats, "").await.is_ok_and(|r| r.abnormal) {
+            return Ok(());
+        }
+        pod.restarts += 1;
+        let old = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            target_path: pod.publish.target_path.clone(),
+        });
+        self.until_ok_on(&node, ix, generation, old).await?;
+        let name = format!("pod-{}-{}-{}", self.vol, pod.round, pod.restarts);
+        pod.publish.target_path = target_path(&self.vol, &name);
+        self.target = Some(pod.publish.target_path.clone());
+        let new = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, new).await?;
+        Ok(())
+    }
+
     /// The node's kernel sees the disk, at its current size, while it exists on the RDS
     /// (the network between them is not simulated).
     fn show_disk(&self, ix: usize) {
@@ -805,13 +886,7 @@ impl Script {
     /// The resizer grows the volume by 1 GiB while a pod on node `ix` uses it
     /// (ControllerExpandVolume until OK), then the kubelet grows the filesystem
     /// (NodeExpandVolume until OK).
-    async fn expand(
-        &mut self,
-        ix: usize,
-        generation: u64,
-        staging: &str,
-        target: &str,
-    ) -> Result<(), Lost> {
+    async fn expand(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
         let size = self.size + (1 << 30);
         let range = Some(CapacityRange {
             required_bytes: i64::try_from(size).unwrap_or(i64::MAX),
@@ -829,18 +904,27 @@ impl Script {
         self.maybe_repeat(CTRL, expand).await;
         self.show_disk(ix);
         let node = node_name(ix);
-        let grow = Call::NodeExpand(NodeExpandVolumeRequest {
-            volume_id: self.vol.clone(),
-            volume_path: target.to_string(),
-            capacity_range: range,
-            staging_target_path: staging.to_string(),
-            volume_capability: Some(capability()),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, grow.clone())
-            .await?;
-        self.maybe_repeat(&node, grow).await;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            self.alive(ix, generation)?;
+            let grow = Call::NodeExpand(NodeExpandVolumeRequest {
+                volume_id: self.vol.clone(),
+                volume_path: pod.publish.target_path.clone(),
+                capacity_range: range,
+                staging_target_path: pod.publish.staging_target_path.clone(),
+                volume_capability: Some(capability()),
+                ..Default::default()
+            });
+            if self.once(&node, &grow, "").await.is_ok() {
+                self.maybe_repeat(&node, grow).await;
+                return Ok(());
+            }
+            // Meanwhile the kubelet keeps polling the volume (a stale one cannot grow
+            // until its pod is restarted).
+            self.check_pod(ix, generation, pod).await?;
+            self.backoff(attempt).await;
+            attempt += 1;
+        }
     }
 
     /// The snapshotter takes snapshot `n` of the volume (CreateSnapshot until OK); its id.
@@ -903,7 +987,9 @@ impl Script {
         let vol = self.vol.clone();
         // Claims arrive over the chaos phase, so creates and deletes meet faults too.
         self.think(0, o.chaos_secs * 1000 / 2).await;
-        // The provisioner.
+        // The provisioner, with the volume's StorageClass parameters.
+        let ctrl_loss_tmo = (self.rng.random_range(0..100) < o.finite_ctrl_loss_pct)
+            .then_some(FINITE_CTRL_LOSS_TMO);
         let create = Call::Create(CreateVolumeRequest {
             name: vol.clone(),
             capacity_range: Some(CapacityRange {
@@ -911,8 +997,12 @@ impl Script {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![capability()],
+            parameters: ctrl_loss_tmo
+                .map(|t| [("ctrlLossTmo".to_string(), t.to_string())].into())
+                .unwrap_or_default(),
             ..Default::default()
         });
+        self.model().volume(&vol).ctrl_loss_tmo = ctrl_loss_tmo;
         let created = self.until_ok(CTRL, create.clone()).await;
         {
             let mut m = self.model();
@@ -993,11 +1083,9 @@ enum Ending {
 impl Script {
     /// Where the VM's `n`th pod (virt-launcher) on node `ix` maps the disk.
     fn vm_target(&self, ix: usize, n: usize) -> String {
-        format!(
-            "{KUBELET_ROOT}/pods/virt-launcher-{}-{n}/volumeDevices/kubernetes.io~csi/{}-on-{}",
-            self.vol,
-            self.vol,
-            node_name(ix)
+        target_path(
+            &self.vol,
+            &format!("virt-launcher-{}-{n}-{}", self.vol, node_name(ix)),
         )
     }
 
@@ -1009,7 +1097,7 @@ impl Script {
         generation: u64,
         n: usize,
         vctx: &HashMap<String, String>,
-    ) -> Result<String, Lost> {
+    ) -> Result<Pod, Lost> {
         let node = node_name(ix);
         self.put_va(&node, false);
         let published = self.publish(ix, generation, vctx).await?;
@@ -1026,28 +1114,33 @@ impl Script {
             ..Default::default()
         });
         self.until_ok_on(&node, ix, generation, stage).await?;
-        let target = self.vm_target(ix, n);
-        let pod = Call::NodePublish(NodePublishVolumeRequest {
-            volume_id: self.vol.clone(),
-            publish_context: published.publish_context,
-            staging_target_path: staging,
-            target_path: target.clone(),
-            volume_capability: Some(vm_capability()),
-            volume_context: vctx.clone(),
-            ..Default::default()
-        });
-        self.until_ok_on(&node, ix, generation, pod.clone()).await?;
-        self.maybe_repeat(&node, pod).await;
-        Ok(target)
+        let pod = Pod {
+            publish: NodePublishVolumeRequest {
+                volume_id: self.vol.clone(),
+                publish_context: published.publish_context,
+                staging_target_path: staging,
+                target_path: self.vm_target(ix, n),
+                volume_capability: Some(vm_capability()),
+                volume_context: vctx.clone(),
+                ..Default::default()
+            },
+            round: n,
+            restarts: 0,
+        };
+        let publish = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, publish.clone())
+            .await?;
+        self.maybe_repeat(&node, publish).await;
+        Ok(pod)
     }
 
     /// The VM's pod on node `ix` is gone: the kubelet unmaps and unstages, the attacher
     /// detaches.
-    async fn vm_detach(&mut self, ix: usize, generation: u64, target: String) -> Result<(), Lost> {
+    async fn vm_detach(&mut self, ix: usize, generation: u64, pod: &Pod) -> Result<(), Lost> {
         let node = node_name(ix);
         let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
             volume_id: self.vol.clone(),
-            target_path: target,
+            target_path: pod.publish.target_path.clone(),
         });
         self.until_ok_on(&node, ix, generation, unpod).await?;
         let unstage = Call::Unstage(NodeUnstageVolumeRequest {
@@ -1073,20 +1166,20 @@ impl Script {
     }
 
     /// Starts the VM on a live node other than `not` (retrying elsewhere when the node is
-    /// lost on the way): (node, generation, target path).
+    /// lost on the way): (node, generation, pod).
     async fn vm_start(
         &mut self,
         not: usize,
         n: &mut usize,
         vctx: &HashMap<String, String>,
-    ) -> (usize, u64, String) {
+    ) -> (usize, u64, Pod) {
         let mut ix = self.pick_node(not);
         loop {
             self.cleaned_up(Some(ix)).await;
             let generation = self.sh.node_life(ix).generation;
             *n += 1;
             match self.vm_attach(ix, generation, *n, vctx).await {
-                Ok(target) => return (ix, generation, target),
+                Ok(pod) => return (ix, generation, pod),
                 Err(lost) => {
                     let target = self.vm_target(ix, *n);
                     self.vm_lost(ix, generation, target, lost).await;
@@ -1096,14 +1189,64 @@ impl Script {
         }
     }
 
+    /// The VM's pods on their nodes run until `until`, the kubelets polling the disk's
+    /// stats ([`Self::check_pod`]: an abnormal volume gets its pod restarted). The first
+    /// pod whose node is lost meanwhile, by index into `pods`.
+    async fn vm_runs(
+        &mut self,
+        until: Duration,
+        pods: &mut [(usize, u64, &mut Pod)],
+    ) -> Option<(usize, Lost)> {
+        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        while now() < until {
+            tokio::time::sleep(STATS_EVERY.min(until - now())).await;
+            for (i, (ix, generation, pod)) in pods.iter_mut().enumerate() {
+                if let Err(lost) = self.check_pod(*ix, *generation, pod).await {
+                    return Some((i, lost));
+                }
+            }
+        }
+        None
+    }
+
+    /// Awaits `task` (another kubelet's or the attacher's work on the VM's other node) while
+    /// this node's kubelet keeps polling the VM's running pod `pod` on node `ix`, as the two
+    /// nodes' kubelets do independently. The task's result, and the polled node's loss if it
+    /// was lost meanwhile (polling then stops).
+    async fn polling_while<T: Send + 'static>(
+        &mut self,
+        task: tokio::task::JoinHandle<T>,
+        ix: usize,
+        generation: u64,
+        pod: &mut Pod,
+    ) -> (T, Option<Lost>) {
+        let mut lost = None;
+        while !task.is_finished() {
+            tokio::time::sleep(STATS_EVERY).await;
+            if lost.is_none()
+                && !task.is_finished()
+                && let Err(l) = self.check_pod(ix, generation, pod).await
+            {
+                lost = Some(l);
+            }
+        }
+        match task.await {
+            Ok(t) => (t, lost),
+            // The workload's own tasks do not panic; a panic is a bug of the harness.
+            Err(e) => panic!("VM task failed: {e}"),
+        }
+    }
+
     /// A KubeVirt VM: its disk (RWX block, `migrationTimeoutSeconds` from the knobs)
     /// created, the VM started on a node, then live-migrated `migrations` times to another
     /// live node (the disk attached, staged and mapped there while the source still holds
     /// it), each migration ending as drawn: completed (the source detached), failed (the
     /// target detached first), or first outlasting its timeout, when a third node's attach
     /// is refused, then ending either way; a target lost mid-migration fails it (force-
-    /// detached), a source lost restarts the VM elsewhere. Sometimes a third node's attach
-    /// meets a running migration. Finally the VM stops and its disk is deleted.
+    /// detached), a source lost restarts the VM elsewhere (or completes the migration).
+    /// Sometimes a third node's attach meets a running migration. While the VM's pods run,
+    /// the kubelets poll the disk as for any pod. Finally the VM stops and its disk is
+    /// deleted.
     async fn run_vm(mut self, i: usize) {
         let o = std::sync::Arc::clone(&self.sh.opts);
         let vol = self.vol.clone();
@@ -1147,19 +1290,26 @@ impl Script {
             }),
         );
         let vctx = created.volume_context;
+        let now = || turmoil::sim_elapsed().unwrap_or_default();
         let mut pods = 0;
-        let (mut src, mut src_gen, mut src_target) =
-            self.vm_start(usize::MAX, &mut pods, &vctx).await;
-        for m in 0..o.migrations {
+        let (mut src, mut src_gen, mut src_pod) = self.vm_start(usize::MAX, &mut pods, &vctx).await;
+        let mut m = 0;
+        while m < o.migrations {
             // The VM runs for a while.
-            self.think(1_000, 10_000).await;
-            if let Err(lost) = self.alive(src, src_gen) {
-                self.vm_lost(src, src_gen, src_target, lost).await;
-                (src, src_gen, src_target) = self.vm_start(src, &mut pods, &vctx).await;
+            let until = now() + Duration::from_millis(self.rng.random_range(1_000..=10_000));
+            if let Some((_, lost)) = self
+                .vm_runs(until, &mut [(src, src_gen, &mut src_pod)])
+                .await
+            {
+                let target = src_pod.publish.target_path.clone();
+                self.vm_lost(src, src_gen, target, lost).await;
+                (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
+                m += 1;
                 continue;
             }
             let dst = self.pick_node(src);
             if dst == src {
+                m += 1;
                 continue; // no other live node to move to
             }
             let draw = self.rng.random_range(0..100u32);
@@ -1185,80 +1335,148 @@ impl Script {
                     }
                 ),
             );
+            m += 1;
             self.cleaned_up(Some(dst)).await;
             let dst_gen = self.sh.node_life(dst).generation;
             pods += 1;
-            let started = turmoil::sim_elapsed().unwrap_or_default();
-            let dst_target = match self.vm_attach(dst, dst_gen, pods, &vctx).await {
-                Ok(t) => t,
+            let started = now();
+            let attach = {
+                let mut attacher = self.child();
+                let vctx = vctx.clone();
+                tokio::spawn(async move { attacher.vm_attach(dst, dst_gen, pods, &vctx).await })
+            };
+            let (attached, src_lost) = self.polling_while(attach, src, src_gen, &mut src_pod).await;
+            if let Some(lost) = src_lost {
+                // The source is gone while the target attaches: the VM goes on on the target
+                // if it got there, else it restarts elsewhere.
+                self.sh.trace.log(
+                    "co",
+                    format!("VM {vol}: the source {from} is lost mid-migration"),
+                );
+                let target = src_pod.publish.target_path.clone();
+                self.vm_lost(src, src_gen, target, lost).await;
+                match attached {
+                    Ok(p) => (src, src_gen, src_pod) = (dst, dst_gen, p),
+                    Err(lost) => {
+                        let t = self.vm_target(dst, pods);
+                        self.vm_lost(dst, dst_gen, t, lost).await;
+                        (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
+                    }
+                }
+                continue;
+            }
+            let mut dst_pod = match attached {
+                Ok(p) => p,
                 Err(lost) => {
                     self.sh.trace.log(
                         "co",
-                        format!("VM {vol}: migration {m} fails, its target {to} is lost"),
+                        format!("VM {vol}: migration fails, its target {to} is lost"),
                     );
                     let t = self.vm_target(dst, pods);
                     self.vm_lost(dst, dst_gen, t, lost).await;
                     continue;
                 }
             };
-            if self.rng.random_range(0..100) < o.conflict_attach_pct {
-                let third = self.pick_third(src, dst);
-                if let Some(third) = third {
-                    self.conflicting_attach(third, &vctx).await;
+            if self.rng.random_range(0..100) < o.conflict_attach_pct
+                && let Some(third) = self.pick_third(src, dst)
+            {
+                self.conflicting_attach(third, &vctx).await;
+            }
+            let until = if outlasts {
+                started
+                    + Duration::from_secs(o.migration_timeout_secs)
+                    + Duration::from_millis(self.rng.random_range(1_000..=20_000))
+            } else {
+                now() + Duration::from_millis(self.rng.random_range(500..=5_000))
+            };
+            let lost = self
+                .vm_runs(
+                    until,
+                    &mut [(src, src_gen, &mut src_pod), (dst, dst_gen, &mut dst_pod)],
+                )
+                .await;
+            match lost {
+                Some((0, lost)) => {
+                    // The source is gone: the VM can only go on on the target.
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: the source {from} is lost mid-migration"),
+                    );
+                    let target = src_pod.publish.target_path.clone();
+                    self.vm_lost(src, src_gen, target, lost).await;
+                    (src, src_gen, src_pod) = (dst, dst_gen, dst_pod);
+                    continue;
                 }
+                Some((_, lost)) => {
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: migration fails, its target {to} is lost"),
+                    );
+                    let target = dst_pod.publish.target_path.clone();
+                    self.vm_lost(dst, dst_gen, target, lost).await;
+                    continue;
+                }
+                None => {}
             }
             if outlasts {
-                let past = self.rng.random_range(1_000..=20_000);
-                let until = started
-                    + Duration::from_secs(o.migration_timeout_secs)
-                    + Duration::from_millis(past);
-                let now = turmoil::sim_elapsed().unwrap_or_default();
-                tokio::time::sleep(until.saturating_sub(now)).await;
                 self.sh.trace.log(
                     "co",
                     format!(
-                        "VM {vol}: migration {m} from {from} to {to} outlasted its timeout of {}s",
+                        "VM {vol}: migration from {from} to {to} outlasted its timeout of {}s",
                         o.migration_timeout_secs
                     ),
                 );
                 if let Some(third) = self.pick_third(src, dst) {
                     self.conflicting_attach(third, &vctx).await;
                 }
-            } else {
-                self.think(500, 5_000).await;
             }
-            let (leaving, leaving_gen, leaving_target) = match ending {
-                Ending::Completes => (src, src_gen, src_target.clone()),
-                Ending::TargetDetached => (dst, dst_gen, dst_target.clone()),
+            let (leaving, leaving_gen, leaving_pod, staying, staying_gen, mut staying_pod) =
+                match ending {
+                    Ending::Completes => (src, src_gen, src_pod, dst, dst_gen, dst_pod),
+                    Ending::TargetDetached => (dst, dst_gen, dst_pod, src, src_gen, src_pod),
+                };
+            let detach = {
+                let mut kubelet = self.child();
+                tokio::spawn(async move {
+                    let target = leaving_pod.publish.target_path.clone();
+                    if let Err(lost) = kubelet.vm_detach(leaving, leaving_gen, &leaving_pod).await {
+                        kubelet.vm_lost(leaving, leaving_gen, target, lost).await;
+                    }
+                    kubelet
+                })
             };
-            if let Err(lost) = self
-                .vm_detach(leaving, leaving_gen, leaving_target.clone())
-                .await
-            {
-                self.vm_lost(leaving, leaving_gen, leaving_target, lost)
-                    .await;
+            let (mut kubelet, staying_lost) = self
+                .polling_while(detach, staying, staying_gen, &mut staying_pod)
+                .await;
+            // A partitioned node's kubelet cleans up once it is back: waited for before
+            // the VM uses that node again, and at the end.
+            if let Some(cleanup) = kubelet.cleanup.take() {
+                self.cleaned_up(None).await;
+                self.cleanup = Some(cleanup);
             }
-            let elapsed = turmoil::sim_elapsed()
-                .unwrap_or_default()
-                .saturating_sub(started);
+            (src, src_gen, src_pod) = (staying, staying_gen, staying_pod);
+            let elapsed = now().saturating_sub(started);
             self.sh.trace.log(
                 "co",
                 format!(
-                    "VM {vol}: migration {m} {} after {:.1}s",
+                    "VM {vol}: migration from {from} to {to} {} after {:.1}s",
                     match ending {
-                        Ending::Completes => format!("completed, the VM runs on {to}"),
-                        Ending::TargetDetached => format!("failed, the VM stays on {from}"),
+                        Ending::Completes => "completed, the VM runs on the target",
+                        Ending::TargetDetached => "failed, the VM stays on the source",
                     },
                     elapsed.as_secs_f64()
                 ),
             );
-            if ending == Ending::Completes {
-                (src, src_gen, src_target) = (dst, dst_gen, dst_target);
+            if let Some(lost) = staying_lost {
+                let target = src_pod.publish.target_path.clone();
+                self.vm_lost(src, src_gen, target, lost).await;
+                (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
             }
         }
         // The VM stops.
-        if let Err(lost) = self.vm_detach(src, src_gen, src_target.clone()).await {
-            self.vm_lost(src, src_gen, src_target, lost).await;
+        if let Err(lost) = self.vm_detach(src, src_gen, &src_pod).await {
+            let target = src_pod.publish.target_path.clone();
+            self.vm_lost(src, src_gen, target, lost).await;
         }
         let child = self.child();
         let _ = tokio::spawn(child.delete_volume()).await;
@@ -1276,11 +1494,6 @@ impl Script {
             .collect();
         (!others.is_empty()).then(|| others[self.rng.random_range(0..others.len())])
     }
-}
-
-/// The kubelet's staging path of `vol`.
-fn staging_path(vol: &str) -> String {
-    format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{vol}/globalmount")
 }
 
 /// The name Kubernetes gives the VolumeAttachment of `vol` on `node` (the driver looks it up
@@ -1335,8 +1548,10 @@ pub async fn run(sh: Shared) -> turmoil::Result {
         r.abort();
     }
     // Memory of a replica that missed the other's writes during a failover agrees with
-    // the store again after its next resync.
-    tokio::time::sleep(RESYNC + Duration::from_secs(5)).await;
+    // the store again after its next resync, and a connection a node was left with is past
+    // its orphan grace period and swept.
+    let settle = RESYNC.max(ORPHAN_SWEEP.grace + ORPHAN_SWEEP.interval * 2);
+    tokio::time::sleep(settle + Duration::from_secs(5)).await;
     sh.trace.log("co", "workload complete");
     Ok(())
 }

@@ -9,10 +9,12 @@
 //!   composition root (`rds_csi::compose`) like the binary's, served by `server::serve` on
 //!   turmoil TCP.
 //! - `node-1..N`: the real plugin in node mode over the in-memory kernel
-//!   (`rds_csi::node::fake::FakeKernel`, which survives plugin restarts like a real kernel).
-//!   The data path is the RDS's export allow lists, mirrored into each kernel after every
-//!   step ([`Shared::sync_data_path`]): a kernel cannot open a new connection to an export
-//!   that names another host.
+//!   (`rds_csi::node::fake::FakeKernel`, which survives plugin restarts like a real kernel,
+//!   and models NVMe/TCP reconnects, ctrl-loss-tmo and device renames), with a `kube::Client`
+//!   of its own (host NQN, the VolumeAttachments its orphan sweep reads). The data path is
+//!   the RDS's export allow lists, mirrored into each kernel after every step
+//!   ([`Shared::sync_data_path`]): a kernel cannot open a new connection to an export that
+//!   names another host; an RDS outage reaches every kernel ([`crate::faults`]).
 //!
 //! Every timeout here is virtual: turmoil drops segments of a partitioned link silently, so
 //! each request is bounded. Port wrappers (crash points, planted bugs, call tracking) enter
@@ -34,8 +36,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rds_csi::attachment::{AttachmentConfig, AttachmentManager};
 use rds_csi::compose::{self, Kernel, Plugin, PortLayers, Seams};
 use rds_csi::kube::fake_api::{FIXED_DATE, FakeApi};
-use rds_csi::node::NodeOptions;
 use rds_csi::node::fake::FakeKernel;
+use rds_csi::node::{NodeOptions, OrphanConfig};
 use rds_csi::ports::time::SeededEntropy;
 use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
 use rds_csi::retry::Backoff;
@@ -87,6 +89,29 @@ pub const BACKOFF: Backoff = Backoff {
 
 /// How often each controller replica resynchronises its attachment memory from the store.
 pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// The nodes' orphan sweep: how often, and how long a connection must stay an orphan.
+pub const ORPHAN_SWEEP: OrphanConfig = OrphanConfig {
+    interval: Duration::from_secs(10),
+    grace: Duration::from_secs(15),
+    dry_run: false,
+};
+
+/// The staging path of `volume` on a node (the kubelet's global mount).
+pub fn staging_path(volume: &str) -> String {
+    format!("{KUBELET_ROOT}/plugins/kubernetes.io/csi/{DRIVER}/{volume}/globalmount")
+}
+
+/// The publish target of `volume` for the pod `pod`.
+pub fn target_path(volume: &str, pod: &str) -> String {
+    format!("{KUBELET_ROOT}/pods/{pod}/volumes/kubernetes.io~csi/{volume}/mount")
+}
+
+/// The volume a staging path or publish target belongs to (the component before the last,
+/// in both shapes above).
+pub fn volume_of_path(path: &std::path::Path) -> Option<&str> {
+    path.parent()?.file_name()?.to_str()
+}
 
 /// Wall clock of the simulation: the pinned epoch plus simulated time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -593,7 +618,9 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
         allowed_root: Some(KUBELET_ROOT.into()),
         nqn_prefix: DEFAULT_NQN_PREFIX.into(),
         require_target_address: true,
+        ..NodeOptions::default()
     };
+    s.node.orphans = ORPHAN_SWEEP;
     Ok(s)
 }
 
@@ -722,7 +749,9 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
 }
 
 /// The `node-<i+1>` host, one incarnation: the plugin built by the composition root over
-/// its kernel (tracked for the no-overlap checker), then served.
+/// its kernel (tracked for the no-overlap checker, the initiator with the planted bug if
+/// it is a node bug) and a Kubernetes client of its own (its host NQN, the VolumeAttachments
+/// its orphan sweep judges by), then served.
 pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     let kernel = Arc::new(Tracked::new(
         Arc::new(sh.kernels[i].clone()),
@@ -736,9 +765,10 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
         )),
     );
     seams.kernel = Some(Kernel {
-        initiator: kernel.clone(),
+        initiator: crate::bugs::wrap_initiator(kernel.clone(), sh.opts.bug),
         mounter: kernel,
     });
+    seams.kube = Some(kube::Client::new(KubeHttp, "default"));
     let plugin = compose::build(&settings(&node_name(i), Mode::Node, &sh.opts)?, seams)
         .map_err(|e| e.to_string())?;
     start_and_serve(plugin, &sh.trace, "node", "", None).await

@@ -77,24 +77,20 @@ fn a_seed_replays_to_the_same_trace() {
 
 #[test]
 fn canonical_traces() {
-    // 5: calm (no faults) with the fence: a re-issued unpublish ABORTED while the first
-    // runs, DeleteVolume racing the last detach (FAILED_PRECONDITION until the record is
-    // gone), and the operator removing the VolumeAttachment's finalizer by hand, after which
-    // the stale record is cleared and the delete converges.
-    // 22: API latency spikes past the CO deadline, a failover, the attacher's
-    // reconciliation (ListVolumes judged against the records), re-issued publishes, two
-    // finalizers removed and two PVs deleted and restored from a backup by hand, deletes
-    // racing detaches.
-    // 28: a node machine lost and re-created under its name with a new host NQN, published
-    // to again (fenced to the new machine) and force-detached six minutes after the loss;
-    // latency spikes, reconciliation, re-issued calls.
-    // 79: a node partitioned while alive: Kubernetes force-detaches its two volumes six
-    // minutes later, the exports are parked, the partition heals and the node's reconnects
-    // are refused by the allow lists, its kubelet cleans up, the volumes move on.
-    // 58: a KubeVirt VM's live migrations: one failed (the target detached first), two
-    // that outlast their 38 s timeout — a third node's attach is refused meanwhile — and
-    // then complete; re-issued publishes and unpublishes ABORTED while the first runs.
-    for seed in [5u64, 22, 28, 58, 79] {
+    // 11: calm (no faults) with the fence: re-issued publishes ABORTED while the first runs,
+    // the operator removing a VolumeAttachment's finalizer by hand, DeleteVolume racing the
+    // last detach (FAILED_PRECONDITION until the record is gone).
+    // 12: a node machine lost and re-created under its name with a new host NQN, its two
+    // volumes force-detached six minutes after the loss; API latency spikes, the attacher's
+    // reconciliation, re-issued calls.
+    // 66: a node partitioned while alive (its controllers reconnecting): Kubernetes
+    // force-detaches its volume six minutes later, the export is parked, the partition heals
+    // and the node's reconnects are refused by the allow list; its kubelet's unmount waits on
+    // the queued I/O until the node's orphan sweep disconnects the fenced-away controller.
+    // 120: an RDS outage (33 s) with a node's NVMe controller lost under its mounts: the
+    // kubelet sees the volume abnormal and restarts the pod, whose NodePublishVolume repairs
+    // it once the RDS is back.
+    for seed in [11u64, 12, 66, 120] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
         insta::with_settings!({
@@ -158,6 +154,16 @@ fn finds_a_delete_that_does_not_check_the_holders() {
 #[test]
 fn finds_a_reissued_publish_that_skips_the_lock() {
     finds(Bug::ReissuedPublishSkipsLock);
+}
+
+#[test]
+fn finds_a_node_that_connects_without_its_reconnect_defaults() {
+    finds(Bug::KernelReconnectDefaults);
+}
+
+#[test]
+fn finds_a_node_that_remembers_device_paths() {
+    finds(Bug::RememberedDevicePath);
 }
 
 #[test]

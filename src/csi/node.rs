@@ -56,6 +56,22 @@ impl NodeService {
             inflight: InFlight::default(),
         }
     }
+
+    /// Shares `inflight` (the keys of the operations in flight) with the node's background
+    /// work, the orphan sweep, so the two never act on one volume at once.
+    pub fn with_inflight(mut self, inflight: InFlight) -> Self {
+        self.inflight = inflight;
+        self
+    }
+}
+
+/// The orphan sweep holds a volume's key like an RPC does (see [`NodeService::guard`]).
+impl crate::node::VolumeBusy for InFlight {
+    fn try_hold(&self, volume: &VolumeId) -> Option<Box<dyn Send>> {
+        self.try_start(volume.as_str(), &format!("volume {volume}"))
+            .ok()
+            .map(|g| Box::new(g) as Box<dyn Send>)
+    }
 }
 
 fn volume_id(value: &str) -> Result<VolumeId> {
@@ -244,16 +260,14 @@ pub fn validate_publish(req: &NodePublishVolumeRequest, ops: &NodeOps) -> Result
         ));
     }
     let cap = validate_capability(req.volume_capability.as_ref(), &req.volume_context)?;
-    let nqn = match req
-        .publish_context
-        .get(context::NQN)
-        .or_else(|| req.volume_context.get(context::NQN))
-    {
-        Some(n) if !n.is_empty() => Nqn::new(n.clone())
-            .map_err(|e| Error::InvalidArgument(format!("volume_context {}: {e}", context::NQN)))?
-            .to_string(),
-        _ => ops.nqn_for(&volume_id),
-    };
+    // The connect details too: a stale staging mount is repaired here (an address is only
+    // needed then, so its absence is not refused up front).
+    let target = target_from_context(
+        ops.nqn_for(&volume_id),
+        &req.publish_context,
+        &req.volume_context,
+        false,
+    )?;
     let readonly = req.readonly || cap.access == NodeAccess::ReadOnly;
     Ok(Publish {
         volume_id,
@@ -261,7 +275,7 @@ pub fn validate_publish(req: &NodePublishVolumeRequest, ops: &NodeOps) -> Result
         target_path,
         cap,
         readonly,
-        nqn,
+        target,
     })
 }
 
@@ -636,6 +650,7 @@ mod tests {
                     allowed_root: Some("/k".into()),
                     nqn_prefix: PREFIX.into(),
                     require_target_address: true,
+                    ..NodeOptions::default()
                 },
             );
             NodeService::new(NodeId::new("n1").unwrap(), 7, ops)

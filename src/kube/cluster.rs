@@ -1,10 +1,10 @@
 //! The `Cluster` port over the Kubernetes API (production): Node existence and host NQN
-//! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver (paginated LIST,
-//! PV names resolved to volume handles through the shared [`PvIndex`]), and Events on the
-//! PersistentVolume or on the claim bound to it (the PV's `spec.claimRef`, read with one GET
-//! per event: only migrations report on the claim, and they are rare); the node plugin
-//! publishes its host NQN with one merge PATCH of its Node's annotations. Transient failures
-//! are retried with the seeded [`Backoff`].
+//! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver, of all nodes or of
+//! one (paginated LIST, PV names resolved to volume handles through the shared [`PvIndex`],
+//! else one GET of the PV), and Events on the PersistentVolume or on the claim bound to it
+//! (the PV's `spec.claimRef`, read with one GET per event: only migrations report on the
+//! claim, and they are rare); the node plugin publishes its host NQN with one merge PATCH of
+//! its Node's annotations. Transient failures are retried with the seeded [`Backoff`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -229,6 +229,65 @@ impl KubeCluster {
         }
     }
 
+    /// The VolumeAttachments of this driver (on `node` only, when given), their PV names
+    /// resolved to volume ids (PVs of other nodes are never fetched), sorted by (volume,
+    /// node).
+    async fn list_attachments(
+        &self,
+        node: Option<&NodeId>,
+    ) -> Result<Vec<VolumeAttachmentInfo>, ClusterError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self
+                .call::<ListLite<VaLite>>("LIST VolumeAttachments", || {
+                    let mut lp = ::kube::api::ListParams::default().limit(crate::kube::pv_store::LIST_PAGE);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    ::kube::core::Request::new(VA_PATH).list(&lp)
+                })
+                .await?
+            {
+                Ok(p) => p,
+                Err(f) => {
+                    return Err(ClusterError::Other(format!(
+                        "LIST VolumeAttachments: {}",
+                        f.describe()
+                    )));
+                }
+            };
+            for va in page.items {
+                if va.spec.attacher != self.driver_name
+                    || node.is_some_and(|n| n.as_str() != va.spec.node_name)
+                {
+                    continue;
+                }
+                let Some(pv) = va.spec.source.persistent_volume_name else {
+                    continue;
+                };
+                let Some(volume_id) = self.volume_of_pv(&pv).await? else {
+                    continue;
+                };
+                let Ok(node_id) = NodeId::new(va.spec.node_name.as_str()) else {
+                    continue;
+                };
+                out.push(VolumeAttachmentInfo {
+                    volume_id,
+                    node_id,
+                    attached: va.status.is_some_and(|s| s.attached),
+                    deleting: va.metadata.deletion_timestamp.is_some(),
+                });
+            }
+            match page.metadata.continue_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));
+        Ok(out)
+    }
+
     async fn volume_of_pv(&self, pv_name: &str) -> Result<Option<VolumeId>, ClusterError> {
         if let Some(v) = self.index.volume_of(pv_name) {
             return Ok(Some(v));
@@ -298,54 +357,14 @@ impl Cluster for KubeCluster {
     }
 
     async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = match self
-                .call::<ListLite<VaLite>>("LIST VolumeAttachments", || {
-                    let mut lp = ::kube::api::ListParams::default().limit(crate::kube::pv_store::LIST_PAGE);
-                    if let Some(t) = &token {
-                        lp = lp.continue_token(t);
-                    }
-                    ::kube::core::Request::new(VA_PATH).list(&lp)
-                })
-                .await?
-            {
-                Ok(p) => p,
-                Err(f) => {
-                    return Err(ClusterError::Other(format!(
-                        "LIST VolumeAttachments: {}",
-                        f.describe()
-                    )));
-                }
-            };
-            for va in page.items {
-                if va.spec.attacher != self.driver_name {
-                    continue;
-                }
-                let Some(pv) = va.spec.source.persistent_volume_name else {
-                    continue;
-                };
-                let Some(volume_id) = self.volume_of_pv(&pv).await? else {
-                    continue;
-                };
-                let Ok(node_id) = NodeId::new(va.spec.node_name.as_str()) else {
-                    continue;
-                };
-                out.push(VolumeAttachmentInfo {
-                    volume_id,
-                    node_id,
-                    attached: va.status.is_some_and(|s| s.attached),
-                    deleting: va.metadata.deletion_timestamp.is_some(),
-                });
-            }
-            match page.metadata.continue_token.filter(|t| !t.is_empty()) {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));
-        Ok(Some(out))
+        self.list_attachments(None).await.map(Some)
+    }
+
+    async fn volume_attachments_on(
+        &self,
+        node: &NodeId,
+    ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.list_attachments(Some(node)).await.map(Some)
     }
 
     async fn volume_attachment_exists(

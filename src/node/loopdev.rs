@@ -119,6 +119,20 @@ impl LoopInitiator {
         std::fs::canonicalize(&self.rds_dir).unwrap_or_else(|_| self.rds_dir.clone())
     }
 
+    /// The NQN of the volume whose backing file is `file` (in `dir`, the resolved disk
+    /// directory), if it is one.
+    fn nqn_of_file(&self, dir: &Path, file: &Path) -> Option<String> {
+        if file.parent() != Some(dir) {
+            return None;
+        }
+        let slot = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".img"))?;
+        VolumeId::new(slot).ok()?;
+        Some(format!("{}{slot}", self.nqn_prefix))
+    }
+
     /// Attached loop devices, sorted by device number.
     async fn loops(&self) -> Result<Vec<LoopDev>, InitiatorError> {
         let block = self.sysfs_root.join("block");
@@ -272,6 +286,16 @@ impl Initiator for LoopInitiator {
         Ok(self.devices_of(&file).await?.into_iter().next())
     }
 
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        let dir = self.dir();
+        Ok(self
+            .loops()
+            .await?
+            .into_iter()
+            .find(|l| l.device == device)
+            .and_then(|l| self.nqn_of_file(&dir, &l.file)))
+    }
+
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
         let mut out: Vec<Connection> = Vec::new();
         let dir = self.dir();
@@ -281,21 +305,20 @@ impl Initiator for LoopInitiator {
             detaching,
         } in self.loops().await?
         {
-            if detaching || file.parent() != Some(dir.as_path()) {
+            if detaching {
                 continue;
             }
-            let Some(slot) = file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".img"))
-            else {
+            let Some(nqn) = self.nqn_of_file(&dir, &file) else {
                 continue;
             };
-            let nqn = format!("{}{slot}", self.nqn_prefix);
             if out.iter().any(|c| c.nqn == nqn) {
                 continue;
             }
-            out.push(Connection { nqn, device });
+            out.push(Connection {
+                nqn,
+                device,
+                live: true,
+            });
         }
         out.sort_by(|a, b| a.nqn.cmp(&b.nqn));
         Ok(out)

@@ -1,8 +1,10 @@
 //! The node side of the driver: the node core the CSI Node service calls, and the adapters
 //! of the two node ports.
 //!
-//! - [`ops`]: the core (stage, publish, expand, stats, start-up recovery), stateless over
-//!   the ports; [`publish_host_nqn`]: the start-up step that lets the controller fence;
+//! - [`ops`]: the core (stage, publish, expand, stats, repair of stale mounts, start-up
+//!   recovery) over the ports, with [`backoff`] of failing volumes; [`orphans`]: the sweep
+//!   of connections nothing holds; [`publish_host_nqn`]: the start-up step that lets the
+//!   controller fence;
 //! - [`nvme`]: production initiator (nvme-cli + sysfs); [`loopdev`]: embedded initiator
 //!   (loop devices over the embedded RDS's files);
 //! - [`mount`]: the real mounter; [`mountinfo`]: the mount table parser;
@@ -12,6 +14,7 @@
 //! Which adapters a plugin instance runs with is decided by the composition root
 //! ([`crate::compose`]), never here.
 
+pub mod backoff;
 pub mod exec;
 pub mod fake;
 pub mod loopdev;
@@ -19,14 +22,19 @@ pub mod mount;
 pub mod mountinfo;
 pub mod nvme;
 pub mod ops;
+pub mod orphans;
 pub mod paths;
+
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
 use crate::ports::{Cluster, Initiator};
 use crate::types::NodeId;
 
-pub use ops::{NodeOps, NodeOptions};
+pub use ops::{NodeOps, NodeOptions, ReconnectDefaults};
+pub use orphans::{OrphanConfig, OrphanSweeper, VolumeBusy};
 
 /// Bound on one external command (mkfs of a large volume is the slowest).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);

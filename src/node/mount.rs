@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use crate::node::exec::{CommandOutput, CommandRunner, ExecError, command_line};
 use crate::node::mountinfo;
-use crate::ports::mounter::{MountEntry, MountError, Mounter, TargetKind, UsageStats};
+use crate::ports::mounter::{FsCheck, MountEntry, MountError, Mounter, TargetKind, UsageStats};
 
 /// Filesystems the node formats and mounts.
 pub const SUPPORTED_FS_TYPES: &[&str] = &["ext4", "xfs"];
@@ -141,6 +141,18 @@ impl Mounter for RealMounter {
                 out.failure_text()
             ))),
         }
+    }
+
+    async fn check_filesystem(&self, device: &Path, fs_type: &str) -> Result<FsCheck, MountError> {
+        if fs_type != "ext4" {
+            // xfs: the mount replays the log; xfs_repair is never run automatically.
+            return Ok(FsCheck::Clean);
+        }
+        // -p (preen): repair only what is safe without a person (journal replay, counts,
+        // orphan lists); anything else ends with exit 4 and leaves the filesystem alone.
+        let args = vec!["-p".into(), s(device)];
+        let out = self.run("e2fsck", &args).await?;
+        fsck_outcome(device, &out)
     }
 
     async fn format(&self, device: &Path, fs_type: &str) -> Result<(), MountError> {
@@ -432,6 +444,30 @@ fn consistent_read(path: &Path) -> Result<String, MountError> {
     )))
 }
 
+/// Reads `e2fsck -p`'s exit status (a bit mask, e2fsck(8)): 0 clean; 1 (and 2, "reboot",
+/// which only concerns a mounted root filesystem) errors corrected; 4 errors left
+/// uncorrected; 8 and above, the check itself failed.
+fn fsck_outcome(device: &Path, out: &CommandOutput) -> Result<FsCheck, MountError> {
+    let text = out.failure_text();
+    match out.code {
+        Some(0) => Ok(FsCheck::Clean),
+        Some(c) if c & !3 == 0 => Ok(FsCheck::Repaired(
+            out.stdout.trim().replace('\n', "; "),
+        )),
+        Some(c) if c & 4 != 0 && c & !7 == 0 => Err(MountError::Corrupt(format!(
+            "e2fsck -p found errors on {} it cannot repair without a person ({text}); the \
+             volume was not mounted. Run `e2fsck -f {}` on the node by hand (it asks before \
+             each repair) or restore the volume from a snapshot",
+            device.display(),
+            device.display()
+        ))),
+        _ => Err(MountError::Command(format!(
+            "`e2fsck -p {}` could not check the filesystem: {text}",
+            device.display()
+        ))),
+    }
+}
+
 /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of `CapEff` in /proc/self/status).
 fn has_cap_sys_resource() -> bool {
     const CAP_SYS_RESOURCE: u32 = 24;
@@ -493,6 +529,40 @@ mod tests {
             Some("gpt partition table".into())
         );
         assert_eq!(parse_blkid_export("DEVNAME=/dev/x\n"), None);
+    }
+
+    #[tokio::test]
+    async fn ext4_is_preened_before_mounting_and_errors_that_need_a_person_are_refused() {
+        let r = Arc::new(ScriptedRunner::new(|argv| match argv[2].as_str() {
+            "/dev/clean" => ok("/dev/clean: clean, 11/16384 files\n"),
+            "/dev/journal" => Ok(crate::node::exec::CommandOutput {
+                code: Some(1),
+                stdout: "/dev/journal: recovering journal\n".into(),
+                stderr: String::new(),
+            }),
+            "/dev/broken" => fail(4, "/dev/broken: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY."),
+            _ => fail(8, "e2fsck: No such file or directory while trying to open /dev/gone"),
+        }));
+        let m = mounter(r.clone());
+        let check = |d: &'static str| m.check_filesystem(Path::new(d), "ext4");
+        assert_eq!(check("/dev/clean").await, Ok(FsCheck::Clean));
+        assert_eq!(
+            check("/dev/journal").await,
+            Ok(FsCheck::Repaired("/dev/journal: recovering journal".into()))
+        );
+        let err = check("/dev/broken").await.unwrap_err();
+        assert!(
+            matches!(&err, MountError::Corrupt(m) if m.contains("e2fsck -f /dev/broken") && m.contains("MANUALLY")),
+            "{err:?}"
+        );
+        assert!(matches!(check("/dev/gone").await, Err(MountError::Command(_))));
+        // xfs is not checked: its mount replays the log.
+        assert_eq!(
+            m.check_filesystem(Path::new("/dev/x"), "xfs").await,
+            Ok(FsCheck::Clean)
+        );
+        assert_eq!(r.calls()[0], vec!["e2fsck", "-p", "/dev/clean"]);
+        assert_eq!(r.calls().len(), 4, "never -y, never xfs_repair");
     }
 
     #[tokio::test]

@@ -72,6 +72,9 @@ struct Subsystem {
     controllers: Vec<String>,
     /// Namespace block device names (`nvme0n1`), sorted by (controller, namespace) number.
     namespaces: Vec<String>,
+    /// Whether a controller is live: its sysfs `state` reads `live` (a controller without a
+    /// readable `state` counts as live).
+    live: bool,
 }
 
 /// `nvme<digits>` → Some(number).
@@ -138,10 +141,16 @@ fn scan_subsystems(sysfs_root: &Path) -> Result<Vec<Subsystem>, InitiatorError> 
         }
         namespaces.sort_by_key(|n| namespace_numbers(n));
         namespaces.dedup();
+        let live = controllers.is_empty()
+            || controllers.iter().any(|c| {
+                std::fs::read_to_string(dir.join(c).join("state"))
+                    .map_or(true, |s| s.trim() == "live")
+            });
         out.push(Subsystem {
             nqn: nqn.trim().to_string(),
             controllers,
             namespaces,
+            live,
         });
     }
     out.sort_by(|a, b| a.nqn.cmp(&b.nqn));
@@ -322,6 +331,23 @@ impl Initiator for NvmeCli {
         Ok(self.subsystem(nqn).await?.and_then(|s| self.device_of(&s)))
     }
 
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError> {
+        let Some(name) = device
+            .strip_prefix(&self.cfg.dev_root)
+            .ok()
+            .and_then(|n| n.to_str())
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .subsystems()
+            .await?
+            .into_iter()
+            .filter(|s| self.check_ours(&s.nqn).is_ok())
+            .find(|s| s.namespaces.iter().any(|n| n == name))
+            .map(|s| s.nqn))
+    }
+
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError> {
         Ok(self
             .subsystems()
@@ -332,6 +358,7 @@ impl Initiator for NvmeCli {
                 self.device_of(&s).map(|device| Connection {
                     nqn: s.nqn.clone(),
                     device,
+                    live: s.live,
                 })
             })
             .collect())
@@ -541,6 +568,41 @@ mod tests {
             assert!(nvme.rescan(foreign).await.is_err());
         }
         assert!(runner.calls().is_empty(), "{:?}", runner.calls());
+    }
+
+    #[tokio::test]
+    async fn connections_report_whether_a_controller_is_live() {
+        let h = busy_host();
+        h.add(4, 4, &format!("{PREFIX}pvc-away"), false);
+        h.add(5, 5, &format!("{PREFIX}pvc-back"), true);
+        let sub = |n: u32, c: u32| {
+            h.sys()
+                .join(format!("class/nvme-subsystem/nvme-subsys{n}/nvme{c}/state"))
+        };
+        fs::write(sub(3, 3), "live\n").unwrap();
+        fs::write(sub(4, 4), "connecting\n").unwrap();
+        fs::write(sub(5, 5), "resetting\n").unwrap();
+        let nvme = NvmeCli::new(h.cfg(), Arc::new(ScriptedRunner::new(|_| ok(""))));
+        let live: Vec<(String, bool)> = nvme
+            .connections()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.nqn, c.live))
+            .collect();
+        assert_eq!(
+            live,
+            vec![
+                (format!("{PREFIX}pvc-away"), false),
+                (format!("{PREFIX}pvc-back"), false),
+                (format!("{PREFIX}pvc-ours"), true),
+            ]
+        );
+        // A second controller that is live makes the subsystem live again.
+        fs::create_dir_all(h.sys().join("class/nvme-subsystem/nvme-subsys4/nvme6")).unwrap();
+        fs::write(sub(4, 6), "live\n").unwrap();
+        let c = nvme.connections().await.unwrap();
+        assert!(c.iter().any(|c| c.nqn.ends_with("pvc-away") && c.live));
     }
 
     #[tokio::test]

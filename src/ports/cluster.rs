@@ -1,5 +1,5 @@
-//! The `Cluster` port: what the controller asks of the orchestrator (and the one thing the
-//! node tells it: its NVMe host NQN).
+//! The `Cluster` port: what the controller asks of the orchestrator (and what the node asks
+//! and tells it: the VolumeAttachments of the node, its NVMe host NQN).
 //!
 //! Production: the Kubernetes API (Nodes, VolumeAttachments, Events). Embedded default: a
 //! local cluster of this one node.
@@ -114,6 +114,17 @@ pub trait Cluster: Send + Sync + 'static {
             all.iter()
                 .any(|va| va.volume_id == *volume && va.node_id == *node)
         }))
+    }
+    /// The VolumeAttachments of this driver on `node` (the node plugin's orphan sweep),
+    /// sorted by volume; `None` as for [`Cluster::volume_attachments`].
+    async fn volume_attachments_on(
+        &self,
+        node: &NodeId,
+    ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        Ok(self
+            .volume_attachments()
+            .await?
+            .map(|vas| vas.into_iter().filter(|va| va.node_id == *node).collect()))
     }
     /// Records an event; best effort.
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;

@@ -3,7 +3,7 @@
 //! Production: `nvme-cli` plus sysfs. Embedded default: loop devices over the emulator's
 //! backing files. Simulation: a simulated kernel.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -48,6 +48,9 @@ pub struct Connection {
     pub nqn: String,
     /// Block device of its namespace.
     pub device: PathBuf,
+    /// Whether a controller of the subsystem is live (sysfs `state` is `live`); `false`
+    /// while every controller is reconnecting (`connecting`, `resetting`): its I/O is queued.
+    pub live: bool,
 }
 
 /// The node's NVMe/TCP initiator.
@@ -61,6 +64,9 @@ pub trait Initiator: Send + Sync + 'static {
     async fn disconnect(&self, nqn: &str) -> Result<(), InitiatorError>;
     /// The block device of a connected subsystem, if connected.
     async fn find_device(&self, nqn: &str) -> Result<Option<PathBuf>, InitiatorError>;
+    /// The NQN of this driver whose device `device` is, or was until it started going away
+    /// (a loop device being detached still names its file); `None` for any other device.
+    async fn nqn_of_device(&self, device: &Path) -> Result<Option<String>, InitiatorError>;
     /// Connections of this driver (NQN prefix), sorted by NQN.
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError>;
     /// Re-reads the size of the device after a resize on the target.

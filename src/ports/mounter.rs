@@ -28,6 +28,9 @@ pub enum MountError {
     /// Local I/O failed.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The filesystem has errors that only a person may repair.
+    #[error("filesystem needs a manual check: {0}")]
+    Corrupt(String),
 }
 
 /// One line of the mount table (`/proc/self/mountinfo`).
@@ -65,6 +68,16 @@ pub struct UsageStats {
     pub used_inodes: u64,
 }
 
+/// What a filesystem check before mounting found (errors it could not repair are
+/// [`MountError::Corrupt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsCheck {
+    /// Clean, or a filesystem the node does not check (xfs replays its log at mount).
+    Clean,
+    /// Errors found and repaired automatically (what the repair said).
+    Repaired(String),
+}
+
 /// What a publish or staging target must be before something is mounted on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -79,6 +92,11 @@ pub enum TargetKind {
 pub trait Mounter: Send + Sync + 'static {
     /// The filesystem type on `device`, if it holds one.
     async fn filesystem_of(&self, device: &Path) -> Result<Option<String>, MountError>;
+    /// Checks the filesystem of `fs_type` on the unmounted `device` before it is mounted
+    /// read-write, repairing only what is safe to repair without a person (ext4: `e2fsck
+    /// -p`, which also replays the journal); never a destructive repair. xfs is not checked
+    /// (its mount replays the log). Errors that need a person are [`MountError::Corrupt`].
+    async fn check_filesystem(&self, device: &Path, fs_type: &str) -> Result<FsCheck, MountError>;
     /// Creates a filesystem of `fs_type` on `device`.
     async fn format(&self, device: &Path, fs_type: &str) -> Result<(), MountError>;
     /// Mounts `source` on `target` with `fs_type` and `options`.
