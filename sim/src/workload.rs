@@ -1165,6 +1165,15 @@ impl Script {
         self.force_detach(&node_name(ix), lost).await;
     }
 
+    /// A partitioned node's kubelet cleanup started by `other` (a task's script) becomes
+    /// this script's, waited for before the VM uses that node again, and at the end.
+    async fn adopt_cleanup(&mut self, other: &mut Script) {
+        if let Some(cleanup) = other.cleanup.take() {
+            self.cleaned_up(None).await;
+            self.cleanup = Some(cleanup);
+        }
+    }
+
     /// Starts the VM on a live node other than `not` (retrying elsewhere when the node is
     /// lost on the way): (node, generation, pod).
     async fn vm_start(
@@ -1354,12 +1363,21 @@ impl Script {
                     format!("VM {vol}: the source {from} is lost mid-migration"),
                 );
                 let target = src_pod.publish.target_path.clone();
-                self.vm_lost(src, src_gen, target, lost).await;
                 match attached {
-                    Ok(p) => (src, src_gen, src_pod) = (dst, dst_gen, p),
-                    Err(lost) => {
+                    Ok(p) => {
+                        (src, src_gen, src_pod) = self
+                            .vm_goes_on(
+                                (src, src_gen, target, lost),
+                                (dst, dst_gen, p),
+                                &mut pods,
+                                &vctx,
+                            )
+                            .await;
+                    }
+                    Err(dst_lost) => {
+                        self.vm_lost(src, src_gen, target, lost).await;
                         let t = self.vm_target(dst, pods);
-                        self.vm_lost(dst, dst_gen, t, lost).await;
+                        self.vm_lost(dst, dst_gen, t, dst_lost).await;
                         (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
                     }
                 }
@@ -1373,7 +1391,14 @@ impl Script {
                         format!("VM {vol}: migration fails, its target {to} is lost"),
                     );
                     let t = self.vm_target(dst, pods);
-                    self.vm_lost(dst, dst_gen, t, lost).await;
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (dst, dst_gen, t, lost),
+                            (src, src_gen, src_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
                     continue;
                 }
             };
@@ -1403,8 +1428,14 @@ impl Script {
                         format!("VM {vol}: the source {from} is lost mid-migration"),
                     );
                     let target = src_pod.publish.target_path.clone();
-                    self.vm_lost(src, src_gen, target, lost).await;
-                    (src, src_gen, src_pod) = (dst, dst_gen, dst_pod);
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (src, src_gen, target, lost),
+                            (dst, dst_gen, dst_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
                     continue;
                 }
                 Some((_, lost)) => {
@@ -1413,7 +1444,14 @@ impl Script {
                         format!("VM {vol}: migration fails, its target {to} is lost"),
                     );
                     let target = dst_pod.publish.target_path.clone();
-                    self.vm_lost(dst, dst_gen, target, lost).await;
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (dst, dst_gen, target, lost),
+                            (src, src_gen, src_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
                     continue;
                 }
                 None => {}
@@ -1448,12 +1486,7 @@ impl Script {
             let (mut kubelet, staying_lost) = self
                 .polling_while(detach, staying, staying_gen, &mut staying_pod)
                 .await;
-            // A partitioned node's kubelet cleans up once it is back: waited for before
-            // the VM uses that node again, and at the end.
-            if let Some(cleanup) = kubelet.cleanup.take() {
-                self.cleaned_up(None).await;
-                self.cleanup = Some(cleanup);
-            }
+            self.adopt_cleanup(&mut kubelet).await;
             (src, src_gen, src_pod) = (staying, staying_gen, staying_pod);
             let elapsed = now().saturating_sub(started);
             self.sh.trace.log(
@@ -1482,6 +1515,36 @@ impl Script {
         let _ = tokio::spawn(child.delete_volume()).await;
         self.cleaned_up(None).await;
         self.sh.trace.log("co", format!("{vol} done"));
+    }
+
+    /// One of the VM's two nodes, `gone` (its pod `target`), was lost mid-migration; the VM
+    /// goes on in its pod `pod` on node `run` while `gone`'s kubelet cleans up (if alive)
+    /// and the attach/detach controller force-detaches it minutes later ([`Self::vm_lost`],
+    /// a task of its own) — the kubelet of `run` polls its pod meanwhile, as the two nodes'
+    /// kubelets are independent. Where the VM runs afterwards: `run`, or, if `run` was lost
+    /// too meanwhile, the node it restarted on.
+    async fn vm_goes_on(
+        &mut self,
+        (gone, gone_gen, target, lost): (usize, u64, String, Lost),
+        (run, run_gen, mut pod): (usize, u64, Pod),
+        pods: &mut usize,
+        vctx: &HashMap<String, String>,
+    ) -> (usize, u64, Pod) {
+        let task = {
+            let mut kubelet = self.child();
+            tokio::spawn(async move {
+                kubelet.vm_lost(gone, gone_gen, target, lost).await;
+                kubelet
+            })
+        };
+        let (mut kubelet, run_lost) = self.polling_while(task, run, run_gen, &mut pod).await;
+        self.adopt_cleanup(&mut kubelet).await;
+        let Some(run_lost) = run_lost else {
+            return (run, run_gen, pod);
+        };
+        let target = pod.publish.target_path.clone();
+        self.vm_lost(run, run_gen, target, run_lost).await;
+        self.vm_start(run, pods, vctx).await
     }
 
     /// A schedulable node other than `a` and `b`, if there is one.
