@@ -24,7 +24,10 @@
 //!   target; failed (the target detached), it returns to the source. The kernel keeps
 //!   retrying meanwhile (`ctrlLossTmo=-1`: I/O waits, nothing fails). A third node — say,
 //!   one that held the volume before and was cut off — is refused at any time, which an
-//!   open export would not do;
+//!   open export would not do. The cost, accepted: KubeVirt's source writes until the
+//!   switchover, so a source cut off mid-migration stalls the VM until KubeVirt aborts the
+//!   migration (which detaches the target and returns the export to the source) — the
+//!   README's KubeVirt section weighs the choices;
 //! - multi-node readers (`MULTI_NODE_READER_ONLY`): the export is open (any number of
 //!   holders, one allow-list entry);
 //! - with the fence off, every export is open.
