@@ -843,21 +843,22 @@ impl Mounter for FakeKernel {
 mod tests {
     use super::*;
 
+    fn target(nqn: &str) -> NvmeTarget {
+        NvmeTarget {
+            address: "10.0.0.1".into(),
+            port: 4420,
+            nqn: nqn.into(),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        }
+    }
+
     #[tokio::test]
     async fn power_loss_forgets_connections_and_mounts_but_not_the_remote_disk() {
         let k = FakeKernel::new("nqn.test:", "nqn.host");
         k.add_disk("nqn.test:pvc-1", 1 << 30);
-        let dev = k
-            .connect(&NvmeTarget {
-                address: "10.0.0.1".into(),
-                port: 4420,
-                nqn: "nqn.test:pvc-1".into(),
-                ctrl_loss_tmo: None,
-                reconnect_delay: None,
-                keep_alive_tmo: None,
-            })
-            .await
-            .unwrap();
+        let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
         k.format(&dev, "ext4").await.unwrap();
         k.prepare_target(Path::new("/stage"), TargetKind::Directory)
             .await
@@ -880,14 +881,6 @@ mod tests {
         // Found by the simulation: its liveness checker resolved a VM disk's block bind by
         // the bind's own device number (devtmpfs), and called a live bind unusable.
         let k = FakeKernel::new("nqn.test:", "nqn.host");
-        let target = |nqn: &str| NvmeTarget {
-            address: "10.0.0.1".into(),
-            port: 4420,
-            nqn: nqn.into(),
-            ctrl_loss_tmo: None,
-            reconnect_delay: None,
-            keep_alive_tmo: None,
-        };
         k.add_disk("nqn.test:pvc-1", 1 << 30);
         k.add_disk("nqn.test:pvc-2", 1 << 30);
         let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
@@ -910,14 +903,6 @@ mod tests {
     #[tokio::test]
     async fn a_refusing_target_keeps_existing_connections_and_refuses_new_ones() {
         let k = FakeKernel::new("nqn.test:", "nqn.host");
-        let target = |nqn: &str| NvmeTarget {
-            address: "10.0.0.1".into(),
-            port: 4420,
-            nqn: nqn.into(),
-            ctrl_loss_tmo: None,
-            reconnect_delay: None,
-            keep_alive_tmo: None,
-        };
         k.add_disk("nqn.test:pvc-1", 1 << 30);
         k.add_disk("nqn.test:pvc-2", 1 << 30);
         let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
