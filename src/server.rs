@@ -62,28 +62,16 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     F: Future<Output = ()> + Send + 'static,
 {
-    // Reflection in both protocol versions: grpcurl before 1.8.8 speaks only v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
     let mut builder = tonic::transport::Server::builder()
         // A silently broken link must not hang a connection forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(crate::metrics::MetricsLayer(services.metrics));
     let router = builder
+        .add_routes(reflection()?)
         .add_service(services.identity)
         .add_optional_service(services.controller)
-        .add_optional_service(services.node)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_optional_service(services.node);
 
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
@@ -104,6 +92,28 @@ where
             }
         }
     }
+}
+
+/// The gRPC reflection services, in both protocol versions (grpcurl before 1.8.8 speaks
+/// only v1alpha). Decoded from the compile-time descriptor set once per process: the result
+/// is immutable, and decoding it costs about as much as a thousand RPCs, which the
+/// simulation (thousands of plugin starts in one process) paid at every start.
+fn reflection() -> Result<tonic::service::Routes, ServeError> {
+    static ROUTES: std::sync::OnceLock<Result<tonic::service::Routes, String>> =
+        std::sync::OnceLock::new();
+    let build = || {
+        let builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = builder().build_v1().map_err(|e| e.to_string())?;
+        let v1alpha = builder().build_v1alpha().map_err(|e| e.to_string())?;
+        Ok(tonic::service::Routes::new(v1).add_service(v1alpha))
+    };
+    ROUTES
+        .get_or_init(build)
+        .clone()
+        .map_err(ServeError::Transport)
 }
 
 /// Ownership of a bound unix socket path: holds `<socket>.lock` so that a second plugin

@@ -1,5 +1,5 @@
 //! The plugin binary end to end on a real unix socket: identity RPCs, socket ownership,
-//! graceful stop, and configuration errors.
+//! graceful stop, and configuration errors; gRPC reflection, in process.
 
 mod common;
 
@@ -248,4 +248,69 @@ async fn stop_signal_drains_an_in_flight_rpc() {
     let answer = probe.await.unwrap().unwrap().into_inner();
     assert_eq!(answer.ready, Some(true));
     server.await.unwrap().unwrap();
+}
+
+/// The services gRPC reflection lists, in protocol version v1 and v1alpha, on `channel`.
+async fn reflected_services(channel: tonic::transport::Channel) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = c1
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1: not a service list");
+    };
+    let v1_names = list.service.into_iter().map(|s| s.name).collect();
+    let mut c0 = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = c0
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1alpha: not a service list");
+    };
+    (v1_names, list.service.into_iter().map(|s| s.name).collect())
+}
+
+#[tokio::test]
+async fn reflection_lists_the_csi_services_in_both_versions_on_every_server_of_a_process() {
+    // The reflection services are decoded once per process and shared by every server the
+    // process starts (the simulation starts thousands): each must still answer.
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let rds = rds_csi::routeros::in_memory_rds(1 << 40);
+        let plugin = common::controller_plugin(rds, dir.path()).await;
+        let (channel, _server) = common::serve_plugin(
+            plugin,
+            dir.path(),
+            std::future::pending(),
+            Duration::from_secs(1),
+        )
+        .await;
+        let (v1, v1alpha) = reflected_services(channel).await;
+        for names in [&v1, &v1alpha] {
+            for want in ["csi.v1.Identity", "csi.v1.Controller", "csi.v1.Node"] {
+                assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+            }
+        }
+    }
 }

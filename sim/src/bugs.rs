@@ -344,6 +344,13 @@ impl Initiator for BuggyInitiator {
     async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
         self.inner.rescan(nqn).await
     }
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        match self.bug {
+            // The node never hands its reconnect settings to the kernel.
+            Bug::KernelReconnectDefaults => Ok(false),
+            _ => self.inner.apply_reconnect(target).await,
+        }
+    }
 }
 
 /// The node's initiator with `bug` planted, if it is a node bug.

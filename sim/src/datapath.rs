@@ -12,13 +12,14 @@
 //! the data-path fence is for. A live connection is not re-checked when the allow list
 //! changes (as with a real NVMe/TCP target).
 //!
-//! Every [`WRITE_EVERY`] of virtual time each live connection whose device is in use (a
-//! filesystem mount or a raw block bind: its kubelet kept the mount; dirty pages, journal)
-//! writes, and each write is judged: it may only reach a disk whose durable records (the PV
-//! annotations) name the writing node a holder. And at every step: no disk is deleted while
-//! a node still has a live connection in use to it. A connection nothing uses (one an
-//! unstage left behind in an earlier life of the node, until the node's orphan sweep
-//! removes it) carries no I/O.
+//! Every [`WRITE_EVERY`] of virtual time (at its multiples, whatever the steps: the same
+//! writes whether idle stretches are skipped or stepped through) each live connection whose
+//! device is in use (a filesystem mount or a raw block bind: its kubelet kept the mount;
+//! dirty pages, journal) writes, and each write is judged: it may only reach a disk whose
+//! durable records (the PV annotations) name the writing node a holder. And at every step:
+//! no disk is deleted while a node still has a live connection in use to it. A connection
+//! nothing uses (one an unstage left behind in an earlier life of the node, until the
+//! node's orphan sweep removes it) carries no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -55,13 +56,24 @@ pub struct DataPath {
 }
 
 impl DataPath {
+    /// When the next write is due, if a connection is live to make it: the driver loop
+    /// runs no idle stretch past it.
+    pub fn next_write_due(&self) -> Option<Duration> {
+        self.links
+            .values()
+            .any(|l| *l == Link::Live)
+            .then_some(self.next_write)
+    }
+
     /// Follows the kernels' connections after a step at `now`: links lost and regained,
     /// writes made and judged. Returns the violations.
     pub fn step(&mut self, sh: &Shared, now: Duration) -> Vec<String> {
         let mut bad = Vec::new();
         let write_now = now >= self.next_write;
         if write_now {
-            self.next_write = now + WRITE_EVERY;
+            let every = WRITE_EVERY.as_millis();
+            let next = (now.as_millis() / every + 1) * every;
+            self.next_write = Duration::from_millis(u64::try_from(next).unwrap_or(u64::MAX));
         }
         let mut seen = BTreeSet::new();
         for (i, kernel) in sh.kernels.iter().enumerate() {

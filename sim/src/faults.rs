@@ -525,6 +525,46 @@ impl Injector {
         }
     }
 
+    /// The earliest simulated time at which [`Self::tick`] acts without being prompted by a
+    /// host after a step at `now`: a fault tick, the heal, a repair, a lost node's return, a
+    /// partitioned node's heal, the end of a latency spike, a stale leader stepping down,
+    /// the start or end of the RDS outage, a kernel's next reconnect attempt (the kernels
+    /// keep time through `tick`, after the heal too, as does a partitioned node's heal). The
+    /// driver loop runs no idle stretch past it, so every time-triggered action of `tick`
+    /// must be covered here (the idle-skip test in `sim/tests/seeds.rs` compares traces
+    /// with and without skipping).
+    pub fn next_due(&self, sh: &Shared, now: Duration) -> Option<Duration> {
+        let kernels = sh.kernels.iter().filter_map(|k| k.next_attempt());
+        let always = kernels.chain(self.cut_off.map(|(until, _)| until));
+        if self.healed {
+            return always.min();
+        }
+        let timed = self
+            .partitions
+            .iter()
+            .chain(&self.flaky)
+            .map(|(t, _, _)| *t);
+        let stale = sh.leader().stale.map(|_| self.stale_until);
+        let fault_tick = (self.next < self.chaos_end).then_some(self.next);
+        let outage = self.outage.and_then(|(start, end)| {
+            if self.outage_on {
+                Some(end)
+            } else {
+                (start > now).then_some(start)
+            }
+        });
+        [self.heal_at()]
+            .into_iter()
+            .chain(fault_tick)
+            .chain(always)
+            .chain(timed)
+            .chain(self.lost.map(|(back, _)| back))
+            .chain(self.spike_until)
+            .chain(stale)
+            .chain(outage)
+            .min()
+    }
+
     fn backend(&mut self) -> &'static str {
         if self.rng.random_bool(0.5) {
             "kube"

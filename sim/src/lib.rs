@@ -7,19 +7,23 @@
 //! `tests/layers.rs` at the workspace root keeps it so):
 //! - [`options`] (knobs from the seed), [`trace`] (events and hash);
 //! - [`model`] (the workload's acknowledged history), [`overlap`] (the online no-overlap
-//!   checker and its port wrappers), [`crash`] (crash points at the store port), [`bugs`]
-//!   (planted bugs for the proof-of-power tests);
+//!   checker and its port wrappers), [`idle`] (the hosts' armed timers: when the next thing
+//!   can happen), [`crash`] (crash points at the store port), [`bugs`] (planted bugs for
+//!   the proof-of-power tests);
 //! - [`world`] (hosts, network plumbing, the plugins built by the composition root);
 //! - [`workload`] (the CO), [`faults`] (the fault schedule), [`checkers`] (safety and
 //!   liveness), [`datapath`] (the nodes' NVMe connections and their writes, judged).
 //!
-//! [`run`] drives one scenario.
+//! [`run`] drives one scenario: a turmoil step per tick of virtual time, except that ticks
+//! in which nothing can happen (no message on the network; no timer, fault, kernel
+//! reconnect attempt or data-path write due) run as one step ([`Stepping`]).
 
 pub mod bugs;
 pub mod checkers;
 pub mod crash;
 pub mod datapath;
 pub mod faults;
+pub mod idle;
 pub mod model;
 pub mod options;
 pub mod overlap;
@@ -31,10 +35,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rds_csi::kube::fake_api::Kind;
+use tracing_subscriber::layer::SubscriberExt;
 
 pub use options::{Bug, Options};
 
 use crate::faults::Injector;
+use crate::idle::Idle;
 use crate::world::{Shared, node_name};
 
 /// Turmoil tick: the granularity of virtual time.
@@ -55,6 +61,8 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     /// Checker runs.
     pub checks: u64,
+    /// turmoil steps run (a step runs one tick, or an idle stretch of several).
+    pub steps: u64,
     /// Port calls judged by the no-overlap checker.
     pub op_checks: u64,
     /// Calls kept out while another call on their volume ran (the checker met overlap).
@@ -85,16 +93,62 @@ impl Report {
     }
 }
 
-/// Runs one scenario (on the calling thread, with the no-overlap checker's tracing
-/// subscriber installed for that thread only).
-pub fn run(opts: Options) -> Report {
-    let sh = Shared::new(opts);
-    tracing::subscriber::with_default(sh.ops.subscriber(), || run_world(&sh))
+/// How the driver loop advances virtual time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stepping {
+    /// One turmoil step per tick: the reference.
+    EveryTick,
+    /// Ticks in which nothing can happen run as one step ([`idle`]): what [`run`] does.
+    /// The same run as `EveryTick`, but for a rare reordering of tasks woken in one
+    /// millisecond.
+    SkipIdle,
 }
 
-fn run_world(sh: &Shared) -> Report {
+/// Runs one scenario (on the calling thread, with the no-overlap checker's and the idle
+/// detection's tracing subscriber installed for that thread only).
+pub fn run(opts: Options) -> Report {
+    run_stepping(opts, Stepping::SkipIdle)
+}
+
+/// Runs one scenario, advancing virtual time as `stepping` says.
+pub fn run_stepping(opts: Options, stepping: Stepping) -> Report {
+    let sh = Shared::new(opts);
+    let idle = Idle::new(sh.trace.time().clone());
+    let subscriber = tracing_subscriber::registry()
+        .with(sh.ops.layer())
+        .with(idle.layer());
+    tracing::subscriber::with_default(subscriber, || run_world(&sh, &idle, stepping))
+}
+
+/// Whether a message is on its way over turmoil's network.
+fn messages_in_flight(sim: &turmoil::Sim<'_>) -> bool {
+    let mut any = false;
+    sim.links(|mut links| any = links.any(|mut link| link.next().is_some()));
+    any
+}
+
+/// How many ticks from `now` the next step may run as one: every tick before the one in
+/// which the next timer fires, up to the one at whose end the injector acts or the data
+/// path writes next (`due`) or the liveness bound `deadline` is passed. At least 1.
+fn idle_ticks(idle: &Idle, due: Option<Duration>, deadline: Duration, now: Duration) -> u64 {
+    let tick = TICK.as_millis();
+    let ms = |d: Duration| d.saturating_sub(now).as_millis();
+    // A timer at t runs its task in the tick that contains t: the ticks before it are idle.
+    let mut n = idle.next_deadline(now).map_or(u128::MAX, |t| ms(t) / tick);
+    // The injector acts, and the data path writes, after the first step that ends at or
+    // after `due`.
+    if let Some(due) = due {
+        n = n.min(ms(due).div_ceil(tick));
+    }
+    // The liveness bound fails after the first step that ends past it.
+    n = n.min(ms(deadline) / tick + 1);
+    u64::try_from(n).unwrap_or(u64::MAX).max(1)
+}
+
+fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
     let started = Instant::now();
     let opts = (*sh.opts).clone();
+    let time = sh.trace.time();
     sh.trace.at(Duration::ZERO, "sim", opts.to_string());
     for i in 0..opts.nodes {
         sh.api.put_object(Kind::Node, "", world::node_object(i, 0));
@@ -117,26 +171,44 @@ fn run_world(sh: &Shared) -> Report {
                 + 60,
         ))
         .build();
-    let api = sh.api.clone();
-    sim.host("kube", move || world::kube_host(api.clone()));
-    let emulator = sh.emulator.clone();
-    sim.host("rds", move || world::rds_host(emulator.clone()));
+    // Every host's software is wrapped to take idle jumps.
+    let mut hosts: Vec<String> = vec!["kube".into(), "rds".into()];
+    let (api, i) = (sh.api.clone(), idle.clone());
+    sim.host("kube", move || {
+        i.host("kube", world::kube_host(api.clone()))
+    });
+    let (emulator, i) = (sh.emulator.clone(), idle.clone());
+    sim.host("rds", move || {
+        i.host("rds", world::rds_host(emulator.clone()))
+    });
     for name in world::CONTROLLERS {
-        let s = sh.clone();
-        sim.host(name, move || world::controller_host(s.clone(), name));
+        let (s, i) = (sh.clone(), idle.clone());
+        sim.host(name, move || {
+            i.host(name, world::controller_host(s.clone(), name))
+        });
+        hosts.push(name.into());
     }
-    for i in 0..opts.nodes {
-        let s = sh.clone();
-        sim.host(node_name(i), move || world::node_host(s.clone(), i));
+    for n in 0..opts.nodes {
+        let (s, i, name) = (sh.clone(), idle.clone(), node_name(n));
+        hosts.push(name.clone());
+        sim.host(name.clone(), move || {
+            i.host(&name, world::node_host(s.clone(), n))
+        });
     }
-    sim.client("co", workload::run(sh.clone()));
+    sim.client("co", idle.host("co", workload::run(sh.clone())));
+    hosts.push("co".into());
 
     let mut injector = Injector::new(sh);
     let mut data = datapath::DataPath::default();
     let mut failures = Vec::new();
     let mut checks = 0u64;
+    let mut steps = 0u64;
     let mut seen = 0usize;
+    // The idle jump asked of every running host for the coming step, and its length.
+    let mut jump: Option<(u64, Duration, Vec<String>)> = None;
     loop {
+        let before = sh.trace.len();
+        steps += 1;
         let done = match sim.step() {
             Ok(done) => done,
             Err(e) => {
@@ -144,7 +216,17 @@ fn run_world(sh: &Shared) -> Report {
                 break;
             }
         };
-        let now = sim.elapsed();
+        if let Some((epoch, by, running)) = jump.take() {
+            let missed = idle.missed(epoch, running.iter().map(String::as_str));
+            if !missed.is_empty() {
+                failures.push(format!(
+                    "simulation error: the idle jump was not applied on {missed:?}"
+                ));
+                break;
+            }
+            time.skipped(by.saturating_sub(TICK));
+        }
+        let now = time.of(sim.elapsed());
         // The kernels' events are judged before a fault can change what the CO was told.
         let mut bad = checkers::data_path::judge_events(sh, now);
         injector.tick(&mut sim, sh, now);
@@ -181,15 +263,43 @@ fn run_world(sh: &Shared) -> Report {
             } else {
                 0
             };
-        if now > injector.heal_at() + Duration::from_secs(allowed) {
+        let deadline = injector.heal_at() + Duration::from_secs(allowed);
+        if now > deadline {
             let msg =
                 format!("liveness: the workload did not finish within {allowed}s of the heal");
             sh.trace.at(now, "check", msg.clone());
             failures.push(msg);
             break;
         }
+        // Skip only from a quiet step (nothing traced: no call answered, no fault injected,
+        // which could have woken a task the timers do not show; no kernel event waiting to
+        // be judged after the next step), with nothing on the network and every running
+        // host able to jump.
+        if stepping == Stepping::SkipIdle
+            && sh.trace.len() == before
+            && !messages_in_flight(&sim)
+            && !sh.kernels.iter().any(|k| k.has_events())
+        {
+            let due = injector
+                .next_due(sh, now)
+                .into_iter()
+                .chain(data.next_write_due())
+                .min();
+            let ticks = idle_ticks(idle, due, deadline, now);
+            if ticks > 1 {
+                let running: Vec<String> = hosts
+                    .iter()
+                    .filter(|h| sim.is_host_running(h.as_str()))
+                    .cloned()
+                    .collect();
+                if running.iter().all(|h| idle.can_jump(h)) {
+                    let by = TICK * u32::try_from(ticks).unwrap_or(u32::MAX);
+                    jump = Some((idle.jump(by), by, running));
+                }
+            }
+        }
     }
-    let sim_time = sim.elapsed();
+    let sim_time = time.of(sim.elapsed());
     sh.trace.at(
         sim_time,
         "sim",
@@ -205,6 +315,7 @@ fn run_world(sh: &Shared) -> Report {
         failures,
         faults: injector.counts,
         checks,
+        steps,
         op_checks: sh.ops.checks(),
         op_refused: sh.ops.refused(),
         writes: data.writes,

@@ -1,9 +1,12 @@
 //! `sim`: run seed ranges, replay one seed, check determinism.
 //!
 //! ```text
-//! sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]
-//! sim replay SEED [--bug KIND] [--check-determinism]
+//! sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]
+//! sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]
 //! ```
+//!
+//! `--stepping` (`skip-idle`, the default, or `every-tick`): how virtual time advances
+//! ([`sim::Stepping`]).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -11,9 +14,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sim::{Bug, Options, Report};
+use sim::{Bug, Options, Report, Stepping};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND]\n       sim replay SEED [--bug KIND] [--check-determinism]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]\n       sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches\n  S: skip-idle (default) | every-tick";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;
@@ -21,6 +24,14 @@ fn parse_range(s: &str) -> Option<(u64, u64)> {
     let b: u64 = b.trim_start_matches('=').parse().ok()?;
     (a < b || (s.contains("..=") && a <= b))
         .then_some((a, if s.contains("..=") { b + 1 } else { b }))
+}
+
+fn parse_stepping(s: &str) -> Option<Stepping> {
+    match s {
+        "skip-idle" => Some(Stepping::SkipIdle),
+        "every-tick" => Some(Stepping::EveryTick),
+        _ => None,
+    }
 }
 
 fn parse_bug(s: &str) -> Option<Bug> {
@@ -37,6 +48,14 @@ fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1))
     };
     let determinism = args.iter().any(|a| a == "--check-determinism");
+    let stepping = match flag("--stepping").map(|s| (s, parse_stepping(s))) {
+        None => Stepping::SkipIdle,
+        Some((_, Some(s))) => s,
+        Some((s, None)) => {
+            eprintln!("unknown --stepping {s}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     match args.first().map(String::as_str) {
         Some("replay") => {
             let Some(seed) = args.get(1).and_then(|s| s.parse::<u64>().ok()) else {
@@ -53,12 +72,12 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            let r = sim::run(opts.clone());
+            let r = sim::run_stepping(opts.clone(), stepping);
             print!("{}", r.trace);
             println!("hash={:016x}", r.hash);
             let mut ok = r.passed();
             if determinism {
-                let again = sim::run(opts);
+                let again = sim::run_stepping(opts, stepping);
                 if again.hash == r.hash {
                     println!("determinism: OK (second run hash={:016x})", again.hash);
                 } else {
@@ -106,7 +125,7 @@ fn main() -> ExitCode {
                 .and_then(|j| j.parse().ok())
                 .unwrap_or(1)
                 .max(1);
-            run_many(from, to, jobs, determinism, bug)
+            run_many(from, to, jobs, determinism, bug, stepping)
         }
         _ => {
             eprintln!("{USAGE}");
@@ -120,6 +139,7 @@ struct Totals {
     scenarios: u64,
     sim_time: Duration,
     checks: u64,
+    steps: u64,
     op_checks: u64,
     op_refused: u64,
     writes: u64,
@@ -128,7 +148,14 @@ struct Totals {
     nondeterministic: Vec<u64>,
 }
 
-fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) -> ExitCode {
+fn run_many(
+    from: u64,
+    to: u64,
+    jobs: u64,
+    determinism: bool,
+    bug: Option<Bug>,
+    stepping: Stepping,
+) -> ExitCode {
     let opts = |seed: u64| {
         let o = Options::from_seed(seed);
         match bug {
@@ -158,12 +185,14 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
                     if seed >= to {
                         break;
                     }
-                    let r: Report = sim::run(opts(seed));
-                    let nondet = determinism && sim::run(opts(seed)).hash != r.hash;
+                    let r: Report = sim::run_stepping(opts(seed), stepping);
+                    let nondet =
+                        determinism && sim::run_stepping(opts(seed), stepping).hash != r.hash;
                     let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                     t.scenarios += 1;
                     t.sim_time += r.sim_time;
                     t.checks += r.checks;
+                    t.steps += r.steps;
                     t.op_checks += r.op_checks;
                     t.op_refused += r.op_refused;
                     t.writes += r.writes;
@@ -205,6 +234,12 @@ fn run_many(from: u64, to: u64, jobs: u64, determinism: bool, bug: Option<Bug>) 
     println!("seeds {from}..{to}, {jobs} job(s)");
     println!("{:<28} {:>12}", "scenarios", t.scenarios);
     println!("{:<28} {:>12}", "checks", t.checks);
+    println!("{:<28} {:>12}", "turmoil steps", t.steps);
+    println!(
+        "{:<28} {:>12.1}",
+        "  simulated ms per step",
+        t.sim_time.as_secs_f64() * 1000.0 / t.steps.max(1) as f64
+    );
     println!(
         "{:<28} {:>12}",
         "  overlap checks (port calls)", t.op_checks

@@ -160,10 +160,18 @@ impl Ops {
     /// The subscriber to install for the scenario's thread: it sees only the driver's
     /// `rpc` spans (every other span and event is disabled, so it costs nothing else).
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        tracing_subscriber::registry().with(self.layer())
+    }
+
+    /// The layer of [`Self::subscriber`], to combine with others.
+    pub fn layer<S>(&self) -> impl Layer<S> + Send + Sync + 'static
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    {
         let only_rpc = tracing_subscriber::filter::filter_fn(|m| {
             m.is_span() && m.name() == "rpc" && m.target().starts_with("rds_csi")
         });
-        tracing_subscriber::registry().with(RpcLayer { ops: self.clone() }.with_filter(only_rpc))
+        RpcLayer { ops: self.clone() }.with_filter(only_rpc)
     }
 }
 
@@ -321,6 +329,9 @@ impl<K: Initiator + Mounter> Initiator for Tracked<K> {
     }
     async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
         self.mark().rescan(nqn).await
+    }
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        self.mark().apply_reconnect(target).await
     }
 }
 

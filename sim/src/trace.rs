@@ -1,12 +1,47 @@
 //! The trace of a scenario: every workload call and its outcome, every fault injected and
-//! every checker verdict, each stamped with simulated time; and its hash (FNV-1a 64 over
-//! the lines), which two runs of one seed must share.
+//! every checker verdict, each stamped with simulated time ([`SimTime`]); and its hash
+//! (FNV-1a 64 over the lines), which two runs of one seed must share.
 //!
 //! Shared by the hosts and the driver loop of one simulation (one thread); the mutex is
 //! never held across `.await`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Simulated time: turmoil's elapsed time plus the idle stretches the driver loop ran as a
+/// single turmoil step ([`crate::idle`]): turmoil counts such a step as one tick, while
+/// every host's clock moved through the whole stretch. Everything in the simulation reads
+/// time here, never from turmoil directly. Clones share.
+#[derive(Debug, Clone, Default)]
+pub struct SimTime {
+    /// Simulated time turmoil did not count, in ms.
+    skipped_ms: Arc<AtomicU64>,
+}
+
+impl SimTime {
+    /// Simulated time, inside a host; `None` outside one.
+    pub fn in_host(&self) -> Option<Duration> {
+        turmoil::sim_elapsed().map(|t| self.of(t))
+    }
+
+    /// Simulated time inside a host (zero outside one).
+    pub fn now(&self) -> Duration {
+        self.in_host().unwrap_or_default()
+    }
+
+    /// Simulated time when turmoil's clock reads `elapsed` (the driver loop's
+    /// `Sim::elapsed`).
+    pub fn of(&self, elapsed: Duration) -> Duration {
+        elapsed + Duration::from_millis(self.skipped_ms.load(Ordering::Relaxed))
+    }
+
+    /// The hosts' clocks moved `extra` further than turmoil counted.
+    pub fn skipped(&self, extra: Duration) {
+        let ms = u64::try_from(extra.as_millis()).unwrap_or(u64::MAX);
+        self.skipped_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
 
 /// One line of the trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +72,7 @@ impl std::fmt::Display for Event {
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     events: Arc<Mutex<Vec<Event>>>,
+    time: SimTime,
 }
 
 impl Trace {
@@ -55,7 +91,12 @@ impl Trace {
 
     /// Appends an event stamped with the current simulated time (inside a host).
     pub fn log(&self, who: &'static str, what: impl Into<String>) {
-        self.at(turmoil::sim_elapsed().unwrap_or_default(), who, what);
+        self.at(self.time.now(), who, what);
+    }
+
+    /// The scenario's simulated time.
+    pub fn time(&self) -> &SimTime {
+        &self.time
     }
 
     /// Number of events so far.

@@ -362,7 +362,7 @@ impl Script {
             return Err(Lost { at, alive: false });
         }
         if let Some(since) = self.sh.partitioned_since(ix) {
-            let now = turmoil::sim_elapsed().unwrap_or_default();
+            let now = self.sh.trace.time().now();
             if now >= since + Duration::from_secs(FORCE_DETACH_SECS) {
                 return Err(Lost {
                     at: since,
@@ -827,7 +827,8 @@ impl Script {
     /// The pod runs on node `ix` for a seeded while, the kubelet polling its volume's stats
     /// ([`Self::check_pod`]).
     async fn pod_runs(&mut self, ix: usize, generation: u64, pod: &mut Pod) -> Result<(), Lost> {
-        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
         let end = now() + Duration::from_millis(self.rng.random_range(1_000..=15_000));
         while now() < end {
             tokio::time::sleep(STATS_EVERY.min(end - now())).await;
@@ -960,7 +961,7 @@ impl Script {
     /// The attach/detach controller gives up on the lost node's unmount and force-detaches
     /// FORCE_DETACH_SECS after the loss: ControllerUnpublish until OK, VA removed.
     async fn force_detach(&mut self, node: &str, lost: Lost) {
-        let now = turmoil::sim_elapsed().unwrap_or_default();
+        let now = self.sh.trace.time().now();
         let at = lost.at + Duration::from_secs(FORCE_DETACH_SECS);
         self.sh.trace.log(
             "co",
@@ -1206,7 +1207,8 @@ impl Script {
         until: Duration,
         pods: &mut [(usize, u64, &mut Pod)],
     ) -> Option<(usize, Lost)> {
-        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
         while now() < until {
             tokio::time::sleep(STATS_EVERY.min(until - now())).await;
             for (i, (ix, generation, pod)) in pods.iter_mut().enumerate() {
@@ -1299,7 +1301,8 @@ impl Script {
             }),
         );
         let vctx = created.volume_context;
-        let now = || turmoil::sim_elapsed().unwrap_or_default();
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
         let mut pods = 0;
         let (mut src, mut src_gen, mut src_pod) = self.vm_start(usize::MAX, &mut pods, &vctx).await;
         let mut m = 0;

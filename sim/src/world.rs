@@ -55,7 +55,7 @@ use crate::crash::CrashPoint;
 use crate::model::Model;
 use crate::options::{Bug, Options};
 use crate::overlap::{Ops, Tracked};
-use crate::trace::Trace;
+use crate::trace::{SimTime, Trace};
 
 /// The CSI driver name.
 pub const DRIVER: &str = "rds.csi.srvlab.io";
@@ -114,12 +114,12 @@ pub fn volume_of_path(path: &std::path::Path) -> Option<&str> {
 }
 
 /// Wall clock of the simulation: the pinned epoch plus simulated time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SimClock;
+#[derive(Debug, Clone, Default)]
+pub struct SimClock(pub SimTime);
 
 impl Clock for SimClock {
     fn now(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(EPOCH_SECS) + turmoil::sim_elapsed().unwrap_or_default()
+        UNIX_EPOCH + Duration::from_secs(EPOCH_SECS) + self.0.now()
     }
 }
 
@@ -179,13 +179,14 @@ pub struct NodeLife {
 impl Shared {
     /// A fresh world state for `opts`.
     pub fn new(opts: Options) -> Self {
+        let trace = Trace::default();
         let emulator = Emulator::in_memory(
             PoolConfig {
                 slot: POOL.into(),
                 mount_point: POOL.into(),
                 size_bytes: 1 << 40,
             },
-            Arc::new(SimClock),
+            Arc::new(SimClock(trace.time().clone())),
         );
         let kernels = (0..opts.nodes)
             .map(|i| FakeKernel::new(DEFAULT_NQN_PREFIX, &host_nqn_of_machine(i, 0)))
@@ -194,7 +195,7 @@ impl Shared {
         let partitioned = Arc::new(Mutex::new(vec![None; opts.nodes]));
         Self {
             opts: Arc::new(opts),
-            trace: Trace::default(),
+            trace,
             api: FakeApi::new(),
             emulator: Arc::new(emulator),
             kernels,
@@ -722,7 +723,7 @@ pub async fn controller_host(sh: Shared, name: &'static str) -> turmoil::Result 
     sh.trace
         .log("ctrl", format!("{name}: incarnation {inc} starting"));
     let mut seams = Seams::with(
-        Arc::new(SimClock),
+        Arc::new(SimClock(sh.trace.time().clone())),
         Arc::new(SeededEntropy::from_seed(
             sh.opts.seed ^ 0xc0_47_80_11 ^ (inc << 32),
         )),
@@ -759,7 +760,7 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
         &sh.ops,
     ));
     let mut seams = Seams::with(
-        Arc::new(SimClock),
+        Arc::new(SimClock(sh.trace.time().clone())),
         Arc::new(SeededEntropy::from_seed(
             sh.opts.seed ^ (i as u64 + 1) << 40,
         )),

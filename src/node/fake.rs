@@ -343,6 +343,19 @@ impl FakeKernel {
         );
     }
 
+    /// When the next reconnect attempt is due (what [`Self::advance`] acts on next), if a
+    /// controller is reconnecting.
+    pub fn next_attempt(&self) -> Option<Duration> {
+        self.st()
+            .devices
+            .values()
+            .filter_map(|d| match d.link {
+                Link::Connecting { next, .. } => Some(next),
+                Link::Live => None,
+            })
+            .min()
+    }
+
     /// The NQNs with a controller (live or reconnecting), sorted.
     pub fn connected_nqns(&self) -> Vec<String> {
         let mut v: Vec<String> = self.st().devices.values().map(|d| d.nqn.clone()).collect();
@@ -435,6 +448,11 @@ impl FakeKernel {
     /// The events since the last call, oldest first.
     pub fn take_events(&self) -> Vec<KernelEvent> {
         std::mem::take(&mut self.st().events)
+    }
+
+    /// Whether events wait for [`Self::take_events`].
+    pub fn has_events(&self) -> bool {
+        !self.st().events.is_empty()
     }
 
     fn check_ours(&self, nqn: &str) -> Result<(), InitiatorError> {
@@ -580,6 +598,25 @@ impl Initiator for FakeKernel {
         } else {
             Err(InitiatorError::Unavailable(format!("{nqn} not connected")))
         }
+    }
+
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        self.check_ours(&target.nqn)?;
+        let mut st = self.st();
+        let mut changed = false;
+        // Like the kernel's sysfs stores: a reconnecting controller keeps its attempts so
+        // far and is judged against the new settings from its next attempt on.
+        for d in st.devices.values_mut().filter(|d| d.nqn == target.nqn) {
+            if let Some(v) = target.reconnect_delay.filter(|v| *v != d.reconnect_delay) {
+                d.reconnect_delay = v;
+                changed = true;
+            }
+            if let Some(v) = target.ctrl_loss_tmo.filter(|v| *v != d.ctrl_loss_tmo) {
+                d.ctrl_loss_tmo = v;
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 }
 

@@ -339,6 +339,12 @@ impl Initiator for LoopInitiator {
         }
         Ok(())
     }
+
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        // A loop device has no controller to reconnect: nothing to tune.
+        self.file_for(&target.nqn)?;
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,8 @@ pub struct NvmeCli {
 /// A subsystem as sysfs shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Subsystem {
+    /// Its sysfs directory (`<sysfs>/class/nvme-subsystem/nvme-subsysN`).
+    dir: PathBuf,
     nqn: String,
     /// Controller names (`nvme0`), sorted.
     controllers: Vec<String>,
@@ -147,6 +149,7 @@ fn scan_subsystems(sysfs_root: &Path) -> Result<Vec<Subsystem>, InitiatorError> 
                     .map_or(true, |s| s.trim() == "live")
             });
         out.push(Subsystem {
+            dir: dir.clone(),
             nqn: nqn.trim().to_string(),
             controllers,
             namespaces,
@@ -155,6 +158,60 @@ fn scan_subsystems(sysfs_root: &Path) -> Result<Vec<Subsystem>, InitiatorError> 
     }
     out.sort_by(|a, b| a.nqn.cmp(&b.nqn));
     Ok(out)
+}
+
+/// `ctrl_loss_tmo` as sysfs shows it: `off` when reconnecting forever, else the attempts
+/// times the delay (a store rounds the attempts up: 600 s at a 7 s delay shows 602).
+fn shown_ctrl_loss_tmo(tmo: i32, delay: u32) -> String {
+    if tmo < 0 {
+        "off".to_string()
+    } else {
+        let delay = delay.max(1);
+        (u32::try_from(tmo).unwrap_or(0).div_ceil(delay) * delay).to_string()
+    }
+}
+
+/// Gives the controller whose sysfs directory is `ctrl` the settings of `target`: the
+/// writable `reconnect_delay` first (a `ctrl_loss_tmo` store divides by it), then
+/// `ctrl_loss_tmo`. Both attributes are writable from Linux 5.13 on; an older kernel lacks
+/// them and this fails saying so.
+fn apply_reconnect_sysfs(ctrl: &Path, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+    let read = |name: &str| {
+        std::fs::read_to_string(ctrl.join(name))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| {
+                InitiatorError::Command(format!(
+                    "{}: {e} (changing the reconnect settings of a live connection needs Linux 5.13 or later)",
+                    ctrl.join(name).display()
+                ))
+            })
+    };
+    let write = |name: &str, value: String| {
+        std::fs::write(ctrl.join(name), &value).map_err(|e| {
+            InitiatorError::Command(format!("writing {value} to {}: {e}", ctrl.join(name).display()))
+        })
+    };
+    let mut changed = false;
+    let current = read("reconnect_delay")?;
+    let mut delay: u32 = current.parse().map_err(|_| {
+        InitiatorError::Command(format!(
+            "{}: unexpected reconnect_delay {current:?}",
+            ctrl.display()
+        ))
+    })?;
+    if let Some(want) = target.reconnect_delay.filter(|v| *v != delay) {
+        write("reconnect_delay", want.to_string())?;
+        delay = want;
+        changed = true;
+    }
+    if let Some(tmo) = target.ctrl_loss_tmo {
+        // Re-read: a new delay changes what the kernel shows for the same attempts.
+        if read("ctrl_loss_tmo")? != shown_ctrl_loss_tmo(tmo, delay) {
+            write("ctrl_loss_tmo", tmo.to_string())?;
+            changed = true;
+        }
+    }
+    Ok(changed)
 }
 
 impl NvmeCli {
@@ -362,6 +419,23 @@ impl Initiator for NvmeCli {
                 })
             })
             .collect())
+    }
+
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError> {
+        self.check_ours(&target.nqn)?;
+        let Some(sub) = self.subsystem(&target.nqn).await? else {
+            return Ok(false);
+        };
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut changed = false;
+            for c in &sub.controllers {
+                changed |= apply_reconnect_sysfs(&sub.dir.join(c), &target)?;
+            }
+            Ok(changed)
+        })
+        .await
+        .map_err(|e| InitiatorError::Command(format!("sysfs write: {e}")))?
     }
 
     async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError> {
@@ -603,6 +677,41 @@ mod tests {
         fs::write(sub(4, 6), "live\n").unwrap();
         let c = nvme.connections().await.unwrap();
         assert!(c.iter().any(|c| c.nqn.ends_with("pvc-away") && c.live));
+    }
+
+    #[tokio::test]
+    async fn reconnect_settings_are_written_to_a_connection_made_without_them() {
+        let h = busy_host();
+        let ctrl = h.sys().join("class/nvme-subsystem/nvme-subsys3/nvme3");
+        // Connected by hand with the kernel's defaults: 600 s, every 10 s.
+        fs::write(ctrl.join("reconnect_delay"), "10\n").unwrap();
+        fs::write(ctrl.join("ctrl_loss_tmo"), "600\n").unwrap();
+        let runner = Arc::new(ScriptedRunner::new(|_| ok("")));
+        let nvme = NvmeCli::new(h.cfg(), runner.clone());
+        let mut t = target(&format!("{PREFIX}pvc-ours"));
+        t.ctrl_loss_tmo = Some(-1);
+        t.reconnect_delay = Some(5);
+        assert!(nvme.apply_reconnect(&t).await.unwrap());
+        let read = |n: &str| fs::read_to_string(ctrl.join(n)).unwrap();
+        assert_eq!(read("reconnect_delay"), "5");
+        assert_eq!(read("ctrl_loss_tmo"), "-1");
+        // What the kernel then shows is already right: nothing is written again.
+        fs::write(ctrl.join("ctrl_loss_tmo"), "off\n").unwrap();
+        assert!(!nvme.apply_reconnect(&t).await.unwrap());
+        // A finite timeout is compared as the kernel rounds it (600 s at 7 s shows 602).
+        t.ctrl_loss_tmo = Some(600);
+        t.reconnect_delay = Some(7);
+        assert!(nvme.apply_reconnect(&t).await.unwrap());
+        fs::write(ctrl.join("ctrl_loss_tmo"), "602\n").unwrap();
+        assert!(!nvme.apply_reconnect(&t).await.unwrap());
+        // A kernel without the writable attributes says what it lacks.
+        fs::remove_file(ctrl.join("reconnect_delay")).unwrap();
+        let e = nvme.apply_reconnect(&t).await.unwrap_err();
+        assert!(e.to_string().contains("Linux 5.13"), "{e}");
+        // Not connected: nothing to do; another driver's NQN: refused; no command runs.
+        assert!(!nvme.apply_reconnect(&target(&format!("{PREFIX}pvc-gone"))).await.unwrap());
+        assert!(nvme.apply_reconnect(&target("nqn.2014-08.org.nvmexpress:uuid:1b4e28ba-local-ssd")).await.is_err());
+        assert!(runner.calls().is_empty());
     }
 
     #[tokio::test]

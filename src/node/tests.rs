@@ -161,6 +161,35 @@ async fn connects_use_the_node_defaults_unless_the_volume_sets_its_own() {
 }
 
 #[tokio::test]
+async fn a_connection_left_with_the_kernels_defaults_gets_the_node_defaults_when_staged() {
+    // Found by the simulation (seeds 581, 2423, 2983): a connection the node did not make
+    // with its settings (left from before a restart) was adopted by NodeStage as it was, and
+    // an outage longer than the kernel's 600 s deleted it under the filesystem.
+    let n = node();
+    n.k.add_disk(&nqn("pvc-1"), 1 << 30);
+    n.k.connect(&target("pvc-1")).await.unwrap();
+    assert_eq!(n.k.reconnect_settings(&nqn("pvc-1")), Some((600, 10)));
+    n.ops.stage(&stage_req("pvc-1", ext4())).await.unwrap();
+    assert_eq!(n.k.reconnect_settings(&nqn("pvc-1")), Some((-1, 5)));
+    n.ops.publish(&publish_req("pvc-1", "p", ext4())).await.unwrap();
+    n.k.take_events();
+    let s = Duration::from_secs;
+    n.k.outage_begins(s(100));
+    n.k.advance(s(100 + 3_600));
+    n.k.outage_ends();
+    n.k.advance(s(100 + 3_605));
+    assert!(n.k.take_events().is_empty(), "nothing lost under the mount");
+    n.healthy("pvc-1", &["p"]).await;
+    // The volume's own settings win over the node's, on an adopted connection too.
+    n.k.add_disk(&nqn("pvc-2"), 1 << 30);
+    n.k.connect(&target("pvc-2")).await.unwrap();
+    let mut r = stage_req("pvc-2", VolumeKind::Block);
+    r.target.ctrl_loss_tmo = Some(60);
+    n.ops.stage(&r).await.unwrap();
+    assert_eq!(n.k.reconnect_settings(&nqn("pvc-2")), Some((60, 5)));
+}
+
+#[tokio::test]
 async fn an_outage_longer_than_ctrl_loss_tmo_deletes_the_controller_and_forever_rides_it_out() {
     let n = node();
     n.running("pvc-forever", "p").await;

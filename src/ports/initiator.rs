@@ -71,4 +71,9 @@ pub trait Initiator: Send + Sync + 'static {
     async fn connections(&self) -> Result<Vec<Connection>, InitiatorError>;
     /// Re-reads the size of the device after a resize on the target.
     async fn rescan(&self, nqn: &str) -> Result<(), InitiatorError>;
+    /// Gives the connected controllers of `target.nqn` the reconnect settings `target` sets
+    /// (`ctrl_loss_tmo`, `reconnect_delay`; `None` leaves one as it is), for a connection
+    /// made without them (left from before a node restart, or made by hand). Returns whether
+    /// a setting changed; not connected is `Ok(false)`.
+    async fn apply_reconnect(&self, target: &NvmeTarget) -> Result<bool, InitiatorError>;
 }

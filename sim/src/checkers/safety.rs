@@ -50,6 +50,8 @@ pub fn check(sh: &Shared) -> Vec<String> {
     let exports = sh.emulator.exports();
     let multi = |v: &str| model.volumes.get(v).is_some_and(|vol| vol.multi);
     let mut published: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    // Each volume's PV is read once per check (its pairs and its export share it).
+    let mut pvs: BTreeMap<&str, Option<BTreeSet<String>>> = BTreeMap::new();
     for ((v, n), p) in &model.pairs {
         if p.acked == Some(Op::Publish) {
             published.entry(v).or_default().push(n);
@@ -57,7 +59,9 @@ pub fn check(sh: &Shared) -> Vec<String> {
         if p.unsettled() {
             continue;
         }
-        let stored = sh.stored_holders(v);
+        let stored = pvs
+            .entry(v.as_str())
+            .or_insert_with(|| sh.stored_holders(v));
         let holds = stored.as_ref().is_some_and(|s| s.contains(n));
         match p.acked {
             Some(Op::Publish) => {
@@ -93,7 +97,7 @@ pub fn check(sh: &Shared) -> Vec<String> {
         }
     }
     if sh.opts.data_path_fence {
-        bad.extend(fence_violations(sh, &model, &exports));
+        bad.extend(fence_violations(sh, &model, &exports, &mut pvs));
     }
     for (v, nodes) in published {
         if multi(v) {
@@ -235,12 +239,14 @@ fn migration_violations(
 /// nobody replaced — a detach done by hand, a PV deleted by hand — is parked by the next
 /// start-up, publish or unpublish; the I/O such a node makes is judged by
 /// [`crate::datapath`].)
-fn fence_violations(
+fn fence_violations<'a>(
     sh: &Shared,
     model: &Model,
-    exports: &BTreeMap<String, ExportView>,
+    exports: &'a BTreeMap<String, ExportView>,
+    pvs: &mut BTreeMap<&'a str, Option<BTreeSet<String>>>,
 ) -> Vec<String> {
     let mut bad = Vec::new();
+    let none = BTreeSet::new();
     for (v, e) in exports {
         if model.volumes.get(v).is_some_and(|vol| vol.multi) {
             continue; // judged by `migration_violations`
@@ -264,7 +270,11 @@ fn fence_violations(
                 .get(&(v.clone(), node.to_string()))
                 .is_some_and(|p| p.unsettled())
         };
-        let holders = sh.stored_holders(v).unwrap_or_default();
+        let holders = pvs
+            .entry(v.as_str())
+            .or_insert_with(|| sh.stored_holders(v))
+            .as_ref()
+            .unwrap_or(&none);
         if let Some(other) = holders.iter().find(|h| **h != n)
             && !holders.contains(&n)
             && !unsettled(&n)
