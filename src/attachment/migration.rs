@@ -32,7 +32,7 @@ use crate::types::{AccessMode, NodeId};
 pub const MAX_HOLDERS: usize = 2;
 
 /// Default `migrationTimeoutSeconds` (the earlier driver's).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_TIMEOUT: Duration = crate::types::defaults::DEFAULT_MIGRATION_TIMEOUT;
 /// Shortest `migrationTimeoutSeconds` accepted.
 pub const MIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `migrationTimeoutSeconds` accepted.

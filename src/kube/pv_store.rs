@@ -433,7 +433,7 @@ fn attach_migration(
             .parse::<u64>()
             .map(std::time::Duration::from_secs)
             .map_err(|_| format!("{ANN_MIGRATION_TIMEOUT}: {t:?} is not a number of seconds"))?,
-        None => crate::attachment::migration::DEFAULT_TIMEOUT,
+        None => crate::types::defaults::DEFAULT_MIGRATION_TIMEOUT,
     };
     let started = match annotations.get(ANN_MIGRATION_STARTED_AT) {
         Some(at) => Some(
