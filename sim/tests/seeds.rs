@@ -101,7 +101,7 @@ fn skipping_idle_ticks_changes_nothing_but_the_speed() {
         Options::from_seed(2).with_bug(Bug::NodeGoneWhileAlive),
         Options::from_seed(13).with_bug(Bug::BlindRdsRetry),
         Options::from_seed(1).with_bug(Bug::UnpublishOpensExport),
-        Options::from_seed(1).with_bug(Bug::DeleteSkipsHolders),
+        Options::from_seed(2).with_bug(Bug::DeleteSkipsHolders),
         Options::from_seed(2).with_bug(Bug::ReissuedPublishSkipsLock),
         Options::from_seed(19).with_bug(Bug::KernelReconnectDefaults),
         Options::from_seed(3).with_bug(Bug::RememberedDevicePath),
