@@ -24,12 +24,15 @@ pub struct Pair {
     /// Calls an attacher that lost its state sent and no longer waits for (still running
     /// on the controller): until they end, the pair's state is not the CO's to claim.
     pub outstanding: u32,
+    /// The CO's own calls on the pair still running (sent, no answer or timeout yet): they
+    /// may still take effect even when the pair's node was lost meanwhile.
+    pub running: u32,
 }
 
 impl Pair {
     /// Whether a call on the pair may still take effect (the per-pair checks skip it).
     pub fn unsettled(&self) -> bool {
-        self.pending.is_some() || self.outstanding > 0
+        self.pending.is_some() || self.outstanding > 0 || self.running > 0
     }
 }
 
@@ -98,6 +101,7 @@ impl Model {
             if n == node && (p.pending.is_some() || p.acked == Some(Op::Publish)) {
                 *p = Pair {
                     outstanding: p.outstanding,
+                    running: p.running,
                     ..Pair::default()
                 };
             }
@@ -111,6 +115,19 @@ impl Model {
         if let Some(p) = self.pairs.get_mut(&(volume.to_string(), node.to_string())) {
             p.acked = None;
             p.pending = None;
+        }
+    }
+
+    /// The CO's calls on (volume, node) start running (`true`) or have all ended.
+    pub fn running(&mut self, volume: &str, node: &str, starts: bool) {
+        let p = self
+            .pairs
+            .entry((volume.to_string(), node.to_string()))
+            .or_default();
+        if starts {
+            p.running += 1;
+        } else {
+            p.running = p.running.saturating_sub(1);
         }
     }
 

@@ -479,10 +479,16 @@ impl Script {
         let node = node_name(ix);
         self.model().begin(&self.vol, &node, Op::Publish);
         let call = self.publish_req(&node, vctx);
+        // Found by the simulation (seed 2723): the node's machine lost while its publish
+        // ran cleared the pair's pending call, and the VM disk's fence was judged before
+        // the still running publish moved it to the migration's target.
+        self.model().running(&self.vol, &node, true);
         let r = match self.maybe_reissue(&node, &call).await {
-            Some(r) => r,
-            None => self.until_ok_on(CTRL, ix, generation, call).await?,
+            Some(r) => Ok(r),
+            None => self.until_ok_on(CTRL, ix, generation, call).await,
         };
+        self.model().running(&self.vol, &node, false);
+        let r = r?;
         self.ack(ix, generation, Op::Publish)?;
         Ok(r)
     }
