@@ -79,17 +79,11 @@ pub struct Model {
 impl Model {
     /// A call on (volume, node) is sent.
     pub fn begin(&mut self, volume: &str, node: &str, op: Op) {
-        self.pairs
-            .entry((volume.to_string(), node.to_string()))
-            .or_default()
-            .pending = Some(op);
+        self.pair(volume, node).pending = Some(op);
     }
     /// A call on (volume, node) was acknowledged.
     pub fn ack(&mut self, volume: &str, node: &str, op: Op) {
-        let p = self
-            .pairs
-            .entry((volume.to_string(), node.to_string()))
-            .or_default();
+        let p = self.pair(volume, node);
         p.acked = Some(op);
         p.pending = None;
     }
@@ -118,30 +112,20 @@ impl Model {
         }
     }
 
-    /// The CO's calls on (volume, node) start running (`true`) or have all ended.
+    /// A call of the CO's on (volume, node) starts running (`true`) or ends.
     pub fn running(&mut self, volume: &str, node: &str, starts: bool) {
-        let p = self
-            .pairs
-            .entry((volume.to_string(), node.to_string()))
-            .or_default();
-        if starts {
-            p.running += 1;
-        } else {
-            p.running = p.running.saturating_sub(1);
-        }
+        count(&mut self.pair(volume, node).running, starts);
     }
 
     /// A detached call on (volume, node) starts (`true`) or ends.
     pub fn outstanding(&mut self, volume: &str, node: &str, starts: bool) {
-        let p = self
-            .pairs
+        count(&mut self.pair(volume, node).outstanding, starts);
+    }
+
+    fn pair(&mut self, volume: &str, node: &str) -> &mut Pair {
+        self.pairs
             .entry((volume.to_string(), node.to_string()))
-            .or_default();
-        if starts {
-            p.outstanding += 1;
-        } else {
-            p.outstanding = p.outstanding.saturating_sub(1);
-        }
+            .or_default()
     }
 
     /// Whether `node` holds `volume`: its ControllerPublish was acknowledged and no
@@ -160,5 +144,14 @@ impl Model {
     /// The lifecycle record of `volume`.
     pub fn volume(&mut self, volume: &str) -> &mut Volume {
         self.volumes.entry(volume.to_string()).or_default()
+    }
+}
+
+/// Counts a call that starts (`true`) or ends.
+fn count(n: &mut u32, starts: bool) {
+    if starts {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
     }
 }
