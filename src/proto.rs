@@ -69,6 +69,7 @@ secretful!(
     CreateSnapshotRequest,
     DeleteSnapshotRequest,
     ListSnapshotsRequest,
+    GetSnapshotRequest,
     ControllerExpandVolumeRequest,
     NodeStageVolumeRequest,
     NodePublishVolumeRequest,

@@ -12,11 +12,13 @@ use clap::Parser;
 use rds_csi::cli::Cli;
 use rds_csi::proto::csi::{
     self, CapacityRange, ControllerExpandVolumeRequest, ControllerGetCapabilitiesRequest,
-    ControllerGetVolumeRequest, ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
-    GetCapacityRequest, ListSnapshotsRequest, ListVolumesRequest,
-    ValidateVolumeCapabilitiesRequest, VolumeCapability, VolumeContentSource,
+    ControllerGetVolumeRequest, ControllerModifyVolumeRequest, ControllerPublishVolumeRequest,
+    ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
+    DeleteSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest, GetSnapshotRequest,
+    ListSnapshotsRequest, ListVolumesRequest, ValidateVolumeCapabilitiesRequest, VolumeCapability,
+    VolumeContentSource,
     controller_client::ControllerClient,
+    controller_service_capability,
     volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
     volume_content_source,
 };
@@ -235,7 +237,8 @@ async fn volume_lifecycle_is_idempotent_ten_times_over() {
 async fn create_volume_names_sizes_and_parameters() {
     let mut f = start(&[]).await;
     let c = &mut f.c;
-    // A 128-character name works; longer or hostile names are refused before any I/O.
+    // A 128-byte name works and, being a safe slot, is its own id; a longer one breaks
+    // the spec's size limit ("fields SHALL NOT exceed the limits documented here").
     let long = "v".repeat(128);
     let vol = c
         .create_volume(create_req(&long, GIB))
@@ -245,17 +248,9 @@ async fn create_volume_names_sizes_and_parameters() {
         .volume
         .unwrap();
     assert_eq!(vol.volume_id, long);
-    for bad in [
-        "v".repeat(129),
-        "pvc\"; /system reset".into(),
-        "../../etc".into(),
-        "a b".into(),
-        "[find]".into(),
-    ] {
-        let (code_, msg) = code(c.create_volume(create_req(&bad, GIB)).await);
-        assert_eq!(code_, Code::InvalidArgument, "{bad}: {msg}");
-        assert!(msg.starts_with("name"), "{msg}");
-    }
+    let (code_, msg) = code(c.create_volume(create_req(&"v".repeat(129), GIB)).await);
+    assert_eq!(code_, Code::InvalidArgument, "{msg}");
+    assert!(msg.starts_with("name is 129 bytes long"), "{msg}");
     // Same name, compatible → same volume; incompatible size → ALREADY_EXISTS.
     let again = c
         .create_volume(create_req(&long, GIB))
@@ -752,4 +747,428 @@ async fn snapshots_restores_and_clones() {
         code(c.delete_snapshot(DeleteSnapshotRequest::default()).await).0,
         Code::InvalidArgument
     );
+}
+
+fn has_capability(
+    caps: &csi::ControllerGetCapabilitiesResponse,
+    want: controller_service_capability::rpc::Type,
+) -> bool {
+    caps.capabilities.iter().any(|c| {
+        matches!(&c.r#type, Some(controller_service_capability::Type::Rpc(r)) if r.r#type == want as i32)
+    })
+}
+
+/// CreateVolumeRequest.name / CreateSnapshotRequest.name: "Any Unicode string that conforms
+/// to the length limit is allowed except those containing the following banned characters:
+/// U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F." A name that is no RDS slot
+/// gets an id derived from it; every call after works with that id.
+#[tokio::test]
+async fn any_name_is_accepted_and_its_volume_found_again() {
+    let mut f = start(&[]).await;
+    let c = &mut f.c;
+    let names = [
+        "pvc\"; /system reset-configuration".to_string(),
+        "../../etc/passwd".into(),
+        "my volume + its [find] $x".into(),
+        "données été ☃".into(),
+        format!("-{}", "é".repeat(63)), // 127 bytes, leading '-'
+    ];
+    let mut ids = Vec::new();
+    for name in &names {
+        let vol = ten_times!(c.create_volume(create_req(name, GIB)))
+            .volume
+            .unwrap();
+        assert!(
+            vol.volume_id.starts_with("vol-"),
+            "{name}: {}",
+            vol.volume_id
+        );
+        assert_eq!(
+            vol.volume_context["nqn"],
+            format!("nqn.2000-02.com.mikrotik:{}", vol.volume_id)
+        );
+        // Same name, incompatible size: still recognised as that volume.
+        assert_eq!(
+            code(c.create_volume(create_req(name, 2 * GIB)).await).0,
+            Code::AlreadyExists
+        );
+        ids.push(vol.volume_id);
+    }
+    let listed: Vec<String> = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed, want);
+    // The spec's banned characters are refused, naming them.
+    for bad in ["a\u{0}b", "bell\u{7}", "esc\u{1b}[0m", "c1\u{85}"] {
+        let (code_, msg) = code(c.create_volume(create_req(bad, GIB)).await);
+        assert_eq!(code_, Code::InvalidArgument, "{bad:?}: {msg}");
+        assert!(msg.contains("control character"), "{msg}");
+    }
+    // A snapshot named freely, of a volume named freely.
+    let snap_req = CreateSnapshotRequest {
+        source_volume_id: ids[2].clone(),
+        name: "nightly backup #1 (ünïcode)".into(),
+        ..Default::default()
+    };
+    let snap = ten_times!(c.create_snapshot(snap_req.clone()))
+        .snapshot
+        .unwrap();
+    assert!(
+        snap.snapshot_id.starts_with("snap-"),
+        "{}",
+        snap.snapshot_id
+    );
+    assert_eq!(snap.source_volume_id, ids[2]);
+    let other_source = CreateSnapshotRequest {
+        source_volume_id: ids[3].clone(),
+        ..snap_req
+    };
+    assert_eq!(
+        code(c.create_snapshot(other_source).await).0,
+        Code::AlreadyExists
+    );
+    ten_times!(c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    }));
+    for id in &ids {
+        ten_times!(c.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }));
+    }
+    assert!(
+        c.list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .is_empty()
+    );
+}
+
+/// A derived id is the slot of the name recorded with it, never of another name: "Indicates
+/// that a volume corresponding to the specified volume name already exists but is
+/// incompatible" — here, the slot is taken by a different name, whichever came first.
+#[tokio::test]
+async fn a_slot_holding_another_name_is_never_taken_for_this_one() {
+    let mut f = start(&[]).await;
+    let c = &mut f.c;
+    let (derived, _) = rds_csi::controller::names::volume_id_for("x+y", "name").unwrap();
+    let derived = derived.to_string();
+    // The literal name first (a safe slot, its own id), then the name that derives it.
+    c.create_volume(create_req(&derived, GIB)).await.unwrap();
+    let (code_, msg) = code(c.create_volume(create_req("x+y", GIB)).await);
+    assert_eq!(code_, Code::AlreadyExists, "{msg}");
+    assert!(msg.contains("a different name"), "{msg}");
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: derived.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The other way round.
+    let vol = c
+        .create_volume(create_req("x+y", GIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(vol.volume_id, derived);
+    let (code_, msg) = code(c.create_volume(create_req(&derived, GIB)).await);
+    assert_eq!(code_, Code::AlreadyExists, "{msg}");
+    assert!(msg.contains("\"x+y\""), "{msg}");
+    // And the rightful owner still gets its volume.
+    let again = c
+        .create_volume(create_req("x+y", GIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.volume.unwrap(), vol);
+}
+
+/// Idempotency does not depend on the controller's memory: a repeated CreateVolume after a
+/// `kill -9` and restart of the plugin finds the volume by the name recorded on the RDS.
+#[tokio::test]
+async fn a_named_volume_is_recognised_after_a_controller_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let state = dir.path().join("state");
+    let args = ["--mode", "controller"];
+    let first = {
+        let plugin = common::Plugin::start(&socket, &state, &args);
+        let mut c = ControllerClient::new(plugin.channel().await);
+        let vol = c
+            .create_volume(create_req("data for \"app\" #7", 3 * GIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        drop(plugin); // SIGKILL
+        vol
+    };
+    let plugin = common::Plugin::start(&socket, &state, &args);
+    let mut c = ControllerClient::new(plugin.channel().await);
+    let again = c
+        .create_volume(create_req("data for \"app\" #7", 3 * GIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again, first);
+    let other = c
+        .create_volume(create_req("data for \"app\" #8", 3 * GIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_ne!(
+        other.volume_id, first.volume_id,
+        "another name is another volume"
+    );
+}
+
+/// ListVolumes and ControllerGetVolume return the `volume_context` CreateVolume returned:
+/// "A volume uniquely identified by `volume_id` SHALL always report the same
+/// volume_context." — for every kind of volume.
+#[tokio::test]
+async fn every_answer_carries_the_volume_context_create_volume_returned() {
+    let mut f = start(&[]).await;
+    let c = &mut f.c;
+    let mut plain = create_req("pvc-plain", GIB);
+    plain.parameters = HashMap::new();
+    let mut tuned = create_req("pvc-tuned with a name", GIB);
+    tuned.parameters = HashMap::from([
+        ("fsType".to_string(), "xfs".to_string()),
+        ("nvmeAddress".to_string(), "10.0.0.9".to_string()),
+        ("ctrlLossTmo".to_string(), "-1".to_string()),
+        ("reconnectDelay".to_string(), "5".to_string()),
+        (
+            "csi.storage.k8s.io/pvc/name".to_string(),
+            "data".to_string(),
+        ),
+    ]);
+    tuned.mutable_parameters = HashMap::from([("keepAliveTmo".to_string(), "30".to_string())]);
+    let mut block = create_req("pvc-block", GIB);
+    block.volume_capabilities = vec![block_cap(Mode::SingleNodeWriter)];
+    let mut created = Vec::new();
+    for req in [plain, tuned, block] {
+        created.push(
+            c.create_volume(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap(),
+        );
+    }
+    let t = &created[1].volume_context;
+    assert_eq!(
+        (
+            t["fsType"].as_str(),
+            t["nvmeAddress"].as_str(),
+            t["ctrlLossTmo"].as_str()
+        ),
+        ("xfs", "10.0.0.9", "-1")
+    );
+    assert_eq!(
+        (t["reconnectDelay"].as_str(), t["keepAliveTmo"].as_str()),
+        ("5", "30")
+    );
+    assert!(
+        !created[2].volume_context.contains_key("fsType"),
+        "block has no filesystem"
+    );
+    let listed = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for vol in &created {
+        let entry = listed
+            .entries
+            .iter()
+            .find(|e| e.volume.as_ref().unwrap().volume_id == vol.volume_id)
+            .unwrap();
+        let got = entry.volume.as_ref().unwrap();
+        assert_eq!(
+            got.volume_context, vol.volume_context,
+            "ListVolumes {}",
+            vol.volume_id
+        );
+        assert_eq!(got.capacity_bytes, vol.capacity_bytes);
+        let get = c
+            .controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            get.volume.unwrap().volume_context,
+            vol.volume_context,
+            "ControllerGetVolume {}",
+            vol.volume_id
+        );
+    }
+}
+
+/// GetSnapshot (capability GET_SNAPSHOT): "`GetSnapshotResponse` should contain current
+/// information of a snapshot if it exists. If the snapshot does not exist any more,
+/// `GetSnapshot` should return gRPC error code `NOT_FOUND`."
+#[tokio::test]
+async fn get_snapshot_answers_what_create_snapshot_did() {
+    let mut f = start(&[]).await;
+    let c = &mut f.c;
+    let caps = c
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(has_capability(
+        &caps,
+        controller_service_capability::rpc::Type::GetSnapshot
+    ));
+    c.create_volume(create_req("pvc-src", 2 * GIB))
+        .await
+        .unwrap();
+    let made = c
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: "pvc-src".into(),
+            name: "snap-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let get = |id: &str| GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let got = ten_times!(c.get_snapshot(get("snap-1"))).snapshot.unwrap();
+    assert_eq!(got, made);
+    // "Snapshot does not exist | 5 NOT_FOUND": never made, a volume's id, deleted.
+    for id in ["snap-never", "pvc-src"] {
+        let (code_, msg) = code(c.get_snapshot(get(id)).await);
+        assert_eq!(code_, Code::NotFound, "{id}: {msg}");
+    }
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: "snap-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(c.get_snapshot(get("snap-1")).await).0, Code::NotFound);
+    assert_eq!(code(c.get_snapshot(get("")).await).0, Code::InvalidArgument);
+}
+
+/// ControllerModifyVolume (capability MODIFY_VOLUME): the connect tunables change on a live
+/// volume (handed to the node in the publish context at the next attachment); any other
+/// parameter is "Parameters not supported | 3 INVALID_ARGUMENT | Indicates that the CO has
+/// specified mutable parameters not supported by the volume"; "Volume does not exist | 5
+/// NOT_FOUND"; "This operation MUST be idempotent."
+#[tokio::test]
+async fn modify_volume_changes_the_connect_tunables_only() {
+    let mut f = start(&[]).await;
+    let c = &mut f.c;
+    let caps = c
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(has_capability(
+        &caps,
+        controller_service_capability::rpc::Type::ModifyVolume
+    ));
+    let mut req = create_req("pvc-mod", GIB);
+    req.parameters = HashMap::from([("ctrlLossTmo".to_string(), "-1".to_string())]);
+    let vol = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let modify = |params: &[(&str, &str)]| ControllerModifyVolumeRequest {
+        volume_id: "pvc-mod".into(),
+        mutable_parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    ten_times!(
+        c.controller_modify_volume(modify(&[("ctrlLossTmo", "600"), ("reconnectDelay", "2")]))
+    );
+    // Only the keys given change: "SPs MUST NOT modify volumes based on the absence of keys".
+    ten_times!(c.controller_modify_volume(modify(&[("keepAliveTmo", "15")])));
+    let ctx = c
+        .controller_publish_volume(publish_req("pvc-mod", NODE, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        (
+            ctx["ctrlLossTmo"].as_str(),
+            ctx["reconnectDelay"].as_str(),
+            ctx["keepAliveTmo"].as_str()
+        ),
+        ("600", "2", "15")
+    );
+    let listed = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-mod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    // The volume_context never changes: "The contents of this field SHALL NOT be mutable."
+    assert_eq!(listed.volume_context, vol.volume_context);
+    assert_eq!(listed.volume_context["ctrlLossTmo"], "-1");
+    for (params, needle) in [
+        (vec![("fsType", "xfs")], "fixed when the volume is created"),
+        (
+            vec![("nvmeAddress", "10.1.1.1")],
+            "fixed when the volume is created",
+        ),
+        (vec![("iops", "500")], "not a parameter of this driver"),
+        (vec![("reconnectDelay", "0")], "at least 1 second"),
+    ] {
+        let (code_, msg) = code(c.controller_modify_volume(modify(&params)).await);
+        assert_eq!(code_, Code::InvalidArgument, "{params:?}: {msg}");
+        assert!(msg.contains(needle), "{msg}");
+    }
+    let mut missing = modify(&[("ctrlLossTmo", "5")]);
+    missing.volume_id = "pvc-never".into();
+    assert_eq!(
+        code(c.controller_modify_volume(missing).await).0,
+        Code::NotFound
+    );
+    let mut no_id = modify(&[("ctrlLossTmo", "5")]);
+    no_id.volume_id = String::new();
+    assert_eq!(
+        code(c.controller_modify_volume(no_id).await).0,
+        Code::InvalidArgument
+    );
+    // CreateVolume's mutable_parameters follow the same rule.
+    let mut bad = create_req("pvc-bad-mutable", GIB);
+    bad.mutable_parameters = HashMap::from([("fsType".to_string(), "xfs".to_string())]);
+    assert_eq!(code(c.create_volume(bad).await).0, Code::InvalidArgument);
 }

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, Rds, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, Rds, RdsError};
 use rds_csi::proto::csi::{
     CapacityRange, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest,
     DeleteVolumeRequest, VolumeCapability,
@@ -154,7 +154,8 @@ async fn a_delete_interrupted_before_the_file_removal_finishes_on_the_retry() {
     );
 }
 
-/// An RDS whose `get_disk` of one slot waits until released: an operation held in flight.
+/// An RDS whose first look at one slot (`find_disk`) waits until released: an operation held
+/// in flight.
 struct Held {
     inner: Arc<dyn Rds>,
     slot: String,
@@ -171,11 +172,14 @@ impl Rds for Held {
         self.inner.create_disk(spec).await
     }
     async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        self.inner.get_disk(slot).await
+    }
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
         if slot == self.slot {
             self.entered.notify_one();
             self.release.notified().await;
         }
-        self.inner.get_disk(slot).await
+        self.inner.find_disk(slot).await
     }
     async fn list_disks(&self, prefix: &str) -> Result<Vec<Disk>, RdsError> {
         self.inner.list_disks(prefix).await

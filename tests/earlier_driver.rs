@@ -15,10 +15,10 @@ use rds_csi::kube::fake_api::{FakeApi, Kind};
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::ports::time::{SeededEntropy, SystemClock};
 use rds_csi::proto::csi::{
-    CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
-    ControllerUnpublishVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, ListSnapshotsRequest, NodeStageVolumeRequest,
-    NodeUnstageVolumeRequest, VolumeCapability, VolumeContentSource,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
+    ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ListSnapshotsRequest,
+    NodeStageVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability, VolumeContentSource,
     controller_client::ControllerClient,
     node_client::NodeClient,
     volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
@@ -273,8 +273,28 @@ async fn a_cluster_the_earlier_driver_ran_is_served_as_it_stands() {
         .volume
         .unwrap();
     assert_eq!(created.capacity_bytes, 2 << 30);
-    assert_eq!(created.volume_context["migrationTimeoutSeconds"], "600");
     assert_eq!(created.volume_context["nqn"], format!("{PREFIX}{DISK}"));
+    // Its volume_context is the one every RPC answers for it, read from the RDS: a volume
+    // the earlier driver made has no note of ours, so the StorageClass' tunables and
+    // migrationTimeoutSeconds are not in it (the PV keeps the context the earlier driver
+    // wrote, which is what ControllerPublish and NodeStage read).
+    assert!(
+        !created
+            .volume_context
+            .contains_key("migrationTimeoutSeconds"),
+        "{:?}",
+        created.volume_context
+    );
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: DISK.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(got.volume_context, created.volume_context);
 
     // The attachment the old driver recorded holds: a repeat is OK, another node is fenced.
     let publish = |vol: &str, node: &str, cap: VolumeCapability| ControllerPublishVolumeRequest {

@@ -53,3 +53,18 @@ fn corpus_parses_as_snapshotted() {
         });
     }
 }
+
+#[test]
+fn error_replies_show_control_characters_escaped() {
+    // Found by fuzzing (`parse_output`): the first line of an error reply went into the
+    // error message raw, so a bell, an escape sequence or a carriage return from the RDS
+    // reached the logs and the gRPC status as is.
+    let e = parse_print("failure: not enough space\u{7} \u{1b}[31mon\rdisk\n").unwrap_err();
+    let msg = e.to_string();
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    assert!(
+        matches!(e, rds_csi::routeros::parse::RosError::NoSpace(ref m)
+            if m == "failure: not enough space\\u{7} \\u{1b}[31mon\\rdisk"),
+        "{e:?}"
+    );
+}

@@ -158,7 +158,10 @@ async fn adapter_over_ssh_creates_lists_resizes_snapshots_clones_and_deletes() {
         assert_eq!((snap.size_bytes, snap.export), (5 * GIB + 3, None));
         assert_eq!(rds.list_snapshots("snap-").await.unwrap().len(), 1);
         let clone = rds
-            .clone_disk("snap-a", &spec("pvc-c", 6 * GIB))
+            .create_disk(&DiskSpec {
+                copy_from: Some("snap-a".to_string()),
+                ..spec("pvc-c", 6 * GIB)
+            })
             .await
             .unwrap();
         assert_eq!(clone.size_bytes, 6 * GIB);

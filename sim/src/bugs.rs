@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
-use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::ports::{AttachmentStore, Cluster, Initiator, Rds};
 use rds_csi::routeros::render::CommandLine;
@@ -168,66 +168,6 @@ pub fn wrap_store(
     }
 }
 
-/// An RDS on which parking an export opens it to any host instead (an unpublish that
-/// lifts the fence rather than parking it).
-struct OpenOnPark {
-    inner: Arc<dyn Rds>,
-}
-
-#[async_trait]
-impl Rds for OpenOnPark {
-    async fn ping(&self) -> Result<(), RdsError> {
-        self.inner.ping().await
-    }
-    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
-        self.inner.create_disk(spec).await
-    }
-    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
-        self.inner.get_disk(slot).await
-    }
-    async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
-        self.inner.list_disks(slot_prefix).await
-    }
-    async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
-        self.inner.resize_disk(slot, size_bytes).await
-    }
-    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
-        self.inner.delete_disk(slot).await
-    }
-    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
-        self.inner.capacity().await
-    }
-    async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
-        let host = host_nqn.filter(|h| !rds_csi::attachment::fence::is_parked(Some(h)));
-        self.inner.set_allowed_host(slot, host).await
-    }
-    async fn create_snapshot(
-        &self,
-        source: &str,
-        slot: &str,
-        comment: &str,
-    ) -> Result<Disk, RdsError> {
-        self.inner.create_snapshot(source, slot, comment).await
-    }
-    async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
-        self.inner.list_snapshots(slot_prefix).await
-    }
-    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
-        self.inner.delete_snapshot(slot).await
-    }
-    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
-        self.inner.clone_disk(source, spec).await
-    }
-}
-
-/// The `Rds` port with `bug` planted, if it is an RDS-port bug.
-pub fn wrap_rds(inner: Arc<dyn Rds>, bug: Option<Bug>) -> Arc<dyn Rds> {
-    match bug {
-        Some(Bug::UnpublishOpensExport) => Arc::new(OpenOnPark { inner }),
-        _ => inner,
-    }
-}
-
 /// The cluster with `bug` planted, if it is a cluster bug.
 pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluster> {
     match bug {
@@ -362,6 +302,113 @@ pub fn wrap_initiator(inner: Arc<dyn Initiator>, bug: Option<Bug>) -> Arc<dyn In
                 bug,
                 remembered: Mutex::new(BTreeMap::new()),
             })
+        }
+        _ => inner,
+    }
+}
+
+/// An RDS port with an RDS-side bug: `UnpublishOpensExport` opens an export to any host
+/// where the driver parks it (an unpublish that lifts the fence rather than parking it);
+/// `NamelessRds` keeps a new snapshot's note without its `:n.` field (the CSI name the
+/// driver records when the snapshot id is derived from the name): the copy exists, but
+/// nothing on the RDS says which name it was made for.
+struct BuggyRds {
+    inner: Arc<dyn Rds>,
+    bug: Bug,
+}
+
+impl BuggyRds {
+    /// The allow-list value the RDS keeps when `host_nqn` is asked for.
+    fn kept<'a>(&self, host_nqn: Option<&'a str>) -> Option<&'a str> {
+        match self.bug {
+            Bug::UnpublishOpensExport => {
+                host_nqn.filter(|h| !rds_csi::attachment::fence::is_parked(Some(h)))
+            }
+            _ => host_nqn,
+        }
+    }
+}
+
+/// `note` without its `:n.<name>` field.
+fn without_name(note: &str) -> String {
+    note.split(':')
+        .filter(|field| !field.starts_with("n."))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[async_trait]
+impl Rds for BuggyRds {
+    async fn ping(&self) -> Result<(), RdsError> {
+        self.inner.ping().await
+    }
+    async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
+        self.inner.create_disk(spec).await
+    }
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        self.inner.get_disk(slot).await
+    }
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        self.inner.find_disk(slot).await
+    }
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        self.inner.find_disks(slots).await
+    }
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.inner.sized(disk).await
+    }
+    async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_disks(slot_prefix).await
+    }
+    async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.resize_disk(slot, size_bytes).await
+    }
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.inner.grow_disk(disk, size_bytes).await
+    }
+    async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.delete_disk(slot).await
+    }
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        self.inner.remove_disk(disk).await
+    }
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        self.inner.remove_leftover_file(slot).await
+    }
+    async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
+        self.inner.capacity().await
+    }
+    async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.inner.set_allowed_host(slot, self.kept(host_nqn)).await
+    }
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.inner.fence_disk(disk, self.kept(host_nqn)).await
+    }
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        self.inner.set_comment(disk, comment).await
+    }
+    async fn create_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        comment: &str,
+    ) -> Result<Disk, RdsError> {
+        let comment = match self.bug {
+            Bug::NamelessRds => without_name(comment),
+            _ => comment.to_string(),
+        };
+        self.inner.create_snapshot(source, slot, &comment).await
+    }
+    async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
+        self.inner.list_snapshots(slot_prefix).await
+    }
+}
+
+/// The RDS port with `bug` planted, if it is an RDS bug.
+pub fn wrap_rds(inner: Arc<dyn Rds>, bug: Option<Bug>) -> Arc<dyn Rds> {
+    match bug {
+        Some(bug @ (Bug::UnpublishOpensExport | Bug::NamelessRds)) => {
+            Arc::new(BuggyRds { inner, bug })
         }
         _ => inner,
     }

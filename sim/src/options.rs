@@ -37,11 +37,14 @@ pub enum Bug {
     /// The cluster finds no VolumeAttachment of a VM disk's holders (judged detached by
     /// hand): a third node attaches while two hold the disk.
     ThirdNodeAttaches,
+    /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
+    /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
+    NamelessRds,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -52,6 +55,7 @@ impl Bug {
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
         Bug::ThirdNodeAttaches,
+        Bug::NamelessRds,
     ];
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
 use rds_csi::ports::mounter::{FsCheck, MountEntry, MountError, TargetKind, UsageStats};
-use rds_csi::ports::rds::{Disk, DiskSpec, PoolCapacity, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::ports::{AttachmentStore, Initiator, Mounter, Rds};
 use rds_csi::types::VolumeId;
@@ -274,11 +274,29 @@ impl Rds for Tracked<dyn Rds> {
     async fn list_snapshots(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
         self.mark().list_snapshots(slot_prefix).await
     }
-    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
-        self.mark().delete_snapshot(slot).await
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        self.mark().find_disk(slot).await
     }
-    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
-        self.mark().clone_disk(source, spec).await
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        self.mark().find_disks(slots).await
+    }
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.mark().sized(disk).await
+    }
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        self.mark().remove_disk(disk).await
+    }
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        self.mark().remove_leftover_file(slot).await
+    }
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.mark().grow_disk(disk, size_bytes).await
+    }
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        self.mark().set_comment(disk, comment).await
+    }
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.mark().fence_disk(disk, host_nqn).await
     }
 }
 

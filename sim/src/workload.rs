@@ -938,7 +938,9 @@ impl Script {
     async fn snapshot(&mut self, n: usize) -> String {
         let call = Call::Snapshot(CreateSnapshotRequest {
             source_volume_id: self.vol.clone(),
-            name: format!("snap-{}-{n}", self.vol),
+            // A name that is no RDS slot (as a CO other than Kubernetes may send): the
+            // snapshot's id is derived from it and the name recorded on the RDS.
+            name: format!("snapshot #{n} of {}", self.vol),
             ..Default::default()
         });
         let id = self.until_ok(CTRL, call.clone()).await.snapshot_id;

@@ -626,7 +626,7 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
 }
 
 /// The scenario's wrappers around a controller replica's ports: crash points and planted
-/// bugs at the store, planted bugs at the cluster and the RouterOS transport, and the
+/// bugs at the store, planted bugs at the cluster, the RDS and the RouterOS transport, and the
 /// no-overlap checker's call tracking at the RDS and the store.
 struct ControllerLayers {
     sh: Shared,

@@ -255,3 +255,8 @@ fn finds_a_node_that_remembers_device_paths() {
 fn finds_a_third_node_let_in_during_a_live_migration() {
     finds(Bug::ThirdNodeAttaches);
 }
+
+#[test]
+fn finds_an_rds_that_forgets_the_recorded_name() {
+    finds(Bug::NamelessRds);
+}

@@ -44,8 +44,9 @@ use crate::error::{Error, Result};
 use crate::attachment::migration::{self, Change, Outcome};
 use crate::metrics::MigrationMetrics;
 use crate::ports::cluster::{ClusterEvent, EventSubject, reason};
-use crate::ports::rds::RdsError;
+use crate::ports::rds::{DiskEntry, RdsError};
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
+use crate::types::note::VolumeNote;
 use crate::types::{NodeId, VolumeId};
 
 use crate::types::context::{
@@ -667,9 +668,19 @@ impl AttachmentManager {
         })
     }
 
-    /// Sets `volume`'s allow list to `value`; a disk gone meanwhile has nothing to fence.
-    async fn set_allow(&self, volume: &VolumeId, value: Option<&str>) -> Result<()> {
-        match self.rds.set_allowed_host(volume.as_str(), value).await {
+    /// Sets `volume`'s allow list to `value`, on `observed` when the disk was just read (no
+    /// second read of it); a disk gone meanwhile has nothing to fence.
+    async fn set_allow(
+        &self,
+        volume: &VolumeId,
+        observed: Option<&DiskEntry>,
+        value: Option<&str>,
+    ) -> Result<()> {
+        let r = match observed {
+            Some(disk) => self.rds.fence_disk(disk, value).await,
+            None => self.rds.set_allowed_host(volume.as_str(), value).await,
+        };
+        match r {
             // CSI: "If the volume corresponding to the volume_id ... cannot be found by
             // the Plugin and the volume can be safely regarded as ControllerUnpublished
             // from the node, the plugin SHOULD return 0 OK."
@@ -698,20 +709,21 @@ impl AttachmentManager {
         let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
         let target = Target::of(self.cfg.data_path_fence, holders);
         let want = self.allow_value(volume, &target, known).await?;
-        let Some(disk) = self.rds.get_disk(volume.as_str()).await? else {
+        // One `/disk print`: the export and its allow list (no size needed).
+        let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
             return Ok(unmoved);
         };
         if disk.export.is_none() || disk.allowed_host_nqn == want {
             return Ok(unmoved);
         }
-        self.set_allow(volume, want.as_deref()).await?;
+        self.set_allow(volume, Some(&disk), want.as_deref()).await?;
         let stored = self.read_stored(volume).await?;
         let again = Target::of(self.cfg.data_path_fence, &stored);
         if again != target {
             let value = self.allow_value(volume, &again, None).await?;
             if value != want {
                 tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
-                self.set_allow(volume, value.as_deref()).await?;
+                self.set_allow(volume, None, value.as_deref()).await?;
             }
         }
         let still_held = expected.is_none_or(|(n, _)| stored.contains(n));
@@ -919,8 +931,9 @@ impl AttachmentManager {
         // CSI: "NOT_FOUND: Indicates that a volume corresponding to the specified volume_id
         // does not exist." / "... a node corresponding to the specified node_id does not
         // exist."
+        // One `/disk print` (no size needed): the disk exists and its export.
         let disk =
-            self.rds.get_disk(volume.as_str()).await?.ok_or_else(|| {
+            self.rds.find_disk(volume.as_str()).await?.ok_or_else(|| {
                 Error::NotFound(format!("volume {volume} does not exist on the RDS"))
             })?;
         if !self.cluster.node_known(node).await? {
@@ -991,6 +1004,14 @@ impl AttachmentManager {
             && !args.block
         {
             ctx.insert(CTX_FS_TYPE.to_string(), fs.clone());
+        }
+        // The connect tunables in force (ControllerModifyVolume changes them in the disk's
+        // note): the node reads the publish context before the volume context, so a change
+        // applies at the volume's next attachment.
+        if let Some(note) = disk.comment.as_deref().and_then(VolumeNote::parse) {
+            for (key, value) in note.in_force().context() {
+                ctx.insert(key.to_string(), value);
+            }
         }
         Ok(ctx)
     }

@@ -942,7 +942,9 @@ fn controller(w: &World) -> crate::controller::Controller {
 
 fn create_args(v: &str, source: Option<crate::controller::volumes::Source>) -> crate::controller::volumes::CreateArgs {
     crate::controller::volumes::CreateArgs {
+        name: v.to_string(),
         volume_id: vid(v),
+        recorded_name: None,
         range: None,
         params: Default::default(),
         fs_type: Some("ext4".into()),

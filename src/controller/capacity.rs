@@ -45,8 +45,12 @@ pub fn resolve(range: Option<&CapacityRange>, floor: u64) -> Result<u64> {
     };
     let want = if req == 0 { DEFAULT_VOLUME_BYTES } else { req };
     let want = want.max(MIN_VOLUME_BYTES).max(floor);
-    let size = want.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-    if size > lim_or_max {
+    // `floor` is a size the RDS reported: within a block of 2^64 it has no next block
+    // (found by fuzzing: the rounding overflowed, to 0 in release builds).
+    let size = want
+        .checked_next_multiple_of(BLOCK_BYTES)
+        .filter(|s| *s <= lim_or_max);
+    let Some(size) = size else {
         return Err(Error::OutOfRange(format!(
             "capacity_range: no size satisfies required_bytes={req}, limit_bytes={lim} \
              (volumes are {MIN_VOLUME_BYTES} to {MAX_VOLUME_BYTES} bytes in whole \
@@ -57,7 +61,7 @@ pub fn resolve(range: Option<&CapacityRange>, floor: u64) -> Result<u64> {
                 String::new()
             }
         )));
-    }
+    };
     Ok(size)
 }
 
@@ -141,6 +145,25 @@ mod tests {
         assert!(matches!(
             resolve(r(-1, 0).as_ref(), 0),
             Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_source_size_near_2_pow_64_is_out_of_range_not_wrapped() {
+        // Found by fuzzing (`csi_request`): rounding such a floor up to a whole block
+        // overflowed — a panic in debug builds, a size of 0 in release builds.
+        for floor in [u64::MAX, u64::MAX - BLOCK_BYTES + 2, u64::MAX - 1] {
+            for range in [None, r(0, 0), r(GIB as i64, 0)] {
+                assert!(
+                    matches!(resolve(range.as_ref(), floor), Err(Error::OutOfRange(_))),
+                    "{floor} {range:?}"
+                );
+            }
+        }
+        let last_block = u64::MAX - (u64::MAX % BLOCK_BYTES);
+        assert!(matches!(
+            resolve(None, last_block),
+            Err(Error::OutOfRange(_))
         ));
     }
 

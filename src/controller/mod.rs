@@ -1,9 +1,11 @@
 //! The controller core: volume lifecycle, expansion, capacity, listing and snapshots over the
 //! `Rds` port, with attachments delegated to the [`AttachmentManager`].
 //!
-//! A volume id is the CSI volume name and also the RDS disk slot; a snapshot id is the CSI
-//! snapshot name and the slot of a non-exported `copy-from` copy, whose source volume is
-//! recorded in the disk's comment. Every mutation observes the RDS first, so a call repeated
+//! A volume id is the RDS disk slot: the CSI volume name when that is a safe slot, else an
+//! id derived from it ([`names`]); a snapshot id is likewise the slot of a non-exported
+//! `copy-from` copy. What RouterOS does not keep — the layout, the name behind a derived
+//! id, a snapshot's source, the connect tunables — is recorded in the disk's note
+//! ([`crate::types::note`]). Every mutation observes the RDS first, so a call repeated
 //! after a lost reply finds its own work done and answers the same.
 //!
 //! Snapshots and deletion: RouterOS `copy-from` copies the backing file, so a snapshot is an
@@ -12,6 +14,7 @@
 
 pub mod capacity;
 pub mod caps;
+pub mod names;
 pub mod paging;
 pub mod params;
 pub mod snapshots;

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::types::note::Tunables;
 
 /// Parameter names accepted in a StorageClass.
 pub mod keys {
@@ -83,18 +84,23 @@ pub struct VolumeParams {
     pub nvme_port: Option<u16>,
     /// Filesystem (validated).
     pub fs_type: Option<String>,
-    /// Controller loss timeout (-1 forever).
-    pub ctrl_loss_tmo: Option<i32>,
-    /// Reconnect delay (seconds, ≥ 1).
-    pub reconnect_delay: Option<u32>,
-    /// Keep-alive timeout (seconds; 0: the kernel's default).
-    pub keep_alive_tmo: Option<u32>,
+    /// The NVMe/TCP connect tunables (the mutable parameters).
+    pub tunables: Tunables,
     /// `migrationTimeoutSeconds`, as the controller will use it (clamped), when given.
     pub migration_timeout: Option<std::time::Duration>,
     /// What was given but is not used as given (ignored keys, clamped or defaulted
     /// values): one line each, for a warning.
     pub warnings: Vec<String>,
 }
+
+/// The parameters that may change on a live volume (CreateVolume's and
+/// ControllerModifyVolume's `mutable_parameters`): the NVMe/TCP connect tunables. They are
+/// options of the node's `nvme connect`, recorded on the RDS and handed to the node in the
+/// publish context, so a change applies the next time the volume is attached (published
+/// and staged); a connection open now keeps its settings. Everything else is fixed at
+/// creation: the filesystem is on the disk, the export's port and the address nodes reach
+/// are part of the volume's identity, the RDS and its directory are the controller's.
+pub const MUTABLE: &[&str] = &[keys::CTRL_LOSS_TMO, keys::KEEP_ALIVE_TMO, keys::RECONNECT_DELAY];
 
 fn parse_int<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T> {
     value
@@ -103,10 +109,14 @@ fn parse_int<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result
         .map_err(|_| Error::InvalidArgument(format!("parameters.{key}: {value:?} is not {what}")))
 }
 
-/// Validates an address-like value: a host name or IP, no spaces or syntax.
+/// Validates an address-like value: a host name or IP, no spaces or syntax, and no leading
+/// `-` (no host name starts with one; nvme-cli would read it as an option, so the node
+/// refuses it: found checking, with the `csi_request` fuzz target, that every volume
+/// context the controller answers is one the node accepts).
 fn parse_host(key: &str, value: &str) -> Result<String> {
     let ok = !value.is_empty()
         && value.len() <= 253
+        && !value.starts_with('-')
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
@@ -143,31 +153,7 @@ pub fn parse(params: &HashMap<String, String>, expected: &Expected) -> Result<Vo
                 }
                 out.fs_type = Some(value.clone());
             }
-            keys::CTRL_LOSS_TMO => {
-                let v: i32 = parse_int(key, value, "a number of seconds (-1: forever)")?;
-                if v < -1 {
-                    return Err(Error::InvalidArgument(format!(
-                        "parameters.{key}: {v} must be -1 (forever) or ≥ 0"
-                    )));
-                }
-                out.ctrl_loss_tmo = Some(v);
-            }
-            keys::RECONNECT_DELAY => {
-                let v: u32 = parse_int(key, value, "a positive number of seconds")?;
-                if v == 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "parameters.{key}: must be at least 1 second"
-                    )));
-                }
-                out.reconnect_delay = Some(v);
-            }
-            keys::KEEP_ALIVE_TMO => {
-                out.keep_alive_tmo = Some(parse_int(
-                    key,
-                    value,
-                    "a number of seconds (0: the kernel's default)",
-                )?);
-            }
+            k if MUTABLE.contains(&k) => tunable(&mut out.tunables, "parameters", key, value)?,
             keys::MIGRATION_TIMEOUT => {
                 let used = match crate::attachment::migration::timeout_from(Some(value)) {
                     Ok(t) => t,
@@ -215,6 +201,71 @@ pub fn parse(params: &HashMap<String, String>, expected: &Expected) -> Result<Vo
     Ok(out)
 }
 
+/// Reads one connect tunable into `t` (`field` names the request map in messages).
+fn tunable(t: &mut Tunables, field: &str, key: &str, value: &str) -> Result<()> {
+    let int = |what: &str| -> Result<i64> {
+        value.trim().parse::<i64>().map_err(|_| {
+            Error::InvalidArgument(format!("{field}.{key}: {value:?} is not {what}"))
+        })
+    };
+    match key {
+        keys::CTRL_LOSS_TMO => {
+            let v = int("a number of seconds (-1: forever)")?;
+            let v = i32::try_from(v).ok().filter(|v| *v >= -1).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{field}.{key}: {v} must be -1 (forever) or ≥ 0"
+                ))
+            })?;
+            t.ctrl_loss_tmo = Some(v);
+        }
+        keys::RECONNECT_DELAY => {
+            let v = int("a positive number of seconds")?;
+            let v = u32::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| {
+                Error::InvalidArgument(format!("{field}.{key}: must be at least 1 second"))
+            })?;
+            t.reconnect_delay = Some(v);
+        }
+        _ => {
+            // 0: the kernel's default (as the earlier driver's StorageClasses may say).
+            let v = int("a number of seconds (0: the kernel's default)")?;
+            let v = u32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "{field}.{key}: {v} must be ≥ 0 (0: the kernel's default)"
+                ))
+            })?;
+            t.keep_alive_tmo = Some(v);
+        }
+    }
+    Ok(())
+}
+
+/// Parses `mutable_parameters` (CreateVolume, ControllerModifyVolume): only the
+/// [`MUTABLE`] keys; any other is INVALID_ARGUMENT naming it — the spec's "Indicates that
+/// the CO has specified mutable parameters not supported by the volume."
+pub fn parse_mutable(params: &HashMap<String, String>) -> Result<Tunables> {
+    let mut sorted: Vec<(&String, &String)> = params.iter().collect();
+    sorted.sort();
+    let mut out = Tunables::default();
+    for (key, value) in sorted {
+        if !MUTABLE.contains(&key.as_str()) {
+            let fixed = if keys::ALL.contains(&key.as_str()) {
+                " is fixed when the volume is created"
+            } else {
+                " is not a parameter of this driver"
+            };
+            // The key escaped: it is the CO's text (found by fuzzing: a key with NULs reached
+            // the message as it was).
+            return Err(Error::InvalidArgument(format!(
+                "mutable_parameters.{}{fixed}; the parameters that can change on a live \
+                 volume are {MUTABLE:?} (applied the next time the volume is attached)",
+                key.escape_debug()
+            )));
+        }
+        tunable(&mut out, "mutable_parameters", key, value)?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,8 +298,42 @@ mod tests {
         .unwrap();
         assert_eq!(p.nvme_port, Some(4421));
         assert_eq!(p.fs_type.as_deref(), Some("xfs"));
-        assert_eq!(p.ctrl_loss_tmo, Some(-1));
-        assert_eq!(p.keep_alive_tmo, Some(30));
+        assert_eq!(p.tunables.ctrl_loss_tmo, Some(-1));
+        assert_eq!(p.tunables.keep_alive_tmo, Some(30));
+    }
+
+    #[test]
+    fn only_the_connect_tunables_are_mutable() {
+        let t = parse_mutable(&map(&[("ctrlLossTmo", "-1"), ("keepAliveTmo", "15")])).unwrap();
+        assert_eq!(
+            t,
+            Tunables {
+                ctrl_loss_tmo: Some(-1),
+                reconnect_delay: None,
+                keep_alive_tmo: Some(15)
+            }
+        );
+        assert_eq!(parse_mutable(&HashMap::new()).unwrap(), Tunables::default());
+        for (k, v, needle) in [
+            ("fsType", "xfs", "fixed when the volume is created"),
+            ("nvmePort", "4421", "fixed when the volume is created"),
+            ("iops", "100", "not a parameter of this driver"),
+            ("reconnectDelay", "0", "at least 1 second"),
+            ("ctrlLossTmo", "-5", "must be -1"),
+            ("keepAliveTmo", "soon", "is not a number of seconds"),
+        ] {
+            let err = parse_mutable(&map(&[(k, v)])).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidArgument(m) if m.contains(needle) && m.contains(k)),
+                "{k}={v}: {err}"
+            );
+        }
+        // Found by fuzzing (`csi_request`): an unknown key is escaped, never echoed raw.
+        let err = parse_mutable(&map(&[("nvmeA\0\0\nx", "1")])).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains(r"mutable_parameters.nvmeA\0\0\nx") && !m.contains('\0') && !m.contains('\n')),
+            "{err}"
+        );
     }
 
     #[test]
@@ -275,7 +360,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(p.keep_alive_tmo, Some(0), "0: the kernel's default");
+        assert_eq!(p.tunables.keep_alive_tmo, Some(0), "0: the kernel's default");
         assert_eq!(p.migration_timeout, Some(Duration::from_secs(600)));
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
         assert!(p.warnings.iter().any(|w| w.contains("sshPort")));
@@ -307,6 +392,8 @@ mod tests {
                 "1.2.3.4; /system reset",
                 "parameters.nvmeAddress",
             ),
+            ("nvmeAddress", "-0.0.0.5", "parameters.nvmeAddress"),
+            ("rdsAddress", "-x", "parameters.rdsAddress"),
             (
                 "rdsAddress",
                 "10.9.9.9",

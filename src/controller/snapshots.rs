@@ -1,38 +1,36 @@
-//! Snapshot RPCs of the controller core: create, delete, list.
+//! Snapshot RPCs of the controller core: create, delete, get, list.
 //!
 //! A snapshot is a non-exported `copy-from` copy of a volume's disk; its slot is the CSI
-//! snapshot name, and its disk comment records the source volume (`rds-csi-snapshot-of:<id>`),
-//! since RouterOS keeps no link between a copy and its source.
+//! snapshot name when that is a safe slot, else an id derived from it
+//! ([`crate::controller::names`]); its note ([`SnapshotNote`]) records the source volume
+//! (RouterOS keeps no link between a copy and its source) and, for a derived id, the name.
 //!
 //! Snapshots the earlier Go driver made are recognised too (listed, restored from,
 //! deleted): non-exported disks without a comment whose slot is its snapshot id
 //! `snap-<uuid>-at-<suffix>` — the suffix is the creation time in unix seconds (its last
 //! versions: a hex hash of the CSI name) and the uuid that of the source volume
-//! `pvc-<uuid>` ([`earlier_driver_source`]).
+//! `pvc-<uuid>` ([`earlier_driver_source`]); their note is made up from the slot.
 
 use prost_types::Timestamp;
 
-use crate::controller::{Controller, paging};
+use crate::controller::{Controller, names, paging};
 use crate::error::{Error, Result};
-use crate::ports::rds::Disk;
+use crate::ports::rds::{Disk, DiskEntry};
 use crate::proto::csi::{
     ListSnapshotsRequest, ListSnapshotsResponse, Snapshot, list_snapshots_response,
 };
+use crate::types::note::SnapshotNote;
 use crate::types::{SnapshotId, VolumeId};
 
-const SOURCE_TAG: &str = "rds-csi-snapshot-of:";
-
-/// The disk comment recording a snapshot's source volume.
-pub fn source_comment(source: &VolumeId) -> String {
-    format!("{SOURCE_TAG}{source}")
-}
-
-/// The source volume of a snapshot disk: recorded in its comment, or, for the earlier
-/// driver's snapshots (no comment), named by its slot.
-pub fn source_of(disk: &Disk) -> Option<String> {
-    match disk.comment.as_deref() {
-        Some(c) => c.strip_prefix(SOURCE_TAG).map(str::to_string),
-        None => earlier_driver_source(&disk.slot),
+/// The note of a disk, when it is a snapshot (unexported): ours, with a snapshot note, or
+/// the earlier driver's (no comment), whose note is read from its slot.
+fn snapshot_note(export: bool, slot: &str, comment: Option<&str>) -> Option<SnapshotNote> {
+    if export {
+        return None;
+    }
+    match comment {
+        Some(c) => SnapshotNote::parse(c),
+        None => earlier_driver_source(slot).map(|source| SnapshotNote { source, name: None }),
     }
 }
 
@@ -55,9 +53,9 @@ fn earlier_driver_created(slot: &str) -> Option<i64> {
     suffix.parse().ok()
 }
 
-/// Whether a disk is a snapshot: ours, or the earlier driver's.
-fn is_snapshot(disk: &Disk) -> bool {
-    disk.export.is_none() && source_of(disk).is_some()
+/// The note of a snapshot disk (see [`snapshot_note`]).
+fn disk_note(disk: &Disk) -> Option<SnapshotNote> {
+    snapshot_note(disk.export.is_some(), &disk.slot, disk.comment.as_deref())
 }
 
 /// Parses a snapshot id field.
@@ -68,11 +66,16 @@ pub fn snapshot_id_field(value: &str, field: &str) -> Result<SnapshotId> {
     SnapshotId::new(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
 }
 
-fn to_snapshot(disk: &Disk) -> Snapshot {
+/// A validated CreateSnapshot name: its id and the name to record (derived ids only).
+pub fn snapshot_name(name: &str) -> Result<(SnapshotId, Option<String>)> {
+    names::snapshot_id_for(name, "name")
+}
+
+fn to_snapshot(disk: &Disk, note: &SnapshotNote) -> Snapshot {
     Snapshot {
         size_bytes: disk.size_bytes as i64,
         snapshot_id: disk.slot.clone(),
-        source_volume_id: source_of(disk).unwrap_or_default(),
+        source_volume_id: note.source.clone(),
         creation_time: Some(Timestamp {
             seconds: disk
                 .created_unix
@@ -87,51 +90,86 @@ fn to_snapshot(disk: &Disk) -> Snapshot {
 }
 
 impl Controller {
-    /// CreateSnapshot core.
-    pub async fn create_snapshot(&self, name: &SnapshotId, source: &VolumeId) -> Result<Snapshot> {
+    /// CreateSnapshot core: `id` (from `name`, which is recorded when `recorded` says so)
+    /// of volume `source`.
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        id: &SnapshotId,
+        recorded: Option<&str>,
+        source: &VolumeId,
+    ) -> Result<Snapshot> {
         // Observe first: "If a snapshot corresponding to the specified snapshot name is
         // successfully cut and ready to use ... the Plugin MUST reply 0 OK"; the same name
         // from another source is "ALREADY_EXISTS ... Indicates that a snapshot corresponding
         // to the specified snapshot name already exists but is incompatible with the
-        // specified volume_id."
-        if let Some(existing) = self.rds.get_disk(name.as_str()).await? {
-            return match source_of(&existing) {
-                Some(s) if is_snapshot(&existing) && s == source.as_str() => {
-                    Ok(to_snapshot(&existing))
-                }
-                Some(s) if is_snapshot(&existing) => Err(Error::AlreadyExists(format!(
-                    "snapshot {name} already exists with source volume {s}, not {source}"
-                ))),
-                _ => Err(Error::AlreadyExists(format!(
-                    "name {name:?} is taken by a volume or foreign disk on the RDS; choose another snapshot name"
-                ))),
+        // specified volume_id." One `/disk print` for the name's slot and the source.
+        let found = self.rds.find_disks(&[id.as_str(), source.as_str()]).await?;
+        let entry = |slot: &str| found.iter().find(|d| d.slot == slot);
+        if let Some(existing) = entry(id.as_str()) {
+            // A repeat: the copy's exact size and creation time.
+            let existing = self.rds.sized(existing).await?;
+            let Some(note) = disk_note(&existing) else {
+                return Err(Error::AlreadyExists(format!(
+                    "name {name:?} is taken by a volume or foreign disk on the RDS (slot {id}); \
+                     choose another snapshot name"
+                )));
             };
-        }
-        self.volume(source).await.map_err(|e| match e {
-            Error::NotFound(_) => {
-                Error::NotFound(format!("source_volume_id: volume {source} does not exist"))
+            let had = note.name.clone().unwrap_or_else(|| id.to_string());
+            if had != name {
+                return Err(Error::AlreadyExists(format!(
+                    "the RDS slot {id} for name {name:?} holds snapshot {had:?}, a different \
+                     name; choose another snapshot name"
+                )));
             }
-            e => e,
-        })?;
+            if note.source != source.as_str() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} already exists with source volume {}, not {source}",
+                    note.source
+                )));
+            }
+            return Ok(to_snapshot(&existing, &note));
+        }
+        // The source exists and is a volume (its size comes with the copy).
+        if entry(source.as_str()).is_none_or(|d| d.export.is_none()) {
+            return Err(Error::NotFound(format!(
+                "source_volume_id: volume {source} does not exist"
+            )));
+        }
+        let note = SnapshotNote {
+            source: source.to_string(),
+            name: recorded.map(str::to_string),
+        };
         let disk = self
             .rds
-            .create_snapshot(source.as_str(), name.as_str(), &source_comment(source))
+            .create_snapshot(source.as_str(), id.as_str(), &note.render())
             .await?;
-        Ok(to_snapshot(&disk))
+        Ok(to_snapshot(&disk, &note))
     }
 
     /// DeleteSnapshot core.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        match self.rds.get_disk(id.as_str()).await? {
+        match self.rds.find_disk(id.as_str()).await? {
             // "If a snapshot corresponding to the specified snapshot_id does not exist or the
             // artifacts associated with the snapshot do not exist anymore, the Plugin MUST
             // reply 0 OK." A volume of that name is not this snapshot: leave it. An absent
             // disk may be a delete interrupted between `/disk remove` and `/file remove`
-            // (found by the simulation): the adapter's delete still clears the file.
-            Some(d) if is_snapshot(&d) => Ok(self.rds.delete_snapshot(id.as_str()).await?),
+            // (found by the simulation): its file is removed.
+            Some(d) if is_snapshot_entry(&d) => Ok(self.rds.remove_disk(&d).await?),
             Some(_) => Ok(()),
-            None => Ok(self.rds.delete_snapshot(id.as_str()).await?),
+            None => Ok(self.rds.remove_leftover_file(id.as_str()).await?),
         }
+    }
+
+    /// GetSnapshot core: "If the snapshot does not exist any more, `GetSnapshot` should
+    /// return gRPC error code `NOT_FOUND`."
+    pub async fn get_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let disk = self.rds.get_disk(id.as_str()).await?;
+        disk.as_ref()
+            .and_then(|d| {
+                disk_note(d).map(|n| to_snapshot(d, &n))
+            })
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id} does not exist")))
     }
 
     /// ListSnapshots core.
@@ -140,7 +178,7 @@ impl Controller {
         req: &ListSnapshotsRequest,
     ) -> Result<ListSnapshotsResponse> {
         paging::decode(&req.starting_token)?;
-        let mut snaps: Vec<Disk> = if !req.snapshot_id.is_empty() {
+        let snaps: Vec<Disk> = if !req.snapshot_id.is_empty() {
             // "If snapshot_id is specified and not found, return an empty list" — an id that
             // cannot exist is simply not found.
             match SnapshotId::new(&req.snapshot_id) {
@@ -150,28 +188,36 @@ impl Controller {
         } else {
             self.rds.list_snapshots("").await?
         };
-        snaps.retain(|d| {
-            is_snapshot(d)
-                && (req.source_volume_id.is_empty()
-                    || source_of(d).as_deref() == Some(req.source_volume_id.as_str()))
-        });
-        snaps.sort_by(|a, b| a.slot.cmp(&b.slot));
+        let mut snaps: Vec<(Disk, SnapshotNote)> = snaps
+            .into_iter()
+            .filter_map(|d| {
+                let note = disk_note(&d)?;
+                (req.source_volume_id.is_empty() || note.source == req.source_volume_id)
+                    .then_some((d, note))
+            })
+            .collect();
+        snaps.sort_by(|a, b| a.0.slot.cmp(&b.0.slot));
         let (page, next_token) = paging::page(
             snaps,
-            |d| d.slot.as_str(),
+            |(d, _)| d.slot.as_str(),
             &req.starting_token,
             req.max_entries,
         )?;
         Ok(ListSnapshotsResponse {
             entries: page
                 .iter()
-                .map(|d| list_snapshots_response::Entry {
-                    snapshot: Some(to_snapshot(d)),
+                .map(|(d, note)| list_snapshots_response::Entry {
+                    snapshot: Some(to_snapshot(d, note)),
                 })
                 .collect(),
             next_token,
         })
     }
+}
+
+/// Whether a disk entry is one of our snapshots.
+fn is_snapshot_entry(disk: &DiskEntry) -> bool {
+    snapshot_note(disk.export.is_some(), &disk.slot, disk.comment.as_deref()).is_some()
 }
 
 #[cfg(test)]
@@ -205,12 +251,14 @@ mod tests {
                 Some(format!("pvc-{UUID}").as_str()),
                 "{id}"
             );
-            assert!(is_snapshot(&disk(id, None, false)), "{id}");
+            assert!(disk_note(&disk(id, None, false)).is_some(), "{id}");
         }
-        let s = to_snapshot(&disk(&timed, None, false));
+        let d = disk(&timed, None, false);
+        let s = to_snapshot(&d, &disk_note(&d).unwrap());
         assert_eq!(s.source_volume_id, format!("pvc-{UUID}"));
         assert_eq!(s.creation_time.unwrap().seconds, 1_739_800_000, "from the id");
-        assert_eq!(to_snapshot(&disk(&hashed, None, false)).creation_time.unwrap().seconds, 0);
+        let d = disk(&hashed, None, false);
+        assert_eq!(to_snapshot(&d, &disk_note(&d).unwrap()).creation_time.unwrap().seconds, 0);
         for not in [
             format!("snap-{UUID}"),
             format!("snap-{UUID}-at-"),
@@ -222,10 +270,10 @@ mod tests {
             assert_eq!(earlier_driver_source(&not), None, "{not}");
         }
         // Exported, or commented by someone else: not a snapshot of either driver.
-        assert!(!is_snapshot(&disk(&timed, None, true)));
-        assert!(!is_snapshot(&disk(&timed, Some("backup of vm-1"), false)));
-        // Ours: the comment decides.
-        assert!(is_snapshot(&disk("snap-x", Some("rds-csi-snapshot-of:pvc-1"), false)));
-        assert!(!is_snapshot(&disk("snap-x", None, false)));
+        assert!(disk_note(&disk(&timed, None, true)).is_none());
+        assert!(disk_note(&disk(&timed, Some("backup of vm-1"), false)).is_none());
+        // Ours: the note decides (one of an older driver version reads the same).
+        assert!(disk_note(&disk("snap-x", Some("rds-csi-snapshot-of:pvc-1"), false)).is_some());
+        assert!(disk_note(&disk("snap-x", None, false)).is_none());
     }
 }

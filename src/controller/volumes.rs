@@ -1,12 +1,18 @@
-//! Volume RPCs of the controller core: create, delete, expand, get, list, validate,
-//! capacity.
+//! Volume RPCs of the controller core: create, delete, expand, modify, get, list,
+//! validate, capacity.
+//!
+//! What a volume is, is read from the RDS alone: its disk entry (size, export) and the note
+//! the driver keeps with it ([`VolumeNote`]: layout, the CSI name when the id is derived
+//! from it, the StorageClass' address, the connect tunables). So every answer about a
+//! volume — CreateVolume and its repeats, ListVolumes, ControllerGetVolume — carries the
+//! same `volume_context`, built by one function from the same record.
 
 use std::collections::HashMap;
 
-use crate::controller::{Controller, capacity, paging, params};
+use crate::controller::{Controller, capacity, names, paging, params};
 use crate::types::context;
 use crate::error::{Error, Result};
-use crate::ports::rds::{Disk, DiskSpec, NvmeExport};
+use crate::ports::rds::{Disk, DiskEntry, DiskSpec, NvmeExport};
 use crate::proto::csi::{
     CapacityRange, ControllerGetVolumeResponse, CreateVolumeRequest, GetCapacityRequest,
     GetCapacityResponse, ListVolumesResponse, ValidateVolumeCapabilitiesRequest,
@@ -15,16 +21,21 @@ use crate::proto::csi::{
     validate_volume_capabilities_response::Confirmed, volume_capability::AccessType,
     volume_content_source,
 };
+use crate::types::note::{Tunables, VolumeNote};
 use crate::types::{SnapshotId, VolumeId};
 
 /// A validated CreateVolume request.
 #[derive(Debug, Clone)]
 pub struct CreateArgs {
-    /// Volume id (= name = slot).
+    /// The CSI name.
+    pub name: String,
+    /// Volume id (= slot): the name itself when it is a safe slot, else derived from it.
     pub volume_id: VolumeId,
+    /// The name to record with the disk (when the id is derived from it).
+    pub recorded_name: Option<String>,
     /// Requested capacity range.
     pub range: Option<CapacityRange>,
-    /// StorageClass parameters, parsed.
+    /// StorageClass parameters, parsed, with `mutable_parameters` applied over them.
     pub params: params::VolumeParams,
     /// Filesystem for mount capabilities (None: block only).
     pub fs_type: Option<String>,
@@ -104,13 +115,13 @@ pub fn validate_create(
     req: &CreateVolumeRequest,
     expected: &params::Expected,
 ) -> Result<CreateArgs> {
-    if req.name.is_empty() {
-        return Err(Error::InvalidArgument("name is required".into()));
-    }
-    let volume_id =
-        VolumeId::new(&req.name).map_err(|e| Error::InvalidArgument(format!("name: {e}")))?;
+    let (volume_id, recorded_name) = names::volume_id_for(&req.name, "name")?;
     let mount_fs = validate_capabilities(&req.volume_capabilities, "volume_capabilities")?;
-    let params = params::parse(&req.parameters, expected)?;
+    let mut params = params::parse(&req.parameters, expected)?;
+    // "Plugins MUST treat these as if they take precedence over the parameters field."
+    params.tunables = params
+        .tunables
+        .updated(params::parse_mutable(&req.mutable_parameters)?);
     // The capability's fs_type wins; the StorageClass parameter is the default; ext4 last.
     let fs_type = mount_fs.map(|fs| {
         if !fs.is_empty() {
@@ -144,7 +155,9 @@ pub fn validate_create(
         }
     };
     Ok(CreateArgs {
+        name: req.name.clone(),
         volume_id,
+        recorded_name,
         range: req.capacity_range,
         params,
         fs_type,
@@ -160,12 +173,36 @@ pub fn volume_id_field(value: &str, field: &str) -> Result<VolumeId> {
     VolumeId::new(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
 }
 
-/// Prefix of the disk comment recording a volume's layout.
-const LAYOUT_TAG: &str = "rds-csi-volume:";
+impl CreateArgs {
+    /// The note recorded with the new volume's disk.
+    fn note(&self) -> VolumeNote {
+        VolumeNote {
+            layout: self.fs_type.clone().unwrap_or_else(|| BLOCK.into()),
+            name: self.recorded_name.clone(),
+            nvme_address: self.params.nvme_address.clone(),
+            tunables: self.params.tunables,
+            modified: Default::default(),
+            migration_timeout_secs: self.params.migration_timeout.map(|t| t.as_secs()),
+        }
+    }
+}
 
-/// The disk comment of a volume: `rds-csi-volume:<fs type>` or `rds-csi-volume:block`.
-fn layout_comment(args: &CreateArgs) -> String {
-    format!("{LAYOUT_TAG}{}", args.fs_type.as_deref().unwrap_or("block"))
+/// The layout of a raw block volume in its note.
+const BLOCK: &str = "block";
+
+/// The note of a disk, when it carries a readable volume note.
+fn note_of(comment: Option<&str>) -> Option<VolumeNote> {
+    comment.and_then(VolumeNote::parse)
+}
+
+/// The CSI name of a volume disk: the recorded one, else its slot.
+fn name_of(slot: &str, note: Option<&VolumeNote>) -> String {
+    note.and_then(|n| n.name.clone())
+        .unwrap_or_else(|| slot.to_string())
+}
+
+fn volume_not_found(volume_id: &VolumeId) -> Error {
+    Error::NotFound(format!("volume {volume_id} does not exist"))
 }
 
 /// Whether a disk is a volume (exported) rather than a snapshot.
@@ -174,59 +211,63 @@ fn is_volume(disk: &Disk) -> bool {
 }
 
 impl Controller {
-    /// The volume `volume_id`, NOT_FOUND when there is none (a snapshot is not a volume).
+    /// The volume `volume_id` with its exact size, NOT_FOUND when there is none (a
+    /// snapshot is not a volume).
     pub(crate) async fn volume(&self, volume_id: &VolumeId) -> Result<Disk> {
         match self.rds.get_disk(volume_id.as_str()).await? {
             Some(d) if is_volume(&d) => Ok(d),
-            _ => Err(Error::NotFound(format!(
-                "volume {volume_id} does not exist"
-            ))),
+            _ => Err(volume_not_found(volume_id)),
         }
     }
 
-    fn volume_context(&self, args: &CreateArgs) -> HashMap<String, String> {
-        let p = &args.params;
+    /// The volume `volume_id`'s entry (one command: no size), NOT_FOUND when there is none.
+    pub(crate) async fn volume_entry(&self, volume_id: &VolumeId) -> Result<DiskEntry> {
+        match self.rds.find_disk(volume_id.as_str()).await? {
+            Some(d) if d.export.is_some() => Ok(d),
+            _ => Err(volume_not_found(volume_id)),
+        }
+    }
+
+    /// The `volume_context` of a volume: the same for CreateVolume (and its repeats),
+    /// ListVolumes and ControllerGetVolume, since all read it from the disk and its note —
+    /// "A volume uniquely identified by `volume_id` SHALL always report the same
+    /// volume_context."
+    fn volume_context(
+        &self,
+        export: Option<&NvmeExport>,
+        note: Option<&VolumeNote>,
+    ) -> HashMap<String, String> {
         let mut ctx = HashMap::new();
-        let address = p
-            .nvme_address
-            .clone()
+        let address = note
+            .and_then(|n| n.nvme_address.clone())
             .unwrap_or_else(|| self.cfg.nvme_address.clone());
         ctx.insert(context::NVME_ADDRESS.to_string(), address);
-        ctx.insert(
-            context::NVME_PORT.to_string(),
-            p.nvme_port.unwrap_or(self.cfg.nvme_port).to_string(),
-        );
-        ctx.insert(
-            context::NQN.to_string(),
-            self.cfg.nqn(args.volume_id.as_str()),
-        );
-        if let Some(fs) = &args.fs_type {
-            ctx.insert(context::FS_TYPE.to_string(), fs.clone());
+        if let Some(e) = export {
+            ctx.insert(context::NVME_PORT.to_string(), e.port.to_string());
+            ctx.insert(context::NQN.to_string(), e.nqn.clone());
         }
-        if let Some(v) = p.ctrl_loss_tmo {
-            ctx.insert(context::CTRL_LOSS_TMO.to_string(), v.to_string());
-        }
-        if let Some(v) = p.reconnect_delay {
-            ctx.insert(context::RECONNECT_DELAY.to_string(), v.to_string());
-        }
-        if let Some(v) = p.keep_alive_tmo {
-            ctx.insert(context::KEEP_ALIVE_TMO.to_string(), v.to_string());
-        }
-        if let Some(t) = p.migration_timeout {
-            ctx.insert(
-                context::MIGRATION_TIMEOUT.to_string(),
-                t.as_secs().to_string(),
-            );
+        if let Some(n) = note {
+            if n.layout != BLOCK {
+                ctx.insert(context::FS_TYPE.to_string(), n.layout.clone());
+            }
+            for (k, v) in n.tunables.context() {
+                ctx.insert(k.to_string(), v);
+            }
+            if let Some(t) = n.migration_timeout_secs {
+                ctx.insert(context::MIGRATION_TIMEOUT.to_string(), t.to_string());
+            }
         }
         ctx
     }
 
-    fn to_volume(&self, disk: &Disk, args: &CreateArgs) -> Volume {
+    /// A volume as the RPCs answer it.
+    fn to_volume(&self, disk: &Disk, source: Option<&Source>) -> Volume {
+        let note = note_of(disk.comment.as_deref());
         Volume {
             capacity_bytes: disk.size_bytes as i64,
             volume_id: disk.slot.clone(),
-            volume_context: self.volume_context(args),
-            content_source: args.source.as_ref().map(Source::to_csi),
+            volume_context: self.volume_context(disk.export.as_ref(), note.as_ref()),
+            content_source: source.map(Source::to_csi),
             accessible_topology: Vec::new(),
         }
     }
@@ -242,10 +283,30 @@ impl Controller {
         // with the specified capacity_range, volume_capabilities, parameters and
         // mutable_parameters in the CreateVolumeRequest, the Plugin MUST reply 0 OK with the
         // corresponding CreateVolumeResponse." A retry after a lost reply lands here.
-        if let Some(existing) = self.rds.get_disk(id).await? {
+        // One `/disk print` for the slot and the content source: absent (the usual case)
+        // or the disk, whose exact size is then read.
+        let mut slots = vec![id];
+        slots.extend(args.source.as_ref().map(Source::slot));
+        let found = self.rds.find_disks(&slots).await?;
+        let entry = |slot: &str| found.iter().find(|d| d.slot == slot);
+        if let Some(existing) = entry(id) {
+            let existing = self.rds.sized(existing).await?;
             if !is_volume(&existing) {
                 return Err(Error::AlreadyExists(format!(
-                    "name {id:?} is taken by a snapshot on the RDS; choose another volume name"
+                    "name {:?} is taken by a snapshot on the RDS (slot {id}); choose another \
+                     volume name",
+                    args.name
+                )));
+            }
+            let note = note_of(existing.comment.as_deref());
+            // A derived id names its volume only with the name recorded beside it: another
+            // name whose id collides is not this volume.
+            let had = name_of(id, note.as_ref());
+            if had != args.name {
+                return Err(Error::AlreadyExists(format!(
+                    "the RDS slot {id} for name {:?} holds volume {had:?}, a different name; \
+                     choose another volume name",
+                    args.name
                 )));
             }
             if !capacity::satisfies(args.range.as_ref(), existing.size_bytes)? {
@@ -256,32 +317,33 @@ impl Controller {
                     existing.size_bytes
                 )));
             }
-            // The disk comment records how the volume was made (filesystem or block):
-            // the same name asking for another one is a different volume.
-            let wanted = layout_comment(args);
-            if let Some(had) = existing.comment.as_deref().filter(|c| c.starts_with(LAYOUT_TAG))
-                && had != wanted
+            // The note records how the volume was made (filesystem or block): the same name
+            // asking for another one is a different volume. (The connect tunables can be
+            // changed with ControllerModifyVolume, so they never make it incompatible.)
+            let wanted = args.note().layout;
+            if let Some(note) = &note
+                && note.layout != wanted
             {
                 return Err(Error::AlreadyExists(format!(
-                    "volume {id} already exists as {}, but this request asks for {}",
-                    &had[LAYOUT_TAG.len()..],
-                    &wanted[LAYOUT_TAG.len()..]
+                    "volume {id} already exists as {}, but this request asks for {wanted}",
+                    note.layout
                 )));
             }
-            return Ok(self.to_volume(&existing, args));
+            return Ok(self.to_volume(&existing, args.source.as_ref()));
         }
 
         let floor = match &args.source {
             None => 0,
             Some(src) => {
-                let disk = self.rds.get_disk(src.slot()).await?;
-                let found = match (&disk, src) {
-                    (Some(d), Source::Snapshot(_)) => !is_volume(d),
-                    (Some(d), Source::Volume(_)) => is_volume(d),
+                let disk = entry(src.slot());
+                let found = match (disk, src) {
+                    (Some(d), Source::Snapshot(_)) => d.export.is_none(),
+                    (Some(d), Source::Volume(_)) => d.export.is_some(),
                     (None, _) => false,
                 };
                 match (disk, found) {
-                    (Some(d), true) => d.size_bytes,
+                    // The new volume is at least as large: the source's exact size.
+                    (Some(d), true) => self.rds.sized(d).await?.size_bytes,
                     _ => {
                         // "Indicates that the specified source does not exist."
                         let what = match src {
@@ -304,7 +366,7 @@ impl Controller {
                 nqn: self.cfg.nqn(id),
             }),
             copy_from: args.source.as_ref().map(|s| s.slot().to_string()),
-            comment: Some(layout_comment(args)),
+            comment: Some(args.note().render()),
             // Born parked (restores and clones too): no host reaches a new volume before
             // its first publish.
             allowed_host_nqn: self
@@ -314,25 +376,49 @@ impl Controller {
                 .then(|| crate::attachment::fence::parked_nqn(&args.volume_id)),
         };
         let disk = self.rds.create_disk(&spec).await?;
-        Ok(self.to_volume(&disk, args))
+        Ok(self.to_volume(&disk, args.source.as_ref()))
+    }
+
+    /// ControllerModifyVolume core: `changes` (validated `mutable_parameters`) recorded in
+    /// the volume's note as the tunables in force from the next attachment on (its
+    /// `volume_context` stays what CreateVolume returned: "The contents of this field SHALL
+    /// NOT be mutable"); one read, and one write when they differ.
+    pub async fn modify_volume(&self, volume_id: &VolumeId, changes: Tunables) -> Result<()> {
+        let disk = self.volume_entry(volume_id).await?;
+        let Some(mut note) = note_of(disk.comment.as_deref()) else {
+            // "Parameters not supported ... Indicates that the CO has specified mutable
+            // parameters not supported by the volume."
+            return Err(Error::InvalidArgument(format!(
+                "volume {volume_id} carries no note of this driver on the RDS (made by an \
+                 earlier driver or by hand), so its connect settings cannot be changed"
+            )));
+        };
+        let next = note.modified.updated(changes);
+        if next == note.modified {
+            return Ok(());
+        }
+        note.modified = next;
+        self.rds.set_comment(&disk, &note.render()).await?;
+        Ok(())
     }
 
     /// DeleteVolume core.
     pub async fn delete_volume(&self, volume_id: &VolumeId) -> Result<()> {
         let id = volume_id.as_str();
-        match self.rds.get_disk(id).await? {
+        // One `/disk print`: is it there, is it a volume, where is its file.
+        let disk = match self.rds.find_disk(id).await? {
             // "If a volume corresponding to the specified volume_id does not exist or the
             // artifacts associated with the volume do not exist anymore, the Plugin MUST
-            // reply 0 OK." A snapshot of that name is not this volume: leave it. An absent
-            // disk may be a delete interrupted between `/disk remove` and `/file remove`
-            // (found by the simulation): the adapter's delete still clears the file.
+            // reply 0 OK." An absent disk may be a delete interrupted between `/disk
+            // remove` and `/file remove` (found by the simulation): its file is removed.
             None => {
-                self.rds.delete_disk(id).await?;
+                self.rds.remove_leftover_file(id).await?;
                 return Ok(());
             }
-            Some(d) if !is_volume(&d) => return Ok(()),
-            Some(_) => {}
-        }
+            // A snapshot of that name is not this volume: leave it.
+            Some(d) if d.export.is_none() => return Ok(()),
+            Some(d) => d,
+        };
         // "FAILED_PRECONDITION: Indicates that the volume is in use" — never delete a disk a
         // node may still be writing to.
         // From the store, not memory: another replica may have published it since. The
@@ -346,7 +432,7 @@ impl Controller {
                 nodes.join(", ")
             )));
         }
-        self.rds.delete_disk(id).await?;
+        self.rds.remove_disk(&disk).await?;
         Ok(())
     }
 
@@ -358,15 +444,11 @@ impl Controller {
         range: Option<&CapacityRange>,
         block: bool,
     ) -> Result<(u64, bool)> {
+        // The exact size decides whether to grow (and is the answer when it does not).
         let disk = self.volume(volume_id).await?;
         let size = match capacity::expand_to(range, disk.size_bytes)? {
             None => disk.size_bytes,
-            Some(new_size) => {
-                self.rds
-                    .resize_disk(volume_id.as_str(), new_size)
-                    .await?
-                    .size_bytes
-            }
+            Some(new_size) => self.rds.grow_disk(&disk, new_size).await?.size_bytes,
         };
         // A filesystem must be grown by the node; a raw block device needs nothing more.
         Ok((size, !block))
@@ -383,19 +465,20 @@ impl Controller {
                 "volume_capabilities is required".into(),
             ));
         }
-        self.volume(&volume_id).await?;
+        self.volume_entry(&volume_id).await?;
         // "Confirmed ... indicates to the CO the set of capabilities that the plugin has
         // validated"; an unsupported set is answered with a message, not an error.
         Ok(
             match validate_capabilities(&req.volume_capabilities, "volume_capabilities")
                 .and_then(|_| params::parse(&req.parameters, &self.cfg.expected))
+                .and_then(|_| params::parse_mutable(&req.mutable_parameters))
             {
                 Ok(_) => ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(Confirmed {
                         volume_context: req.volume_context.clone(),
                         volume_capabilities: req.volume_capabilities.clone(),
                         parameters: req.parameters.clone(),
-                        mutable_parameters: Default::default(),
+                        mutable_parameters: req.mutable_parameters.clone(),
                     }),
                     message: String::new(),
                 },
@@ -405,21 +488,6 @@ impl Controller {
                 },
             },
         )
-    }
-
-    fn listed_volume(&self, d: &Disk) -> Volume {
-        let mut ctx = HashMap::new();
-        if let Some(e) = &d.export {
-            ctx.insert(context::NQN.to_string(), e.nqn.clone());
-            ctx.insert(context::NVME_PORT.to_string(), e.port.to_string());
-        }
-        Volume {
-            capacity_bytes: d.size_bytes as i64,
-            volume_id: d.slot.clone(),
-            volume_context: ctx,
-            content_source: None,
-            accessible_topology: Vec::new(),
-        }
     }
 
     /// ControllerGetVolume core.
@@ -449,7 +517,7 @@ impl Controller {
             .map(|r| r.node_id.to_string())
             .collect();
         Ok(ControllerGetVolumeResponse {
-            volume: Some(self.listed_volume(&disk)),
+            volume: Some(self.to_volume(&disk, None)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids,
                 volume_condition: Some(condition),
@@ -477,7 +545,7 @@ impl Controller {
         let entries = page
             .iter()
             .map(|d| list_volumes_response::Entry {
-                volume: Some(self.listed_volume(d)),
+                volume: Some(self.to_volume(d, None)),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: published.remove(&d.slot).unwrap_or_default(),
                     volume_condition: None,
@@ -572,6 +640,14 @@ mod tests {
         };
         let args = validate_create(&ok, &params::Expected::default()).unwrap();
         assert_eq!(args.fs_type.as_deref(), Some("ext4"));
+        // Mutable parameters take precedence over the StorageClass' parameters.
+        let both = CreateVolumeRequest {
+            parameters: [("ctrlLossTmo".to_string(), "-1".to_string())].into(),
+            mutable_parameters: [("ctrlLossTmo".to_string(), "600".to_string())].into(),
+            ..ok.clone()
+        };
+        let args = validate_create(&both, &params::Expected::default()).unwrap();
+        assert_eq!(args.params.tunables.ctrl_loss_tmo, Some(600));
         let cases: Vec<(CreateVolumeRequest, &str)> = vec![
             (
                 CreateVolumeRequest {
@@ -582,10 +658,17 @@ mod tests {
             ),
             (
                 CreateVolumeRequest {
-                    name: "a;b".into(),
+                    name: "a;b".repeat(43),
                     ..ok.clone()
                 },
-                "name:",
+                "name is 129 bytes long",
+            ),
+            (
+                CreateVolumeRequest {
+                    mutable_parameters: [("fsType".to_string(), "xfs".to_string())].into(),
+                    ..ok.clone()
+                },
+                "mutable_parameters.fsType is fixed",
             ),
             (
                 CreateVolumeRequest {

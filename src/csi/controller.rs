@@ -4,20 +4,24 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::controller::snapshots::snapshot_id_field;
+use crate::controller::params::parse_mutable;
+use crate::controller::snapshots::{snapshot_id_field, snapshot_name};
 use crate::controller::volumes::{validate_create, volume_id_field};
 use crate::controller::{Controller, ControllerConfig};
 use crate::csi::inflight::{InFlight, InFlightGuard};
 use crate::csi::rpc;
 use crate::error::{Error, Result};
+use crate::types::{SnapshotId, VolumeId};
 use crate::proto::csi::{
     ControllerExpandVolumeRequest, ControllerExpandVolumeResponse,
     ControllerGetCapabilitiesRequest, ControllerGetCapabilitiesResponse,
-    ControllerGetVolumeRequest, ControllerGetVolumeResponse, ControllerPublishVolumeRequest,
+    ControllerGetVolumeRequest, ControllerGetVolumeResponse, ControllerModifyVolumeRequest,
+    ControllerModifyVolumeResponse, ControllerPublishVolumeRequest,
     ControllerPublishVolumeResponse, ControllerServiceCapability, ControllerUnpublishVolumeRequest,
     ControllerUnpublishVolumeResponse, CreateSnapshotRequest, CreateSnapshotResponse,
     CreateVolumeRequest, CreateVolumeResponse, DeleteSnapshotRequest, DeleteSnapshotResponse,
     DeleteVolumeRequest, DeleteVolumeResponse, GetCapacityRequest, GetCapacityResponse,
+    GetSnapshotRequest, GetSnapshotResponse,
     ListSnapshotsRequest, ListSnapshotsResponse, ListVolumesRequest, ListVolumesResponse,
     ValidateVolumeCapabilitiesRequest, ValidateVolumeCapabilitiesResponse, controller_server,
     controller_service_capability, volume_capability::AccessType,
@@ -54,6 +58,24 @@ impl ControllerService {
     }
 }
 
+/// Validates a CreateSnapshot request: the snapshot id the name gives, the name to record
+/// with it (when the id is derived from the name) and the source volume id — what the core
+/// works on; snapshots take no parameters.
+pub fn validate_create_snapshot(
+    req: &CreateSnapshotRequest,
+) -> Result<(SnapshotId, Option<String>, VolumeId)> {
+    let (name, recorded) = snapshot_name(&req.name)?;
+    let source = volume_id_field(&req.source_volume_id, "source_volume_id")?;
+    if !req.parameters.is_empty() {
+        let mut keys: Vec<&String> = req.parameters.keys().collect();
+        keys.sort();
+        return Err(Error::InvalidArgument(format!(
+            "parameters: snapshots take none, got {keys:?}"
+        )));
+    }
+    Ok((name, recorded, source))
+}
+
 /// The capabilities this controller offers.
 pub fn capabilities() -> Vec<ControllerServiceCapability> {
     use controller_service_capability::{Rpc, Type, rpc::Type as T};
@@ -70,6 +92,8 @@ pub fn capabilities() -> Vec<ControllerServiceCapability> {
         T::ListVolumesPublishedNodes,
         T::VolumeCondition,
         T::GetVolume,
+        T::ModifyVolume,
+        T::GetSnapshot,
     ]
     .into_iter()
     .map(|t| ControllerServiceCapability {
@@ -193,18 +217,13 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.get_ref();
         rpc("CreateSnapshot", &req.source_volume_id, req, async {
-            let name = snapshot_id_field(&req.name, "name")?;
-            let source = volume_id_field(&req.source_volume_id, "source_volume_id")?;
-            if !req.parameters.is_empty() {
-                let mut keys: Vec<&String> = req.parameters.keys().collect();
-                keys.sort();
-                return Err(Error::InvalidArgument(format!(
-                    "parameters: snapshots take none, got {keys:?}"
-                )));
-            }
+            let (name, recorded, source) = validate_create_snapshot(req)?;
             let _snap = self.snapshot_guard(name.as_str())?;
             let _vol = self.volume_guard(source.as_str())?;
-            let snapshot = self.core.create_snapshot(&name, &source).await?;
+            let snapshot = self
+                .core
+                .create_snapshot(&req.name, &name, recorded.as_deref(), &source)
+                .await?;
             Ok(CreateSnapshotResponse {
                 snapshot: Some(snapshot),
             })
@@ -233,6 +252,37 @@ impl controller_server::Controller for ControllerService {
         let req = request.get_ref();
         rpc("ListSnapshots", &req.source_volume_id, req, async {
             self.core.list_snapshots(req).await
+        })
+        .await
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        let req = request.get_ref();
+        rpc("GetSnapshot", "", req, async {
+            let id = snapshot_id_field(&req.snapshot_id, "snapshot_id")?;
+            Ok(GetSnapshotResponse {
+                snapshot: Some(self.core.get_snapshot(&id).await?),
+            })
+        })
+        .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        request: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        let req = request.get_ref();
+        rpc("ControllerModifyVolume", &req.volume_id, req, async {
+            let id = volume_id_field(&req.volume_id, "volume_id")?;
+            // "SPs MUST NOT modify volumes based on the absence of keys, only keys that are
+            // specified should result in modifications to the volume."
+            let changes = parse_mutable(&req.mutable_parameters)?;
+            let _guard = self.volume_guard(id.as_str())?;
+            self.core.modify_volume(&id, changes).await?;
+            Ok(ControllerModifyVolumeResponse {})
         })
         .await
     }

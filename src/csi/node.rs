@@ -6,7 +6,7 @@
 //! ([`crate::node::ops`]). RPCs not listed in `NodeGetCapabilities` answer UNIMPLEMENTED.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tonic::{Request, Response, Status};
 
@@ -226,6 +226,25 @@ pub fn target_from_context(
     })
 }
 
+/// The volume and path of NodeGetVolumeStats / NodeExpandVolume. Only absent fields are
+/// INVALID_ARGUMENT: an id no volume can have, or a path that cannot hold the volume
+/// (relative, not normalized, outside the kubelet root), is NOT_FOUND — the spec's
+/// "Indicates that a volume corresponding to the specified volume_id does not exist on
+/// specified volume_path" (stats) and "... could not be found" (expand).
+fn located_volume(id: &str, path: &str, root: Option<&Path>) -> Result<(VolumeId, PathBuf)> {
+    // Present but unusable: "not there", not a malformed request.
+    let not_found = |given: &str, e: Error| match e {
+        Error::InvalidArgument(m) if !given.is_empty() => Error::NotFound(m),
+        e => e,
+    };
+    let id = volume_id(id).map_err(|e| not_found(id, e))?;
+    let path = validate_path("volume_path", path, root).map_err(|e| match not_found(path, e) {
+        Error::NotFound(m) => Error::NotFound(format!("volume {id}: {m}")),
+        e => e,
+    })?;
+    Ok((id, path))
+}
+
 /// Validates NodeStageVolume.
 pub fn validate_stage(req: &NodeStageVolumeRequest, ops: &NodeOps) -> Result<Stage> {
     let volume_id = volume_id(&req.volume_id)?;
@@ -316,8 +335,7 @@ impl NodeService {
     }
 
     async fn do_expand(&self, req: &NodeExpandVolumeRequest) -> Result<i64> {
-        let id = volume_id(&req.volume_id)?;
-        let path = validate_path("volume_path", &req.volume_path, self.root())?;
+        let (id, path) = located_volume(&req.volume_id, &req.volume_path, self.root())?;
         if !req.staging_target_path.is_empty() {
             validate_path("staging_target_path", &req.staging_target_path, self.root())?;
         }
@@ -339,8 +357,7 @@ impl NodeService {
         &self,
         req: &NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse> {
-        let id = volume_id(&req.volume_id)?;
-        let path: PathBuf = validate_path("volume_path", &req.volume_path, self.root())?;
+        let (id, path) = located_volume(&req.volume_id, &req.volume_path, self.root())?;
         // Stats only read: no in-flight guard, so kubelet's periodic polling never
         // ABORTs a concurrent stage or publish.
         let h = self.ops.stats(&id, &path).await?;
@@ -736,6 +753,65 @@ mod tests {
             .await
             .unwrap();
             assert!(k.mount_table().is_empty());
+        }
+
+        /// NodeGetVolumeStats and NodeExpandVolume, spec error tables: "Volume not found |
+        /// 5 NOT_FOUND | Indicates that a volume corresponding to the specified volume_id
+        /// does not exist on specified volume_path." (stats) / "... could not be found."
+        /// (expand) — for an unknown volume whatever the path, and for a path that does not
+        /// hold the volume (missing, relative, outside the kubelet root, another volume's).
+        /// Only absent fields are INVALID_ARGUMENT.
+        #[tokio::test]
+        async fn stats_and_expand_of_a_volume_not_on_the_path_are_not_found() {
+            let k = FakeKernel::new(PREFIX, "nqn.host");
+            let svc = service(&k);
+            let cap = mount_cap("xfs", Mode::SingleNodeWriter);
+            for (vol, pod) in [("pvc-1", "p"), ("pvc-2", "q")] {
+                k.add_disk(&format!("{PREFIX}{vol}"), 1 << 30);
+                svc.node_stage_volume(Request::new(stage_req(vol, cap.clone())))
+                    .await
+                    .unwrap();
+                svc.node_publish_volume(Request::new(publish_req(vol, pod, cap.clone())))
+                    .await
+                    .unwrap();
+            }
+            let cases = [
+                ("pvc-none", "/k/pods/p/pvc-1", Code::NotFound),
+                ("pvc-none", "/k/pods/none/pvc-none", Code::NotFound),
+                ("pvc-none", "pods/p/pvc-1", Code::NotFound),
+                ("not a volume id!", "/k/pods/p/pvc-1", Code::NotFound),
+                ("pvc-1", "/k/pods/missing/pvc-1", Code::NotFound),
+                ("pvc-1", "k/pods/p/pvc-1", Code::NotFound),
+                ("pvc-1", "/k/pods/p/../p/pvc-1", Code::NotFound),
+                ("pvc-1", "/elsewhere/pvc-1", Code::NotFound),
+                ("pvc-1", "/k/pods/q/pvc-2", Code::NotFound),
+                ("", "/k/pods/p/pvc-1", Code::InvalidArgument),
+                ("pvc-1", "", Code::InvalidArgument),
+            ];
+            for (vol, path, want) in cases {
+                let stats = svc
+                    .node_get_volume_stats(Request::new(NodeGetVolumeStatsRequest {
+                        volume_id: vol.into(),
+                        volume_path: path.into(),
+                        staging_target_path: String::new(),
+                    }))
+                    .await
+                    .unwrap_err();
+                assert_eq!(stats.code(), want, "stats {vol} {path}: {stats:?}");
+                let expand = svc
+                    .node_expand_volume(Request::new(NodeExpandVolumeRequest {
+                        volume_id: vol.into(),
+                        volume_path: path.into(),
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap_err();
+                assert_eq!(expand.code(), want, "expand {vol} {path}: {expand:?}");
+            }
+            // And where it is, it answers.
+            svc.node_get_volume_stats(Request::new(stats_req("pvc-1", "p")))
+                .await
+                .unwrap();
         }
 
         #[tokio::test]

@@ -28,7 +28,7 @@ fn node_id(value: &str) -> Result<NodeId> {
 
 /// Validates a ControllerPublishVolume request: every required field present and well
 /// formed, else INVALID_ARGUMENT naming the field.
-pub(crate) fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<PublishArgs> {
+pub fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<PublishArgs> {
     let volume_id = volume_id(&req.volume_id)?;
     if req.node_id.is_empty() {
         return Err(Error::InvalidArgument("node_id is required".into()));
@@ -81,7 +81,7 @@ pub(crate) fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<P
 /// Validates a ControllerUnpublishVolume request. `node_id` is optional: the spec says
 /// "If the value is unset, the SP MUST unpublish the volume from all nodes it is published
 /// to."
-pub(crate) fn validate_unpublish(req: &ControllerUnpublishVolumeRequest) -> Result<UnpublishArgs> {
+pub fn validate_unpublish(req: &ControllerUnpublishVolumeRequest) -> Result<UnpublishArgs> {
     let volume_id = volume_id(&req.volume_id)?;
     let node_id = if req.node_id.is_empty() {
         None

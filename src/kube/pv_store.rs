@@ -17,7 +17,9 @@
 //! - `rds.csi.srvlab.io/attachment-generation`: the number of the write that made this
 //!   holder set (see [`AttachmentRecord::generation`]; absent: 0).
 //!
-//! No holder: the annotations are removed.
+//! A node named twice in `attached-node` (a hand edit, a restored backup) is one holder,
+//! since the earliest of its times; named once read-only and once read-write, the record is
+//! malformed. No holder: the annotations are removed.
 //!
 //! One request per change in the common case: a JSON merge patch carrying
 //! `metadata.resourceVersion` (the version we last saw: from the start-up LIST, a read or
@@ -302,7 +304,7 @@ fn mode_name(m: AccessMode) -> &'static str {
 }
 
 /// The annotation values for `holders` (sorted by node); `Value::Null` removes a key.
-pub(crate) fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
+pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     for k in ALL_ANNOTATIONS {
         m.insert(k.to_string(), Value::Null);
@@ -364,7 +366,7 @@ pub(crate) fn mode_of_spec(spec: &PvSpecLite) -> AccessMode {
 
 /// Records encoded in a PV's annotations; malformed parts are reported, not guessed.
 /// `default_mode` is the mode when the annotations name none ([`mode_of_spec`]).
-pub(crate) fn records_from(
+pub fn records_from(
     volume: &VolumeId,
     annotations: &BTreeMap<String, String>,
     default_mode: AccessMode,
@@ -413,11 +415,31 @@ pub(crate) fn records_from(
         r.generation = generation;
         out.push(r);
     }
-    out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-    if let Some(source) = annotations.get(ANN_MIGRATION_SOURCE) {
-        attach_migration(&mut out, source, annotations)?;
+    // A node named twice (a hand edit, a restored backup) holds the volume once, since it
+    // was first recorded: the manager keeps one record per node, and a write compares
+    // against these (found by fuzzing). Named read-only and read-write, it is malformed.
+    out.sort_by(|a, b| (&a.node_id, a.attached_at).cmp(&(&b.node_id, b.attached_at)));
+    let mut holders: Vec<AttachmentRecord> = Vec::with_capacity(out.len());
+    for r in out {
+        match holders.last() {
+            Some(prev) if prev.node_id == r.node_id => {
+                if prev.readonly != r.readonly {
+                    return Err(format!(
+                        "{ANN_ATTACHED_NODE} names node {} twice, once read-only and once \
+                         read-write",
+                        r.node_id
+                    ));
+                }
+            }
+            _ => holders.push(r),
+        }
     }
-    Ok(out)
+    // The migration is put on the holders as deduplicated: a source named twice is still
+    // one of two holders.
+    if let Some(source) = annotations.get(ANN_MIGRATION_SOURCE) {
+        attach_migration(&mut holders, source, annotations)?;
+    }
+    Ok(holders)
 }
 
 /// Puts the migration the annotations describe on its target's record. A source that is

@@ -400,6 +400,39 @@ fn the_mode_of_a_pv_without_a_mode_annotation_comes_from_its_spec() {
 }
 
 #[tokio::test]
+async fn a_node_named_twice_in_the_annotations_holds_the_volume_once() {
+    // Found by fuzzing (`attachment_record`): `node-a,node-a` decoded as two holders of a
+    // volume whose holder set has one record per node (ListVolumes listed node-a twice; a
+    // write retried after a conflict compared its one record with two). It reads as one
+    // holder since the earliest time; the next write stores it once. Named read-only and
+    // read-write, it is malformed.
+    let w = World::new(&["pvc-1"]).await;
+    let doubled = json!({
+        "rds.csi.srvlab.io/attached-node": "node-a,node-a",
+        "rds.csi.srvlab.io/attached-at": "2025-11-12T00:36:14Z,2025-11-12T00:36:13Z",
+    });
+    w.api.put_object(Kind::PersistentVolume, "", pv_json("pvc-1", "pvc-1", DRIVER, doubled));
+    let v = VolumeId::new("pvc-1").unwrap();
+    let (store, _) = w.ports();
+    let read = store.read_volume(&v).await.unwrap();
+    assert_eq!(read.len(), 1, "{read:?}");
+    assert_eq!(read[0].node_id.as_str(), "node-a");
+    assert_eq!(read[0].attached_at, crate::kube::pv_store::parse_time("2025-11-12T00:36:13Z").unwrap());
+    assert_eq!(store.load_all().await.unwrap(), read);
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1"), json!({}));
+    let ann: std::collections::BTreeMap<String, String> = [
+        ("rds.csi.srvlab.io/attached-node".to_string(), "node-b, node-a,node-b".to_string()),
+        ("rds.csi.srvlab.io/attached-readonly".to_string(), "true,false,false".to_string()),
+    ]
+    .into();
+    let e = crate::kube::pv_store::records_from(&v, &ann, AccessMode::SingleNode).unwrap_err();
+    assert!(e.contains("node node-b twice"), "{e}");
+}
+
+#[tokio::test]
 async fn fake_api_lists_in_pages_and_checks_preconditions() {
     let api = FakeApi::new();
     for i in 0..5 {

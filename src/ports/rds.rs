@@ -3,6 +3,12 @@
 //! Adapters: RouterOS over SSH (production), the RouterOS emulator (embedded default and
 //! simulation). A disk is identified by its slot; volumes and snapshots are both disks (a
 //! snapshot is a non-exported `copy-from` copy).
+//!
+//! Every call costs round trips to the RDS (one per RouterOS command over SSH), so the port
+//! offers the cheap observation too: [`Rds::find_disk`] is one `/disk print` (the entry:
+//! export, file, comment); [`Rds::get_disk`] adds the backing file's exact size and
+//! creation time (a second command). Writes that act on a disk the caller has just observed
+//! take that observation instead of reading it again.
 
 use async_trait::async_trait;
 
@@ -81,6 +87,37 @@ pub struct Disk {
     pub comment: Option<String>,
 }
 
+/// A disk entry as one `/disk print` shows it: everything but the exact size (which
+/// `/disk` may print rounded to a tenth of a unit) and the file's creation time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskEntry {
+    /// Disk slot.
+    pub slot: String,
+    /// Backing file path on the RDS.
+    pub file_path: String,
+    /// Export, when exported over NVMe/TCP.
+    pub export: Option<NvmeExport>,
+    /// Host NQN allowed to connect (the data-path fence), when set.
+    pub allowed_host_nqn: Option<String>,
+    /// The note kept with the disk entry, if any.
+    pub comment: Option<String>,
+    /// The size as `/disk` printed it (possibly rounded), when it did.
+    pub printed_size_bytes: Option<u64>,
+}
+
+impl From<Disk> for DiskEntry {
+    fn from(d: Disk) -> Self {
+        Self {
+            slot: d.slot,
+            file_path: d.file_path,
+            export: d.export,
+            allowed_host_nqn: d.allowed_host_nqn,
+            comment: d.comment,
+            printed_size_bytes: Some(d.size_bytes),
+        }
+    }
+}
+
 /// Size and free space of the pool volumes are carved from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCapacity {
@@ -95,22 +132,68 @@ pub struct PoolCapacity {
 pub trait Rds: Send + Sync + 'static {
     /// Cheap liveness check of the backend (used by Probe).
     async fn ping(&self) -> Result<(), RdsError>;
-    /// Creates a file-backed disk. An existing slot is `AlreadyExists`; callers observe
-    /// first with [`Rds::get_disk`] for idempotency.
+    /// Creates a file-backed disk and returns it as specified (its creation time
+    /// unknown). An existing slot is `AlreadyExists`; callers observe first with
+    /// [`Rds::get_disk`] for idempotency.
     async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError>;
-    /// The disk in `slot`, if any.
+    /// The disk in `slot`, if any, with its exact size and creation time.
     async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError>;
+    /// The disk entry in `slot`, if any (one `/disk print`: no exact size).
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        Ok(self.get_disk(slot).await?.map(DiskEntry::from))
+    }
+    /// The entries of those of `slots` that hold a disk (one `/disk print` for all).
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        let mut out = Vec::new();
+        for slot in slots {
+            out.extend(self.find_disk(slot).await?);
+        }
+        Ok(out)
+    }
+    /// `disk` (just observed with [`Rds::find_disk`]) with its exact size and creation time.
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        self.get_disk(&disk.slot)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("disk slot={}", disk.slot)))
+    }
     /// All disks whose slot starts with `slot_prefix`, sorted by slot. Only disks this
     /// driver manages (backing file under its volume path) are listed.
     async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError>;
     /// Sets the exact size of a disk (grow only; the caller checks).
     async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError>;
-    /// Removes the disk entry AND its backing file. Absent already is success.
+    /// Removes the disk entry AND its backing file. Absent already is success (a backing
+    /// file left by an interrupted delete is still removed).
     async fn delete_disk(&self, slot: &str) -> Result<(), RdsError>;
+    /// Removes `disk` (just observed with [`Rds::find_disk`]): its entry, then its file.
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        self.delete_disk(&disk.slot).await
+    }
+    /// Removes the backing file a delete interrupted between entry and file removal left
+    /// for `slot`, whose entry was just observed absent. Absent already is success.
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        self.delete_disk(slot).await
+    }
+    /// Grows `disk` (just observed with [`Rds::get_disk`]) to exactly `size_bytes` and
+    /// returns it at its new size.
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.resize_disk(&disk.slot, size_bytes).await
+    }
+    /// Replaces the note kept with `disk` (just observed with [`Rds::find_disk`]).
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        let _ = comment;
+        Err(RdsError::Rejected(format!(
+            "disk slot={}: this RDS port cannot change a disk's comment",
+            disk.slot
+        )))
+    }
     /// Pool capacity.
     async fn capacity(&self) -> Result<PoolCapacity, RdsError>;
     /// Sets (or with `None` clears) the host NQN allowed to connect to the disk's export.
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError>;
+    /// [`Rds::set_allowed_host`] on `disk`, just observed with [`Rds::find_disk`].
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        self.set_allowed_host(&disk.slot, host_nqn).await
+    }
 
     /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size,
     /// carrying `comment`. `NotFound` when the source is absent; `AlreadyExists` when
@@ -125,15 +208,18 @@ pub trait Rds: Send + Sync + 'static {
             .get_disk(source)
             .await?
             .ok_or_else(|| RdsError::NotFound(format!("snapshot source disk slot={source}")))?;
-        self.create_disk(&DiskSpec {
-            slot: slot.to_string(),
-            size_bytes: src.size_bytes,
-            export: None,
-            copy_from: Some(source.to_string()),
-            comment: Some(comment.to_string()),
-            allowed_host_nqn: None,
-        })
-        .await
+        let made = self
+            .create_disk(&DiskSpec {
+                slot: slot.to_string(),
+                size_bytes: src.size_bytes,
+                export: None,
+                copy_from: Some(source.to_string()),
+                comment: Some(comment.to_string()),
+                allowed_host_nqn: None,
+            })
+            .await?;
+        // The time the copy was taken is the RDS's.
+        Ok(self.get_disk(slot).await?.unwrap_or(made))
     }
 
     /// Snapshots (non-exported disks) whose slot starts with `slot_prefix`, sorted by slot.
@@ -141,21 +227,5 @@ pub trait Rds: Send + Sync + 'static {
         let mut disks = self.list_disks(slot_prefix).await?;
         disks.retain(|d| d.export.is_none());
         Ok(disks)
-    }
-
-    /// Deletes a snapshot (its disk entry and file). Absent already is success.
-    async fn delete_snapshot(&self, slot: &str) -> Result<(), RdsError> {
-        self.delete_disk(slot).await
-    }
-
-    /// Creates volume `spec.slot` as a copy of disk `source` (a volume or a snapshot):
-    /// restore and clone. `spec.size_bytes` must be at least the source's size.
-    async fn clone_disk(&self, source: &str, spec: &DiskSpec) -> Result<Disk, RdsError> {
-        self.create_disk(&DiskSpec {
-            copy_from: Some(source.to_string()),
-            comment: None,
-            ..spec.clone()
-        })
-        .await
     }
 }

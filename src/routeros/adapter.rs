@@ -1,18 +1,25 @@
 //! The `Rds` port over RouterOS: typed commands → renderer → transport → parser.
 //!
-//! Observe, then act: every mutation first reads the disk it is about to change, and an
-//! answer that may or may not have been applied (timeout, lost connection, busy) is
-//! resolved by observing again — "already done" is success. Only reads and writes made
-//! idempotent this way are retried, with the seeded [`Backoff`] (jitter from the injected
-//! [`Entropy`]). Deleting a volume removes the disk entry AND its backing file (RouterOS
-//! keeps the file when the entry goes), both idempotently.
+//! Observe, then act: every mutation acts on a disk observed first — by the adapter, or by
+//! the caller just before (the port's methods that take a [`DiskEntry`] or [`Disk`]), never
+//! read twice in a row — and an answer that may or may not have been applied (timeout, lost
+//! connection, busy) is resolved by observing again: "already done" is success. Only reads
+//! and writes made idempotent this way are retried, with the seeded [`Backoff`] (jitter
+//! from the injected [`Entropy`]). Deleting a volume removes the disk entry AND its backing
+//! file (RouterOS keeps the file when the entry goes), both idempotently.
+//!
+//! Round trips: each RouterOS command is one SSH round trip, so no command is sent whose
+//! answer is already known — a write that RouterOS acknowledged did what it said (nothing
+//! is read back after it), and the exact size of a file (the second command of
+//! [`Rds::get_disk`]) is read only where an answer needs it. Each method says which
+//! commands it sends and why.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::ports::Entropy;
-use crate::ports::rds::{Disk, DiskSpec, NvmeExport, PoolCapacity, Rds, RdsError};
+use crate::ports::rds::{Disk, DiskEntry, DiskSpec, NvmeExport, PoolCapacity, Rds, RdsError};
 use crate::retry::Backoff;
 use crate::routeros::command::{
     Command, DiskAdd, DiskFilter, ExportSpec, PrintStyle,
@@ -90,10 +97,15 @@ fn ambiguous(e: &RdsError) -> bool {
 }
 
 /// What a write should have achieved, checked by observing.
+#[derive(Clone, Copy)]
 enum Expect<'a> {
     Created(&'a DiskSpec),
+    /// A copy `(slot, comment)` made without a size (a snapshot): its entry exists,
+    /// unexported, with the comment.
+    Copied(&'a str, &'a str),
     Size(&'a str, u64),
     AllowHost(&'a str, Option<&'a str>),
+    Comment(&'a str, &'a str),
     DiskGone(&'a str),
     FileGone(&'a str),
 }
@@ -205,10 +217,19 @@ impl<T: Transport> RouterOsRds<T> {
                 .get_disk(slot)
                 .await?
                 .is_some_and(|d| d.size_bytes == *size),
+            Expect::Copied(slot, comment) => self.observe_disk(slot).await?.is_some_and(|d| {
+                d.file_path.as_deref() == Some(self.renderer.file_path_for(slot).as_str())
+                    && !d.nvme_export
+                    && d.comment.as_deref() == Some(*comment)
+            }),
             Expect::AllowHost(slot, host) => self
                 .observe_disk(slot)
                 .await?
                 .is_some_and(|d| d.allow_host.as_deref() == *host),
+            Expect::Comment(slot, comment) => self
+                .observe_disk(slot)
+                .await?
+                .is_some_and(|d| d.comment.as_deref().unwrap_or("") == *comment),
             Expect::DiskGone(slot) => self.observe_disk(slot).await?.is_none(),
             Expect::FileGone(name) => self.observe_file(name).await?.is_none(),
         })
@@ -247,9 +268,34 @@ impl<T: Transport> RouterOsRds<T> {
         Ok(None)
     }
 
-    /// A disk in port terms. Its size is the backing file's exact byte count when the
-    /// file is known (`/disk` may print `file-size` rounded to a unit).
-    fn to_disk(&self, d: DiskInfo, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
+    /// Runs `add` (an observed write); when RouterOS answers "already exists" for a slot
+    /// that is free, the file at the path is an orphan of a delete interrupted between
+    /// entry and file removal: it is removed (finishing that delete) and the add repeated.
+    async fn add_finishing_interrupted_delete(
+        &self,
+        add: &Command,
+        slot: &str,
+        expect: Expect<'_>,
+    ) -> Result<(), RdsError> {
+        let taken = match self.write(add, expect).await {
+            Ok(()) => return Ok(()),
+            Err(RdsError::AlreadyExists(m)) => m,
+            Err(e) => return Err(e),
+        };
+        if self.observe_disk(slot).await?.is_some() {
+            return Err(RdsError::AlreadyExists(taken));
+        }
+        let file_path = self.renderer.file_path_for(slot);
+        tracing::info!(slot, file = %file_path, "removing orphaned backing file before create");
+        let rm = Command::FileRemove {
+            name: file_path.clone(),
+        };
+        self.write(&rm, Expect::FileGone(&file_path)).await?;
+        self.write(add, expect).await
+    }
+
+    /// A disk entry in port terms.
+    fn to_entry(d: DiskInfo) -> Result<DiskEntry, RdsError> {
         if d.kind.as_deref() != Some("file") {
             return Err(RdsError::Rejected(format!(
                 "disk slot={} is not a file-backed disk (type={})",
@@ -260,27 +306,48 @@ impl<T: Transport> RouterOsRds<T> {
         let file_path = d
             .file_path
             .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-path", d.slot)))?;
-        let size_bytes = file
-            .and_then(|f| f.size)
-            .or(d.file_size)
-            .ok_or_else(|| RdsError::Protocol(format!("disk slot={} has no file-size", d.slot)))?;
-        let export = if d.nvme_export {
-            Some(NvmeExport {
-                port: d.nvme_port.unwrap_or(DEFAULT_NVME_PORT),
-                nqn: d.nvme_nqn.unwrap_or_else(|| d.slot.clone()),
-            })
-        } else {
-            None
-        };
-        Ok(Disk {
+        let export = d.nvme_export.then(|| NvmeExport {
+            port: d.nvme_port.unwrap_or(DEFAULT_NVME_PORT),
+            nqn: d.nvme_nqn.unwrap_or_else(|| d.slot.clone()),
+        });
+        Ok(DiskEntry {
             slot: d.slot,
             file_path,
-            size_bytes,
             export,
             allowed_host_nqn: d.allow_host,
-            created_unix: file.and_then(|f| f.created_unix),
             comment: d.comment,
+            printed_size_bytes: d.file_size,
         })
+    }
+
+    /// A disk in port terms. Its size is the backing file's exact byte count when the
+    /// file is known (`/disk` may print `file-size` rounded to a unit).
+    fn to_disk(d: DiskInfo, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
+        Self::with_file(Self::to_entry(d)?, file)
+    }
+
+    /// `entry` with the size and creation time of its `file` (else the printed size).
+    fn with_file(entry: DiskEntry, file: Option<&FileInfo>) -> Result<Disk, RdsError> {
+        let size_bytes = file
+            .and_then(|f| f.size)
+            .or(entry.printed_size_bytes)
+            .ok_or_else(|| {
+                RdsError::Protocol(format!("disk slot={} has no file-size", entry.slot))
+            })?;
+        Ok(Self::disk_of(entry, size_bytes, file.and_then(|f| f.created_unix)))
+    }
+
+    /// `entry` with its size and creation time.
+    fn disk_of(entry: DiskEntry, size_bytes: u64, created_unix: Option<i64>) -> Disk {
+        Disk {
+            slot: entry.slot,
+            file_path: entry.file_path,
+            size_bytes,
+            export: entry.export,
+            allowed_host_nqn: entry.allowed_host_nqn,
+            created_unix,
+            comment: entry.comment,
+        }
     }
 
     /// Refuses to touch a disk whose file is not under our base path.
@@ -312,10 +379,15 @@ fn matches_spec(d: &Disk, spec: &DiskSpec, file_path: &str) -> bool {
 
 #[async_trait]
 impl<T: Transport> Rds for RouterOsRds<T> {
+    /// [`Rds::capacity`] (1 command): the RDS answers and the pool is mounted.
     async fn ping(&self) -> Result<(), RdsError> {
         self.capacity().await.map(|_| ())
     }
 
+    /// `/disk add` (1 command; the caller observed the slot free just before). The reply
+    /// says it all: nothing is read back. Only when RouterOS answers "already exists"
+    /// does it observe (is the slot taken, or is a file left at the path by a delete
+    /// interrupted between entry and file?), and finishes that delete before adding again.
     async fn create_disk(&self, spec: &DiskSpec) -> Result<Disk, RdsError> {
         let file_path = self.renderer.file_path_for(&spec.slot);
         let cmd = Command::DiskAdd(DiskAdd {
@@ -332,55 +404,104 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         });
         // Render before any I/O: a hostile spec never reaches the transport.
         self.renderer.render(&cmd)?;
-        if self.observe_disk(&spec.slot).await?.is_some() {
-            return Err(RdsError::AlreadyExists(format!("disk slot={}", spec.slot)));
-        }
-        match self.write(&cmd, Expect::Created(spec)).await {
-            Ok(()) => {}
-            Err(RdsError::AlreadyExists(m)) => {
-                // No disk has this slot (observed above), so the file is an orphan left by
-                // a delete interrupted between entry and file removal: finish that delete.
-                if self.observe_disk(&spec.slot).await?.is_some() {
-                    return Err(RdsError::AlreadyExists(m));
-                }
-                tracing::info!(slot = %spec.slot, file = %file_path, "removing orphaned backing file before create");
-                let rm = Command::FileRemove {
-                    name: file_path.clone(),
-                };
-                self.write(&rm, Expect::FileGone(&file_path)).await?;
-                self.write(&cmd, Expect::Created(spec)).await?;
-            }
-            Err(e) => return Err(e),
-        }
-        self.get_disk(&spec.slot).await?.ok_or_else(|| {
-            RdsError::Protocol(format!(
-                "disk slot={} is missing right after it was created",
-                spec.slot
-            ))
+        self.add_finishing_interrupted_delete(&cmd, &spec.slot, Expect::Created(spec))
+            .await?;
+        Ok(Disk {
+            slot: spec.slot.clone(),
+            file_path,
+            size_bytes: spec.size_bytes,
+            export: spec.export.clone(),
+            allowed_host_nqn: None,
+            created_unix: None,
+            comment: spec.comment.clone(),
         })
     }
 
-    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
-        let Some(d) = self.observe_disk(slot).await? else {
-            return Ok(None);
-        };
-        let file = match &d.file_path {
-            Some(p)
-                if self
-                    .renderer
-                    .render(&Command::FilePrint {
-                        name: p.clone(),
-                        exact: true,
-                    })
-                    .is_ok() =>
-            {
-                self.observe_file(p).await?
-            }
-            _ => None,
-        };
-        self.to_disk(d, file.as_ref()).map(Some)
+    /// `/disk add type=file copy-from=[find slot=<source>] ...` without a size (the copy
+    /// has its source's), then `/file print` of the new file: the one read whose answer is
+    /// not known, the copy's exact size and the time it was taken (2 commands).
+    async fn create_snapshot(
+        &self,
+        source: &str,
+        slot: &str,
+        comment: &str,
+    ) -> Result<Disk, RdsError> {
+        let file_path = self.renderer.file_path_for(slot);
+        let cmd = Command::DiskAdd(DiskAdd {
+            slot: slot.to_string(),
+            file_path: file_path.clone(),
+            size_bytes: None,
+            copy_from: Some(source.to_string()),
+            comment: Some(comment.to_string()),
+            export: None,
+        });
+        self.renderer.render(&cmd)?;
+        // A missing source is RouterOS' "no such item": NotFound.
+        self.add_finishing_interrupted_delete(&cmd, slot, Expect::Copied(slot, comment))
+            .await?;
+        let file = self.observe_file(&file_path).await?.ok_or_else(|| {
+            RdsError::Protocol(format!("file {file_path} is missing right after its copy"))
+        })?;
+        let size = file
+            .size
+            .ok_or_else(|| RdsError::Protocol(format!("file {file_path} has no size")))?;
+        Ok(Disk {
+            slot: slot.to_string(),
+            file_path,
+            size_bytes: size,
+            export: None,
+            allowed_host_nqn: None,
+            created_unix: file.created_unix,
+            comment: Some(comment.to_string()),
+        })
     }
 
+    /// [`Rds::find_disk`] then, when there is a disk, [`Rds::sized`] (2 commands; 1 when
+    /// absent).
+    async fn get_disk(&self, slot: &str) -> Result<Option<Disk>, RdsError> {
+        match self.find_disk(slot).await? {
+            Some(d) => self.sized(&d).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `/file print detail where name=...` of the disk's file (1 command): the exact size
+    /// (`/disk` may print it rounded to a tenth of a unit) and the creation time.
+    async fn sized(&self, disk: &DiskEntry) -> Result<Disk, RdsError> {
+        let readable = self
+            .renderer
+            .render(&Command::FilePrint {
+                name: disk.file_path.clone(),
+                exact: true,
+            })
+            .is_ok();
+        let file = match readable {
+            true => self.observe_file(&disk.file_path).await?,
+            false => None,
+        };
+        Self::with_file(disk.clone(), file.as_ref())
+    }
+
+    /// `/disk print detail where slot="a" or slot="b" ...` (1 command for all).
+    async fn find_disks(&self, slots: &[&str]) -> Result<Vec<DiskEntry>, RdsError> {
+        let records = self
+            .read(&Command::DiskPrint {
+                filter: DiskFilter::Slots(slots.iter().map(|s| s.to_string()).collect()),
+                style: PrintStyle::Detail,
+            })
+            .await?;
+        let mut out = Vec::new();
+        for r in &records {
+            let d = DiskInfo::from_record(r)?;
+            if slots.contains(&d.slot.as_str()) {
+                out.push(Self::to_entry(d)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `/disk print detail [where slot~...]` and one `/file print detail where name~...`
+    /// of the whole base directory for the exact sizes (2 commands, however many disks).
     async fn list_disks(&self, slot_prefix: &str) -> Result<Vec<Disk>, RdsError> {
         let filter = if slot_prefix.is_empty() {
             DiskFilter::All
@@ -416,24 +537,37 @@ impl<T: Transport> Rds for RouterOsRds<T> {
                 continue;
             }
             let f = d.file_path.as_ref().and_then(|p| by_name.get(p));
-            out.push(self.to_disk(d, f)?);
+            out.push(Self::to_disk(d, f)?);
         }
         out.sort_by(|a, b| a.slot.cmp(&b.slot));
         Ok(out)
     }
 
+    /// [`Rds::get_disk`] (2 commands: the exact size decides) then [`Rds::grow_disk`].
     async fn resize_disk(&self, slot: &str, size_bytes: u64) -> Result<Disk, RdsError> {
+        self.renderer.render(&Command::DiskSetSize {
+            slot: slot.to_string(),
+            size_bytes,
+        })?;
+        let disk = self
+            .get_disk(slot)
+            .await?
+            .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
+        self.grow_disk(&disk, size_bytes).await
+    }
+
+    /// `/disk set [find slot=...] file-size=<exact>` (1 command) on the disk the caller
+    /// just read with its exact size; none when it already has that size. Acknowledged
+    /// means grown: nothing is read back.
+    async fn grow_disk(&self, disk: &Disk, size_bytes: u64) -> Result<Disk, RdsError> {
+        let slot = disk.slot.as_str();
         let cmd = Command::DiskSetSize {
             slot: slot.to_string(),
             size_bytes,
         };
         self.renderer.render(&cmd)?;
-        let d = self
-            .get_disk(slot)
-            .await?
-            .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
-        self.check_owned_path(slot, Some(&d.file_path))?;
-        let cur = d.size_bytes;
+        self.check_owned_path(slot, Some(&disk.file_path))?;
+        let cur = disk.size_bytes;
         if cur > size_bytes {
             return Err(RdsError::Rejected(format!(
                 "disk slot={slot} is {cur} bytes; shrinking to {size_bytes} is not supported"
@@ -442,39 +576,76 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         if cur < size_bytes {
             self.write(&cmd, Expect::Size(slot, size_bytes)).await?;
         }
-        let disk = self.get_disk(slot).await?.ok_or_else(|| {
-            RdsError::NotFound(format!("disk slot={slot} vanished during resize"))
-        })?;
-        if disk.size_bytes != size_bytes {
-            return Err(RdsError::Protocol(format!(
-                "disk slot={slot} is {} bytes after resizing to {size_bytes}",
-                disk.size_bytes
-            )));
-        }
-        Ok(disk)
+        Ok(Disk {
+            size_bytes,
+            ..disk.clone()
+        })
     }
 
+    /// `/disk print` (1), then [`Rds::remove_disk`] (2), or only the leftover file (1)
+    /// when the entry is gone already.
     async fn delete_disk(&self, slot: &str) -> Result<(), RdsError> {
+        self.renderer.render(&Command::DiskRemove {
+            slot: slot.to_string(),
+        })?;
+        match self.find_disk(slot).await? {
+            Some(d) => self.remove_disk(&d).await,
+            None => self.remove_leftover_file(slot).await,
+        }
+    }
+
+    /// `/disk print detail where slot=...` (1 command).
+    async fn find_disk(&self, slot: &str) -> Result<Option<DiskEntry>, RdsError> {
+        match self.observe_disk(slot).await? {
+            Some(d) => Self::to_entry(d).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `/disk remove [find slot=...]` then `/file remove [find name=...]` (2 commands):
+    /// RouterOS keeps the file when the entry goes, and the entry goes first so that no
+    /// disk ever points at a missing file.
+    async fn remove_disk(&self, disk: &DiskEntry) -> Result<(), RdsError> {
+        let slot = disk.slot.as_str();
         let remove = Command::DiskRemove {
             slot: slot.to_string(),
         };
         self.renderer.render(&remove)?;
-        let file_path = match self.observe_disk(slot).await? {
-            Some(d) => {
-                self.check_owned(&d)?;
-                self.write(&remove, Expect::DiskGone(slot)).await?;
-                d.file_path
-                    .unwrap_or_else(|| self.renderer.file_path_for(slot))
-            }
-            // Absent already: still clear a file an interrupted delete may have left.
-            None => self.renderer.file_path_for(slot),
+        self.check_owned_path(slot, Some(&disk.file_path))?;
+        self.write(&remove, Expect::DiskGone(slot)).await?;
+        let rm = Command::FileRemove {
+            name: disk.file_path.clone(),
         };
+        self.write(&rm, Expect::FileGone(&disk.file_path)).await
+    }
+
+    /// `/file remove [find name="<base>/<slot>.img"]` (1 command; nothing to remove is
+    /// success, so no read first).
+    async fn remove_leftover_file(&self, slot: &str) -> Result<(), RdsError> {
+        let file_path = self.renderer.file_path_for(slot);
         let rm = Command::FileRemove {
             name: file_path.clone(),
         };
         self.write(&rm, Expect::FileGone(&file_path)).await
     }
 
+    /// `/disk set [find slot=...] comment=...` (1 command) on the entry the caller just
+    /// observed; none when the comment is already that.
+    async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
+        let slot = disk.slot.as_str();
+        let cmd = Command::DiskSetComment {
+            slot: slot.to_string(),
+            comment: comment.to_string(),
+        };
+        self.renderer.render(&cmd)?;
+        self.check_owned_path(slot, Some(&disk.file_path))?;
+        if disk.comment.as_deref() == Some(comment) {
+            return Ok(());
+        }
+        self.write(&cmd, Expect::Comment(slot, comment)).await
+    }
+
+    /// `/disk print detail where mount-point=...`: the pool's `size` and `free` (1 command).
     async fn capacity(&self) -> Result<PoolCapacity, RdsError> {
         let records = self
             .read(&Command::DiskPrint {
@@ -503,31 +674,46 @@ impl<T: Transport> Rds for RouterOsRds<T> {
         )))
     }
 
+    /// [`Rds::find_disk`] (is it there?), then [`Rds::fence_disk`] (2 commands; 1 when
+    /// nothing changes).
     async fn set_allowed_host(&self, slot: &str, host_nqn: Option<&str>) -> Result<(), RdsError> {
-        let cmd = match host_nqn {
-            Some(h) => Command::DiskSetAllowHost {
-                slot: slot.to_string(),
-                host_nqn: h.to_string(),
-            },
-            None => Command::DiskUnsetAllowHost {
-                slot: slot.to_string(),
-            },
-        };
-        self.renderer.render(&cmd)?;
-        let d = self
-            .observe_disk(slot)
+        self.renderer.render(&allow_command(slot, host_nqn))?;
+        let disk = self
+            .find_disk(slot)
             .await?
             .ok_or_else(|| RdsError::NotFound(format!("disk slot={slot}")))?;
-        self.check_owned(&d)?;
-        if !d.nvme_export {
+        self.fence_disk(&disk, host_nqn).await
+    }
+
+    /// `/disk set|unset [find slot=...] nvme-tcp-server-allow-host-name` (1 command) on the
+    /// entry the caller just observed: is it ours and exported, and not already so.
+    async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
+        let slot = disk.slot.as_str();
+        let cmd = allow_command(slot, host_nqn);
+        self.renderer.render(&cmd)?;
+        self.check_owned_path(slot, Some(&disk.file_path))?;
+        if disk.export.is_none() {
             return Err(RdsError::Rejected(format!(
                 "disk slot={slot} is not exported over NVMe/TCP"
             )));
         }
-        if d.allow_host.as_deref() == host_nqn {
+        if disk.allowed_host_nqn.as_deref() == host_nqn {
             return Ok(());
         }
         self.write(&cmd, Expect::AllowHost(slot, host_nqn)).await
+    }
+}
+
+/// `/disk set ... nvme-tcp-server-allow-host-name=<host>`, or `unset` for `None`.
+fn allow_command(slot: &str, host_nqn: Option<&str>) -> Command {
+    match host_nqn {
+        Some(h) => Command::DiskSetAllowHost {
+            slot: slot.to_string(),
+            host_nqn: h.to_string(),
+        },
+        None => Command::DiskUnsetAllowHost {
+            slot: slot.to_string(),
+        },
     }
 }
 
@@ -615,7 +801,9 @@ mod tests {
             .unwrap();
         assert_eq!(d.size_bytes, GIB + GIB / 2);
         assert_eq!(d.file_path, "raid1/rds-csi/pvc-a.img");
-        assert!(d.created_unix.is_some());
+        let read = rds.get_disk("pvc-a").await.unwrap().unwrap();
+        assert!(read.created_unix.is_some());
+        assert_eq!(read, Disk { created_unix: read.created_unix, ..d });
         assert!(matches!(
             rds.create_disk(&spec("pvc-a", GIB)).await,
             Err(RdsError::AlreadyExists(_))
@@ -666,7 +854,7 @@ mod tests {
             Some("rds-csi-snapshot-of:pvc-a")
         );
         let clone = rds
-            .clone_disk("snap-a", &spec("pvc-b", 4 * GIB))
+            .create_disk(&DiskSpec { copy_from: Some("snap-a".to_string()), ..spec("pvc-b", 4 * GIB) })
             .await
             .unwrap();
         assert_eq!(clone.size_bytes, 4 * GIB);
@@ -688,6 +876,56 @@ mod tests {
         assert_eq!(rds.capacity().await.unwrap().free_bytes, 100 * GIB);
     }
 
+    /// The commands each operation sends on its success path: the fewest that observe what
+    /// is unknown and make the change (the README's table is built from the plugin's).
+    #[tokio::test]
+    async fn each_operation_sends_only_the_commands_it_needs() {
+        let emu = emulator(100 * GIB);
+        let rds = adapter(&emu);
+        let sent = |rds: &RouterOsRds<Recording>| -> Vec<String> {
+            let mut lines = rds.transport().lines.lock().unwrap();
+            lines
+                .drain(..)
+                .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        let d = rds.create_disk(&spec("pvc-a", GIB)).await.unwrap();
+        assert_eq!(sent(&rds), ["/disk add"]);
+        let entry = rds.find_disk("pvc-a").await.unwrap().unwrap();
+        assert_eq!(sent(&rds), ["/disk print"]);
+        assert_eq!(entry, DiskEntry::from(d.clone()));
+        let full = rds.get_disk("pvc-a").await.unwrap().unwrap();
+        assert_eq!(sent(&rds), ["/disk print", "/file print"]);
+        assert_eq!(rds.sized(&entry).await.unwrap(), full);
+        assert_eq!(sent(&rds), ["/file print"]);
+        let both = rds.find_disks(&["pvc-none", "pvc-a"]).await.unwrap();
+        assert_eq!((both, sent(&rds)), (vec![entry.clone()], vec!["/disk print".to_string()]));
+        assert!(rds.get_disk("pvc-none").await.unwrap().is_none());
+        assert_eq!(sent(&rds), ["/disk print"]);
+        let grown = rds.grow_disk(&full, 2 * GIB).await.unwrap();
+        assert_eq!((grown.size_bytes, sent(&rds)), (2 * GIB, vec!["/disk set".to_string()]));
+        rds.grow_disk(&grown, 2 * GIB).await.unwrap();
+        assert!(sent(&rds).is_empty(), "already that size: nothing to send");
+        rds.set_comment(&entry, "note").await.unwrap();
+        assert_eq!(sent(&rds), ["/disk set"]);
+        let snap = rds
+            .create_snapshot("pvc-a", "snap-a", "rds-csi-snapshot-of:pvc-a")
+            .await
+            .unwrap();
+        assert_eq!(sent(&rds), ["/disk add", "/file print"]);
+        assert_eq!((snap.size_bytes, snap.created_unix.is_some()), (2 * GIB, true));
+        assert_eq!(rds.get_disk("snap-a").await.unwrap().unwrap(), snap);
+        sent(&rds);
+        rds.remove_disk(&entry).await.unwrap();
+        assert_eq!(sent(&rds), ["/disk remove", "/file remove"]);
+        rds.remove_leftover_file("pvc-a").await.unwrap();
+        assert_eq!(sent(&rds), ["/file remove"]);
+        rds.capacity().await.unwrap();
+        assert_eq!(sent(&rds), ["/disk print"]);
+        rds.list_disks("").await.unwrap();
+        assert_eq!(sent(&rds), ["/disk print", "/file print"]);
+    }
+
     #[tokio::test]
     async fn pool_space_and_missing_sources_are_typed() {
         let emu = emulator(GIB);
@@ -701,7 +939,7 @@ mod tests {
             Err(RdsError::NotFound(_))
         ));
         assert!(matches!(
-            rds.clone_disk("pvc-none", &spec("pvc-c", GIB)).await,
+            rds.create_disk(&DiskSpec { copy_from: Some("pvc-none".to_string()), ..spec("pvc-c", GIB) }).await,
             Err(RdsError::NotFound(_))
         ));
     }
@@ -798,7 +1036,7 @@ mod tests {
             );
             assert!(
                 matches!(
-                    rds.clone_disk(h, &spec("pvc-ok", GIB)).await,
+                    rds.create_disk(&DiskSpec { copy_from: Some(h.to_string()), ..spec("pvc-ok", GIB) }).await,
                     Err(RdsError::Rejected(_))
                 ),
                 "{h:?}"

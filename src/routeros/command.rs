@@ -32,7 +32,8 @@ pub struct DiskAdd {
     pub copy_from: Option<String>,
     /// NVMe/TCP export; `None` leaves the disk unexported (snapshots).
     pub export: Option<ExportSpec>,
-    /// `comment`: a note RouterOS keeps with the entry (a snapshot's source volume).
+    /// `comment`: a note RouterOS keeps with the entry (what the driver records about the
+    /// volume or snapshot: see `crate::types::note`).
     pub comment: Option<String>,
 }
 
@@ -43,6 +44,8 @@ pub enum DiskFilter {
     All,
     /// `where slot="..."`.
     Slot(String),
+    /// `where slot="a" or slot="b" ...`: several disks in one round trip.
+    Slots(Vec<String>),
     /// `where slot~"^..."`: slots starting with this prefix (a regex anchor; callers
     /// re-check the prefix exactly, since `.` matches any character).
     SlotPrefix(String),
@@ -77,6 +80,13 @@ pub enum Command {
         slot: String,
         /// The host NQN allowed to connect.
         host_nqn: String,
+    },
+    /// `/disk set [find slot=...] comment=...`: the note kept with the entry.
+    DiskSetComment {
+        /// The disk.
+        slot: String,
+        /// The new comment.
+        comment: String,
     },
     /// `/disk unset [find slot=...] nvme-tcp-server-allow-host-name`.
     DiskUnsetAllowHost {
@@ -119,7 +129,8 @@ pub enum Command {
 pub enum CommandKind {
     /// [`Command::DiskAdd`].
     DiskAdd,
-    /// [`Command::DiskSetSize`], [`Command::DiskSetAllowHost`], [`Command::DiskUnsetAllowHost`].
+    /// [`Command::DiskSetSize`], [`Command::DiskSetAllowHost`], [`Command::DiskUnsetAllowHost`],
+    /// [`Command::DiskSetComment`].
     DiskSet,
     /// [`Command::DiskPrint`].
     DiskPrint,
@@ -140,6 +151,7 @@ impl Command {
             Command::DiskAdd(_) => CommandKind::DiskAdd,
             Command::DiskSetSize { .. }
             | Command::DiskSetAllowHost { .. }
+            | Command::DiskSetComment { .. }
             | Command::DiskUnsetAllowHost { .. } => CommandKind::DiskSet,
             Command::DiskPrint { .. } => CommandKind::DiskPrint,
             Command::DiskRemove { .. } => CommandKind::DiskRemove,

@@ -3,9 +3,15 @@
 //! Robust to what RouterOS really prints (samples in `tests/fixtures/routeros/`): the
 //! `Flags:` legend, index and flag prefixes, `;;;` comments, quoted strings with escapes,
 //! continuation lines indented with spaces or tabs, long values wrapped across lines,
-//! thousands separators (`53 687 091 200`), unit sizes with decimals (`1.5GiB`), both
-//! timestamp formats, and empty results. It never panics, whatever the bytes (fuzzed in
-//! `fuzz/`); what it cannot read is a [`RosError::Protocol`].
+//! thousands separators (`53 687 091 200`), unit sizes with decimals (`1.5GiB`,
+//! `512.0KiB`), both timestamp formats, values printed unquoted although they hold spaces
+//! (`type=.img file size=10.0GiB last-modified=2025-11-11 14:32:41`: a bare word after an
+//! unquoted value belongs to that value), and empty results. It never panics, whatever the
+//! bytes (fuzzed in `fuzz/`); what it cannot read is a [`RosError::Protocol`].
+//!
+//! What stays malformed: a bare word before any property of a record, a bare word after a
+//! quoted value (the quotes closed it), a quote inside a bare word, `=value` without a key,
+//! a quoted value still open at the end of the output.
 
 use std::collections::BTreeMap;
 
@@ -60,7 +66,7 @@ pub fn check_reply(text: &str) -> Result<(), RosError> {
     let Some(first) = text.lines().map(str::trim).find(|l| !l.is_empty()) else {
         return Ok(());
     };
-    let msg: String = first.chars().take(300).collect();
+    let msg = shown(first);
     let lower = msg.to_ascii_lowercase();
     if let Some(rest) = lower.strip_prefix("failure:") {
         return Err(classify_failure(rest, msg));
@@ -82,6 +88,21 @@ pub fn check_reply(text: &str) -> Result<(), RosError> {
         return Err(RosError::Unavailable(msg));
     }
     Ok(())
+}
+
+/// Remote text as it may appear in a message (logs, gRPC status): at most 300 characters,
+/// control characters escaped (found by fuzzing: a reply's bell or escape sequence reached
+/// the message raw).
+fn shown(line: &str) -> String {
+    let mut out = String::new();
+    for c in line.chars().take(300) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn classify_failure(rest: &str, msg: String) -> RosError {
@@ -127,11 +148,17 @@ struct Parser {
     open_quote: Option<(String, String)>,
     /// Last key read (for values wrapped without quotes).
     last_key: Option<String>,
+    /// Whether the last value was printed without quotes on the current line, so a bare
+    /// word after it continues it (`type=.img file`).
+    open_bare: bool,
     prev_blank: bool,
 }
 
 impl Parser {
     fn line(&mut self, line: &str) -> Result<(), String> {
+        // A bare word at the start of a line is a wrapped value's tail (joined without a
+        // space), never a second word of a value: that rule holds within a line only.
+        self.open_bare = false;
         if let Some((key, mut acc)) = self.open_quote.take() {
             // A wrapped quoted value: the indentation is layout, not content.
             let rest = line.trim_start();
@@ -205,6 +232,7 @@ impl Parser {
             ..Record::default()
         });
         self.last_key = None;
+        self.open_bare = false;
     }
 
     /// Flag letters and a `;;;` comment may precede the properties.
@@ -219,9 +247,11 @@ impl Parser {
                 return Ok(());
             }
             let (tok, after) = split_token(t);
+            // Flags are capital letters (`X`, `M`, `R`) or `*`; any other bare word before
+            // the first property is not something RouterOS prints.
             if !tok.is_empty()
                 && !tok.contains('=')
-                && tok.chars().all(|c| c.is_ascii_alphabetic() || c == '*')
+                && tok.chars().all(|c| c.is_ascii_uppercase() || c == '*')
             {
                 if let Some(r) = self.cur.as_mut() {
                     r.flags.push_str(tok);
@@ -286,7 +316,12 @@ impl Parser {
                 .unwrap_or(s.len());
             let key = &s[..key_end];
             if !s[key_end..].starts_with('=') {
-                return Err(format!("expected key=value, found {:?}", trunc(key)));
+                // RouterOS prints some values that hold spaces without quotes: `type=.img
+                // file`, a multi-word file type. A bare word after an unquoted value on the
+                // same line is the rest of that value.
+                self.extend_bare(key)?;
+                s = &s[key_end..];
+                continue;
             }
             if key.is_empty() {
                 return Err("a value without a key".into());
@@ -306,6 +341,7 @@ impl Parser {
                         return Ok(());
                     }
                 }
+                self.open_bare = false;
             } else {
                 let (tok, mut after) = split_token(s);
                 let mut value = tok.to_string();
@@ -330,10 +366,32 @@ impl Parser {
                         after = rest;
                     }
                 }
+                if value.contains('"') {
+                    return Err(format!("a quote inside the bare value {:?}", trunc(&value)));
+                }
                 self.put(key, value)?;
+                self.open_bare = true;
                 s = after;
             }
         }
+    }
+
+    /// Appends the bare word `word` (and a space) to the unquoted value just read on this
+    /// line; anything else is malformed.
+    fn extend_bare(&mut self, word: &str) -> Result<(), String> {
+        let value = match (&self.last_key, self.cur.as_mut()) {
+            (Some(k), Some(r)) if self.open_bare => r.props.get_mut(k),
+            _ => None,
+        };
+        let Some(value) = value else {
+            return Err(format!("expected key=value, found {:?}", trunc(word)));
+        };
+        if word.contains('"') {
+            return Err(format!("a quote inside the bare word {:?}", trunc(word)));
+        }
+        value.push(' ');
+        value.push_str(word);
+        Ok(())
     }
 
     fn finish(mut self) -> Result<Vec<Record>, String> {
@@ -570,6 +628,15 @@ fn size_prop(r: &Record, key: &str) -> Result<Option<u64>, RosError> {
     }
 }
 
+fn time_prop(r: &Record, key: &str) -> Result<Option<i64>, RosError> {
+    match r.get(key) {
+        None | Some("") => Ok(None),
+        Some(v) => parse_timestamp(v)
+            .map(Some)
+            .ok_or_else(|| RosError::Protocol(format!("{key}={v:?} is not a timestamp"))),
+    }
+}
+
 fn nonempty(r: &Record, key: &str) -> Option<String> {
     r.get(key).filter(|v| !v.is_empty()).map(str::to_string)
 }
@@ -619,10 +686,14 @@ impl DiskInfo {
 pub struct FileInfo {
     /// `name` (no leading `/`).
     pub name: String,
+    /// `type`, e.g. `.img file`, `directory` (printed unquoted although it may hold spaces).
+    pub kind: Option<String>,
     /// `size` in bytes.
     pub size: Option<u64>,
     /// `creation-time`, seconds since the Unix epoch.
     pub created_unix: Option<i64>,
+    /// `last-modified`, seconds since the Unix epoch.
+    pub modified_unix: Option<i64>,
 }
 
 impl FileInfo {
@@ -630,16 +701,82 @@ impl FileInfo {
     pub fn from_record(r: &Record) -> Result<Self, RosError> {
         let name = nonempty(r, "name")
             .ok_or_else(|| RosError::Protocol("a /file record without name".into()))?;
-        let created_unix = match r.get("creation-time") {
-            None | Some("") => None,
-            Some(v) => Some(parse_timestamp(v).ok_or_else(|| {
-                RosError::Protocol(format!("creation-time={v:?} is not a timestamp"))
-            })?),
-        };
         Ok(Self {
             name,
+            kind: nonempty(r, "type"),
             size: size_prop(r, "size")?,
-            created_unix,
+            created_unix: time_prop(r, "creation-time")?,
+            modified_unix: time_prop(r, "last-modified")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Record {
+        let mut records = parse_print(text).unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        records.remove(0)
+    }
+
+    #[test]
+    fn unquoted_values_with_spaces_keep_their_words() {
+        let r = one(
+            " 0   name=\"pool/v/pvc-a.img\"\n     type=.img file size=10.0GiB last-modified=2025-11-11 14:32:41\n",
+        );
+        assert_eq!(r.get("type"), Some(".img file"));
+        assert_eq!(r.get("size"), Some("10.0GiB"));
+        assert_eq!(r.get("last-modified"), Some("2025-11-11 14:32:41"));
+        let f = FileInfo::from_record(&r).unwrap();
+        assert_eq!(f.kind.as_deref(), Some(".img file"));
+        assert_eq!(f.size, Some(10 << 30));
+        assert_eq!(f.modified_unix, parse_timestamp("2025-11-11 14:32:41"));
+        // Three words, and a size printed with a space before its unit.
+        let r = one(" 1   name=\"a.npk\" type=.npk package file size=512.5 KiB\n");
+        assert_eq!(r.get("type"), Some(".npk package file"));
+        assert_eq!(parse_size(r.get("size").unwrap()), Some(524_800));
+    }
+
+    #[test]
+    fn what_is_really_malformed_is_still_refused() {
+        for bad in [
+            // A bare word after a quoted value: the quotes ended it.
+            " 0   slot=\"pvc-a\" stray type=file\n",
+            // A bare word before any property.
+            " 0   stray slot=\"pvc-a\"\n",
+            "stray\n",
+            // A quote inside a bare word or value.
+            " 0   type=.img fi\"le\n",
+            " 0   type=.i\"mg\n",
+            // No key.
+            " 0   =file\n",
+            // Open quote at the end.
+            " 0   slot=\"pvc-a\n",
+        ] {
+            assert!(
+                matches!(parse_print(bad), Err(RosError::Protocol(_))),
+                "{bad:?} -> {:?}",
+                parse_print(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn binary_units_with_one_decimal_are_read() {
+        for (text, want) in [
+            ("512.0KiB", 512 << 10),
+            ("1.5MiB", 3 << 19),
+            ("10.0GiB", 10 << 30),
+            ("2.5TiB", 5 << 39),
+            ("1 073 741 824", 1 << 30),
+            ("0B", 0),
+        ] {
+            assert_eq!(parse_size(text), Some(want), "{text}");
+        }
+        for bad in ["1.5", "GiB", "1.2.3GiB", "10XB", "-1GiB"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
     }
 }

@@ -17,6 +17,9 @@ use crate::routeros::command::{Command, DiskAdd, DiskFilter, PrintStyle};
 pub const MAX_IDENT_LEN: usize = 223;
 /// Longest file path we render.
 pub const MAX_PATH_LEN: usize = 512;
+/// Longest disk comment we render: the driver's note (`crate::types::note`) with the
+/// longest CSI name (128 bytes, 171 characters encoded) and the longest address.
+pub const MAX_COMMENT_LEN: usize = 1024;
 
 /// Why a command cannot be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +112,11 @@ impl Renderer {
                 find_slot(slot)?,
                 quoted(ident("nvme-tcp-server-allow-host-name", host_nqn)?)
             ),
+            Command::DiskSetComment { slot, comment: c } => format!(
+                "/disk set {} comment={}",
+                find_slot(slot)?,
+                quoted(comment(c)?)
+            ),
             Command::DiskUnsetAllowHost { slot } => format!(
                 "/disk unset {} nvme-tcp-server-allow-host-name",
                 find_slot(slot)?
@@ -125,6 +133,16 @@ impl Renderer {
                             "/disk print {style} where slot={}",
                             quoted(ident("slot", s)?)
                         )
+                    }
+                    DiskFilter::Slots(slots) => {
+                        let mut terms = Vec::with_capacity(slots.len());
+                        for s in slots {
+                            terms.push(format!("slot={}", quoted(ident("slot", s)?)));
+                        }
+                        if terms.is_empty() {
+                            return Err(unsafe_value("slot", "", "no slot to select".into()));
+                        }
+                        format!("/disk print {style} where {}", terms.join(" or "))
                     }
                     DiskFilter::SlotPrefix(p) => format!(
                         "/disk print {style} where slot~{}",
@@ -187,7 +205,7 @@ impl Renderer {
         }
         out.push_str(&format!(" slot={}", quoted(ident("slot", &add.slot)?)));
         if let Some(c) = &add.comment {
-            out.push_str(&format!(" comment={}", quoted(ident("comment", c)?)));
+            out.push_str(&format!(" comment={}", quoted(comment(c)?)));
         }
         if let Some(e) = &add.export {
             if e.port == 0 {
@@ -286,6 +304,13 @@ fn check_chars(
         ));
     }
     Ok(())
+}
+
+/// A disk comment: the identifier alphabet (the driver encodes free text into it), but
+/// longer.
+fn comment(v: &str) -> Result<&str, RenderError> {
+    check_chars("comment", v, MAX_COMMENT_LEN, &[':'])?;
+    Ok(v)
 }
 
 /// An identifier (slot, NQN, mount point).
@@ -455,9 +480,23 @@ pub(crate) mod tests {
                 Command::DiskUnsetAllowHost { slot: slot.clone() },
             ),
             (
+                "record what the driver keeps about a volume",
+                Command::DiskSetComment {
+                    slot: slot.clone(),
+                    comment: "rds-csi-volume:ext4:n.cHZjK2E:clt.-1".into(),
+                },
+            ),
+            (
                 "get",
                 Command::DiskPrint {
                     filter: DiskFilter::Slot(slot.clone()),
+                    style: PrintStyle::Detail,
+                },
+            ),
+            (
+                "get two (a snapshot's name and its source)",
+                Command::DiskPrint {
+                    filter: DiskFilter::Slots(vec!["snap-1".into(), slot.clone()]),
                     style: PrintStyle::Detail,
                 },
             ),
@@ -572,8 +611,10 @@ pub(crate) mod tests {
     #[test]
     fn hostile_values_are_refused_in_every_field() {
         let long = "a".repeat(MAX_IDENT_LEN + 1);
+        let too_long_comment = "a".repeat(MAX_COMMENT_LEN + 1);
         let mut hostile: Vec<&str> = HOSTILE.to_vec();
         hostile.push(&long);
+        hostile.push(&too_long_comment);
         for h in hostile {
             let h = h.to_string();
             let cmds = vec![
@@ -592,6 +633,10 @@ pub(crate) mod tests {
                 },
                 Command::DiskPrint {
                     filter: DiskFilter::MountPoint(h.clone()),
+                    style: PrintStyle::Detail,
+                },
+                Command::DiskPrint {
+                    filter: DiskFilter::Slots(vec!["ok".into(), h.clone()]),
                     style: PrintStyle::Detail,
                 },
                 Command::DiskAdd(DiskAdd {
@@ -617,6 +662,12 @@ pub(crate) mod tests {
                 Command::MonitorTraffic { slot: h.clone() },
             ];
             let mut cmds = cmds;
+            if h.len() <= MAX_IDENT_LEN || h.len() > MAX_COMMENT_LEN {
+                cmds.push(Command::DiskSetComment {
+                    slot: "ok".into(),
+                    comment: h.clone(),
+                });
+            }
             if h.len() <= MAX_IDENT_LEN {
                 cmds.push(Command::FileRemove {
                     name: format!("raid1/rds-csi/{h}"),

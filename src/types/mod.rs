@@ -8,11 +8,13 @@
 //! - [`AccessMode`], the CSI access modes reduced to what fencing needs;
 //! - [`kinds`]: what a plugin instance is (its [`Mode`], its initiator, its endpoint);
 //! - [`defaults`]: the names, prefixes and ports both sides of the driver agree on;
-//! - [`context`]: the keys of the maps the controller hands to the node.
+//! - [`context`]: the keys of the maps the controller hands to the node;
+//! - [`note`]: what the driver records with each disk on the RDS (the disk comment).
 
 pub mod context;
 pub mod defaults;
 pub mod kinds;
+pub mod note;
 
 use std::fmt;
 

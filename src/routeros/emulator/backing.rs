@@ -2,7 +2,14 @@
 //! embedded default) or sizes in memory (the simulation and unit tests).
 //!
 //! Names are RouterOS file names (relative, no leading `/`), already checked by the
-//! emulator's model to lie under the pool's mount point with no `..` segment.
+//! emulator's model to lie under the pool's mount point with no `..` segment. The model
+//! (the emulator's tables) decides which files exist: `create` and `copy` are only asked
+//! for a name the tables do not hold, so a host file already there is an orphan of a crash
+//! between the I/O and the tables' journal, and is replaced.
+//!
+//! No fsync: like the tables, a file operation survives a `kill -9` once its system call
+//! returned, which is what the embedded backend promises (see
+//! [`crate::fsutil::journal`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,10 +17,10 @@ use std::sync::Mutex;
 
 /// Storage of disk files.
 pub trait Backing: Send + Sync + 'static {
-    /// Creates a sparse file of `size` bytes. Fails if it exists.
+    /// Creates a sparse file of `size` bytes (replacing an orphan of that name).
     fn create(&self, name: &str, size: u64) -> std::io::Result<()>;
-    /// Copies `src` to a new file `dst` (holes kept) and sets its size to `size` (≥ the
-    /// source's).
+    /// Copies `src` to a new file `dst` (holes kept; an orphan of that name is replaced)
+    /// and sets its size to `size` (≥ the source's).
     fn copy(&self, src: &str, dst: &str, size: u64) -> std::io::Result<()>;
     /// Sets the size of an existing file.
     fn resize(&self, name: &str, size: u64) -> std::io::Result<()>;
@@ -44,10 +51,15 @@ impl FileBacking {
     }
 }
 
-fn sync_parent(p: &Path) -> std::io::Result<()> {
-    match p.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
+/// Removes an orphan at `p` (a file the tables do not know); absent is fine.
+fn remove_orphan(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => {
+            tracing::info!(file = %p.display(), "replaced an orphaned disk file (left by a crash)");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -57,42 +69,42 @@ impl Backing for FileBacking {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let f = std::fs::OpenOptions::new()
+        let f = match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&p)?;
-        f.set_len(size)?;
-        f.sync_all()?;
-        sync_parent(&p)
+            .open(&p)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                remove_orphan(&p)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)?
+            }
+            other => other?,
+        };
+        f.set_len(size)
     }
 
     fn copy(&self, src: &str, dst: &str, size: u64) -> std::io::Result<()> {
         let (s, d) = (self.path(src), self.path(dst));
-        if d.exists() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{dst} exists"),
-            ));
-        }
         if let Some(dir) = d.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        copy_sparse(&s, &d, size)?;
-        sync_parent(&d)
+        remove_orphan(&d)?;
+        copy_sparse(&s, &d, size)
     }
 
     fn resize(&self, name: &str, size: u64) -> std::io::Result<()> {
-        let f = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .write(true)
-            .open(self.path(name))?;
-        f.set_len(size)?;
-        f.sync_all()
+            .open(self.path(name))?
+            .set_len(size)
     }
 
     fn remove(&self, name: &str) -> std::io::Result<()> {
-        let p = self.path(name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => sync_parent(&p),
+        match std::fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
@@ -164,8 +176,7 @@ fn copy_extents(
         }
         pos = hole;
     }
-    to.set_len(size)?;
-    to.sync_all()
+    to.set_len(size)
 }
 
 /// File sizes in memory (no content).
@@ -268,8 +279,22 @@ mod tests {
         assert_eq!(&buf[..4], b"tail");
         c.read_exact_at(&mut buf[..4], 4 * gib).unwrap();
         assert_eq!(&buf[..4], &[0, 0, 0, 0]);
-        assert!(b.copy("pool/v/a.img", "pool/v/b.img", 5 * gib).is_err());
         assert!(b.copy("pool/v/none.img", "pool/v/c.img", gib).is_err());
         assert!(!dir.path().join("pool/v/c.img").exists());
+    }
+
+    #[test]
+    fn an_orphaned_file_is_replaced_by_create_and_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBacking::new(dir.path()).unwrap();
+        let orphan = dir.path().join("pool/v/o.img");
+        std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+        std::fs::write(&orphan, b"stale data").unwrap();
+        b.create("pool/v/o.img", 4096).unwrap();
+        assert_eq!(std::fs::read(&orphan).unwrap(), vec![0u8; 4096]);
+        b.create("pool/v/src.img", 8192).unwrap();
+        std::fs::write(&orphan, b"stale again").unwrap();
+        b.copy("pool/v/src.img", "pool/v/o.img", 8192).unwrap();
+        assert_eq!(std::fs::read(&orphan).unwrap(), vec![0u8; 8192]);
     }
 }

@@ -265,6 +265,24 @@ fn print_args(rest: &[Tok], key: &str) -> Result<(PrintStyle, DiskFilter), CliEr
     };
     let filter = match rest {
         [] => DiskFilter::All,
+        // `where slot="a" or slot="b" ...`: terms at even places, `or` between them.
+        [Tok::Word(w), terms @ ..] if w == "where" && terms.len() > 1 => {
+            if terms.len() % 2 == 0 {
+                return Err(expected_end(&[]));
+            }
+            let mut slots = Vec::new();
+            for (i, t) in terms.iter().enumerate() {
+                match (i % 2, t) {
+                    (1, Tok::Word(o)) if o == "or" => {}
+                    (0, Tok::Arg(k, '=', v)) if k == key && key == "slot" => {
+                        slots.push(text(v, k)?)
+                    }
+                    (0, Tok::Arg(k, ..)) => return Err(no_match(k)),
+                    _ => return Err(expected_end(&terms[i..])),
+                }
+            }
+            DiskFilter::Slots(slots)
+        }
         [Tok::Word(w), Tok::Arg(k, op, v)] if w == "where" => {
             let v = text(v, k)?;
             match (k.as_str(), op) {
@@ -368,6 +386,10 @@ fn disk_set(rest: &[Tok]) -> Result<Command, CliError> {
                 Ok(Command::DiskSetAllowHost { slot, host_nqn })
             }
         }
+        Some([Tok::Arg(k, '=', v)]) if k == "comment" => Ok(Command::DiskSetComment {
+            slot,
+            comment: text(v, k)?,
+        }),
         Some([Tok::Arg(k, ..)]) => Err(CliError(format!("expected end of command (near {k})"))),
         Some(more) => Err(expected_end(more)),
         None => Err(expected_end(&[])),

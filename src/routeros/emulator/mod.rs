@@ -15,22 +15,36 @@
 //! `free` is what the files leave (counted by their logical sizes, so the pool is never
 //! overcommitted).
 //!
-//! Invariants: every mutation is applied to a copy of the state, persisted (when backed by
-//! a directory), then committed, so a failure leaves the previous state intact. The state
-//! mutex is never held across `.await` (delays happen before it is taken).
+//! Persistence (when backed by a directory): the tables are a journaled state
+//! ([`crate::fsutil::journal`]: `emulator.json` + `emulator.journal`); a command's reply is
+//! sent only after its change is in the journal, so an answered command survives a
+//! `kill -9` of the plugin (no fsync per change: see the journal's header).
+//!
+//! Invariants:
+//! - a mutation is planned against the state (validated, its changes computed), its file
+//!   I/O runs, then its changes are journaled and applied — in that order, so a failure at
+//!   any step leaves the previous state intact, and after a crash the tables never name a
+//!   file that was not made (a crash after the I/O leaves at worst an orphan file the
+//!   tables do not know, which the next add of that path replaces);
+//! - file I/O (creating, copying, growing, removing a disk file) runs outside the state
+//!   mutex: independent disks never wait on each other's I/O. While it runs, the slot,
+//!   the file and the space it needs are claimed; a command touching a claimed slot or
+//!   file is answered "busy" (callers observe and retry), and free space counts the
+//!   claimed bytes as used;
+//! - the state mutex is never held across `.await` (delays happen before it is taken).
 
 pub mod backing;
 pub mod cli;
 pub mod faults;
 pub mod output;
 pub mod ssh_server;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::atomic_write;
+use crate::fsutil::journal::{Journal, Journaled};
 use crate::ports::Clock;
 use crate::routeros::command::{Command, DiskAdd, DiskFilter, PrintStyle};
 use backing::{Backing, FileBacking, MemBacking};
@@ -106,26 +120,15 @@ impl State {
 }
 
 /// Whether the export of `slot` admits `host_nqn`, read fresh from the tables an emulator
-/// persists in `dir` (`dir/emulator.json`): how the embedded default's loop initiator,
-/// possibly in another process, asks the embedded RDS at connect. No tables yet: no disk.
+/// keeps in `dir` (`dir/emulator.json` and its journal, only read): how the embedded
+/// default's loop initiator, possibly in another process, asks the embedded RDS at connect.
+/// No tables yet: no disk.
 pub fn admission_in(dir: &Path, slot: &str, host_nqn: &str) -> Result<Admission, OpenError> {
-    Ok(read_state(&dir.join(STATE_FILE))?.admission(slot, host_nqn))
-}
-
-/// Name of the tables' file in an emulator's directory.
-const STATE_FILE: &str = "emulator.json";
-
-/// The tables persisted at `path` (none yet: empty).
-fn read_state(path: &Path) -> Result<State, OpenError> {
-    let err = |e: &dyn std::fmt::Display| OpenError {
-        path: path.display().to_string(),
+    let state = Journal::<State>::read(dir, "emulator").map_err(|e| OpenError {
+        path: dir.display().to_string(),
         reason: e.to_string(),
-    };
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(&e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(err(&e)),
-    }
+    })?;
+    Ok(state.admission(slot, host_nqn))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +151,119 @@ struct FileEntry {
 struct State {
     disks: Vec<DiskEntry>,
     files: BTreeMap<String, FileEntry>,
+}
+
+/// One change of the tables, as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Change {
+    /// A disk entry added (after the others) or replaced (in place).
+    Disk(DiskEntry),
+    /// The disk entry of a slot removed.
+    DiskGone(String),
+    /// A file added or changed.
+    File(String, FileEntry),
+    /// A file removed.
+    FileGone(String),
+}
+
+impl Journaled for State {
+    type Change = Change;
+
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Disk(entry) => match self.disks.iter_mut().find(|d| d.slot == entry.slot) {
+                Some(d) => *d = entry,
+                None => self.disks.push(entry),
+            },
+            Change::DiskGone(slot) => self.disks.retain(|d| d.slot != slot),
+            Change::File(name, entry) => {
+                self.files.insert(name, entry);
+            }
+            Change::FileGone(name) => {
+                self.files.remove(&name);
+            }
+        }
+    }
+
+    fn entry_count(&self) -> usize {
+        self.disks.len() + self.files.len()
+    }
+}
+
+/// What a mutation claims while its file I/O runs outside the state mutex.
+#[derive(Debug, Clone, Default)]
+struct Claim {
+    slot: Option<String>,
+    file: String,
+    bytes: u64,
+}
+
+/// Everything claimed now.
+#[derive(Debug, Default)]
+struct Claims {
+    slots: BTreeSet<String>,
+    files: BTreeSet<String>,
+    bytes: u64,
+}
+
+impl Claims {
+    fn take(&mut self, c: &Claim) {
+        if let Some(s) = &c.slot {
+            self.slots.insert(s.clone());
+        }
+        self.files.insert(c.file.clone());
+        self.bytes = self.bytes.saturating_add(c.bytes);
+    }
+
+    fn release(&mut self, c: &Claim) {
+        if let Some(s) = &c.slot {
+            self.slots.remove(s);
+        }
+        self.files.remove(&c.file);
+        self.bytes = self.bytes.saturating_sub(c.bytes);
+    }
+
+    /// A busy reply when `slot` or `file` is claimed by a command still running.
+    fn check(&self, slot: Option<&str>, file: Option<&str>) -> Result<(), String> {
+        if slot.is_some_and(|s| self.slots.contains(s)) || file.is_some_and(|f| self.files.contains(f)) {
+            return Err("failure: device busy, try again later".into());
+        }
+        Ok(())
+    }
+}
+
+/// File I/O of a mutation, run outside the state mutex.
+#[derive(Debug, Clone)]
+enum Io {
+    Create { path: String, size: u64 },
+    Copy { src: String, dst: String, size: u64 },
+    Resize { path: String, size: u64 },
+    Remove { path: String },
+}
+
+/// A validated mutation: its I/O, what it claims meanwhile, then its changes.
+#[derive(Debug, Default)]
+struct Plan {
+    io: Option<Io>,
+    claim: Option<Claim>,
+    changes: Vec<Change>,
+}
+
+impl Plan {
+    fn changes(changes: Vec<Change>) -> Self {
+        Self {
+            changes,
+            ..Self::default()
+        }
+    }
+}
+
+/// What the state mutex guards.
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    claims: Claims,
+    journal: Option<Journal<State>>,
 }
 
 /// What the emulator answers to one command line.
@@ -193,9 +309,9 @@ pub struct OpenError {
 /// The emulated RDS.
 pub struct Emulator {
     pool: PoolConfig,
-    state: Mutex<State>,
+    inner: Mutex<Inner>,
     backing: Arc<dyn Backing>,
-    state_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     clock: Arc<dyn Clock>,
     faults: Faults,
 }
@@ -204,7 +320,7 @@ impl std::fmt::Debug for Emulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Emulator")
             .field("pool", &self.pool)
-            .field("state_file", &self.state_file)
+            .field("state_dir", &self.state_dir)
             .finish_non_exhaustive()
     }
 }
@@ -214,16 +330,20 @@ impl Emulator {
     pub fn in_memory(pool: PoolConfig, clock: Arc<dyn Clock>) -> Self {
         Self {
             pool,
-            state: Mutex::new(State::default()),
+            inner: Mutex::new(Inner {
+                state: State::default(),
+                claims: Claims::default(),
+                journal: None,
+            }),
             backing: Arc::new(MemBacking::default()),
-            state_file: None,
+            state_dir: None,
             clock,
             faults: Faults::default(),
         }
     }
 
-    /// An emulator on sparse files under `dir`, its tables persisted in
-    /// `dir/emulator.json` (reloaded when present).
+    /// An emulator on sparse files under `dir`, its tables journaled in
+    /// `dir/emulator.json` + `dir/emulator.journal` (reloaded when present).
     pub fn open_dir(
         dir: &Path,
         pool: PoolConfig,
@@ -234,13 +354,16 @@ impl Emulator {
             reason: e.to_string(),
         };
         let backing = FileBacking::new(dir).map_err(|e| err(dir, &e))?;
-        let state_file = dir.join(STATE_FILE);
-        let state = read_state(&state_file)?;
+        let (journal, state) = Journal::open(dir, "emulator").map_err(|e| err(dir, &e))?;
         Ok(Self {
             pool,
-            state: Mutex::new(state),
+            inner: Mutex::new(Inner {
+                state,
+                claims: Claims::default(),
+                journal: Some(journal),
+            }),
             backing: Arc::new(backing),
-            state_file: Some(state_file),
+            state_dir: Some(dir.to_path_buf()),
             clock,
             faults: Faults::default(),
         })
@@ -258,19 +381,19 @@ impl Emulator {
 
     /// Where a disk's backing file lives on the host (file-backed emulators only).
     pub fn host_path_of(&self, slot: &str) -> Option<PathBuf> {
-        let state = self.lock();
-        let d = state.disks.iter().find(|d| d.slot == slot)?;
+        let inner = self.lock();
+        let d = inner.state.disks.iter().find(|d| d.slot == slot)?;
         self.backing.host_path(&d.file_path)
     }
 
     /// Names of all files, sorted (for leak checks).
     pub fn file_names(&self) -> Vec<String> {
-        self.lock().files.keys().cloned().collect()
+        self.lock().state.files.keys().cloned().collect()
     }
 
     /// Slots of all file-backed disks, sorted (for leak checks).
     pub fn disk_slots(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.lock().disks.iter().map(|d| d.slot.clone()).collect();
+        let mut v: Vec<String> = self.lock().state.disks.iter().map(|d| d.slot.clone()).collect();
         v.sort();
         v
     }
@@ -278,6 +401,7 @@ impl Emulator {
     /// Every exported disk's export, by slot (for checks and the simulated data path).
     pub fn exports(&self) -> BTreeMap<String, ExportView> {
         self.lock()
+            .state
             .disks
             .iter()
             .filter_map(|d| {
@@ -293,20 +417,21 @@ impl Emulator {
 
     /// Whether the export of `slot` admits `host_nqn` now (what a connecting host meets).
     pub fn admission(&self, slot: &str, host_nqn: &str) -> Admission {
-        self.lock().admission(slot, host_nqn)
+        self.lock().state.admission(slot, host_nqn)
     }
 
     /// Size in bytes of the disk in `slot`, if there is one (for checks).
     pub fn disk_size(&self, slot: &str) -> Option<u64> {
         self.lock()
+            .state
             .disks
             .iter()
             .find(|d| d.slot == slot)
             .map(|d| d.file_size)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Executes one command line, with the queued fault for its kind (if any).
@@ -321,15 +446,7 @@ impl Emulator {
             Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
             Some(Fault::DropReply) | None => {}
         }
-        // File-backed commands do blocking file I/O (a copy may take long): on a
-        // multi-threaded runtime, let the other tasks move off this worker meanwhile.
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let reply = if multi_thread && self.state_file.is_some() {
-            tokio::task::block_in_place(|| self.apply(&cmd))
-        } else {
-            self.apply(&cmd)
-        };
+        let reply = self.apply(&cmd);
         if fault == Some(Fault::DropReply) {
             Outcome::Dropped
         } else {
@@ -343,7 +460,7 @@ impl Emulator {
             Command::DiskPrint { filter, style } => self.print_disks(filter, *style),
             Command::FilePrint { name, exact } => self.print_files(name, *exact),
             Command::MonitorTraffic { slot } => {
-                if !self.lock().disks.iter().any(|d| &d.slot == slot) {
+                if !self.lock().state.disks.iter().any(|d| &d.slot == slot) {
                     return Reply::err("no such item");
                 }
                 Reply::ok(output::monitor(&[
@@ -358,44 +475,113 @@ impl Emulator {
         }
     }
 
+    /// Plan (under the mutex), I/O (outside it, the objects claimed), then journal and
+    /// apply (under it again). See the module header.
     fn mutate(&self, cmd: &Command) -> Reply {
-        let mut guard = self.lock();
-        let mut next = guard.clone();
-        let result = match cmd {
-            Command::DiskAdd(add) => self.add(&mut next, add),
-            Command::DiskSetSize { slot, size_bytes } => {
-                self.set_size(&mut next, slot, *size_bytes)
+        let plan = {
+            let mut inner = self.lock();
+            let plan = match self.plan(&inner.state, &inner.claims, cmd) {
+                Ok(plan) => plan,
+                Err(line) => return Reply::err(line),
+            };
+            if plan.io.is_none() {
+                return self.commit(&mut inner, plan.changes);
             }
-            Command::DiskSetAllowHost { slot, host_nqn } => {
-                set_allow(&mut next, slot, Some(host_nqn.clone()))
+            if let Some(c) = &plan.claim {
+                inner.claims.take(c);
             }
-            Command::DiskUnsetAllowHost { slot } => set_allow(&mut next, slot, None),
-            Command::DiskRemove { slot } => {
-                next.disks.retain(|d| &d.slot != slot);
-                Ok(())
-            }
-            Command::FileRemove { name } => self.remove_file(&mut next, name),
-            Command::DiskPrint { .. }
-            | Command::FilePrint { .. }
-            | Command::MonitorTraffic { .. } => Ok(()),
+            plan
         };
-        if let Err(line) = result {
-            return Reply::err(line);
+        let io = plan.io.as_ref().map(|io| self.run_io(io)).transpose();
+        let mut inner = self.lock();
+        if let Some(c) = &plan.claim {
+            inner.claims.release(c);
         }
-        if next == *guard {
+        if let Err(e) = io {
+            return Reply::err(format!("failure: storage busy: {e}"));
+        }
+        self.commit(&mut inner, plan.changes)
+    }
+
+    /// Journals `changes` (when backed by a directory), then applies them.
+    fn commit(&self, inner: &mut Inner, changes: Vec<Change>) -> Reply {
+        if changes.is_empty() {
             return Reply::ok(String::new());
         }
-        if let Some(path) = &self.state_file {
-            let data = match serde_json::to_vec_pretty(&next) {
-                Ok(d) => d,
-                Err(e) => return Reply::err(format!("failure: storage busy: {e}")),
-            };
-            if let Err(e) = atomic_write(path, &data) {
-                return Reply::err(format!("failure: storage busy: {e}"));
-            }
+        let Inner { state, journal, .. } = inner;
+        if let Some(journal) = journal.as_mut()
+            && let Err(e) = journal.append(&changes)
+        {
+            return Reply::err(format!("failure: storage busy: {e}"));
         }
-        *guard = next;
+        for c in changes {
+            state.apply(c);
+        }
+        if let Some(journal) = journal.as_mut() {
+            journal.compact_if_due(state);
+        }
         Reply::ok(String::new())
+    }
+
+    /// Runs a mutation's file I/O. On a multi-threaded runtime with files on disk (a copy
+    /// may take long), the other tasks move off this worker meanwhile.
+    fn run_io(&self, io: &Io) -> std::io::Result<()> {
+        let run = || match io {
+            Io::Create { path, size } => self.backing.create(path, *size),
+            Io::Copy { src, dst, size } => self.backing.copy(src, dst, *size),
+            Io::Resize { path, size } => self.backing.resize(path, *size),
+            Io::Remove { path } => self.backing.remove(path),
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread && self.state_dir.is_some() {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        }
+    }
+
+    /// Validates `cmd` against the state and says what it will do.
+    fn plan(&self, st: &State, claims: &Claims, cmd: &Command) -> Result<Plan, String> {
+        match cmd {
+            Command::DiskAdd(add) => self.plan_add(st, claims, add),
+            Command::DiskSetSize { slot, size_bytes } => {
+                self.plan_size(st, claims, slot, *size_bytes)
+            }
+            Command::DiskSetAllowHost { slot, host_nqn } => {
+                plan_allow(st, claims, slot, Some(host_nqn.clone()))
+            }
+            Command::DiskUnsetAllowHost { slot } => plan_allow(st, claims, slot, None),
+            Command::DiskSetComment { slot, comment } => {
+                let Some(d) = st.disks.iter().find(|d| &d.slot == slot) else {
+                    return Ok(Plan::default()); // `set` on an empty [find] does nothing
+                };
+                claims.check(Some(slot), None)?;
+                let comment = Some(comment.clone()).filter(|c| !c.is_empty());
+                if d.comment == comment {
+                    return Ok(Plan::default());
+                }
+                Ok(Plan::changes(vec![Change::Disk(DiskEntry {
+                    comment,
+                    ..d.clone()
+                })]))
+            }
+            Command::DiskRemove { slot } => {
+                claims.check(Some(slot), None)?;
+                Ok(Plan::changes(
+                    st.disks
+                        .iter()
+                        .any(|d| &d.slot == slot)
+                        .then(|| Change::DiskGone(slot.clone()))
+                        .into_iter()
+                        .collect(),
+                ))
+            }
+            Command::FileRemove { name } => plan_file_remove(st, claims, name),
+            Command::DiskPrint { .. }
+            | Command::FilePrint { .. }
+            | Command::MonitorTraffic { .. } => Ok(Plan::default()),
+        }
     }
 
     fn used(state: &State) -> u64 {
@@ -404,6 +590,13 @@ impl Emulator {
             .values()
             .map(|f| f.size)
             .fold(0u64, u64::saturating_add)
+    }
+
+    fn free(&self, state: &State, claims: &Claims) -> u64 {
+        self.pool
+            .size_bytes
+            .saturating_sub(Self::used(state))
+            .saturating_sub(claims.bytes)
     }
 
     fn check_path(&self, path: &str) -> Result<(), String> {
@@ -427,7 +620,7 @@ impl Emulator {
         }
     }
 
-    fn add(&self, st: &mut State, add: &DiskAdd) -> Result<(), String> {
+    fn plan_add(&self, st: &State, claims: &Claims, add: &DiskAdd) -> Result<Plan, String> {
         if add.slot.is_empty() {
             return Err("failure: slot is required".into());
         }
@@ -441,17 +634,17 @@ impl Emulator {
         if st.files.contains_key(&add.file_path) {
             return Err(format!("failure: file {:?} already exists", add.file_path));
         }
+        claims.check(Some(&add.slot), Some(&add.file_path))?;
         let source = match &add.copy_from {
             Some(src) => Some(
                 st.disks
                     .iter()
                     .find(|d| &d.slot == src)
-                    .cloned()
                     .ok_or_else(|| "no such item".to_string())?,
             ),
             None => None,
         };
-        let size = match (add.size_bytes, &source) {
+        let size = match (add.size_bytes, source) {
             (Some(n), Some(s)) if n < s.file_size => {
                 return Err(format!(
                     "failure: file-size can not be smaller than the source disk ({} bytes)",
@@ -462,25 +655,28 @@ impl Emulator {
             (None, Some(s)) => s.file_size,
             (None, None) => return Err("failure: file-size is required".into()),
         };
-        let free = self.pool.size_bytes.saturating_sub(Self::used(st));
+        let free = self.free(st, claims);
         if size > free {
             return Err(format!(
                 "failure: not enough space on disk ({size} bytes requested, {free} free)"
             ));
         }
-        let io = match &source {
-            Some(s) => self.backing.copy(&s.file_path, &add.file_path, size),
-            None => self.backing.create(&add.file_path, size),
-        };
-        io.map_err(|e| format!("failure: storage busy: {e}"))?;
-        st.files.insert(
-            add.file_path.clone(),
-            FileEntry {
+        let io = match source {
+            Some(s) => Io::Copy {
+                src: s.file_path.clone(),
+                dst: add.file_path.clone(),
                 size,
-                created_unix: unix_now(self.clock.as_ref()),
             },
-        );
-        st.disks.push(DiskEntry {
+            None => Io::Create {
+                path: add.file_path.clone(),
+                size,
+            },
+        };
+        let file = FileEntry {
+            size,
+            created_unix: unix_now(self.clock.as_ref()),
+        };
+        let disk = DiskEntry {
             slot: add.slot.clone(),
             file_path: add.file_path.clone(),
             file_size: size,
@@ -490,63 +686,73 @@ impl Emulator {
                 allow_host: e.allow_host.clone(),
             }),
             comment: add.comment.clone(),
-        });
-        Ok(())
+        };
+        Ok(Plan {
+            io: Some(io),
+            claim: Some(Claim {
+                slot: Some(add.slot.clone()),
+                file: add.file_path.clone(),
+                bytes: size,
+            }),
+            changes: vec![Change::File(add.file_path.clone(), file), Change::Disk(disk)],
+        })
     }
 
-    fn set_size(&self, st: &mut State, slot: &str, size: u64) -> Result<(), String> {
-        let used = Self::used(st);
-        let Some(d) = st.disks.iter_mut().find(|d| d.slot == slot) else {
-            return Ok(()); // `set` on an empty [find] does nothing
+    fn plan_size(&self, st: &State, claims: &Claims, slot: &str, size: u64) -> Result<Plan, String> {
+        let Some(d) = st.disks.iter().find(|d| d.slot == slot) else {
+            return Ok(Plan::default()); // `set` on an empty [find] does nothing
         };
+        claims.check(Some(slot), Some(&d.file_path))?;
         if size < d.file_size {
             return Err("failure: file-size can not be decreased".into());
         }
         let grow = size - d.file_size;
-        let free = self.pool.size_bytes.saturating_sub(used);
+        let free = self.free(st, claims);
         if grow > free {
             return Err(format!(
                 "failure: not enough space on disk ({grow} more bytes requested, {free} free)"
             ));
         }
         if grow == 0 {
-            return Ok(());
+            return Ok(Plan::default());
         }
-        self.backing
-            .resize(&d.file_path, size)
-            .map_err(|e| format!("failure: storage busy: {e}"))?;
-        d.file_size = size;
-        if let Some(f) = st.files.get_mut(&d.file_path) {
-            f.size = size;
+        let mut changes = vec![Change::Disk(DiskEntry {
+            file_size: size,
+            ..d.clone()
+        })];
+        if let Some(f) = st.files.get(&d.file_path) {
+            changes.push(Change::File(
+                d.file_path.clone(),
+                FileEntry { size, ..f.clone() },
+            ));
         }
-        Ok(())
-    }
-
-    fn remove_file(&self, st: &mut State, name: &str) -> Result<(), String> {
-        if !st.files.contains_key(name) {
-            return Ok(()); // `remove` on an empty [find] does nothing
-        }
-        if st.disks.iter().any(|d| d.file_path == name) {
-            return Err(format!("failure: file {name:?} is in use by a disk"));
-        }
-        self.backing
-            .remove(name)
-            .map_err(|e| format!("failure: storage busy: {e}"))?;
-        st.files.remove(name);
-        Ok(())
+        Ok(Plan {
+            io: Some(Io::Resize {
+                path: d.file_path.clone(),
+                size,
+            }),
+            claim: Some(Claim {
+                slot: Some(slot.to_string()),
+                file: d.file_path.clone(),
+                bytes: grow,
+            }),
+            changes,
+        })
     }
 
     fn print_disks(&self, filter: &DiskFilter, style: PrintStyle) -> Reply {
-        let st = self.lock();
+        let inner = self.lock();
+        let st = &inner.state;
         let mut items = Vec::new();
         let pool_selected = match filter {
             DiskFilter::All => true,
             DiskFilter::Slot(s) => *s == self.pool.slot,
+            DiskFilter::Slots(slots) => slots.contains(&self.pool.slot),
             DiskFilter::SlotPrefix(p) => self.pool.slot.starts_with(p.as_str()),
             DiskFilter::MountPoint(m) => *m == self.pool.mount_point,
         };
         if pool_selected {
-            let used = Self::used(&st);
+            let used = Self::used(st);
             let free = self.pool.size_bytes.saturating_sub(used);
             let pct = u128::from(used) * 100 / u128::from(self.pool.size_bytes.max(1));
             items.push(Item {
@@ -569,6 +775,7 @@ impl Emulator {
             let selected = match filter {
                 DiskFilter::All => true,
                 DiskFilter::Slot(s) => d.slot == *s,
+                DiskFilter::Slots(slots) => slots.contains(&d.slot),
                 DiskFilter::SlotPrefix(p) => d.slot.starts_with(p.as_str()),
                 DiskFilter::MountPoint(_) => false,
             };
@@ -606,7 +813,8 @@ impl Emulator {
     }
 
     fn print_files(&self, name: &str, exact: bool) -> Reply {
-        let st = self.lock();
+        let inner = self.lock();
+        let st = &inner.state;
         let items: Vec<Item> = st
             .files
             .iter()
@@ -622,11 +830,14 @@ impl Emulator {
                 comment: None,
                 index: i,
                 flags: String::new(),
+                // As devices print it: the two-word type unquoted, the size with a unit
+                // (exact here: a unit only when one decimal is exact).
                 props: vec![
                     ("name", Val::Str(n.clone())),
-                    ("type", Val::Str(".img file".into())),
-                    ("size", Val::Bytes(f.size)),
+                    ("type", Val::Bare(".img file".into())),
+                    ("size", Val::Size(f.size)),
                     ("creation-time", Val::Time(f.created_unix)),
+                    ("last-modified", Val::Time(f.created_unix)),
                 ],
             })
             .collect();
@@ -634,18 +845,49 @@ impl Emulator {
     }
 }
 
-fn set_allow(st: &mut State, slot: &str, host: Option<String>) -> Result<(), String> {
-    let Some(d) = st.disks.iter_mut().find(|d| d.slot == slot) else {
-        return Ok(());
+fn plan_allow(
+    st: &State,
+    claims: &Claims,
+    slot: &str,
+    host: Option<String>,
+) -> Result<Plan, String> {
+    let Some(d) = st.disks.iter().find(|d| d.slot == slot) else {
+        return Ok(Plan::default());
     };
-    match &mut d.export {
-        Some(e) => {
-            e.allow_host = host;
-            Ok(())
-        }
-        None if host.is_none() => Ok(()),
+    claims.check(Some(slot), None)?;
+    match &d.export {
+        Some(e) if e.allow_host == host => Ok(Plan::default()),
+        Some(e) => Ok(Plan::changes(vec![Change::Disk(DiskEntry {
+            export: Some(Export {
+                allow_host: host,
+                ..e.clone()
+            }),
+            ..d.clone()
+        })])),
+        None if host.is_none() => Ok(Plan::default()),
         None => Err("failure: nvme-tcp-export is not enabled on this disk".into()),
     }
+}
+
+fn plan_file_remove(st: &State, claims: &Claims, name: &str) -> Result<Plan, String> {
+    if !st.files.contains_key(name) {
+        return Ok(Plan::default()); // `remove` on an empty [find] does nothing
+    }
+    if st.disks.iter().any(|d| d.file_path == name) {
+        return Err(format!("failure: file {name:?} is in use by a disk"));
+    }
+    claims.check(None, Some(name))?;
+    Ok(Plan {
+        io: Some(Io::Remove {
+            path: name.to_string(),
+        }),
+        claim: Some(Claim {
+            slot: None,
+            file: name.to_string(),
+            bytes: 0,
+        }),
+        changes: vec![Change::FileGone(name.to_string())],
+    })
 }
 
 fn unix_now(clock: &dyn Clock) -> i64 {
@@ -653,4 +895,138 @@ fn unix_now(clock: &dyn Clock) -> i64 {
         .now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::time::SystemClock;
+    use crate::routeros::command::ExportSpec;
+
+    fn pool() -> PoolConfig {
+        PoolConfig {
+            slot: "pool".into(),
+            mount_point: "pool".into(),
+            size_bytes: 1 << 50,
+        }
+    }
+
+    fn add(slot: &str) -> Command {
+        Command::DiskAdd(DiskAdd {
+            slot: slot.into(),
+            file_path: format!("pool/v/{slot}.img"),
+            size_bytes: Some(1 << 30),
+            copy_from: None,
+            export: Some(ExportSpec {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+                allow_host: None,
+            }),
+            comment: None,
+        })
+    }
+
+    #[test]
+    fn tables_and_files_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = Emulator::open_dir(dir.path(), pool(), Arc::new(SystemClock)).unwrap();
+        for slot in ["a", "b", "c"] {
+            assert!(emu.apply(&add(slot)).ok);
+        }
+        assert!(emu.apply(&Command::DiskRemove { slot: "b".into() }).ok);
+        assert!(
+            emu.apply(&Command::FileRemove {
+                name: "pool/v/b.img".into()
+            })
+            .ok
+        );
+        assert!(
+            emu.apply(&Command::DiskSetSize {
+                slot: "c".into(),
+                size_bytes: 2 << 30
+            })
+            .ok
+        );
+        drop(emu);
+        let emu = Emulator::open_dir(dir.path(), pool(), Arc::new(SystemClock)).unwrap();
+        assert_eq!(emu.disk_slots(), ["a", "c"]);
+        assert_eq!(emu.file_names(), ["pool/v/a.img", "pool/v/c.img"]);
+        assert_eq!(emu.disk_size("c"), Some(2 << 30));
+        let host = emu.host_path_of("c").unwrap();
+        assert_eq!(std::fs::metadata(host).unwrap().len(), 2 << 30);
+        assert!(!dir.path().join("pool/v/b.img").exists());
+    }
+
+    #[test]
+    fn a_claimed_slot_is_busy_and_claimed_space_is_not_free() {
+        let emu = Emulator::in_memory(
+            PoolConfig {
+                size_bytes: 3 << 30,
+                ..pool()
+            },
+            Arc::new(SystemClock),
+        );
+        let claim = Claim {
+            slot: Some("a".into()),
+            file: "pool/v/a.img".into(),
+            bytes: 2 << 30,
+        };
+        emu.lock().claims.take(&claim);
+        let busy = emu.apply(&add("a"));
+        assert!(!busy.ok && busy.output.contains("busy"), "{busy:?}");
+        let full = emu.apply(&add("b")); // 1 GiB wanted, 1 GiB free: fits
+        assert!(full.ok, "{full:?}");
+        let over = emu.apply(&add("c"));
+        assert!(!over.ok && over.output.contains("not enough space"), "{over:?}");
+        emu.lock().claims.release(&claim);
+        assert!(emu.apply(&add("a")).ok);
+    }
+
+    /// Child half of the kill -9 test: adds disks `k0`, `k1`, ... forever on the emulator
+    /// in `RDS_CSI_EMU_KILL9_DIR`, printing each index once its reply came back.
+    #[test]
+    fn kill_nine_child_emulator() {
+        use std::io::Write;
+        let Some(dir) = std::env::var_os("RDS_CSI_EMU_KILL9_DIR") else {
+            return; // only runs as the child of the test below
+        };
+        let emu = Emulator::open_dir(Path::new(&dir), pool(), Arc::new(SystemClock)).unwrap();
+        let mut out = std::io::stdout().lock();
+        for i in 0u64.. {
+            let reply = emu.apply(&add(&format!("k{i}")));
+            assert!(reply.ok, "{reply:?}");
+            writeln!(out, "ACK {i}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn every_answered_add_survives_kill_nine_mid_way() {
+        // Past the first compactions of the tables' journal too.
+        for kill_after in [1u64, 7, 300, 1200] {
+            let dir = tempfile::tempdir().unwrap();
+            // SIGKILL once `kill_after` changes were acknowledged.
+            let acked = crate::fsutil::kill9::kill_after_acks(
+                "routeros::emulator::tests::kill_nine_child_emulator",
+                "RDS_CSI_EMU_KILL9_DIR",
+                dir.path(),
+                kill_after,
+            );
+            assert_eq!(acked, kill_after, "child stopped early");
+            let emu = Emulator::open_dir(dir.path(), pool(), Arc::new(SystemClock))
+                .expect("the emulator must reopen after kill -9");
+            let slots = emu.disk_slots();
+            let n = slots.len() as u64;
+            assert!(n >= acked, "{n} disks after {acked} answered adds");
+            let mut want: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            want.sort();
+            assert_eq!(slots, want, "a prefix of the adds, nothing torn");
+            for slot in &slots {
+                let host = emu.host_path_of(slot).unwrap();
+                assert_eq!(std::fs::metadata(&host).unwrap().len(), 1 << 30, "{slot}");
+            }
+            // The next add works, whatever the kill left behind (an orphan file too).
+            assert!(emu.apply(&add(&format!("k{n}"))).ok);
+        }
+    }
 }
