@@ -27,7 +27,10 @@
 //!   open export would not do. The cost, accepted: KubeVirt's source writes until the
 //!   switchover, so a source cut off mid-migration stalls the VM until KubeVirt aborts the
 //!   migration (which detaches the target and returns the export to the source) — the
-//!   README's KubeVirt section weighs the choices;
+//!   README's KubeVirt section weighs the choices. A target whose machine is lost (its Node
+//!   gone, or a fresh machine under its name) can no longer complete the migration: the
+//!   manager then admits the source again (`AttachmentManager::allow_value`, re-checked by
+//!   the periodic resync), never a node that holds nothing;
 //! - multi-node readers (`MULTI_NODE_READER_ONLY`): the export is open (any number of
 //!   holders, one allow-list entry);
 //! - with the fence off, every export is open.

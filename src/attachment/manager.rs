@@ -541,6 +541,9 @@ impl AttachmentManager {
             live = migration::settle(live).stamped_after(&stored);
             let tentative = self.apply_tentative(volume, live.clone(), None)?;
             self.write(volume, &stored, &live, tentative).await?;
+            // The export follows the holders left (a migration's target cleared: the
+            // source again), as after any unpublish.
+            self.fence(volume, &live, None).await?;
         }
         Ok(live.into_vec())
     }
@@ -592,7 +595,9 @@ impl AttachmentManager {
     /// Picks up what another writer changed in the store (a former leader finishing its
     /// calls during a failover): lists every record, and each volume whose stored holders
     /// differ from memory is re-read under its lock (the list may predate our own latest
-    /// write) and memory set to the store's. Returns how many volumes changed.
+    /// write) and memory set to the store's. Then re-checks the fence of every running
+    /// migration whose target can no longer be named ([`Self::fence_lost_targets`]).
+    /// Returns how many volumes changed in memory.
     pub async fn resync(&self) -> Result<usize> {
         let records = self.store.load_all().await?;
         let mut stored: BTreeMap<VolumeId, Holders> = BTreeMap::new();
@@ -627,7 +632,66 @@ impl AttachmentManager {
                 changed += 1;
             }
         }
+        self.fence_lost_targets().await;
         Ok(changed)
+    }
+
+    /// Re-fences every running migration whose target's machine is not the one its export
+    /// admits (its Node object deleted with its machine, or back as a fresh machine with
+    /// another host NQN): the export goes back to the source, the holder that still runs
+    /// the VM ([`Self::allow_value`]), when the loss is seen — not only at the target's
+    /// force-detach, minutes later, during which a source that lost its connection could
+    /// not reconnect (found by the simulation, seed 2723). A target whose machine is the
+    /// one admitted is left alone; a fresh machine under the target's name is admitted
+    /// only when it is published to again. Returns how many exports moved; failures are
+    /// logged and retried at the next resync.
+    pub async fn fence_lost_targets(&self) -> usize {
+        if !self.cfg.data_path_fence {
+            return 0;
+        }
+        // Sorted by volume (the map is a BTreeMap): one order, whatever the run.
+        let migrating: Vec<(VolumeId, NodeId)> = self
+            .state()
+            .volumes
+            .iter()
+            .filter_map(|(v, h)| migration::running(h).map(|m| (v.clone(), m.target)))
+            .collect();
+        let mut moved = 0;
+        for (volume, target) in migrating {
+            // The export admits the target's machine (the usual case): nothing to do.
+            let seen = async {
+                let nqn = self.cluster.node_host_nqn(&target).await?;
+                let disk = self.rds.find_disk(volume.as_str()).await?;
+                Ok::<_, Error>(
+                    nqn.is_some() && disk.is_none_or(|d| d.allowed_host_nqn == nqn),
+                )
+            };
+            match seen.await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot check the migration target's machine; next resync retries");
+                    continue;
+                }
+            }
+            let _guard = self.lock(&volume).await;
+            let refenced = async {
+                let stored = self.read_stored(&volume).await?;
+                self.state().set(&volume, stored.clone());
+                self.fence(&volume, &stored, None).await
+            };
+            match refenced.await {
+                Ok(m) if m.moved => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, "the migration target's Node is gone: its export admits the source again");
+                    moved += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot re-fence the export of a migration whose target is gone; next resync retries");
+                }
+            }
+        }
+        moved
     }
 
     fn same_in_memory(&self, volume: &VolumeId, holders: &Holders) -> bool {
@@ -636,36 +700,51 @@ impl AttachmentManager {
         crate::ports::store::same_holders(memory, holders.as_slice())
     }
 
-    /// The allow-list value of `target` for `volume` (`None`: open to any host); a holder
-    /// whose node has not published its host NQN gets the export parked. `known` is a host
-    /// NQN just read for a node (a publish's own), saving a request.
+    /// The allow-list value for `volume` held by `holders` (`None`: open to any host),
+    /// the export admitting `admitted` now: the fence's [`Target`], where a holder the export
+    /// cannot name counts as gone — its node has no host NQN (its Node object deleted with
+    /// its machine), or it is a live migration's target whose machine is not the one the
+    /// export admits. A migration's target is admitted when it attaches (its publish, the
+    /// `known` host NQN) and kept while its machine is the one admitted; once that machine
+    /// is lost — its Node gone, or back as a fresh machine under the same name, which runs
+    /// no VM — the migration cannot complete, and the export admits the source again, the
+    /// holder that runs the VM (found by the simulation, seed 2723: the source, having lost
+    /// its connection, stayed cut off until the target's force-detach, minutes later). A
+    /// lone holder that cannot be named parks the export rather than leave it admitting
+    /// whoever it admitted — a former holder (seed 803). Only holders are ever admitted.
+    /// `known` is a host NQN just read for the node publishing, saving a request.
     async fn allow_value(
         &self,
         volume: &VolumeId,
-        target: &Target,
+        holders: &Holders,
         known: Option<(&NodeId, &str)>,
+        admitted: Option<&str>,
     ) -> Result<Option<String>> {
-        Ok(match target {
-            Target::Parked => Some(crate::attachment::fence::parked_nqn(volume)),
-            Target::Open => None,
-            Target::Host(node) => match known {
-                Some((n, nqn)) if n == node => Some(nqn.to_string()),
-                _ => match self.cluster.node_host_nqn(node).await? {
-                    Some(nqn) => Some(nqn),
-                    // A holder without a host NQN (its Node object gone with its machine)
-                    // cannot be named: park rather than leave the export admitting whoever
-                    // it admitted — a former holder (found by the simulation: a migration's
-                    // target detached while the source's machine was lost kept the target
-                    // admitted). The holder is admitted again once it publishes its NQN
-                    // and is published to.
-                    None => {
-                        tracing::warn!(volume_id = %volume, node_id = %node,
-                            "the holder has no published host NQN: parking the export");
-                        Some(crate::attachment::fence::parked_nqn(volume))
-                    }
-                },
-            },
-        })
+        let mut named = holders.clone();
+        loop {
+            let node = match Target::of(self.cfg.data_path_fence, &named) {
+                Target::Parked => return Ok(Some(crate::attachment::fence::parked_nqn(volume))),
+                Target::Open => return Ok(None),
+                Target::Host(node) => node,
+            };
+            let publishing = known.filter(|(n, _)| **n == node);
+            let nqn = match publishing {
+                Some((_, nqn)) => Some(nqn.to_string()),
+                None => self.cluster.node_host_nqn(&node).await?,
+            };
+            let lost_target = publishing.is_none()
+                && migration::running(&named).is_some_and(|m| m.target == node)
+                && nqn.as_deref() != admitted;
+            match nqn {
+                Some(nqn) if !lost_target => return Ok(Some(nqn)),
+                Some(_) => tracing::warn!(volume_id = %volume, node_id = %node,
+                    "the migration target's machine is not the one the export admits (lost, or a fresh one): the migration cannot complete; the export admits the source again"),
+                None => tracing::warn!(volume_id = %volume, node_id = %node,
+                    "the holder has no published host NQN (its Node object is gone): the export does not admit it"),
+            }
+            // Each round removes a holder: this ends, at the latest parked.
+            named.remove(&node);
+        }
     }
 
     /// Sets `volume`'s allow list to `value`, on `observed` when the disk was just read (no
@@ -708,19 +787,25 @@ impl AttachmentManager {
         };
         let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
         let target = Target::of(self.cfg.data_path_fence, holders);
-        let want = self.allow_value(volume, &target, known).await?;
         // One `/disk print`: the export and its allow list (no size needed).
         let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
             return Ok(unmoved);
         };
-        if disk.export.is_none() || disk.allowed_host_nqn == want {
+        if disk.export.is_none() {
+            return Ok(unmoved);
+        }
+        let admitted = disk.allowed_host_nqn.as_deref();
+        let want = self.allow_value(volume, holders, known, admitted).await?;
+        if disk.allowed_host_nqn == want {
             return Ok(unmoved);
         }
         self.set_allow(volume, Some(&disk), want.as_deref()).await?;
         let stored = self.read_stored(volume).await?;
         let again = Target::of(self.cfg.data_path_fence, &stored);
         if again != target {
-            let value = self.allow_value(volume, &again, None).await?;
+            let value = self
+                .allow_value(volume, &stored, None, want.as_deref())
+                .await?;
             if value != want {
                 tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
                 self.set_allow(volume, None, value.as_deref()).await?;

@@ -275,6 +275,99 @@ async fn a_failed_migration_whose_source_machine_is_gone_parks_the_export() {
 }
 
 #[tokio::test]
+async fn a_lost_migration_target_gives_the_export_back_to_the_source() {
+    // Found by the simulation (seed 2723): the target's machine was lost mid-migration (its
+    // Node object deleted); its VolumeAttachment stays until the force-detach minutes later,
+    // and the export kept admitting the lost target all that time, so the source, which
+    // runs the VM, could not reconnect after losing its connection.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    // A resync with the target there moves nothing.
+    w.mgr.resync().await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    w.cluster.remove_node(&nid("node-b"));
+    // The periodic resync sees the Node gone: the source, the surviving holder, is admitted.
+    w.mgr.resync().await.unwrap();
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some(A_NQN),
+        "the source is admitted again once the target's Node is gone"
+    );
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a", "node-b"], "the records stay");
+    // Every other fence decision agrees: a repeated publish of the source neither parks
+    // the export nor gives it back to the lost target.
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    // A fresh machine under the target's name (a new host NQN) is not admitted by a resync:
+    // the migration cannot complete on it; the force-detach ends it.
+    w.cluster
+        .register_node(nid("node-b"), Some("nqn.2014-08.org.nvmexpress:uuid:b2b2".into()));
+    w.mgr.resync().await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-b"))).await.unwrap();
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+}
+
+#[tokio::test]
+async fn a_migration_target_back_as_a_fresh_machine_is_not_admitted_until_published_again() {
+    // Seed 2723 again: the target's Node came back (a fresh machine under the same name,
+    // a new host NQN) before any resync saw it gone. The fresh machine runs no VM; the
+    // migration cannot complete: the export admits the source.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    let fresh = "nqn.2014-08.org.nvmexpress:uuid:b2b2";
+    w.cluster.register_node(nid("node-b"), Some(fresh.into()));
+    w.mgr.resync().await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    // A restarted controller's start-up agrees.
+    w.mgr.settle_fences().await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    // The CO publishing to the target again admits its machine, as any target's attach.
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(fresh));
+    w.mgr.resync().await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(fresh), "kept");
+}
+
+#[tokio::test]
+async fn a_lost_target_and_a_lost_source_park_the_export() {
+    // Neither holder can be named: nobody is admitted (never a node that holds nothing).
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    w.cluster.remove_node(&nid("node-a"));
+    w.cluster.remove_node(&nid("node-b"));
+    w.mgr.resync().await.unwrap();
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await,
+        Some(crate::attachment::fence::parked_nqn(&vid("pvc-1")))
+    );
+}
+
+#[tokio::test]
+async fn a_migration_target_detached_by_hand_gives_the_export_back_when_cleared() {
+    // The target's VolumeAttachment removed by hand: DeleteVolume's look at the holders
+    // clears its record, and the export follows the holder left, the source.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    w.cluster.set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+        volume_id: vid("pvc-1"),
+        node_id: nid("node-a"),
+        attached: true,
+        deleting: false,
+    }]));
+    let live = w.mgr.live_holders(&vid("pvc-1")).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+}
+
+#[tokio::test]
 async fn a_target_without_a_host_nqn_is_refused_before_anything_is_written() {
     let (w, _, _) = vm_world(fenced()).await;
     w.cluster.register_node(nid("node-c"), None);

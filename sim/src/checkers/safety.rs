@@ -19,7 +19,8 @@
 //!   durable records never name more than two, and two holders always carry their
 //!   migration (source, start, timeout) in the same records — through crashes mid-persist
 //!   and failovers alike; with the fence on, its export admits one of its stored holders
-//!   (the migration's target while one runs) or is parked.
+//!   (the migration's target while one runs, its source once the
+//!   target's machine was lost) or is parked.
 //!
 //! Every other volume of the workload is single-node (`SINGLE_NODE_WRITER`).
 
@@ -122,7 +123,13 @@ pub fn check(sh: &Shared) -> Vec<String> {
             .pairs
             .iter()
             .any(|((pv, _), p)| pv == v && p.unsettled());
-        bad.extend(migration_violations(sh, v, exports.get(v.as_str()), busy));
+        bad.extend(migration_violations(
+            sh,
+            &model,
+            v,
+            exports.get(v.as_str()),
+            busy,
+        ));
     }
     for (v, vol) in &model.volumes {
         if vol.deleted && seen.contains(v) {
@@ -155,9 +162,12 @@ pub fn check(sh: &Shared) -> Vec<String> {
 /// A VM disk's durable records: at most two holders, two only with their migration
 /// recorded (the target's record names the other as its source); with the fence on and no
 /// call on the disk running (`busy`), its export admits a stored holder — the migration's
-/// target while one runs — or is parked.
+/// target while one runs, or its source once the target's machine was lost (the CO's
+/// publish to it voided: the migration cannot complete, and the source runs the VM) — or
+/// is parked.
 fn migration_violations(
     sh: &Shared,
+    model: &Model,
     v: &str,
     export: Option<&ExportView>,
     busy: bool,
@@ -218,7 +228,10 @@ fn migration_violations(
                     // parked by the next start-up, publish or unpublish.
                     (None, _) | (_, 0) => true,
                     (Some(n), 1) => holders.contains(n),
-                    (Some(n), _) => Some(n) == target,
+                    (Some(n), _) => {
+                        Some(n) == target
+                            || (sources.contains(n) && target.is_some_and(|t| !model.holds(v, t)))
+                    }
                 };
                 if !ok {
                     bad.push(format!(
