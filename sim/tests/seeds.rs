@@ -104,7 +104,7 @@ fn skipping_idle_ticks_changes_nothing_but_the_speed() {
         Options::from_seed(2).with_bug(Bug::DeleteSkipsHolders),
         Options::from_seed(2).with_bug(Bug::ReissuedPublishSkipsLock),
         Options::from_seed(19).with_bug(Bug::KernelReconnectDefaults),
-        Options::from_seed(3).with_bug(Bug::RememberedDevicePath),
+        Options::from_seed(6).with_bug(Bug::RememberedDevicePath),
         Options::from_seed(3).with_bug(Bug::ThirdNodeAttaches),
     ]);
     let next = AtomicU64::new(0);
