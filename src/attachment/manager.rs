@@ -469,8 +469,14 @@ impl AttachmentManager {
         Ok(self.store.load_all().await?)
     }
 
+    /// Sets memory's holders of `volume` (start-up only: the rebuild, after another writer
+    /// changed them).
+    pub(crate) fn set_holders(&self, volume: &VolumeId, holders: Holders) {
+        self.state().set(volume, holders);
+    }
+
     /// `volume`'s holders in the store (a missing PV holds nothing).
-    async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
+    pub(crate) async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
         match self.store.read_volume(volume).await {
             Ok(records) => Ok(records.into_iter().collect()),
             Err(crate::ports::store::StoreError::NotFound(_)) => Ok(Holders::default()),

@@ -803,6 +803,90 @@ async fn rebuild_restores_records_and_drops_those_whose_detach_completed() {
     );
 }
 
+/// A store in which another writer's write of one volume lands just before this
+/// replica's first conditional write (a former leader's slow start-up racing the new
+/// leader's publish).
+struct LandsFirst {
+    inner: Arc<MemStore>,
+    other: std::sync::Mutex<Option<(VolumeId, Vec<crate::ports::store::AttachmentRecord>)>>,
+}
+
+#[async_trait::async_trait]
+impl AttachmentStore for LandsFirst {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[crate::ports::store::AttachmentRecord],
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let other = self.other.lock().unwrap().take();
+        if let Some((v, records)) = other {
+            self.inner.write_volume(&v, &records).await?;
+        }
+        self.inner.write_volume_if(volume, previous, holders).await
+    }
+
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand), and while a restarting replica
+    // rebuilds, the new leader publishes pvc-1 to node-b (its VolumeAttachment is new).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    let node_b = crate::ports::store::AttachmentRecord {
+        volume_id: vid("pvc-1"),
+        node_id: nid("node-b"),
+        attached_at: UNIX_EPOCH,
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+    };
+    let store = Arc::new(LandsFirst {
+        inner: w.store.clone(),
+        other: std::sync::Mutex::new(Some((vid("pvc-1"), vec![node_b]))),
+    });
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store,
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    let report = restarted.rebuild().await.unwrap();
+    assert_eq!((report.dropped, report.clear_failures), (1, 1));
+    assert_eq!(
+        stored(&w).await,
+        vec![("pvc-1".into(), "node-b".into())],
+        "the other writer's acknowledged publish survives the rebuild"
+    );
+    assert_eq!(
+        restarted.get(&vid("pvc-1"))[0].node_id,
+        nid("node-b"),
+        "memory follows the store"
+    );
+}
+
 #[tokio::test]
 async fn an_acknowledged_unpublish_never_comes_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
