@@ -607,11 +607,19 @@ impl AttachmentManager {
     /// landed. When the store now wants another target, the export is moved once more to
     /// it (memory follows the store). Observed first: nothing moves, and nothing is re-read,
     /// when the export is already right.
+    ///
+    /// `observed` is the disk as read *before* `holders` were read from the store (the
+    /// start-up sweep's listing), used instead of a fresh read: a move is then made only
+    /// when a store read newer than the observation disagrees with it. A fresh read after
+    /// a stale store read could see another writer's move that the stale read predates,
+    /// and undo it (found by the simulation, seed 2442: a restarting leader moved the
+    /// export back to a former holder after the old leader's acknowledged publish).
     async fn fence(
         &self,
         volume: &VolumeId,
         holders: &Holders,
         expected: Option<(&NodeId, Option<&str>)>,
+        observed: Option<DiskEntry>,
     ) -> Result<FenceMove> {
         let unmoved = FenceMove {
             moved: false,
@@ -624,8 +632,12 @@ impl AttachmentManager {
             return Ok(unmoved);
         };
         // One `/disk print`: the export and its allow list (no size needed).
-        let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
-            return Ok(unmoved);
+        let disk = match observed {
+            Some(disk) => disk,
+            None => match self.rds.find_disk(volume.as_str()).await? {
+                Some(disk) => disk,
+                None => return Ok(unmoved),
+            },
         };
         if disk.export.is_none() || disk.allowed_host_nqn == want {
             return Ok(unmoved);
@@ -683,9 +695,10 @@ impl AttachmentManager {
             }
             let _guard = self.lock(&volume).await;
             let settled = async {
+                // The listing observed the disk before this read of the store.
                 let stored = self.read_stored(&volume).await?;
                 self.state().set(&volume, stored.clone());
-                self.fence(&volume, &stored, None).await
+                self.fence(&volume, &stored, None, Some(DiskEntry::from(disk.clone()))).await
             };
             match settled.await {
                 Ok(m) if m.moved => {
@@ -841,7 +854,7 @@ impl AttachmentManager {
             // fences again, and an unpublish parks the export.
             let holders: Holders = self.get(volume).into_iter().collect();
             let mine = Some((node, host_nqn.as_deref()));
-            if !self.fence(volume, &holders, mine).await?.still_held {
+            if !self.fence(volume, &holders, mine, None).await?.still_held {
                 return Err(Error::Aborted(format!(
                     "attachments of volume {volume} changed by another writer while it \
                      was being fenced; memory resynchronised from the store, retry"
@@ -899,7 +912,7 @@ impl AttachmentManager {
             return Ok(());
         }
         let holders: Holders = self.get(volume).into_iter().collect();
-        self.fence(volume, &holders, None).await?;
+        self.fence(volume, &holders, None, None).await?;
         Ok(())
     }
 }

@@ -887,6 +887,89 @@ async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
     );
 }
 
+/// A store whose first read of a volume's holders is answered with what it held, but only
+/// after another replica's publish (`then`) has run to completion: the reader's view is
+/// stale by the time it arrives.
+struct PublishedDuringRead {
+    inner: Arc<MemStore>,
+    then: tokio::sync::Mutex<Option<(Arc<AttachmentManager>, PublishArgs)>>,
+}
+
+#[async_trait::async_trait]
+impl AttachmentStore for PublishedDuringRead {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+
+    async fn read_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        let read = self.inner.read_volume(volume).await;
+        if let Some((other, args)) = self.then.lock().await.take() {
+            other.publish(&args).await.unwrap();
+        }
+        read
+    }
+
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+#[tokio::test]
+async fn a_start_up_settle_on_a_stale_read_never_undoes_another_writers_fence() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand); the restarting replica drops
+    // the record but cannot clear it (the API is down for that write).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    let store = Arc::new(PublishedDuringRead {
+        inner: w.store.clone(),
+        then: tokio::sync::Mutex::new(None),
+    });
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    assert_eq!(restarted.rebuild().await.unwrap().clear_failures, 1);
+    // Its settle reads the store (still node-a) while the old leader publishes to node-b.
+    *store.then.lock().await = Some((w.mgr.clone(), publish_args("pvc-1", "node-b", false)));
+    assert_eq!(
+        restarted.settle_fences().await.unwrap(),
+        2,
+        "pvc-2 and pvc-3 (open exports) are parked; pvc-1's listed export agreed with the \
+         sweep's read of the store: not moved"
+    );
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "the acknowledged publish's fence stands"
+    );
+}
+
 #[tokio::test]
 async fn an_acknowledged_unpublish_never_comes_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
