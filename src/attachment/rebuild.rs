@@ -6,8 +6,9 @@
 //! (volume, node) belongs to an acknowledged detach: it is dropped and cleared in the store,
 //! and never comes back (stale annotations resurrecting attachments was an outage of the
 //! earlier Go driver). The clear is a conditional write of what was loaded, like every
-//! write of the manager's: it never overwrites what another writer stored since. A record with a VolumeAttachment (attached, pending, or being
-//! deleted) is kept: the CO will publish or unpublish it again.
+//! write of the manager's: it never overwrites what another writer stored since. A record
+//! with a VolumeAttachment (attached, pending, or being deleted) is kept: the CO will
+//! publish or unpublish it again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
