@@ -278,6 +278,17 @@ pub struct Cli {
     )]
     pub attachment_resync_secs: u64,
 
+    /// How often the controller reads the I/O of each published volume's disk on the RDS
+    /// (`/disk monitor-traffic`, one RouterOS command per volume) into the metrics, in
+    /// seconds (0: never).
+    #[arg(
+        long,
+        hide_env_values = true,
+        env = "RDS_CSI_DISK_TRAFFIC_INTERVAL",
+        default_value_t = 0
+    )]
+    pub rds_disk_traffic_interval_secs: u64,
+
     /// Longest time in-flight RPCs may take to finish after SIGTERM/SIGINT, in seconds.
     #[arg(
         long,
@@ -375,6 +386,9 @@ impl Cli {
                 max_volumes_per_node: u64::from(self.max_volumes_per_node),
                 data_path_fence: self.data_path_fence,
                 resync_interval: Duration::from_secs(self.attachment_resync_secs),
+            },
+            disk_traffic: crate::controller::traffic::TrafficConfig {
+                interval: Duration::from_secs(self.rds_disk_traffic_interval_secs),
             },
             node,
             serve: ServeSettings {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use crate::attachment::AttachmentManager;
 use crate::backend::{file_store::FileStore, local_cluster::LocalCluster};
 use crate::controller::Controller;
+use crate::controller::traffic::TrafficPoll;
 use crate::csi::{
     controller::ControllerService,
     identity::{IdentityService, Readiness},
@@ -120,6 +121,8 @@ impl PortLayers for NoLayers {}
 struct ControllerPart {
     core: Controller,
     rds: Arc<dyn Rds>,
+    /// The disk-traffic poll (started only with an interval).
+    traffic: Arc<TrafficPoll>,
 }
 
 /// The node half of a plugin instance.
@@ -161,6 +164,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
         layers,
     } = seams;
     let mode = settings.mode;
+    // The instance's one registry: every part records into it through its handle.
     let metrics = Arc::new(Metrics::default());
     let kube = match kube {
         Some(client) => Some(client),
@@ -194,7 +198,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             None => {
                 let transport = match rds_transport {
                     Some(t) => t,
-                    None => rds_transport_from(settings, Arc::clone(&clock))?,
+                    None => rds_transport_from(settings, Arc::clone(&clock), &metrics)?,
                 };
                 let adapter = RouterOsRds::new(
                     layers.transport(transport),
@@ -202,7 +206,8 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
                     settings.rds.retry,
                     Arc::clone(&entropy),
                 )
-                .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?;
+                .map_err(|e| ServeError::Config(format!("RDS layout: {e}")))?
+                .with_metrics(metrics.routeros(), metrics.rds());
                 Arc::new(adapter)
             }
         };
@@ -226,17 +231,25 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
                 Arc::clone(&clock),
                 settings.attachment.clone(),
             )
-            .with_metrics(metrics.migrations()),
+            .with_metrics(metrics.attachment())
+            .with_migration_metrics(metrics.migrations()),
         );
+        let traffic = Arc::new(TrafficPoll::new(
+            Arc::clone(&rds),
+            Arc::clone(&attachments),
+            metrics.rds(),
+            metrics.reconcilers(),
+            settings.disk_traffic,
+        ));
         Some(ControllerPart {
             core: Controller::new(settings.controller.clone(), Arc::clone(&rds), attachments),
             rds,
+            traffic,
         })
     } else {
         None
     };
 
-    let metrics = Arc::new(Metrics::default());
     let node = if mode.node() {
         let kernel = match kernel {
             Some(k) => k,
@@ -285,9 +298,9 @@ impl Plugin {
     /// Start-up work that must finish before the socket accepts requests — the RDS
     /// answers, the attachment state is rebuilt, the node has read what the kernel has
     /// attached and mounted and published its host NQN — then the background tasks
-    /// (attachment resync, the node's orphan sweep, whose first round runs at once). Marks
-    /// the plugin ready. Idempotent: the simulation retries it while the backend is
-    /// unreachable.
+    /// (attachment resync, the disk-traffic poll, the node's orphan sweep, whose first
+    /// round runs at once). Marks the plugin ready. Idempotent: the simulation retries it
+    /// while the backend is unreachable.
     pub async fn start(&self) -> Result<()> {
         if let Some(c) = &self.controller {
             c.rds.ping().await?;
@@ -316,6 +329,7 @@ impl Plugin {
         }
         if let Some(c) = &self.controller {
             c.core.attachments().spawn_resync();
+            c.traffic.spawn();
         }
         if let Some(n) = &self.node {
             Arc::clone(&n.sweeper).spawn();
@@ -368,7 +382,12 @@ impl Plugin {
         self.readiness.clone()
     }
 
-    /// The metrics of this instance (per RPC, migrations).
+    /// The disk-traffic poll, when the controller is served.
+    pub fn traffic(&self) -> Option<Arc<TrafficPoll>> {
+        self.controller.as_ref().map(|c| Arc::clone(&c.traffic))
+    }
+
+    /// The metrics registry of this instance (every series it exports).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
@@ -442,6 +461,7 @@ fn kube_client(settings: &Settings) -> Result<Option<::kube::Client>, ServeError
 fn rds_transport_from(
     settings: &Settings,
     clock: Arc<dyn Clock>,
+    metrics: &Metrics,
 ) -> Result<Arc<dyn Transport>, ServeError> {
     match &settings.rds.access {
         RdsAccess::Embedded => {
@@ -464,12 +484,15 @@ fn rds_transport_from(
             }
             let layout = &settings.rds.layout;
             tracing::info!(rds = %ssh.address, port = ssh.port, user = %ssh.config.user, volume_path = %layout.volume_base_path, pool = %layout.pool_mount_point, "RDS backend: RouterOS over SSH");
-            Ok(Arc::new(SshTransport::new(
-                TcpConnector {
-                    addr: format!("{}:{}", ssh.address, ssh.port),
-                },
-                ssh.config.clone(),
-            )))
+            Ok(Arc::new(
+                SshTransport::new(
+                    TcpConnector {
+                        addr: format!("{}:{}", ssh.address, ssh.port),
+                    },
+                    ssh.config.clone(),
+                )
+                .with_metrics(metrics.routeros()),
+            ))
         }
     }
 }

@@ -34,14 +34,16 @@ pub type ApiAccess = (&'static str, &'static str, &'static [&'static str]);
 ///   data-path fence reads the node's host NQN annotation;
 /// - `volumeattachments` list: the start-up rebuild cross-checks the records; get: a
 ///   record whose VolumeAttachment is gone (detached by hand) is cleared as stale;
-/// - `events` create: a fenced publish is reported as an Event.
+/// - `events` create, patch: attachments, detachments, conflicts and cleared records are
+///   reported as Events on the volume's claim (found through the PV's `claimRef`: get), a
+///   repeat of the same Event is aggregated into it (patch of its count).
 ///
 /// No `leases`: leader election is done by the sidecars, not by the plugin.
 pub const API_ACCESS: &[ApiAccess] = &[
     ("", "persistentvolumes", &["get", "list", "patch"]),
     ("", "nodes", &["get"]),
     ("storage.k8s.io", "volumeattachments", &["get", "list"]),
-    ("", "events", &["create"]),
+    ("", "events", &["create", "patch"]),
 ];
 
 /// What the node plugin (`--mode node`) calls on the Kubernetes API.
@@ -217,11 +219,12 @@ mod tests {
         );
         let event = ClusterEvent {
             volume_id: vol.clone(),
-            reason: "AttachFenced".into(),
+            reason: crate::ports::cluster::reason::ATTACHMENT_CONFLICT.into(),
             message: "test".into(),
             warning: true,
-            subject: crate::ports::cluster::EventSubject::Claim,
         };
+        cluster.record_event(&event).await.unwrap();
+        // A repeat is aggregated into the recorded Event.
         cluster.record_event(&event).await.unwrap();
 
         let grants = |list: &[ApiAccess]| -> BTreeSet<_> {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::attachment::AttachmentConfig;
 use crate::controller::ControllerConfig;
 use crate::controller::params::Expected;
+use crate::controller::traffic::TrafficConfig;
 use crate::node::{NodeOptions, OrphanConfig};
 use crate::retry::Backoff;
 use crate::routeros::RdsLayout;
@@ -57,6 +58,8 @@ pub struct Settings {
     pub controller: ControllerConfig,
     /// The attachment manager (also: the node's max volumes, reported by NodeGetInfo).
     pub attachment: AttachmentConfig,
+    /// The controller's poll of published volumes' disk traffic (metrics).
+    pub disk_traffic: TrafficConfig,
     /// The node core and its initiator.
     pub node: NodeSettings,
     /// The gRPC endpoint, metrics and shutdown.
@@ -187,6 +190,7 @@ impl Settings {
                 data_path_fence: true,
                 ..AttachmentConfig::default()
             },
+            disk_traffic: TrafficConfig::default(),
             node: NodeSettings {
                 options: NodeOptions {
                     require_target_address: initiator == InitiatorKind::Nvme,

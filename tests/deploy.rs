@@ -942,12 +942,20 @@ fn renderer_refuses_template_features_outside_its_subset() {
     }
     let out_dir = tempfile::tempdir().unwrap();
     for (body, why) in [
-        ("x: {{ toYaml .Values.image }}\n", "unsupported action"),
+        ("x: {{ include \"t\" . }}\n", "unsupported action"),
         ("x: {{ .Values.image }}\n", "outside the subset"),
         ("x: {{ .Values.nope }}\n", "is not set"),
         (
             "{{- range .Values.sidecars }}{{ end }}\n",
-            "unsupported action",
+            "only lists are in the subset",
+        ),
+        (
+            "x: {{ toYaml .Values.image.repository }}\n",
+            "toYaml takes one map or list",
+        ),
+        (
+            "x:{{ .Files.Get \"../values.yaml\" }}\n",
+            "one literal path in the chart",
         ),
     ] {
         std::fs::write(templates.join("t.yaml"), body).unwrap();
@@ -974,7 +982,8 @@ fn chart_renders_valid_manifests_with_other_values() {
         &values,
         "metrics:\n  enabled: false\ncontroller:\n  storageCapacity: false\n\
          rds:\n  secret:\n    create: false\nvolumeSnapshotClass:\n  create: false\n\
-         storageClasses:\n  ext4:\n    default: true\n",
+         dashboards:\n  enabled: false\n\
+         storageClasses:\n  classes:\n  - name: rds-ext4\n    fsType: ext4\n    default: true\n    parameters: []\n",
     )
     .unwrap();
     let out_dir = dir.path().join("out");
@@ -1005,6 +1014,325 @@ fn chart_renders_valid_manifests_with_other_values() {
         ext4["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"],
         "true"
     );
+    assert_eq!(
+        docs.iter().filter(|d| d["kind"] == "StorageClass").count(),
+        1,
+        "the list in values is the list of classes"
+    );
+    assert!(
+        docs.iter()
+            .all(|d| d["kind"] != "Service" && d["kind"] != "ConfigMap")
+    );
+}
+
+/// What an operator sets: a ServiceMonitor, scheduling, resources, extra sidecar args and
+/// an own class — rendered, validated (the ServiceMonitor against deploy/schemas), and
+/// carried into the objects.
+#[test]
+fn chart_renders_monitoring_scheduling_and_classes_from_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        r#"metrics:
+  diskTrafficIntervalSecs: 60
+  serviceMonitor:
+    enabled: true
+    labels:
+      release: kube-prometheus-stack
+dashboards:
+  folder: "Storage"
+controller:
+  priorityClassName: "storage-critical"
+  tolerations:
+    - key: "node-role.kubernetes.io/control-plane"
+      operator: "Exists"
+      effect: "NoSchedule"
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions:
+              - key: "storage"
+                operator: "In"
+                values: ["rds"]
+  resources:
+    plugin:
+      requests:
+        cpu: "50m"
+        memory: "64Mi"
+      limits:
+        memory: "256Mi"
+  extraArgs:
+    provisioner: ["--worker-threads=20"]
+node:
+  nodeSelector:
+    storage: "rds"
+  extraArgs:
+    registrar: ["--http-endpoint=:9812"]
+storageClasses:
+  classes:
+    - name: "fast-xfs"
+      fsType: "xfs"
+      default: false
+      parameters:
+        - name: "nvmePort"
+          value: "4421"
+"#,
+    )
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    let out = tool(&[
+        "render",
+        "--values",
+        values.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = tool(&["validate", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let docs = load_docs(&out_dir);
+    let sm = find(&docs, "ServiceMonitor", RELEASE).expect("ServiceMonitor");
+    assert_eq!(sm["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // The ServiceMonitor selects both metrics Services, which select the pods' ports.
+    for (svc, component) in [
+        ("rds-csi-controller-metrics", "controller"),
+        ("rds-csi-node-metrics", "node"),
+    ] {
+        let s = find(&docs, "Service", svc).unwrap_or_else(|| panic!("{svc}"));
+        for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(&s["metadata"]["labels"][k], v, "{svc} not selected by {k}");
+        }
+        assert_eq!(
+            s["spec"]["selector"]["app.kubernetes.io/component"],
+            component
+        );
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], "metrics");
+    }
+    let deploy = find(&docs, "Deployment", "rds-csi-controller").unwrap();
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["priorityClassName"], "storage-critical");
+    assert_eq!(pod["tolerations"][0]["effect"], "NoSchedule");
+    assert_eq!(
+        pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0]["values"][0],
+        "rds"
+    );
+    let plugin = container(pod, PLUGIN).unwrap();
+    assert_eq!(plugin["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(
+        flag(&strs(&plugin["args"]), "rds-disk-traffic-interval-secs").as_deref(),
+        Some("60")
+    );
+    assert!(
+        strs(&container(pod, "csi-provisioner").unwrap()["args"])
+            .contains(&"--worker-threads=20".to_owned())
+    );
+    let ds = find(&docs, "DaemonSet", "rds-csi-node").unwrap();
+    let npod = &ds["spec"]["template"]["spec"];
+    assert_eq!(npod["nodeSelector"]["storage"], "rds");
+    assert!(
+        strs(&container(npod, "node-driver-registrar").unwrap()["args"])
+            .contains(&"--http-endpoint=:9812".to_owned())
+    );
+    let classes: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "StorageClass")
+        .collect();
+    assert_eq!(classes.len(), 1);
+    assert_eq!(classes[0]["metadata"]["name"], "fast-xfs");
+    assert_eq!(classes[0]["parameters"]["nvmePort"], "4421");
+    assert_eq!(classes[0]["parameters"]["csi.storage.k8s.io/fstype"], "xfs");
+    let cm = find(&docs, "ConfigMap", "rds-csi-dashboard").unwrap();
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Storage");
+}
+
+/// A broken ServiceMonitor is refused by its schema.
+#[test]
+fn the_service_monitor_schema_has_teeth() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sm.yaml"),
+        "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata:\n  name: x\n\
+         spec:\n  selector: {}\n  endpoints:\n  - port: metrics\n    intervall: 30s\n",
+    )
+    .unwrap();
+    let out = tool(&["validate", dir.path().to_str().unwrap()]);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("intervall"), "{t}");
+}
+
+// ------------------------------------------------------------------ the dashboard
+
+/// The metric names a PromQL expression reads: identifiers outside strings, label
+/// matchers (`{...}`), ranges (`[...]`) and grouping clauses (`by (...)`), that are not
+/// function calls, keywords or numbers.
+fn promql_metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+    ];
+    // Aggregation operators may take their grouping clause before the parenthesis.
+    const AGGREGATIONS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    // Blank out strings, matchers and ranges.
+    let mut flat = String::new();
+    let mut depth_curly = 0;
+    let mut depth_square = 0;
+    let mut in_string = false;
+    for c in expr.chars() {
+        match c {
+            '"' => in_string = !in_string,
+            '{' if !in_string => depth_curly += 1,
+            '}' if !in_string => depth_curly -= 1,
+            '[' if !in_string => depth_square += 1,
+            ']' if !in_string => depth_square -= 1,
+            _ if in_string || depth_curly > 0 || depth_square > 0 => {}
+            _ => {
+                flat.push(c);
+                continue;
+            }
+        }
+        flat.push(' ');
+    }
+    // Tokens, with what follows each.
+    let chars: Vec<char> = flat.chars().collect();
+    let mut names = Vec::new();
+    let mut i = 0;
+    let mut skip_group = false;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace()).copied();
+            if KEYWORDS.contains(&word.as_str()) {
+                skip_group = matches!(
+                    word.as_str(),
+                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+                );
+                continue;
+            }
+            if next == Some('(') || AGGREGATIONS.contains(&word.as_str()) {
+                continue; // a function or an aggregation
+            }
+            names.push(word);
+        } else if c.is_ascii_digit() {
+            // A number or a duration (5m): not a name.
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+        } else if c == '(' && skip_group {
+            // The label list of a grouping clause.
+            while i < chars.len() && chars[i] != ')' {
+                i += 1;
+            }
+            skip_group = false;
+            i += 1;
+        } else {
+            if !c.is_whitespace() {
+                skip_group = false;
+            }
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_names_are_extracted_from_queries() {
+    assert_eq!(
+        promql_metric_names(
+            r#"sum by (le, method) (rate(rds_csi_x_bucket{code!="Ok",a=~"b|c"}[$__rate_interval])) / on(job) rds_csi_y offset 5m"#
+        ),
+        ["rds_csi_x_bucket", "rds_csi_y"]
+    );
+    assert_eq!(promql_metric_names("1 - max(a) / max(b)"), ["a", "b"]);
+    assert_eq!(promql_metric_names("topk(10, a + b)"), ["a", "b"]);
+}
+
+/// Every query of the Grafana dashboard names series the driver really exports: the names
+/// are read from the registry's text exposition (with one sample of every family), so a
+/// renamed or removed series fails here, and the dashboard uses every family.
+#[test]
+fn every_dashboard_query_names_a_series_the_driver_exports() {
+    let path = root().join("deploy/helm/rds-csi/dashboards/rds-csi.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exported = rds_csi::metrics::sample_names(&rds_csi::metrics::Metrics::example().render());
+    let mut used = BTreeSet::new();
+    let mut queries = 0;
+    for panel in arr(&dashboard["panels"]) {
+        for target in arr(&panel["targets"]) {
+            let expr = target["expr"].as_str().expect("a PromQL expr");
+            queries += 1;
+            let names = promql_metric_names(expr);
+            assert!(
+                !names.is_empty(),
+                "panel {:?}: no series in {expr}",
+                panel["title"]
+            );
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "panel {:?} queries {name}, which the driver does not export (it exports {exported:?})",
+                    panel["title"]
+                );
+                used.insert(name);
+            }
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+    let families: BTreeSet<String> =
+        rds_csi::metrics::families(&rds_csi::metrics::Metrics::example().render())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+    let unused: Vec<&String> = families
+        .iter()
+        .filter(|f| {
+            !used.iter().any(|u| {
+                u == *f
+                    || u.strip_prefix(f.as_str())
+                        .is_some_and(|s| ["_total", "_bucket", "_sum", "_count"].contains(&s))
+            })
+        })
+        .collect();
+    assert!(unused.is_empty(), "series without a panel: {unused:?}");
+    // The shipped ConfigMap carries exactly this file, labelled for Grafana's sidecar.
+    let docs = default_docs();
+    let cm = find(&docs, "ConfigMap", "rds-csi-dashboard").expect("dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value =
+        serde_json::from_str(cm["data"]["rds-csi.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dashboard);
 }
 
 #[test]
@@ -1385,7 +1713,7 @@ fn example_storage_classes_pass_the_controllers_parameter_parser() {
         "the parser accepted a mistyped key"
     );
     assert_eq!(
-        checked, 3,
-        "expected the ext4, xfs and block example classes"
+        checked, 4,
+        "expected the ext4, xfs, block and RWX block (KubeVirt) example classes"
     );
 }

@@ -16,15 +16,22 @@ The supported subset (everything else is an error):
   action; ` -}}` removes all whitespace immediately after it (Go's text/template rule; the
   marker must be separated from the action by a space).
 * Comments: `{{/* ... */}}`, also with trim markers.
-* Control: `if PIPELINE`, `else`, `end`. Truth as in Go: false, 0, "", nil, empty map/list
-  are false.
+* Control: `if PIPELINE`, `else`, `end`, and `range PIPELINE` over a list (`.` is each
+  element in turn; `else` runs for an empty list). Truth as in Go: false, 0, "", nil, empty
+  map/list are false.
 * Pipelines: `ARG`, `FUNC ARG...`, and `... | FUNC ARG...` (the piped value is the last
-  argument), where ARG is a field or a double-quoted string literal without escapes, and a
-  field is `.Values.a.b`, `.Release.Name`, `.Release.Namespace`, `.Chart.Name`,
-  `.Chart.Version` or `.Chart.AppVersion`. A missing key is an error (Helm would print an
-  empty string).
+  argument), where ARG is a field, a double-quoted string literal without escapes or a
+  non-negative integer literal, and a field is relative to `.` (`.a.b`; at the top `.` is
+  the root: `.Values.a.b`, `.Release.Name`, `.Release.Namespace`, `.Chart.Name`,
+  `.Chart.Version`, `.Chart.AppVersion`) or to the root (`$.Values.a.b`). A missing key is
+  an error (Helm would print an empty string).
 * Functions: `quote` (Go's %q; only printable ASCII plus \\t \\n \\r is accepted),
-  `b64enc` (standard base64 with padding, strings only), `not`.
+  `b64enc` (standard base64 with padding, strings only), `not`, `indent N`, `nindent N`
+  (Sprig's: every line padded, nindent starts with a newline), `toYaml` of maps and lists
+  whose keys and strings print plain in YAML (no quoting needed), integers and booleans —
+  anything that Go's and PyYAML's emitters could print differently (quoted strings,
+  fractions, null) is refused — and `.Files.Get "path"` (a file of the chart, by literal
+  path).
 * Printing: strings verbatim, booleans as true/false, integers of magnitude < 1e6 in
   decimal (Helm holds numbers as float64 and Go prints 1e6 and above in exponent form, so
   larger numbers are refused); anything else (maps, lists, nil, fractions) is an error.
@@ -134,9 +141,10 @@ def lex(src, name):
 
 # ---------------------------------------------------------------- parsing
 
-FIELD_RE = re.compile(r"^\.(Values|Release|Chart)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")
+FIELD_RE = re.compile(r"^(\$)?((?:\.[A-Za-z_][A-Za-z0-9_]*)+)$")
 STRING_RE = re.compile(r'^"([^"\\]*)"$')
-FUNCS = {"quote", "b64enc", "not"}
+INT_RE = re.compile(r"^[0-9]+$")
+FUNCS = {"quote", "b64enc", "not", "indent", "nindent", "toYaml", ".Files.Get"}
 
 
 def parse(tokens, name):
@@ -153,8 +161,8 @@ def parse(tokens, name):
             if not words:
                 raise TemplateError(f"{name}: empty action")
             head = words[0]
-            if head == "if":
-                node = ["if", parse_pipeline(words[1] if len(words) > 1 else "", name), [], None]
+            if head in ("if", "range"):
+                node = [head, parse_pipeline(words[1] if len(words) > 1 else "", name), [], None]
                 stack[-1].append(node)
                 ifs.append(node)
                 stack.append(node[2])
@@ -171,8 +179,8 @@ def parse(tokens, name):
                     raise TemplateError(f"{name}: unexpected {body!r}")
                 stack.pop()
                 ifs.pop()
-            elif head in ("range", "with", "define", "template", "block", "include") or (
-                head not in FUNCS and not head.startswith(".") and not head.startswith('"')
+            elif head in ("with", "define", "template", "block", "include") or (
+                head not in FUNCS and not head.startswith(".") and not head.startswith("$") and not head.startswith('"')
             ):
                 raise TemplateError(f"{name}: unsupported action {body!r}")
             else:
@@ -190,6 +198,8 @@ def parse_pipeline(src, name):
             raise TemplateError(f"{name}: empty command in pipeline {src!r}")
         if words[0] in FUNCS:
             commands.append((words[0], [parse_arg(w, name) for w in words[1:]]))
+            if words[0] == ".Files.Get" and (len(words) != 2 or not STRING_RE.match(words[1])):
+                raise TemplateError(f"{name}: .Files.Get takes one string literal")
         else:
             if len(words) != 1:
                 raise TemplateError(f"{name}: unsupported command {part.strip()!r}")
@@ -205,9 +215,13 @@ def parse_pipeline(src, name):
 def parse_arg(word, name):
     if STRING_RE.match(word):
         return ("lit", STRING_RE.match(word).group(1))
+    if INT_RE.match(word):
+        return ("lit", int(word))
+    if word == ".":
+        return ("field", False, [])
     m = FIELD_RE.match(word)
     if m:
-        return ("field", [m.group(1)] + [p for p in m.group(2).split(".") if p])
+        return ("field", bool(m.group(1)), [p for p in m.group(2).split(".") if p])
     raise TemplateError(f"{name}: unsupported argument {word!r}")
 
 
@@ -249,7 +263,49 @@ def go_quote(s, name):
     return "".join(out)
 
 
-def call(fn, args, name):
+def yaml_checked(v, name):
+    """Refuses what Go's YAML emitter and PyYAML could print differently."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise TemplateError(f"{name}: toYaml of a non-string key {k!r}")
+            yaml_checked(k, name)
+            yaml_checked(x, name)
+    elif isinstance(v, list):
+        for x in v:
+            yaml_checked(x, name)
+    elif isinstance(v, bool) or isinstance(v, int):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1_000_000:
+            raise TemplateError(f"{name}: toYaml of {v}: Go prints it in exponent form")
+    elif isinstance(v, str):
+        if yaml.safe_dump(v, width=float("inf")) != v + "\n...\n" or v.strip() != v or not v:
+            raise TemplateError(f"{name}: toYaml of {v!r} needs quoting: outside the subset")
+    else:
+        raise TemplateError(f"{name}: toYaml of {v!r} is outside the subset")
+
+
+def call(fn, args, name, chart=None):
+    if fn == "toYaml":
+        if len(args) != 1 or not isinstance(args[0], (dict, list)):
+            raise TemplateError(f"{name}: toYaml takes one map or list, got {args!r}")
+        yaml_checked(args[0], name)
+        text = yaml.safe_dump(args[0], default_flow_style=False, sort_keys=True, width=float("inf"))
+        # Helm's toYaml trims the final newline.
+        return text[:-1] if text.endswith("\n") else text
+    if fn in ("indent", "nindent"):
+        if len(args) != 2 or not isinstance(args[0], int) or not isinstance(args[1], str):
+            raise TemplateError(f"{name}: {fn} takes a width and a string, got {args!r}")
+        pad = " " * args[0]
+        text = pad + args[1].replace("\n", "\n" + pad)
+        return "\n" + text if fn == "nindent" else text
+    if fn == ".Files.Get":
+        if len(args) != 1 or not isinstance(args[0], str) or ".." in args[0]:
+            raise TemplateError(f"{name}: .Files.Get takes one literal path in the chart")
+        path = os.path.join(chart or CHART, args[0])
+        if not os.path.isfile(path):
+            raise TemplateError(f"{name}: .Files.Get {args[0]!r}: no such file in the chart")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     if fn == "quote":
         return " ".join(go_quote(a, name) for a in args if a is not None)
     if fn == "b64enc":
@@ -263,9 +319,13 @@ def call(fn, args, name):
     raise TemplateError(f"{name}: unknown function {fn}")
 
 
-def lookup(ctx, path, name):
-    ctx.setdefault("_used", set()).add(tuple(path))
-    v = ctx
+def lookup(ctx, dot, arg, name):
+    _, from_root, path = arg
+    if from_root or dot is ctx:
+        ctx.setdefault("_used", set()).add(tuple(path))
+        v = ctx
+    else:
+        v = dot
     for i, key in enumerate(path):
         if not isinstance(v, dict) or key not in v:
             raise TemplateError(f"{name}: .{'.'.join(path[: i + 1])} is not set")
@@ -273,13 +333,13 @@ def lookup(ctx, path, name):
     return v
 
 
-def eval_pipeline(pipe, ctx, name):
+def eval_pipeline(pipe, ctx, dot, name):
     value = None
     for i, (fn, args) in enumerate(pipe):
-        vals = [a[1] if a[0] == "lit" else lookup(ctx, a[1], name) for a in args]
+        vals = [a[1] if a[0] == "lit" else lookup(ctx, dot, a, name) for a in args]
         if i > 0:
             vals.append(value)
-        value = vals[0] if fn is None else call(fn, vals, name)
+        value = vals[0] if fn is None else call(fn, vals, name, ctx.get("_chart"))
     return value
 
 
@@ -295,20 +355,30 @@ def to_text(v, name):
     raise TemplateError(f"{name}: printing {v!r} is outside the subset")
 
 
-def execute(nodes, ctx, name, out):
+def execute(nodes, ctx, dot, name, out):
     for node in nodes:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "print":
-            out.append(to_text(eval_pipeline(node[1], ctx, name), name))
+            out.append(to_text(eval_pipeline(node[1], ctx, dot, name), name))
+        elif node[0] == "range":
+            items = eval_pipeline(node[1], ctx, dot, name)
+            if items is None:
+                items = []
+            if not isinstance(items, list):
+                raise TemplateError(f"{name}: range over {items!r}: only lists are in the subset")
+            for item in items:
+                execute(node[2], ctx, item, name, out)
+            if not items:
+                execute(node[3] or [], ctx, dot, name, out)
         else:
-            branch = node[2] if truth(eval_pipeline(node[1], ctx, name)) else node[3]
-            execute(branch or [], ctx, name, out)
+            branch = node[2] if truth(eval_pipeline(node[1], ctx, dot, name)) else node[3]
+            execute(branch or [], ctx, dot, name, out)
 
 
 def render_text(src, ctx, name):
     out = []
-    execute(parse(lex(src, name), name), ctx, name, out)
+    execute(parse(lex(src, name), name), ctx, ctx, name, out)
     return "".join(out)
 
 
@@ -359,6 +429,7 @@ def render_chart(
                 + "; ".join(f"{'.'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in errors)
             )
     ctx = {
+        "_chart": chart,
         "Values": values,
         "Release": {"Name": release, "Namespace": namespace},
         "Chart": {
@@ -389,16 +460,37 @@ def leaves(values, prefix=()):
             yield prefix + (key,)
 
 
+def switched_on(values):
+    """`values` with every `enabled`/`create` switch set to true (every optional part on)."""
+    if isinstance(values, dict):
+        return {
+            k: (True if k in ("enabled", "create") and isinstance(v, bool) else switched_on(v))
+            for k, v in values.items()
+        }
+    return values
+
+
 def unused_values():
-    """Leaf paths of values.yaml that no template reads (with the default values)."""
+    """Leaf paths of values.yaml that no template reads, with the default values or with
+    every optional part switched on. A map read whole (toYaml) uses everything under it."""
     used = set()
     render_chart(used=used)
     values = load_yaml_file(os.path.join(CHART, "values.yaml")) or {}
-    return sorted(
-        ".".join(leaf)
-        for leaf in leaves(values)
-        if not any(u[: len(leaf) + 1] == ("Values",) + leaf for u in used)
-    )
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(switched_on(values), f)
+    try:
+        render_chart(value_files=[f.name], used=used)
+    finally:
+        os.unlink(f.name)
+
+    def reads(u, leaf):
+        path = ("Values",) + leaf
+        n = min(len(u), len(path))
+        return u[:n] == path[:n]
+
+    return sorted(".".join(leaf) for leaf in leaves(values) if not any(reads(u, leaf) for u in used))
 
 
 def write_rendered(rendered, out_dir):

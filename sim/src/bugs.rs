@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rds_csi::ports::cluster::{ClusterError, ClusterEvent, VolumeAttachmentInfo};
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
-use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, DiskTraffic, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::ports::{AttachmentStore, Cluster, Initiator, Rds};
 use rds_csi::routeros::render::CommandLine;
@@ -114,6 +114,49 @@ impl Cluster for LyingCluster {
     }
 }
 
+/// A cluster that answers "recorded" for a VolumeAttached Event without recording it.
+struct DropsAttached {
+    inner: Arc<dyn Cluster>,
+}
+
+#[async_trait]
+impl Cluster for DropsAttached {
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_exists(node).await
+    }
+    async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        self.inner.node_known(node).await
+    }
+    async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
+        self.inner.node_host_nqn(node).await
+    }
+    async fn set_node_host_nqn(&self, node: &NodeId, host_nqn: &str) -> Result<(), ClusterError> {
+        self.inner.set_node_host_nqn(node, host_nqn).await
+    }
+    async fn volume_attachments(&self) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments().await
+    }
+    async fn volume_attachment_exists(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<bool>, ClusterError> {
+        self.inner.volume_attachment_exists(volume, node).await
+    }
+    async fn volume_attachments_on(
+        &self,
+        node: &NodeId,
+    ) -> Result<Option<Vec<VolumeAttachmentInfo>>, ClusterError> {
+        self.inner.volume_attachments_on(node).await
+    }
+    async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError> {
+        if event.reason == rds_csi::ports::cluster::reason::VOLUME_ATTACHED {
+            return Ok(());
+        }
+        self.inner.record_event(event).await
+    }
+}
+
 /// Names the CSI method running on the current task (`None`: none), for bugs that hit
 /// one RPC only.
 pub type CurrentMethod = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -174,6 +217,7 @@ pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluste
         Some(bug @ (Bug::NodeGoneWhileAlive | Bug::ThirdNodeAttaches)) => {
             Arc::new(LyingCluster { inner, bug })
         }
+        Some(Bug::AttachedEventDropped) => Arc::new(DropsAttached { inner }),
         _ => inner,
     }
 }
@@ -386,6 +430,9 @@ impl Rds for BuggyRds {
     }
     async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
         self.inner.set_comment(disk, comment).await
+    }
+    async fn disk_traffic(&self, slot: &str) -> Result<DiskTraffic, RdsError> {
+        self.inner.disk_traffic(slot).await
     }
     async fn create_snapshot(
         &self,

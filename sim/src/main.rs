@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sim::{Bug, Options, Report, Stepping};
 
-const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]\n       sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches |\n        NamelessRds\n  S: skip-idle (default) | every-tick";
+const USAGE: &str = "usage: sim run [--seeds A..B] [--jobs N] [--check-determinism] [--bug KIND] [--stepping S]\n       sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]\n  KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |\n        UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |\n        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches |\n        NamelessRds | AttachedEventDropped\n  S: skip-idle (default) | every-tick";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once("..")?;

@@ -74,6 +74,8 @@ pub struct Model {
     pub volumes: BTreeMap<String, Volume>,
     /// By snapshot id.
     pub snapshots: BTreeMap<String, Snapshot>,
+    /// Every (volume, node) a publish was ever acknowledged for.
+    pub published: std::collections::BTreeSet<(String, String)>,
 }
 
 impl Model {
@@ -86,6 +88,10 @@ impl Model {
         let p = self.pair(volume, node);
         p.acked = Some(op);
         p.pending = None;
+        if op == Op::Publish {
+            self.published
+                .insert((volume.to_string(), node.to_string()));
+        }
     }
     /// `node`'s machine is lost: an acknowledged or pending publish to it claims nothing
     /// any more (the force-detach that follows is a fresh unpublish); an acknowledged

@@ -40,11 +40,13 @@ pub enum Bug {
     /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
     /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
     NamelessRds,
+    /// The Event of an attachment is dropped while reporting it recorded.
+    AttachedEventDropped,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 12] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -56,6 +58,7 @@ impl Bug {
         Bug::RememberedDevicePath,
         Bug::ThirdNodeAttaches,
         Bug::NamelessRds,
+        Bug::AttachedEventDropped,
     ];
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rds_csi::ports::initiator::{Connection, InitiatorError, NvmeTarget};
 use rds_csi::ports::mounter::{FsCheck, MountEntry, MountError, TargetKind, UsageStats};
-use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, PoolCapacity, RdsError};
+use rds_csi::ports::rds::{Disk, DiskEntry, DiskSpec, DiskTraffic, PoolCapacity, RdsError};
 use rds_csi::ports::store::{AttachmentRecord, StoreError};
 use rds_csi::ports::{AttachmentStore, Initiator, Mounter, Rds};
 use rds_csi::types::VolumeId;
@@ -294,6 +294,9 @@ impl Rds for Tracked<dyn Rds> {
     }
     async fn set_comment(&self, disk: &DiskEntry, comment: &str) -> Result<(), RdsError> {
         self.mark().set_comment(disk, comment).await
+    }
+    async fn disk_traffic(&self, slot: &str) -> Result<DiskTraffic, RdsError> {
+        self.mark().disk_traffic(slot).await
     }
     async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
         self.mark().fence_disk(disk, host_nqn).await

@@ -1029,6 +1029,9 @@ impl Script {
                 "spec": {
                     "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
                     "csi": { "driver": DRIVER, "volumeHandle": vol },
+                    "claimRef": { "kind": "PersistentVolumeClaim",
+                                  "namespace": crate::world::CLAIM_NAMESPACE,
+                                  "name": crate::world::claim_name(&vol) },
                 },
             }),
         );

@@ -161,6 +161,16 @@ pub struct Shared {
     /// (volume, node) pairs the external-attacher's reconciliation found attached in a
     /// VolumeAttachment but missing from ListVolumes: to be re-attached.
     reattach: Arc<Mutex<std::collections::BTreeSet<(String, String)>>>,
+    /// The Events the controllers failed to record.
+    pub events: Arc<crate::events::EventLog>,
+}
+
+/// Namespace of the workload's PersistentVolumeClaims.
+pub const CLAIM_NAMESPACE: &str = "sim";
+
+/// The claim bound to `volume`'s PV (in [`CLAIM_NAMESPACE`]).
+pub fn claim_name(volume: &str) -> String {
+    format!("claim-{volume}")
 }
 
 /// The life of one node's machine: lost (Node object deleted) and replaced by a fresh
@@ -213,6 +223,7 @@ impl Shared {
             exports: Arc::default(),
             partitioned,
             reattach: Arc::default(),
+            events: Arc::default(),
         }
     }
 
@@ -652,7 +663,8 @@ impl PortLayers for ControllerLayers {
         Arc::new(Tracked::new(port, self.name, &self.sh.ops))
     }
     fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {
-        crate::bugs::wrap_cluster(port, self.sh.opts.bug)
+        let port = crate::bugs::wrap_cluster(port, self.sh.opts.bug);
+        crate::events::audit(port, Arc::clone(&self.sh.events))
     }
 }
 

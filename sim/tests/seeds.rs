@@ -260,3 +260,8 @@ fn finds_a_third_node_let_in_during_a_live_migration() {
 fn finds_an_rds_that_forgets_the_recorded_name() {
     finds(Bug::NamelessRds);
 }
+
+#[test]
+fn finds_an_attachment_event_that_is_dropped() {
+    finds(Bug::AttachedEventDropped);
+}

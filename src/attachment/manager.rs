@@ -42,8 +42,8 @@ use crate::attachment::types::{
 };
 use crate::error::{Error, Result};
 use crate::attachment::migration::{self, Change, Outcome};
-use crate::metrics::MigrationMetrics;
-use crate::ports::cluster::{ClusterEvent, EventSubject, reason};
+use crate::metrics::{AttachmentMetrics, CallOutcome, MigrationMetrics, StaleReason};
+use crate::ports::cluster::{ClusterEvent, reason};
 use crate::ports::rds::{DiskEntry, RdsError};
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
 use crate::types::note::VolumeNote;
@@ -59,28 +59,20 @@ struct State {
     volumes: BTreeMap<VolumeId, Holders>,
     /// Number of volumes attached to each node (nodes with none are absent).
     per_node: BTreeMap<NodeId, u64>,
-    /// Volumes whose migration runs (the metrics' gauge, kept in step).
-    migrating: prometheus_client::metrics::gauge::Gauge,
+    /// Number of records (volume, node): the sum of `per_node`.
+    records: u64,
+    /// Number of volumes whose migration runs.
+    migrating: i64,
 }
 
 impl State {
-    /// An empty state counting its migrations in `migrating` (reset to 0).
-    fn new(migrating: prometheus_client::metrics::gauge::Gauge) -> Self {
-        migrating.set(0);
-        Self {
-            volumes: BTreeMap::new(),
-            per_node: BTreeMap::new(),
-            migrating,
-        }
-    }
-
-    /// Replaces the holders of `volume`, keeping `per_node` and the migration gauge in
-    /// step. Returns the previous holders.
+    /// Replaces the holders of `volume`, keeping `per_node` and the counts in step.
+    /// Returns the previous holders.
     fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
         let previous = self.volumes.remove(volume).unwrap_or_default();
-        let delta = i64::from(migration::running(&next).is_some())
+        self.records = self.records.saturating_sub(previous.len() as u64) + next.len() as u64;
+        self.migrating += i64::from(migration::running(&next).is_some())
             - i64::from(migration::running(&previous).is_some());
-        self.migrating.inc_by(delta);
         for node in previous.nodes().filter(|n| !next.contains(n)) {
             if let Some(count) = self.per_node.get_mut(node) {
                 *count = count.saturating_sub(1);
@@ -102,6 +94,8 @@ impl State {
 /// Why a record whose VolumeAttachment is gone is stale.
 const DETACHED_BY_HAND: &str =
     "its VolumeAttachment is gone (detached by hand: the detach never reached the driver)";
+/// Why a record whose Node is gone is stale.
+const NODE_GONE: &str = "its Node object is gone";
 
 /// What a [`AttachmentManager::fence`] did.
 #[derive(Debug, Clone, Copy)]
@@ -121,7 +115,8 @@ pub struct AttachmentManager {
     cfg: AttachmentConfig,
     locks: LockTable<VolumeId>,
     state: Mutex<State>,
-    metrics: MigrationMetrics,
+    metrics: AttachmentMetrics,
+    migrations: MigrationMetrics,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -129,6 +124,34 @@ impl std::fmt::Debug for AttachmentManager {
         f.debug_struct("AttachmentManager")
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
+    }
+}
+
+/// The map lock's guard: keeps `rds_csi_attachment_records` and
+/// `rds_csi_migrations_in_flight` in step with memory.
+struct StateGuard<'a> {
+    guard: std::sync::MutexGuard<'a, State>,
+    metrics: &'a AttachmentMetrics,
+    migrations: &'a MigrationMetrics,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.set_records(self.guard.records);
+        self.migrations.in_flight().set(self.guard.migrating);
     }
 }
 
@@ -163,7 +186,6 @@ impl AttachmentManager {
         clock: Arc<dyn Clock>,
         cfg: AttachmentConfig,
     ) -> Self {
-        let metrics = MigrationMetrics::default();
         Self {
             rds,
             store,
@@ -171,24 +193,21 @@ impl AttachmentManager {
             clock,
             cfg,
             locks: LockTable::new(),
-            state: Mutex::new(State::new(metrics.in_flight())),
-            metrics,
+            state: Mutex::new(State::default()),
+            metrics: AttachmentMetrics::default(),
+            migrations: MigrationMetrics::default(),
         }
     }
 
-    /// Records migrations in `metrics` (a plugin's registry) from now on.
-    pub fn with_metrics(mut self, metrics: MigrationMetrics) -> Self {
-        let state = std::mem::take(
-            self.state
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let mut fresh = State::new(metrics.in_flight());
-        for (volume, holders) in state.volumes {
-            fresh.set(&volume, holders);
-        }
-        *self.state.get_mut().unwrap_or_else(|p| p.into_inner()) = fresh;
+    /// Records into `metrics` (the plugin's registry) instead of unregistered series.
+    pub fn with_metrics(mut self, metrics: AttachmentMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Records live migrations into `migrations` (the plugin's registry).
+    pub fn with_migration_metrics(mut self, migrations: MigrationMetrics) -> Self {
+        self.migrations = migrations;
         self
     }
 
@@ -197,8 +216,14 @@ impl AttachmentManager {
         &self.cfg
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The in-memory state under the map lock; the records gauge follows every change when
+    /// the guard drops.
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            metrics: &self.metrics,
+            migrations: &self.migrations,
+        }
     }
 
     pub(crate) fn store(&self) -> &dyn AttachmentStore {
@@ -211,7 +236,7 @@ impl AttachmentManager {
 
     /// Replaces the whole in-memory state (start-up only).
     pub(crate) fn replace_all(&self, records: Vec<AttachmentRecord>) {
-        let mut state = State::new(self.metrics.in_flight());
+        let mut state = State::default();
         let mut records = records.into_iter().peekable();
         while let Some(first) = records.next() {
             let volume = first.volume_id.clone();
@@ -265,7 +290,7 @@ impl AttachmentManager {
 
     /// Migrations running, as memory knows them.
     pub fn migrations_in_flight(&self) -> i64 {
-        self.state().migrating.get()
+        self.state().migrating
     }
 
     /// Applies `next` tentatively, checking the node limit for `adding` atomically with
@@ -363,7 +388,7 @@ impl AttachmentManager {
                 }
                 continue;
             }
-            if !self.clear_if_stale(&volume, other, &node, &mut next).await? {
+            if !self.clear_stale_holder(&volume, other, &node, &mut next).await? {
                 // Refuse only what the store confirms (found by the simulation: a stale
                 // holder blocked the volume until restart).
                 self.confirm(&volume, &current).await?;
@@ -372,7 +397,8 @@ impl AttachmentManager {
                      attached to one node at a time, so node {node} must wait until it is \
                      detached from {other}"
                 );
-                self.event(&volume, reason::ATTACH_FENCED, &message, true, EventSubject::Volume)
+                self.metrics.conflict();
+                self.event(&volume, reason::ATTACHMENT_CONFLICT, &message, true)
                     .await;
                 // CSI: "FAILED_PRECONDITION: Indicates that a volume corresponding to the
                 // specified volume_id has been published at another node and does not
@@ -384,12 +410,13 @@ impl AttachmentManager {
             // At the limit: a holder whose Node or VolumeAttachment is gone does not count.
             let held: Vec<NodeId> = next.nodes().cloned().collect();
             for other in &held {
-                self.clear_if_stale(&volume, other, &node, &mut next).await?;
+                self.clear_stale_holder(&volume, other, &node, &mut next).await?;
             }
             if next.len() >= migration::MAX_HOLDERS {
                 self.confirm(&volume, &current).await?;
                 let message = self.limit_message(&volume, &node, &next);
-                self.event(&volume, reason::ATTACH_FENCED, &message, true, EventSubject::Volume)
+                self.metrics.conflict();
+                self.event(&volume, reason::ATTACHMENT_CONFLICT, &message, true)
                     .await;
                 return Err(Error::FailedPrecondition(message));
             }
@@ -404,29 +431,24 @@ impl AttachmentManager {
 
     /// Removes `other` from `next` when its record of `volume` is stale (its Node or its
     /// VolumeAttachment gone), with an Event; whether it was. `node` is the one attaching.
-    async fn clear_if_stale(
+    async fn clear_stale_holder(
         &self,
         volume: &VolumeId,
         other: &NodeId,
         node: &NodeId,
         next: &mut Holders,
     ) -> Result<bool> {
-        let Some(why) = self.stale_reason(volume, other).await? else {
+        let Some((why, stale)) = self.stale_reason(volume, other).await? else {
             return Ok(false);
         };
         let message = format!(
-            "clearing the attachment of volume {volume} to node {other}: {why}; attaching \
-             to node {node}"
+            "clearing the attachment of volume {volume} to node {other}: {stale}; \
+             attaching to node {node}"
         );
         tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
-        self.event(
-            volume,
-            reason::STALE_ATTACHMENT_CLEARED,
-            &message,
-            true,
-            EventSubject::Volume,
-        )
-        .await;
+        self.metrics.stale_cleared(why);
+        self.event(volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
+            .await;
         next.remove(other);
         Ok(true)
     }
@@ -499,12 +521,16 @@ impl AttachmentManager {
     /// succeeded, so a record without one was detached by hand (a runbook removed the
     /// finalizer of a stuck detach): the detach never reached us, and the record would
     /// otherwise block the volume forever.
-    async fn stale_reason(&self, volume: &VolumeId, node: &NodeId) -> Result<Option<String>> {
+    async fn stale_reason(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Option<(StaleReason, &'static str)>> {
         if !self.cluster.node_exists(node).await? {
-            return Ok(Some("its Node object is gone".into()));
+            return Ok(Some((StaleReason::NodeGone, NODE_GONE)));
         }
         Ok(match self.cluster.volume_attachment_exists(volume, node).await? {
-            Some(false) => Some(DETACHED_BY_HAND.into()),
+            Some(false) => Some((StaleReason::VolumeAttachmentGone, DETACHED_BY_HAND)),
             Some(true) | None => None,
         })
     }
@@ -526,14 +552,10 @@ impl AttachmentManager {
                      {DETACHED_BY_HAND}"
                 );
                 tracing::warn!(volume_id = %volume, node_id = %node, "{message}");
-                self.event(
-                    volume,
-                    reason::STALE_ATTACHMENT_CLEARED,
-                    &message,
-                    true,
-                    EventSubject::Volume,
-                )
-                .await;
+                self.metrics
+                    .stale_cleared(StaleReason::VolumeAttachmentGone);
+                self.event(volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
+                    .await;
                 live.remove(node);
             }
         }
@@ -543,7 +565,7 @@ impl AttachmentManager {
             self.write(volume, &stored, &live, tentative).await?;
             // The export follows the holders left (a migration's target cleared: the
             // source again), as after any unpublish.
-            self.fence(volume, &live, None).await?;
+            self.fence(volume, &live, None, None).await?;
         }
         Ok(live.into_vec())
     }
@@ -554,8 +576,14 @@ impl AttachmentManager {
         Ok(self.store.load_all().await?)
     }
 
+    /// Sets memory's holders of `volume` (start-up only: the rebuild, after another writer
+    /// changed them).
+    pub(crate) fn set_holders(&self, volume: &VolumeId, holders: Holders) {
+        self.state().set(volume, holders);
+    }
+
     /// `volume`'s holders in the store (a missing PV holds nothing).
-    async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
+    pub(crate) async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
         match self.store.read_volume(volume).await {
             Ok(records) => Ok(records.into_iter().collect()),
             Err(crate::ports::store::StoreError::NotFound(_)) => Ok(Holders::default()),
@@ -662,23 +690,22 @@ impl AttachmentManager {
             let seen = async {
                 let nqn = self.cluster.node_host_nqn(&target).await?;
                 let disk = self.rds.find_disk(volume.as_str()).await?;
-                Ok::<_, Error>(
-                    nqn.is_some() && disk.is_none_or(|d| d.allowed_host_nqn == nqn),
-                )
+                Ok::<_, Error>(disk.filter(|d| nqn.is_none() || d.allowed_host_nqn != nqn))
             };
-            match seen.await {
-                Ok(true) => continue,
-                Ok(false) => {}
+            let disk = match seen.await {
+                Ok(None) => continue,
+                Ok(Some(disk)) => disk,
                 Err(e) => {
                     tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot check the migration target's machine; next resync retries");
                     continue;
                 }
-            }
+            };
             let _guard = self.lock(&volume).await;
             let refenced = async {
+                // The disk was observed before this read of the store (as at start-up).
                 let stored = self.read_stored(&volume).await?;
                 self.state().set(&volume, stored.clone());
-                self.fence(&volume, &stored, None).await
+                self.fence(&volume, &stored, None, Some(disk)).await
             };
             match refenced.await {
                 Ok(m) if m.moved => {
@@ -775,11 +802,19 @@ impl AttachmentManager {
     /// landed. When the store now wants another target, the export is moved once more to
     /// it (memory follows the store). Observed first: nothing moves, and nothing is re-read,
     /// when the export is already right.
+    ///
+    /// `observed` is the disk as read *before* `holders` were read from the store (the
+    /// start-up sweep's listing), used instead of a fresh read: a move is then made only
+    /// when a store read newer than the observation disagrees with it. A fresh read after
+    /// a stale store read could see another writer's move that the stale read predates,
+    /// and undo it (found by the simulation, seed 2442: a restarting leader moved the
+    /// export back to a former holder after the old leader's acknowledged publish).
     async fn fence(
         &self,
         volume: &VolumeId,
         holders: &Holders,
         expected: Option<(&NodeId, Option<&str>)>,
+        observed: Option<DiskEntry>,
     ) -> Result<FenceMove> {
         let unmoved = FenceMove {
             moved: false,
@@ -788,8 +823,12 @@ impl AttachmentManager {
         let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
         let target = Target::of(self.cfg.data_path_fence, holders);
         // One `/disk print`: the export and its allow list (no size needed).
-        let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
-            return Ok(unmoved);
+        let disk = match observed {
+            Some(disk) => disk,
+            None => match self.rds.find_disk(volume.as_str()).await? {
+                Some(disk) => disk,
+                None => return Ok(unmoved),
+            },
         };
         if disk.export.is_none() {
             return Ok(unmoved);
@@ -854,9 +893,10 @@ impl AttachmentManager {
             }
             let _guard = self.lock(&volume).await;
             let settled = async {
+                // The listing observed the disk before this read of the store.
                 let stored = self.read_stored(&volume).await?;
                 self.state().set(&volume, stored.clone());
-                self.fence(&volume, &stored, None).await
+                self.fence(&volume, &stored, None, Some(DiskEntry::from(disk.clone()))).await
             };
             match settled.await {
                 Ok(m) if m.moved => {
@@ -912,6 +952,7 @@ impl AttachmentManager {
         };
         drop(tentative);
         if matches!(e, crate::ports::store::StoreError::Conflict(_)) {
+            self.metrics.write_conflict();
             match self.read_stored(volume).await {
                 Ok(holders) => {
                     tracing::warn!(volume_id = %volume, holders = ?holders.nodes().collect::<Vec<_>>(),
@@ -926,20 +967,12 @@ impl AttachmentManager {
         Err(store_error(volume, e))
     }
 
-    async fn event(
-        &self,
-        volume: &VolumeId,
-        reason: &str,
-        message: &str,
-        warning: bool,
-        subject: EventSubject,
-    ) {
+    async fn event(&self, volume: &VolumeId, reason: &str, message: &str, warning: bool) {
         let event = ClusterEvent {
             volume_id: volume.clone(),
             reason: reason.to_string(),
             message: message.to_string(),
             warning,
-            subject,
         };
         if let Err(e) = self.cluster.record_event(&event).await {
             tracing::warn!(volume_id = %volume, error = %e, "cannot record event {reason}");
@@ -982,7 +1015,7 @@ impl AttachmentManager {
                         Outcome::Completed => "completed",
                         Outcome::Failed => "failed",
                     };
-                    self.metrics.ended(label, late, elapsed.as_secs_f64());
+                    self.migrations.ended(label, late, elapsed.as_secs_f64());
                     (
                         reason,
                         warning,
@@ -1002,15 +1035,28 @@ impl AttachmentManager {
                 }
             };
             tracing::info!(volume_id = %volume, reason, "{message}");
-            self.event(volume, reason, &message, warning, EventSubject::Claim)
-                .await;
+            self.event(volume, reason, &message, warning).await;
         }
     }
 
     /// ControllerPublishVolume core: checks the volume and node exist, tracks the
     /// attachment (fenced, durable), sets the data-path fence when enabled, and returns
-    /// the `publish_context` the node connects with.
+    /// the `publish_context` the node connects with. An acknowledged publish is reported
+    /// as the Event `VolumeAttached` (a repeat bumps its count) and counted by outcome.
     pub async fn publish(&self, args: &PublishArgs) -> Result<BTreeMap<String, String>> {
+        let result = self.publish_tracked(args).await;
+        self.metrics
+            .publish(CallOutcome::of_code(result.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)));
+        if result.is_ok() {
+            let (volume, node) = (&args.volume_id, &args.node_id);
+            let message = format!("volume {volume} attached to node {node}");
+            self.event(volume, reason::VOLUME_ATTACHED, &message, false)
+                .await;
+        }
+        result
+    }
+
+    async fn publish_tracked(&self, args: &PublishArgs) -> Result<BTreeMap<String, String>> {
         let volume = &args.volume_id;
         let node = &args.node_id;
         // CSI: "NOT_FOUND: Indicates that a volume corresponding to the specified volume_id
@@ -1071,7 +1117,7 @@ impl AttachmentManager {
             // fences again, and an unpublish parks the export.
             let holders: Holders = self.get(volume).into_iter().collect();
             let mine = Some((node, host_nqn.as_deref()));
-            if !self.fence(volume, &holders, mine).await?.still_held {
+            if !self.fence(volume, &holders, mine, None).await?.still_held {
                 return Err(Error::Aborted(format!(
                     "attachments of volume {volume} changed by another writer while it \
                      was being fenced; memory resynchronised from the store, retry"
@@ -1104,8 +1150,24 @@ impl AttachmentManager {
     /// ControllerUnpublishVolume core: removes the named node's attachment (or all, when
     /// no node is named), durable before returning, then parks the export once no holder
     /// is left (also on a repeat: a previous attempt may have recorded the detach and
-    /// failed to park).
+    /// failed to park). An acknowledged unpublish that names a node is reported as the
+    /// Event `VolumeDetached` (a repeat bumps its count) and counted by outcome.
     pub async fn unpublish(&self, args: &UnpublishArgs) -> Result<()> {
+        let result = self.unpublish_tracked(args).await;
+        self.metrics
+            .unpublish(CallOutcome::of_code(result.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)));
+        if result.is_ok()
+            && let Some(node) = &args.node_id
+        {
+            let volume = &args.volume_id;
+            let message = format!("volume {volume} detached from node {node}");
+            self.event(volume, reason::VOLUME_DETACHED, &message, false)
+                .await;
+        }
+        result
+    }
+
+    async fn unpublish_tracked(&self, args: &UnpublishArgs) -> Result<()> {
         let volume = &args.volume_id;
         let _guard = self.lock(volume).await;
         self.untrack_locked(volume, args.node_id.as_ref()).await?;
@@ -1113,7 +1175,7 @@ impl AttachmentManager {
             return Ok(());
         }
         let holders: Holders = self.get(volume).into_iter().collect();
-        self.fence(volume, &holders, None).await?;
+        self.fence(volume, &holders, None, None).await?;
         Ok(())
     }
 }

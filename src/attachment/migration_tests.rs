@@ -11,7 +11,7 @@ use crate::attachment::tests::{
 use crate::attachment::{AttachmentConfig, AttachmentManager, PublishArgs};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::ports::cluster::{EventSubject, VolumeAttachmentInfo, reason};
+use crate::ports::cluster::{VolumeAttachmentInfo, reason};
 use crate::ports::{AttachmentStore, Clock};
 use crate::types::AccessMode;
 
@@ -64,7 +64,7 @@ async fn vm_world(cfg: AttachmentConfig) -> (World, Arc<ManualClock>, Metrics) {
         clock.clone(),
         w.mgr.config().clone(),
     )
-    .with_metrics(metrics.migrations());
+    .with_migration_metrics(metrics.migrations());
     let w = World {
         mgr: Arc::new(mgr),
         ..w
@@ -72,13 +72,14 @@ async fn vm_world(cfg: AttachmentConfig) -> (World, Arc<ManualClock>, Metrics) {
     (w, clock, metrics)
 }
 
-/// The events recorded with `reason`, as (subject, warning, message).
-fn events(w: &World, reason: &str) -> Vec<(EventSubject, bool, String)> {
+/// The events recorded with `reason`, as (warning, message); every Event is recorded on
+/// the volume's claim (else its PV) by the cluster adapter.
+fn events(w: &World, reason: &str) -> Vec<(bool, String)> {
     w.cluster
         .events()
         .into_iter()
         .filter(|e| e.reason == reason)
-        .map(|e| (e.subject, e.warning, e.message))
+        .map(|e| (e.warning, e.message))
         .collect()
 }
 
@@ -98,8 +99,7 @@ async fn the_second_holder_starts_a_durable_migration_and_a_third_is_refused_nam
     assert_eq!(w.store.writes(), 2, "one write per publish");
     let started = events(&w, reason::MIGRATION_STARTED);
     assert_eq!(started.len(), 1);
-    assert_eq!(started[0].0, EventSubject::Claim, "on the PVC");
-    assert!(started[0].2.contains("from node node-a to node node-b"), "{started:?}");
+    assert!(started[0].1.contains("from node node-a to node node-b"), "{started:?}");
     assert_eq!(w.mgr.migrations_in_flight(), 1);
     assert!(metrics.render().contains("rds_csi_migrations_in_flight 1"));
 
@@ -113,7 +113,7 @@ async fn the_second_holder_starts_a_durable_migration_and_a_third_is_refused_nam
     }
     assert_eq!(holders(&w, "pvc-1"), vec!["node-a", "node-b"]);
     assert_eq!(w.store.writes(), 2, "a refusal writes nothing");
-    assert_eq!(events(&w, reason::ATTACH_FENCED).len(), 1);
+    assert_eq!(events(&w, reason::ATTACHMENT_CONFLICT).len(), 1);
     // Repeats of the two holders' publishes stay idempotent.
     for n in ["node-a", "node-b"] {
         w.mgr.publish(&vm(n)).await.unwrap();
@@ -133,8 +133,8 @@ async fn the_source_leaving_completes_the_migration_and_the_target_leaving_fails
     assert_eq!(stored[0].migration, None, "settled in the same write");
     let done = events(&w, reason::MIGRATION_COMPLETED);
     assert_eq!(done.len(), 1);
-    assert!(!done[0].1, "Normal");
-    assert!(done[0].2.contains("after 20.0s"), "{done:?}");
+    assert!(!done[0].0, "Normal");
+    assert!(done[0].1.contains("after 20.0s"), "{done:?}");
     assert_eq!(w.mgr.migrations_in_flight(), 0);
 
     // Back: node-b is the source now; this time the target leaves first.
@@ -143,8 +143,8 @@ async fn the_source_leaving_completes_the_migration_and_the_target_leaving_fails
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
     let failed = events(&w, reason::MIGRATION_FAILED);
     assert_eq!(failed.len(), 1);
-    assert!(failed[0].1, "Warning");
-    assert!(failed[0].2.contains("the target node-a detached"), "{failed:?}");
+    assert!(failed[0].0, "Warning");
+    assert!(failed[0].1.contains("the target node-a detached"), "{failed:?}");
     assert_eq!(holders(&w, "pvc-1"), vec!["node-b"]);
     let text = metrics.render();
     for want in [
@@ -186,7 +186,7 @@ async fn a_timed_out_migration_keeps_both_holders_and_refuses_attaches_until_one
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
     assert!(
         events(&w, reason::MIGRATION_COMPLETED)[0]
-            .2
+            .1
             .contains("past its timeout of 60s")
     );
     assert!(
@@ -212,7 +212,7 @@ async fn a_restarted_controller_still_knows_the_migration_and_its_timeout() {
         clock.clone(),
         fenced(),
     )
-    .with_metrics(metrics.migrations());
+    .with_migration_metrics(metrics.migrations());
     restarted.rebuild().await.unwrap();
     assert_eq!(restarted.migrations_in_flight(), 1);
     assert!(metrics.render().contains("rds_csi_migrations_in_flight 1"));

@@ -235,10 +235,19 @@ async fn publish_to_second_node_is_fenced_with_an_event() {
         tonic::Code::FailedPrecondition
     );
     assert_eq!(holders(&w, "pvc-1"), vec!["node-a"]);
-    let events = w.cluster.events();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].reason, "AttachFenced");
-    assert!(events[0].warning);
+    let reasons: Vec<(String, bool)> = w
+        .cluster
+        .events()
+        .into_iter()
+        .map(|e| (e.reason, e.warning))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("VolumeAttached".to_string(), false),
+            ("AttachmentConflict".to_string(), true)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -261,7 +270,11 @@ async fn a_holder_whose_node_is_gone_is_cleared_and_the_publish_proceeds() {
         "stale clear and new holder in one write"
     );
     assert_eq!(w.mgr.volumes_on(&nid("node-a")), 0);
-    assert_eq!(w.cluster.events()[0].reason, "StaleAttachmentCleared");
+    let reasons: Vec<String> = w.cluster.events().into_iter().map(|e| e.reason).collect();
+    assert_eq!(
+        reasons,
+        ["VolumeAttached", "StaleAttachmentCleared", "VolumeAttached"]
+    );
 }
 
 #[tokio::test]
@@ -794,6 +807,175 @@ async fn rebuild_restores_records_and_drops_those_whose_detach_completed() {
             .publish(&publish_args("pvc-1", "node-b", false))
             .await
             .is_err()
+    );
+}
+
+/// A store in which another writer's write of one volume lands just before this
+/// replica's first conditional write (a former leader's slow start-up racing the new
+/// leader's publish).
+struct LandsFirst {
+    inner: Arc<MemStore>,
+    other: std::sync::Mutex<Option<(VolumeId, Vec<crate::ports::store::AttachmentRecord>)>>,
+}
+
+#[async_trait::async_trait]
+impl AttachmentStore for LandsFirst {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[crate::ports::store::AttachmentRecord],
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let other = self.other.lock().unwrap().take();
+        if let Some((v, records)) = other {
+            self.inner.write_volume(&v, &records).await?;
+        }
+        self.inner.write_volume_if(volume, previous, holders).await
+    }
+
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand), and while a restarting replica
+    // rebuilds, the new leader publishes pvc-1 to node-b (its VolumeAttachment is new).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    let node_b = crate::ports::store::AttachmentRecord {
+        volume_id: vid("pvc-1"),
+        node_id: nid("node-b"),
+        attached_at: UNIX_EPOCH,
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+        migration: None,
+        generation: 0,
+    };
+    let store = Arc::new(LandsFirst {
+        inner: w.store.clone(),
+        other: std::sync::Mutex::new(Some((vid("pvc-1"), vec![node_b]))),
+    });
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store,
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    let report = restarted.rebuild().await.unwrap();
+    assert_eq!((report.dropped, report.clear_failures), (1, 1));
+    assert_eq!(
+        stored(&w).await,
+        vec![("pvc-1".into(), "node-b".into())],
+        "the other writer's acknowledged publish survives the rebuild"
+    );
+    assert_eq!(
+        restarted.get(&vid("pvc-1"))[0].node_id,
+        nid("node-b"),
+        "memory follows the store"
+    );
+}
+
+/// A store whose first read of a volume's holders is answered with what it held, but only
+/// after another replica's publish (`then`) has run to completion: the reader's view is
+/// stale by the time it arrives.
+struct PublishedDuringRead {
+    inner: Arc<MemStore>,
+    then: tokio::sync::Mutex<Option<(Arc<AttachmentManager>, PublishArgs)>>,
+}
+
+#[async_trait::async_trait]
+impl AttachmentStore for PublishedDuringRead {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+
+    async fn read_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        let read = self.inner.read_volume(volume).await;
+        if let Some((other, args)) = self.then.lock().await.take() {
+            other.publish(&args).await.unwrap();
+        }
+        read
+    }
+
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+#[tokio::test]
+async fn a_start_up_settle_on_a_stale_read_never_undoes_another_writers_fence() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand); the restarting replica drops
+    // the record but cannot clear it (the API is down for that write).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    let store = Arc::new(PublishedDuringRead {
+        inner: w.store.clone(),
+        then: tokio::sync::Mutex::new(None),
+    });
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    assert_eq!(restarted.rebuild().await.unwrap().clear_failures, 1);
+    // Its settle reads the store (still node-a) while the old leader publishes to node-b.
+    *store.then.lock().await = Some((w.mgr.clone(), publish_args("pvc-1", "node-b", false)));
+    assert_eq!(
+        restarted.settle_fences().await.unwrap(),
+        2,
+        "pvc-2 and pvc-3 (open exports) are parked; pvc-1's listed export agreed with the \
+         sweep's read of the store: not moved"
+    );
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "the acknowledged publish's fence stands"
     );
 }
 

@@ -1,5 +1,6 @@
 //! In-memory `AttachmentStore` for tests and benchmarks: the records in a map, with
-//! injectable write failures and a write counter. Not durable; never used by the plugin
+//! injectable write failures, a write counter and conditional writes (a stale view's
+//! write conflicts, as on the API server). Not durable; never used by the plugin
 //! binary.
 
 use std::collections::BTreeMap;
@@ -72,6 +73,29 @@ impl AttachmentStore for MemStore {
             records.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
         }
         Ok(())
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let stored: Vec<AttachmentRecord> = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| r.volume_id == *volume)
+            .cloned()
+            .collect();
+        if !crate::ports::store::same_holders(&stored, previous) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Conflict(format!(
+                "the holders of {volume} changed since they were read"
+            )));
+        }
+        self.write_volume(volume, holders).await
     }
 
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {

@@ -18,6 +18,7 @@ pub mod names;
 pub mod paging;
 pub mod params;
 pub mod snapshots;
+pub mod traffic;
 pub mod volumes;
 
 use std::sync::Arc;

@@ -1,10 +1,21 @@
 //! The `Cluster` port over the Kubernetes API (production): Node existence and host NQN
 //! (Node annotation [`ANN_HOST_NQN`]), VolumeAttachments of this driver, of all nodes or of
 //! one (paginated LIST, PV names resolved to volume handles through the shared [`PvIndex`],
-//! else one GET of the PV), and Events on the PersistentVolume or on the claim bound to it
-//! (the PV's `spec.claimRef`, read with one GET per event: only migrations report on the
-//! claim, and they are rare); the node plugin publishes its host NQN with one merge PATCH of
-//! its Node's annotations. Transient failures are retried with the seeded [`Backoff`].
+//! else one GET of the PV), and Events; the node plugin publishes its host NQN with one
+//! merge PATCH of its Node's annotations. Transient failures are retried with the seeded
+//! [`Backoff`].
+//!
+//! Events (core/v1) are recorded where operators look: on the PersistentVolumeClaim bound
+//! to the volume's PV (its `spec.claimRef`, read with one GET and cached for
+//! [`CLAIM_CACHE_TTL`]), in the claim's namespace; on the PV (in `default`) when it has no
+//! claim or is gone. They are aggregated as Kubernetes' own event recorder does: a repeat of
+//! an event this instance recorded — same object, type, reason and message — is one merge
+//! PATCH of the recorded Event's `count` and `lastTimestamp`, not a new object (a PATCH
+//! answered 404, the Event expired, creates it again). The cache of recorded events holds
+//! the [`EVENT_CACHE_SIZE`] most recently used. Each instance names itself in
+//! `reportingInstance`. Identical events recorded concurrently may both create an object
+//! (as Kubernetes' recorder may across replicas); the driver records a volume's events
+//! under its in-flight guard, so it does not.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +29,7 @@ use crate::kube::pv_store::{
     Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
 };
 use crate::ports::cluster::{
-    Cluster, ClusterError, ClusterEvent, EventSubject, VolumeAttachmentInfo,
+    Cluster, ClusterError, ClusterEvent, VolumeAttachmentInfo,
 };
 use crate::ports::{Clock, Entropy};
 use crate::retry::Backoff;
@@ -32,6 +43,10 @@ pub const ANN_HOST_NQN: &str = "rds.csi.srvlab.io/host-nqn";
 pub const NODE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Cache size beyond which expired entries are pruned.
 const NODE_CACHE_PRUNE: usize = 4096;
+/// How long the claim bound to a PV is reused for its events.
+pub const CLAIM_CACHE_TTL: Duration = Duration::from_secs(300);
+/// Recorded events remembered for aggregation (the most recently used).
+pub const EVENT_CACHE_SIZE: usize = 4096;
 
 const VA_PATH: &str = "/apis/storage.k8s.io/v1/volumeattachments";
 
@@ -104,6 +119,83 @@ pub struct KubeCluster {
     index: Arc<PvIndex>,
     /// Nodes seen to exist: when, and their host NQN.
     nodes: Mutex<BTreeMap<NodeId, (tokio::time::Instant, Option<String>)>>,
+    /// PV name → when read, and the claim bound to it (namespace, name).
+    claims: Mutex<BTreeMap<String, (tokio::time::Instant, Option<Claim>)>>,
+    /// Events this instance recorded, for aggregation.
+    recorded: Mutex<Recorded>,
+    /// `reportingInstance` of this instance's events (drawn at the first event).
+    instance: std::sync::OnceLock<String>,
+}
+
+/// A PersistentVolumeClaim: (namespace, name).
+type Claim = (String, String);
+
+/// What makes two events the same (Kubernetes' recorder key, less what is constant for
+/// one instance): the object's (kind, namespace, name), type, reason, message.
+type EventKey = (&'static str, String, String, &'static str, String, String);
+
+/// One Event object this instance created.
+#[derive(Debug, Clone)]
+struct RecordedEvent {
+    namespace: String,
+    name: String,
+    count: u64,
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    events: BTreeMap<EventKey, RecordedEvent>,
+    uses: u64,
+}
+
+impl Recorded {
+    /// The recorded Event for `key`, its count bumped, if this instance has one.
+    fn repeat(&mut self, key: &EventKey) -> Option<RecordedEvent> {
+        self.uses += 1;
+        let used = self.uses;
+        let e = self.events.get_mut(key)?;
+        e.count += 1;
+        e.used = used;
+        Some(e.clone())
+    }
+
+    fn insert(&mut self, key: EventKey, mut e: RecordedEvent) {
+        self.uses += 1;
+        e.used = self.uses;
+        if self.events.len() >= EVENT_CACHE_SIZE && !self.events.contains_key(&key) {
+            let oldest = self
+                .events
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.events.remove(&k);
+            }
+        }
+        self.events.insert(key, e);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PvClaimLite {
+    #[serde(default)]
+    spec: PvClaimSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PvClaimSpec {
+    #[serde(default)]
+    claim_ref: Option<ClaimRefLite>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ClaimRefLite {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    name: String,
 }
 
 impl std::fmt::Debug for KubeCluster {
@@ -135,6 +227,9 @@ impl KubeCluster {
             backoff,
             index,
             nodes: Mutex::new(BTreeMap::new()),
+            claims: Mutex::new(BTreeMap::new()),
+            recorded: Mutex::new(Recorded::default()),
+            instance: std::sync::OnceLock::new(),
         }
     }
 
@@ -209,22 +304,76 @@ impl KubeCluster {
         }
     }
 
-    /// The claim bound to `pv_name` (namespace, name), if it has one.
-    async fn claim_of(&self, pv_name: &str) -> Result<Option<(String, String)>, ClusterError> {
+    /// The claim bound to PV `pv_name`, if any (cached for [`CLAIM_CACHE_TTL`]).
+    async fn claim_of(&self, pv_name: &str) -> Result<Option<Claim>, ClusterError> {
+        {
+            let claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, claim)) = claims.get(pv_name)
+                && at.elapsed() < CLAIM_CACHE_TTL
+            {
+                return Ok(claim.clone());
+            }
+        }
         let what = format!("GET PersistentVolume {pv_name}");
-        match self
-            .call::<PvLite>(&what, || {
+        let claim = match self
+            .call::<PvClaimLite>(&what, || {
                 ::kube::core::Request::new("/api/v1/persistentvolumes")
                     .get(pv_name, &Default::default())
             })
             .await?
         {
-            Ok(pv) => Ok(pv
+            Ok(pv) => pv
                 .spec
                 .claim_ref
                 .filter(|c| !c.name.is_empty() && !c.namespace.is_empty())
-                .map(|c| (c.namespace, c.name))),
-            Err(Failure::Status(404, _)) => Ok(None),
+                .map(|c| (c.namespace, c.name)),
+            // A PV gone: its events go to its name, as before it was deleted.
+            Err(Failure::Status(404, _)) => None,
+            Err(f) => return Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
+        };
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        if claims.len() >= NODE_CACHE_PRUNE {
+            claims.retain(|_, (at, _)| at.elapsed() < CLAIM_CACHE_TTL);
+        }
+        claims.insert(pv_name.to_string(), (tokio::time::Instant::now(), claim.clone()));
+        Ok(claim)
+    }
+
+    /// Creates the Event `body` in `namespace`.
+    async fn create_event(&self, namespace: &str, body: &serde_json::Value) -> Result<(), ClusterError> {
+        let data = serde_json::to_vec(body).map_err(|e| ClusterError::Other(e.to_string()))?;
+        let path = format!("/api/v1/namespaces/{namespace}/events");
+        match self
+            .call::<serde_json::Value>("POST Event", || {
+                ::kube::core::Request::new(path.as_str()).create(&Default::default(), data.clone())
+            })
+            .await?
+        {
+            // The name is ours and fresh: an earlier attempt whose answer was lost created
+            // it (found by reasoning about lost replies; a second object would break the
+            // aggregation).
+            Ok(_) | Err(Failure::Status(409, _)) => Ok(()),
+            Err(f) => Err(ClusterError::Other(format!("POST Event: {}", f.describe()))),
+        }
+    }
+
+    /// Bumps a recorded Event's count; `Ok(false)` when it is gone (expired).
+    async fn bump_event(&self, e: &RecordedEvent, now_secs: &str) -> Result<bool, ClusterError> {
+        let patch = json!({ "count": e.count, "lastTimestamp": now_secs });
+        let path = format!("/api/v1/namespaces/{}/events", e.namespace);
+        let what = format!("PATCH Event {}", e.name);
+        match self
+            .call::<serde_json::Value>(&what, || {
+                ::kube::core::Request::new(path.as_str()).patch(
+                    &e.name,
+                    &Default::default(),
+                    &::kube::api::Patch::Merge(&patch),
+                )
+            })
+            .await?
+        {
+            Ok(_) => Ok(true),
+            Err(Failure::Status(404, _)) => Ok(false),
             Err(f) => Err(ClusterError::Other(format!("{what}: {}", f.describe()))),
         }
     }
@@ -397,27 +546,41 @@ impl Cluster for KubeCluster {
             .map(|r| r.name)
             .unwrap_or_else(|| event.volume_id.to_string());
         // A claim's events live in its namespace; a PV's (cluster-scoped) in ours.
-        let claim = match event.subject {
-            EventSubject::Volume => None,
-            EventSubject::Claim => self.claim_of(&pv_name).await?,
+        let (kind, namespace, object) = match self.claim_of(&pv_name).await? {
+            Some((ns, name)) => ("PersistentVolumeClaim", ns, name),
+            None => ("PersistentVolume", self.event_namespace.clone(), pv_name),
         };
-        let (namespace, involved, object_name) = match &claim {
-            Some((ns, name)) => (
-                ns.as_str(),
-                json!({ "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                        "namespace": ns, "name": name }),
-                name.as_str(),
-            ),
-            None => (
-                self.event_namespace.as_str(),
-                json!({ "apiVersion": "v1", "kind": "PersistentVolume", "name": pv_name }),
-                pv_name.as_str(),
-            ),
-        };
+        let kind_type = if event.warning { "Warning" } else { "Normal" };
         let now = format_time(self.clock.now());
         // Seconds precision for the legacy timestamps, as the API server expects.
         let now_secs = format!("{}Z", now.get(..19).unwrap_or(&now));
-        let name = format!("{object_name}.{:016x}", self.entropy.next_u64());
+        let key: EventKey = (
+            kind,
+            namespace.clone(),
+            object.clone(),
+            kind_type,
+            event.reason.clone(),
+            event.message.clone(),
+        );
+        let repeat = self
+            .recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .repeat(&key);
+        if let Some(recorded) = repeat
+            && self.bump_event(&recorded, &now_secs).await?
+        {
+            return Ok(());
+        }
+        let instance = self
+            .instance
+            .get_or_init(|| format!("{}-{:08x}", self.driver_name, self.entropy.next_u64() as u32))
+            .clone();
+        let name = format!("{object}.{:016x}", self.entropy.next_u64());
+        let mut involved = json!({ "apiVersion": "v1", "kind": kind, "name": object });
+        if kind == "PersistentVolumeClaim" {
+            involved["namespace"] = json!(namespace);
+        }
         let body = json!({
             "apiVersion": "v1",
             "kind": "Event",
@@ -425,23 +588,30 @@ impl Cluster for KubeCluster {
             "involvedObject": involved,
             "reason": event.reason,
             "message": event.message,
-            "type": if event.warning { "Warning" } else { "Normal" },
+            "type": kind_type,
             "source": { "component": self.driver_name },
             "reportingComponent": self.driver_name,
+            "reportingInstance": instance,
             "firstTimestamp": now_secs,
             "lastTimestamp": now_secs,
             "count": 1,
         });
-        let data = serde_json::to_vec(&body).map_err(|e| ClusterError::Other(e.to_string()))?;
-        let path = format!("/api/v1/namespaces/{namespace}/events");
-        match self
-            .call::<serde_json::Value>("POST Event", || {
-                ::kube::core::Request::new(path.as_str()).create(&Default::default(), data.clone())
-            })
-            .await?
-        {
-            Ok(_) => Ok(()),
-            Err(f) => Err(ClusterError::Other(format!("POST Event: {}", f.describe()))),
-        }
+        // Remembered before the POST: a POST whose outcome is unknown (its answer lost,
+        // every retry failed) may have created the object, so the next repeat PATCHes this
+        // name, and creates anew only on 404 (found by the simulation: a lost POST answer
+        // left the Event unknown to the cache, and the repeat created a second object).
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key,
+                RecordedEvent {
+                    namespace: namespace.clone(),
+                    name,
+                    count: 1,
+                    used: 0,
+                },
+            );
+        self.create_event(&namespace, &body).await
     }
 }

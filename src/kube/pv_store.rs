@@ -215,18 +215,6 @@ pub(crate) struct PvSpecLite {
     /// `Filesystem` (the default) or `Block`.
     #[serde(default)]
     pub volume_mode: Option<String>,
-    /// The claim the PV is bound to.
-    #[serde(default)]
-    pub claim_ref: Option<ClaimRefLite>,
-}
-
-/// A PV's `spec.claimRef`.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub(crate) struct ClaimRefLite {
-    #[serde(default)]
-    pub namespace: String,
-    #[serde(default)]
-    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -141,14 +141,21 @@ async fn publish_and_unpublish_cost_one_patch_each_and_write_the_annotations() {
     m.publish(&publish("pvc-1", "node-a")).await.unwrap();
     let reqs = w.api.requests();
     assert_eq!(reqs.get("PATCH persistentvolumes"), Some(&1));
-    assert_eq!(reqs.get("GET persistentvolumes"), None);
+    // The Event VolumeAttached: the PV's claim is read once (then cached), one POST.
+    assert_eq!(reqs.get("GET persistentvolumes"), Some(&1), "{reqs:?}");
+    assert_eq!(reqs.get("POST events"), Some(&1), "{reqs:?}");
+    assert_eq!(reqs.get("GET nodes"), Some(&1), "the node's first publish: then cached");
+    assert_eq!(reqs.values().sum::<u64>(), 4, "{reqs:?}");
     let ann = w.annotations("pvc-1");
     assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a");
     assert_eq!(ann["rds.csi.srvlab.io/attached-at"], "2025-10-09T08:53:20.123456Z");
     assert_eq!(ann["rds.csi.srvlab.io/attached-mode"], "single-node");
     w.api.reset_requests();
     m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
-    assert_eq!(w.api.requests().get("PATCH persistentvolumes"), Some(&1));
+    let reqs = w.api.requests();
+    assert_eq!(reqs.get("PATCH persistentvolumes"), Some(&1));
+    assert_eq!(reqs.get("POST events"), Some(&1), "VolumeDetached; the claim is cached");
+    assert_eq!(reqs.values().sum::<u64>(), 2, "{reqs:?}");
     assert_eq!(w.annotations("pvc-1"), json!({}), "annotations removed");
 }
 
@@ -156,6 +163,8 @@ async fn publish_and_unpublish_cost_one_patch_each_and_write_the_annotations() {
 async fn a_conflict_storm_is_retried_until_the_write_lands() {
     let w = World::new(&["pvc-1"]).await;
     let m = w.controller(AttachmentConfig::default()).await;
+    // The events' claim lookup (one GET, cached) is made before the counted rounds.
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
     for (round, n) in [1u64, 3, 7].into_iter().enumerate() {
         w.api.reset_requests();
         w.api.conflict_next_writes(n);
@@ -284,10 +293,12 @@ async fn fencing_uses_node_objects_and_records_an_event() {
     let err = m.publish(&publish("pvc-1", "node-b")).await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)));
     let events = w.api.objects(Kind::Event);
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["reason"], "AttachFenced");
-    assert_eq!(events[0]["type"], "Warning");
-    assert_eq!(events[0]["involvedObject"]["name"], "pvc-1");
+    let conflict: Vec<&Value> = events.iter().filter(|e| e["reason"] == "AttachmentConflict").collect();
+    assert_eq!(conflict.len(), 1, "{events:?}");
+    assert_eq!(conflict[0]["type"], "Warning");
+    // The PV has no claim: the event is on the PV.
+    assert_eq!(conflict[0]["involvedObject"]["kind"], "PersistentVolume");
+    assert_eq!(conflict[0]["involvedObject"]["name"], "pvc-1");
     // node-a's Node object is deleted: the stale record is cleared, node-b gets the volume.
     w.api.remove_object(Kind::Node, "", "node-a");
     m.publish(&publish("pvc-1", "node-b")).await.unwrap();
@@ -295,6 +306,122 @@ async fn fencing_uses_node_objects_and_records_an_event() {
     assert_eq!(
         w.rds.get_disk("pvc-1").await.unwrap().unwrap().allowed_host_nqn.as_deref(),
         Some("nqn.2014-08.org.nvmexpress:uuid:node-b")
+    );
+}
+
+/// Binds PV `pv` to claim `namespace/name`.
+fn bind(w: &World, pv: &str, namespace: &str, name: &str) {
+    let mut obj = w.api.object(Kind::PersistentVolume, "", pv).unwrap();
+    obj["spec"]["claimRef"] = json!({ "kind": "PersistentVolumeClaim", "namespace": namespace, "name": name });
+    w.api.put_object(Kind::PersistentVolume, "", obj);
+}
+
+/// Events in `namespace` as (involved kind, involved name, reason, type, count).
+fn events_in(w: &World, namespace: &str) -> Vec<(String, String, String, String, u64)> {
+    w.api
+        .objects(Kind::Event)
+        .into_iter()
+        .filter(|e| e["metadata"]["namespace"] == namespace)
+        .map(|e| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&e["involvedObject"]["kind"]),
+                s(&e["involvedObject"]["name"]),
+                s(&e["reason"]),
+                s(&e["type"]),
+                e["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn publish_and_unpublish_are_reported_on_the_claim_and_repeats_aggregate() {
+    let w = World::new(&["pvc-1"]).await;
+    bind(&w, "pvc-1", "apps", "data");
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    m.unpublish(&UnpublishArgs { volume_id: VolumeId::new("pvc-1").unwrap(), node_id: Some(NodeId::new("node-a").unwrap()) })
+        .await
+        .unwrap();
+    let mut got = events_in(&w, "apps");
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("PersistentVolumeClaim".into(), "data".into(), "VolumeAttached".into(), "Normal".into(), 3),
+            ("PersistentVolumeClaim".into(), "data".into(), "VolumeDetached".into(), "Normal".into(), 1),
+        ],
+        "three publishes are one Event with count 3, on the claim in its namespace"
+    );
+    assert!(events_in(&w, "default").is_empty(), "nothing on the PV");
+    let e = w.api.objects(Kind::Event).into_iter().find(|e| e["reason"] == "VolumeAttached").unwrap();
+    assert_eq!(e["involvedObject"]["namespace"], "apps");
+    assert_eq!(e["message"], "volume pvc-1 attached to node node-a");
+    assert!(e["reportingInstance"].as_str().unwrap().starts_with("rds.csi.srvlab.io-"));
+    let requests = w.api.requests();
+    assert_eq!(requests.get("POST events"), Some(&2), "{requests:?}");
+    assert_eq!(requests.get("PATCH events"), Some(&2), "{requests:?}");
+}
+
+#[tokio::test]
+async fn an_expired_event_is_created_again_and_distinct_messages_are_distinct_events() {
+    use crate::ports::cluster::{ClusterEvent, reason};
+    let w = World::new(&["pvc-1"]).await;
+    bind(&w, "pvc-1", "apps", "data");
+    let (_store, cluster) = w.ports();
+    let event = |message: &str| ClusterEvent {
+        volume_id: VolumeId::new("pvc-1").unwrap(),
+        reason: reason::ATTACHMENT_CONFLICT.into(),
+        message: message.into(),
+        warning: true,
+    };
+    cluster.record_event(&event("to node-b")).await.unwrap();
+    cluster.record_event(&event("to node-c")).await.unwrap();
+    assert_eq!(events_in(&w, "apps").len(), 2, "different messages, different Events");
+    // The API server dropped the Events (their TTL): the next repeat creates one anew.
+    for e in w.api.objects(Kind::Event) {
+        w.api.remove_object(Kind::Event, "apps", e["metadata"]["name"].as_str().unwrap());
+    }
+    cluster.record_event(&event("to node-b")).await.unwrap();
+    assert_eq!(
+        events_in(&w, "apps"),
+        vec![("PersistentVolumeClaim".into(), "data".into(), "AttachmentConflict".into(), "Warning".into(), 1)]
+    );
+    // A claim read once is reused: one GET of the PV for the three events.
+    assert_eq!(w.api.requests().get("GET persistentvolumes"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_failed_event_write_is_retried_by_the_next_repeat_without_a_second_object() {
+    use crate::ports::cluster::{ClusterEvent, reason};
+    let w = World::new(&["pvc-1"]).await;
+    bind(&w, "pvc-1", "apps", "data");
+    let (_store, cluster) = w.ports();
+    let event = ClusterEvent {
+        volume_id: VolumeId::new("pvc-1").unwrap(),
+        reason: reason::VOLUME_ATTACHED.into(),
+        message: "volume pvc-1 attached to node node-a".into(),
+        warning: false,
+    };
+    // The claim is read, then every attempt of the POST fails.
+    cluster.record_event(&event).await.unwrap();
+    w.api.fail_next_requests(std::iter::repeat_n(503, FAST.max_attempts as usize));
+    let mut second = event.clone();
+    second.message = "volume pvc-1 attached to node node-b".into();
+    assert!(cluster.record_event(&second).await.is_err());
+    // The repeats find the object (or its absence) by name: still one object per event.
+    cluster.record_event(&second).await.unwrap();
+    cluster.record_event(&second).await.unwrap();
+    cluster.record_event(&event).await.unwrap();
+    let mut got = events_in(&w, "apps");
+    got.sort();
+    assert_eq!(
+        got.iter().map(|e| e.4).collect::<Vec<_>>(),
+        vec![2, 2],
+        "{got:?}"
     );
 }
 

@@ -32,41 +32,46 @@ pub struct VolumeAttachmentInfo {
     pub deleting: bool,
 }
 
-/// The reasons of the events the driver records: one list.
+/// The reasons of the Events the driver records: the one list. Every Event is about a
+/// volume and is recorded on the PersistentVolumeClaim bound to the volume's
+/// PersistentVolume (its `spec.claimRef`), or on the PersistentVolume when it has no claim.
 pub mod reason {
-    /// A publish refused because the volume is attached elsewhere (single-node) or to two
-    /// nodes already (a migrating multi-node volume). On the PersistentVolume.
-    pub const ATTACH_FENCED: &str = "AttachFenced";
-    /// A record whose node or VolumeAttachment is gone was cleared. On the PV.
+    /// A publish was acknowledged: the volume is attached to a node (Normal; a repeated
+    /// publish bumps the same Event's count).
+    pub const VOLUME_ATTACHED: &str = "VolumeAttached";
+    /// An unpublish was acknowledged: the volume is detached from a node (Normal).
+    pub const VOLUME_DETACHED: &str = "VolumeDetached";
+    /// A publish was refused: a single-node volume is attached to another node, or a
+    /// multi-node volume cannot take another holder (Warning).
+    pub const ATTACHMENT_CONFLICT: &str = "AttachmentConflict";
+    /// A record whose Node or VolumeAttachment is gone was cleared (Warning).
     pub const STALE_ATTACHMENT_CLEARED: &str = "StaleAttachmentCleared";
-    /// A live migration started (a second node attached a multi-node block volume). On the
-    /// PersistentVolumeClaim.
+    /// The orphan reconciler found a disk nothing references (Warning).
+    pub const ORPHAN_VOLUME_FOUND: &str = "OrphanVolumeFound";
+    /// The orphan reconciler deleted a disk after its grace period (Normal).
+    pub const ORPHAN_VOLUME_DELETED: &str = "OrphanVolumeDeleted";
+    /// A live migration started: a second node attached a multi-node block volume (Normal).
     pub const MIGRATION_STARTED: &str = "MigrationStarted";
-    /// A live migration completed (the source node detached). On the PVC.
+    /// A live migration completed: the source node detached (Normal).
     pub const MIGRATION_COMPLETED: &str = "MigrationCompleted";
-    /// A live migration failed (the target node detached). On the PVC.
+    /// A live migration failed: the target node detached (Warning).
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
     /// Every reason, sorted.
     pub const ALL: &[&str] = &[
-        ATTACH_FENCED,
+        ATTACHMENT_CONFLICT,
         MIGRATION_COMPLETED,
         MIGRATION_FAILED,
         MIGRATION_STARTED,
+        ORPHAN_VOLUME_DELETED,
+        ORPHAN_VOLUME_FOUND,
         STALE_ATTACHMENT_CLEARED,
+        VOLUME_ATTACHED,
+        VOLUME_DETACHED,
     ];
 }
 
-/// Which object an event is recorded on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventSubject {
-    /// The volume's PersistentVolume.
-    Volume,
-    /// The PersistentVolumeClaim bound to the volume's PV (its `spec.claimRef`); the PV
-    /// when it has none.
-    Claim,
-}
-
-/// An event to record on an object (e.g. a fenced publish).
+/// An Event about a volume, recorded on its claim (else its PV); a repeat of the same
+/// event (same object, reason, type and message) bumps the recorded Event's count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterEvent {
     /// The volume the event is about.
@@ -77,8 +82,6 @@ pub struct ClusterEvent {
     pub message: String,
     /// Warning (true) or Normal.
     pub warning: bool,
-    /// The object it is recorded on.
-    pub subject: EventSubject,
 }
 
 /// The orchestrator.
@@ -126,6 +129,7 @@ pub trait Cluster: Send + Sync + 'static {
             .await?
             .map(|vas| vas.into_iter().filter(|va| va.node_id == *node).collect()))
     }
-    /// Records an event; best effort.
+    /// Records an event (on the volume's claim, else its PV), aggregating repeats; best
+    /// effort: the callers log a failure and carry on.
     async fn record_event(&self, event: &ClusterEvent) -> Result<(), ClusterError>;
 }

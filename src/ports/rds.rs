@@ -127,6 +127,19 @@ pub struct PoolCapacity {
     pub free_bytes: u64,
 }
 
+/// A disk's I/O at one moment, as `/disk monitor-traffic ... once` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DiskTraffic {
+    /// Read operations per second.
+    pub read_ops_per_second: f64,
+    /// Write operations per second.
+    pub write_ops_per_second: f64,
+    /// Bytes read per second.
+    pub read_bytes_per_second: f64,
+    /// Bytes written per second.
+    pub write_bytes_per_second: f64,
+}
+
 /// The ROSE Data Server, as the controller needs it.
 #[async_trait]
 pub trait Rds: Send + Sync + 'static {
@@ -193,6 +206,14 @@ pub trait Rds: Send + Sync + 'static {
     /// [`Rds::set_allowed_host`] on `disk`, just observed with [`Rds::find_disk`].
     async fn fence_disk(&self, disk: &DiskEntry, host_nqn: Option<&str>) -> Result<(), RdsError> {
         self.set_allowed_host(&disk.slot, host_nqn).await
+    }
+
+    /// The current I/O of disk `slot` (one RouterOS command). `NotFound` when the disk is
+    /// gone. Adapters without such a reading answer `Rejected`, so wrappers must forward it.
+    async fn disk_traffic(&self, slot: &str) -> Result<DiskTraffic, RdsError> {
+        Err(RdsError::Rejected(format!(
+            "disk slot={slot}: this RDS adapter reads no traffic"
+        )))
     }
 
     /// Creates snapshot `slot`: a non-exported copy of disk `source`, of the same size,

@@ -18,13 +18,16 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::metrics::{RdsMetrics, RouterOsMetrics, command_outcome};
 use crate::ports::Entropy;
-use crate::ports::rds::{Disk, DiskEntry, DiskSpec, NvmeExport, PoolCapacity, Rds, RdsError};
+use crate::ports::rds::{Disk, DiskEntry, DiskSpec, DiskTraffic, NvmeExport, PoolCapacity, Rds, RdsError};
 use crate::retry::Backoff;
 use crate::routeros::command::{
     Command, DiskAdd, DiskFilter, ExportSpec, PrintStyle,
 };
-use crate::routeros::parse::{DiskInfo, FileInfo, Record, RosError, check_reply, parse_print};
+use crate::routeros::parse::{
+    DiskInfo, FileInfo, Record, RosError, check_reply, parse_monitor, parse_print, parse_rate,
+};
 use crate::routeros::render::{RenderError, Renderer};
 use crate::routeros::transport::Transport;
 use crate::types::defaults::DEFAULT_NVME_PORT;
@@ -61,6 +64,8 @@ pub struct RouterOsRds<T: Transport> {
     pool_mount_point: String,
     retry: Backoff,
     entropy: Arc<dyn Entropy>,
+    metrics: RouterOsMetrics,
+    rds_metrics: RdsMetrics,
 }
 
 impl<T: Transport> std::fmt::Debug for RouterOsRds<T> {
@@ -88,6 +93,21 @@ impl From<RosError> for RdsError {
 impl From<RenderError> for RdsError {
     fn from(e: RenderError) -> Self {
         RdsError::Rejected(e.to_string())
+    }
+}
+
+/// The `outcome` label of a command's result.
+fn outcome<T>(result: &Result<T, RdsError>) -> &'static str {
+    match result {
+        Ok(_) => command_outcome::OK,
+        Err(RdsError::NotFound(_)) => command_outcome::NOT_FOUND,
+        Err(RdsError::AlreadyExists(_)) => command_outcome::ALREADY_EXISTS,
+        Err(RdsError::Rejected(_)) => command_outcome::REJECTED,
+        Err(RdsError::NoSpace(_)) => command_outcome::NO_SPACE,
+        Err(RdsError::Unavailable(_)) => command_outcome::UNAVAILABLE,
+        Err(RdsError::Timeout(_)) => command_outcome::TIMEOUT,
+        Err(RdsError::HostKey(_)) => command_outcome::HOST_KEY,
+        Err(RdsError::Protocol(_)) => command_outcome::PROTOCOL,
     }
 }
 
@@ -126,7 +146,38 @@ impl<T: Transport> RouterOsRds<T> {
             pool_mount_point: layout.pool_mount_point.trim_end_matches('/').to_string(),
             retry,
             entropy,
+            metrics: RouterOsMetrics::default(),
+            rds_metrics: RdsMetrics::default(),
         })
+    }
+
+    /// Records its commands into `routeros` and what the RDS reports (pool, disks) into
+    /// `rds` (the plugin's registry) instead of unregistered series.
+    pub fn with_metrics(mut self, routeros: RouterOsMetrics, rds: RdsMetrics) -> Self {
+        self.metrics = routeros;
+        self.rds_metrics = rds;
+        self
+    }
+
+    /// Sends `line` (rendered from `cmd`) and reads the reply with `read`, counting the
+    /// command by verb and outcome and timing it.
+    async fn exchange<R>(
+        &self,
+        cmd: &Command,
+        line: &crate::routeros::render::CommandLine,
+        read: impl FnOnce(&str) -> Result<R, RdsError>,
+    ) -> Result<R, RdsError> {
+        let started = tokio::time::Instant::now();
+        let result = match self.transport.run(line).await {
+            Ok(out) => read(&out),
+            Err(e) => Err(e),
+        };
+        self.metrics.command(
+            cmd.kind().verb(),
+            outcome(&result),
+            started.elapsed().as_secs_f64(),
+        );
+        result
     }
 
     /// The transport.
@@ -148,10 +199,9 @@ impl<T: Transport> RouterOsRds<T> {
         let line = self.renderer.render(cmd)?;
         let mut attempt = 0;
         loop {
-            let result = match self.transport.run(&line).await {
-                Ok(out) => parse_print(&out).map_err(RdsError::from),
-                Err(e) => Err(e),
-            };
+            let result = self
+                .exchange(cmd, &line, |out| parse_print(out).map_err(RdsError::from))
+                .await;
             match result {
                 Err(e) if ambiguous(&e) && attempt + 1 < self.retry.max_attempts.max(1) => {
                     tracing::debug!(command = %line, error = %e, attempt, "RouterOS read failed; retrying");
@@ -167,9 +217,8 @@ impl<T: Transport> RouterOsRds<T> {
     async fn write_once(&self, cmd: &Command) -> Result<(), RdsError> {
         let line = self.renderer.render(cmd)?;
         tracing::debug!(command = %line, "RouterOS write");
-        let out = self.transport.run(&line).await?;
-        check_reply(&out)?;
-        Ok(())
+        self.exchange(cmd, &line, |out| check_reply(out).map_err(RdsError::from))
+            .await
     }
 
     /// Runs a write; an ambiguous failure is resolved by observing `expect`, and the write
@@ -540,6 +589,11 @@ impl<T: Transport> Rds for RouterOsRds<T> {
             out.push(Self::to_disk(d, f)?);
         }
         out.sort_by(|a, b| a.slot.cmp(&b.slot));
+        if slot_prefix.is_empty() {
+            let volumes = out.iter().filter(|d| d.export.is_some()).count() as u64;
+            self.rds_metrics
+                .disks(volumes, out.len() as u64 - volumes);
+        }
         Ok(out)
     }
 
@@ -662,6 +716,7 @@ impl<T: Transport> Rds for RouterOsRds<T> {
                         self.pool_mount_point
                     )));
                 };
+                self.rds_metrics.pool(size, free);
                 return Ok(PoolCapacity {
                     size_bytes: size,
                     free_bytes: free,
@@ -672,6 +727,30 @@ impl<T: Transport> Rds for RouterOsRds<T> {
             "no disk is mounted at {:?} (the pool mount point)",
             self.pool_mount_point
         )))
+    }
+
+    async fn disk_traffic(&self, slot: &str) -> Result<DiskTraffic, RdsError> {
+        let cmd = Command::MonitorTraffic {
+            slot: slot.to_string(),
+        };
+        let line = self.renderer.render(&cmd)?;
+        let fields = self
+            .exchange(&cmd, &line, |out| parse_monitor(out).map_err(RdsError::from))
+            .await?;
+        let number = |key: &str, parse: fn(&str) -> Option<f64>| {
+            fields.get(key).and_then(|v| parse(v)).ok_or_else(|| {
+                RdsError::Protocol(format!(
+                    "monitor-traffic of disk slot={slot}: no readable {key} in {fields:?}"
+                ))
+            })
+        };
+        let ops = |v: &str| v.trim().replace(',', "").parse::<f64>().ok();
+        Ok(DiskTraffic {
+            read_ops_per_second: number("read-ops-per-second", ops)?,
+            write_ops_per_second: number("write-ops-per-second", ops)?,
+            read_bytes_per_second: number("read-rate", parse_rate)?,
+            write_bytes_per_second: number("write-rate", parse_rate)?,
+        })
     }
 
     /// [`Rds::find_disk`] (is it there?), then [`Rds::fence_disk`] (2 commands; 1 when
@@ -1141,5 +1220,154 @@ mod tests {
             Err(RdsError::Rejected(_))
         ));
         assert_eq!(emu.disk_slots(), ["pvc-x"]);
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::ports::time::SeededEntropy;
+    use crate::routeros::render::CommandLine;
+
+    /// Answers `monitor-traffic` with the corpus fixture of a real RDS, anything else with
+    /// nothing (no disk), or fails every command when `down`.
+    struct Scripted {
+        down: bool,
+    }
+
+    #[async_trait]
+    impl Transport for Scripted {
+        async fn run(&self, cmd: &CommandLine) -> Result<String, RdsError> {
+            if self.down {
+                return Err(RdsError::Unavailable("connection refused".into()));
+            }
+            if cmd.as_str().contains("monitor-traffic") {
+                return Ok(include_str!("../../tests/fixtures/routeros/monitor_traffic_once.txt").into());
+            }
+            Ok(String::new())
+        }
+    }
+
+    fn adapter(down: bool, metrics: &Metrics) -> RouterOsRds<Scripted> {
+        RouterOsRds::new(
+            Scripted { down },
+            &RdsLayout {
+                volume_base_path: "raid1/rds-csi".into(),
+                pool_mount_point: "raid1".into(),
+            },
+            Backoff {
+                base: std::time::Duration::from_millis(1),
+                max: std::time::Duration::from_millis(1),
+                max_attempts: 2,
+            },
+            Arc::new(SeededEntropy::from_seed(1)),
+        )
+        .unwrap()
+        .with_metrics(metrics.routeros(), metrics.rds())
+    }
+
+    #[tokio::test]
+    async fn monitor_traffic_is_read_in_bytes_and_every_command_is_counted() {
+        let metrics = Metrics::default();
+        let rds = adapter(false, &metrics);
+        let t = rds.disk_traffic("pvc-a").await.unwrap();
+        assert_eq!(
+            t,
+            DiskTraffic {
+                read_ops_per_second: 12.0,
+                write_ops_per_second: 3.0,
+                read_bytes_per_second: 150_000.0,
+                write_bytes_per_second: 12_000.0,
+            },
+            "1.2Mbps and 96.0kbps are bits per second"
+        );
+        assert_eq!(rds.get_disk("pvc-a").await.unwrap(), None);
+        let text = metrics.render();
+        for want in [
+            r#"rds_csi_routeros_commands_total{verb="disk_monitor_traffic",outcome="ok"} 1"#,
+            r#"rds_csi_routeros_commands_total{verb="disk_print",outcome="ok"} 1"#,
+            r#"rds_csi_routeros_command_duration_seconds_count{verb="disk_monitor_traffic"} 1"#,
+            "rds_csi_routeros_up 1",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+        // A dead RDS: each attempt counted as unavailable, the connection state drops.
+        let metrics = Metrics::default();
+        let rds = adapter(true, &metrics);
+        assert!(rds.get_disk("pvc-a").await.is_err());
+        let text = metrics.render();
+        for want in [
+            r#"rds_csi_routeros_commands_total{verb="disk_print",outcome="unavailable"} 2"#,
+            "rds_csi_routeros_up 0",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn capacity_and_full_listings_set_the_pool_and_disk_gauges() {
+        let metrics = Metrics::default();
+        let emu = Arc::new(crate::routeros::emulator::Emulator::in_memory(
+            crate::routeros::emulator::PoolConfig {
+                slot: "raid1".into(),
+                mount_point: "raid1".into(),
+                size_bytes: 10 << 30,
+            },
+            Arc::new(crate::ports::time::SystemClock),
+        ));
+        let rds = RouterOsRds::new(
+            crate::routeros::transport::inproc::InProcess::new(emu),
+            &RdsLayout {
+                volume_base_path: "raid1/rds-csi".into(),
+                pool_mount_point: "raid1".into(),
+            },
+            Backoff::API,
+            Arc::new(SeededEntropy::from_seed(1)),
+        )
+        .unwrap()
+        .with_metrics(metrics.routeros(), metrics.rds());
+        let spec = |slot: &str, export: bool| DiskSpec {
+            slot: slot.into(),
+            size_bytes: 1 << 30,
+            export: export.then(|| NvmeExport {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+            }),
+            copy_from: None,
+            comment: None,
+            allowed_host_nqn: None,
+        };
+        rds.create_disk(&spec("pvc-1", true)).await.unwrap();
+        rds.create_disk(&spec("pvc-2", true)).await.unwrap();
+        rds.create_disk(&spec("snap-1", false)).await.unwrap();
+        let cap = rds.capacity().await.unwrap();
+        rds.list_disks("").await.unwrap();
+        let text = metrics.render();
+        for want in [
+            format!("rds_csi_rds_pool_size_bytes {}", cap.size_bytes),
+            format!("rds_csi_rds_pool_free_bytes {}", cap.free_bytes),
+            r#"rds_csi_rds_disks{kind="volume"} 2"#.into(),
+            r#"rds_csi_rds_disks{kind="snapshot"} 1"#.into(),
+        ] {
+            assert!(text.contains(&want), "{want} missing in:\n{text}");
+        }
+        assert!(cap.free_bytes < cap.size_bytes);
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use crate::routeros::parse::parse_rate;
+
+    #[test]
+    fn rates_are_bits_per_second_with_decimal_prefixes() {
+        assert_eq!(parse_rate("0bps"), Some(0.0));
+        assert_eq!(parse_rate("96.0kbps"), Some(12_000.0));
+        assert_eq!(parse_rate("1.2Mbps"), Some(150_000.0));
+        assert_eq!(parse_rate("8Gbps"), Some(1e9));
+        for bad in ["", "12", "kbps", "-1bps", "1.2MB", "NaNbps"] {
+            assert_eq!(parse_rate(bad), None, "{bad:?}");
+        }
     }
 }

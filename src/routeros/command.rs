@@ -144,6 +144,21 @@ pub enum CommandKind {
     MonitorTraffic,
 }
 
+impl CommandKind {
+    /// The `verb` label of `rds_csi_routeros_commands_total`.
+    pub fn verb(self) -> &'static str {
+        match self {
+            CommandKind::DiskAdd => "disk_add",
+            CommandKind::DiskSet => "disk_set",
+            CommandKind::DiskPrint => "disk_print",
+            CommandKind::DiskRemove => "disk_remove",
+            CommandKind::FilePrint => "file_print",
+            CommandKind::FileRemove => "file_remove",
+            CommandKind::MonitorTraffic => "disk_monitor_traffic",
+        }
+    }
+}
+
 impl Command {
     /// The command's kind.
     pub fn kind(&self) -> CommandKind {

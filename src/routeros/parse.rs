@@ -451,6 +451,22 @@ fn read_quoted_tail(s: &str, acc: &mut String) -> Option<usize> {
     None
 }
 
+/// A `monitor-traffic` rate (`0bps`, `96.0kbps`, `1.2Mbps`, `3Gbps`: bits per second,
+/// decimal prefixes) in bytes per second.
+pub fn parse_rate(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let number = v.strip_suffix("bps")?;
+    let (digits, scale) = match number.chars().last()? {
+        'k' => (&number[..number.len() - 1], 1e3),
+        'M' => (&number[..number.len() - 1], 1e6),
+        'G' => (&number[..number.len() - 1], 1e9),
+        'T' => (&number[..number.len() - 1], 1e12),
+        _ => (number, 1.0),
+    };
+    let bits: f64 = digits.parse().ok()?;
+    (bits.is_finite() && bits >= 0.0).then_some(bits * scale / 8.0)
+}
+
 /// Parses `monitor-traffic ... once` output: `name: value` lines (error replies included).
 pub fn parse_monitor(text: &str) -> Result<BTreeMap<String, String>, RosError> {
     check_reply(text)?;

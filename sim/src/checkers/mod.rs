@@ -6,5 +6,6 @@
 //! online, as port calls happen, so it sits below the world ([`crate::overlap`]).
 
 pub mod data_path;
+pub mod events;
 pub mod liveness;
 pub mod safety;

@@ -26,6 +26,7 @@ use russh::client;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 
 use super::{Connector, Transport};
+use crate::metrics::RouterOsMetrics;
 use crate::ports::rds::RdsError;
 use crate::routeros::render::CommandLine;
 
@@ -175,9 +176,27 @@ pub struct SshTransport<C: Connector> {
     connector: C,
     cfg: SshConfig,
     client_cfg: Arc<client::Config>,
-    slots: Vec<tokio::sync::Mutex<Option<Arc<Session>>>>,
+    slots: Vec<tokio::sync::Mutex<Slot>>,
     next: AtomicUsize,
     channels: tokio::sync::Semaphore,
+    metrics: RouterOsMetrics,
+}
+
+/// One pooled session.
+#[derive(Default)]
+struct Slot {
+    session: Option<Arc<Session>>,
+    /// A session was open here before (a new one is a reconnect).
+    had_session: bool,
+}
+
+/// Counts a channel in flight while it lives (a cancelled command included).
+struct InUse(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl<C: Connector> std::fmt::Debug for SshTransport<C> {
@@ -201,13 +220,21 @@ impl<C: Connector> SshTransport<C> {
         };
         let n = cfg.max_connections.max(1);
         Self {
-            slots: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            slots: (0..n).map(|_| tokio::sync::Mutex::new(Slot::default())).collect(),
             next: AtomicUsize::new(0),
             channels: tokio::sync::Semaphore::new(cfg.max_channels.max(1)),
             client_cfg: Arc::new(client_cfg),
             connector,
             cfg,
+            metrics: RouterOsMetrics::default(),
         }
+    }
+
+    /// Records the pool's sessions, channels and (re)connects into `metrics` (the plugin's
+    /// registry) instead of unregistered series.
+    pub fn with_metrics(mut self, metrics: RouterOsMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Opens and authenticates a new session, within the connect timeout.
@@ -272,14 +299,19 @@ impl<C: Connector> SshTransport<C> {
     async fn session(&self) -> Result<Arc<Session>, RdsError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[i].lock().await;
-        if let Some(s) = slot.as_ref()
-            && !s.is_closed()
-        {
-            return Ok(Arc::clone(s));
+        if let Some(s) = slot.session.as_ref() {
+            if !s.is_closed() {
+                return Ok(Arc::clone(s));
+            }
+            slot.session = None;
+            self.metrics.ssh_connections().dec();
         }
-        *slot = None;
-        let s = Arc::new(self.connect().await?);
-        *slot = Some(Arc::clone(&s));
+        let connected = self.connect().await;
+        self.metrics.ssh_connect(connected.is_ok(), slot.had_session);
+        let s = Arc::new(connected?);
+        slot.session = Some(Arc::clone(&s));
+        slot.had_session = true;
+        self.metrics.ssh_connections().inc();
         Ok(s)
     }
 
@@ -287,8 +319,9 @@ impl<C: Connector> SshTransport<C> {
     async fn evict(&self, s: &Arc<Session>) {
         for slot in &self.slots {
             let mut g = slot.lock().await;
-            if g.as_ref().is_some_and(|x| Arc::ptr_eq(x, s)) {
-                *g = None;
+            if g.session.as_ref().is_some_and(|x| Arc::ptr_eq(x, s)) {
+                g.session = None;
+                self.metrics.ssh_connections().dec();
             }
         }
     }
@@ -350,6 +383,9 @@ impl<C: Connector> Transport for SshTransport<C> {
             .acquire()
             .await
             .map_err(|_| RdsError::Unavailable("SSH transport closed".into()))?;
+        let channels = self.metrics.ssh_channels_in_use();
+        channels.inc();
+        let _in_use = InUse(channels);
         let s = self.session().await?;
         let result = self.timed_exec(&s, cmd).await;
         if result.is_err() {
