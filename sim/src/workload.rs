@@ -1269,7 +1269,7 @@ impl Script {
     /// Sometimes a third node's attach meets a running migration. While the VM's pods run,
     /// the kubelets poll the disk as for any pod. Finally the VM stops and its disk is
     /// deleted.
-    async fn run_vm(mut self, i: usize) {
+    async fn run_vm(mut self) {
         let o = std::sync::Arc::clone(&self.sh.opts);
         let vol = self.vol.clone();
         self.think(0, o.chaos_secs * 1000 / 2).await;
@@ -1305,8 +1305,9 @@ impl Script {
                 "spec": {
                     "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteMany"],
                     "volumeMode": "Block",
-                    "claimRef": { "kind": "PersistentVolumeClaim", "namespace": "vms",
-                                  "name": format!("vm-{i}-disk") },
+                    "claimRef": { "kind": "PersistentVolumeClaim",
+                                  "namespace": crate::world::CLAIM_NAMESPACE,
+                                  "name": crate::world::claim_name(&vol) },
                     "csi": { "driver": DRIVER, "volumeHandle": vol },
                 },
             }),
@@ -1615,7 +1616,7 @@ pub async fn run(sh: Shared) -> turmoil::Result {
             backup: None,
             vm: true,
         };
-        tasks.push(tokio::spawn(script.run_vm(i)));
+        tasks.push(tokio::spawn(script.run_vm()));
     }
     let reconciler = (sh.opts.reconcile_secs > 0).then(|| tokio::spawn(reconcile(sh.clone())));
     for t in tasks {
