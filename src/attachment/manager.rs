@@ -210,6 +210,11 @@ impl AttachmentManager {
     }
 
     /// Replaces the whole in-memory state (start-up only).
+    /// Sets `volume`'s holders in memory to what the store was just read to hold.
+    pub(crate) fn set_holders(&self, volume: &VolumeId, holders: Holders) {
+        self.state().set(volume, holders);
+    }
+
     pub(crate) fn replace_all(&self, records: Vec<AttachmentRecord>) {
         let mut state = State::new(self.metrics.in_flight());
         let mut records = records.into_iter().peekable();
@@ -555,7 +560,7 @@ impl AttachmentManager {
     }
 
     /// `volume`'s holders in the store (a missing PV holds nothing).
-    async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
+    pub(crate) async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
         match self.store.read_volume(volume).await {
             Ok(records) => Ok(records.into_iter().collect()),
             Err(crate::ports::store::StoreError::NotFound(_)) => Ok(Holders::default()),
