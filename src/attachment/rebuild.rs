@@ -81,9 +81,10 @@ impl AttachmentManager {
             let start = kept.partition_point(|r| r.volume_id < *volume);
             let end = start + kept[start..].partition_point(|r| r.volume_id == *volume);
             let before: Holders = kept[start..end].iter().cloned().collect();
-            // A migration whose source was dropped has completed; the set is a new one.
-            let holders =
-                crate::attachment::migration::settle(before.clone()).stamped_after(&before);
+            // A migration whose source was dropped has completed; the set is a new one, the
+            // next generation of the one loaded.
+            let previous: Holders = loaded.iter().cloned().collect();
+            let holders = crate::attachment::migration::settle(before).stamped_after(&previous);
             match self
                 .store()
                 .write_volume_if(volume, loaded, holders.as_slice())
