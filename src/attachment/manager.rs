@@ -892,15 +892,17 @@ impl AttachmentManager {
                 continue;
             }
             let _guard = self.lock(&volume).await;
+            let from = disk.allowed_host_nqn.clone();
+            // The listing observed the disk before this read of the store.
+            let observed = DiskEntry::from(disk);
             let settled = async {
-                // The listing observed the disk before this read of the store.
                 let stored = self.read_stored(&volume).await?;
                 self.state().set(&volume, stored.clone());
-                self.fence(&volume, &stored, None, Some(DiskEntry::from(disk.clone()))).await
+                self.fence(&volume, &stored, None, Some(observed)).await
             };
             match settled.await {
                 Ok(m) if m.moved => {
-                    tracing::info!(volume_id = %volume, from = ?disk.allowed_host_nqn, "export allow list settled at start-up");
+                    tracing::info!(volume_id = %volume, ?from, "export allow list settled at start-up");
                     moved += 1;
                 }
                 Ok(_) => {}

@@ -810,16 +810,29 @@ async fn rebuild_restores_records_and_drops_those_whose_detach_completed() {
     );
 }
 
-/// A store in which another writer's write of one volume lands just before this
-/// replica's first conditional write (a former leader's slow start-up racing the new
-/// leader's publish).
-struct LandsFirst {
+/// A store that lets another writer act in the middle of this replica's calls (a former
+/// leader racing the new one during a failover): `write_first` lands just before this
+/// replica's first conditional write; `publish_after_read` is another replica's publish,
+/// run to completion after this replica's first read of a volume was taken, so the answer
+/// is stale by the time it arrives.
+struct Interleaved {
     inner: Arc<MemStore>,
-    other: std::sync::Mutex<Option<(VolumeId, Vec<crate::ports::store::AttachmentRecord>)>>,
+    write_first: std::sync::Mutex<Option<(VolumeId, Vec<crate::ports::store::AttachmentRecord>)>>,
+    publish_after_read: tokio::sync::Mutex<Option<(Arc<AttachmentManager>, PublishArgs)>>,
+}
+
+impl Interleaved {
+    fn over(inner: Arc<MemStore>) -> Self {
+        Self {
+            inner,
+            write_first: std::sync::Mutex::new(None),
+            publish_after_read: tokio::sync::Mutex::new(None),
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl AttachmentStore for LandsFirst {
+impl AttachmentStore for Interleaved {
     async fn write_volume(
         &self,
         volume: &VolumeId,
@@ -834,11 +847,22 @@ impl AttachmentStore for LandsFirst {
         previous: &[crate::ports::store::AttachmentRecord],
         holders: &[crate::ports::store::AttachmentRecord],
     ) -> Result<(), StoreError> {
-        let other = self.other.lock().unwrap().take();
+        let other = self.write_first.lock().unwrap().take();
         if let Some((v, records)) = other {
             self.inner.write_volume(&v, &records).await?;
         }
         self.inner.write_volume_if(volume, previous, holders).await
+    }
+
+    async fn read_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        let read = self.inner.read_volume(volume).await;
+        if let Some((other, args)) = self.publish_after_read.lock().await.take() {
+            other.publish(&args).await.unwrap();
+        }
+        read
     }
 
     async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
@@ -871,10 +895,8 @@ async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
         migration: None,
         generation: 0,
     };
-    let store = Arc::new(LandsFirst {
-        inner: w.store.clone(),
-        other: std::sync::Mutex::new(Some((vid("pvc-1"), vec![node_b]))),
-    });
+    let store = Arc::new(Interleaved::over(w.store.clone()));
+    *store.write_first.lock().unwrap() = Some((vid("pvc-1"), vec![node_b]));
     let restarted = AttachmentManager::new(
         w.rds.clone(),
         store,
@@ -894,40 +916,6 @@ async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
         nid("node-b"),
         "memory follows the store"
     );
-}
-
-/// A store whose first read of a volume's holders is answered with what it held, but only
-/// after another replica's publish (`then`) has run to completion: the reader's view is
-/// stale by the time it arrives.
-struct PublishedDuringRead {
-    inner: Arc<MemStore>,
-    then: tokio::sync::Mutex<Option<(Arc<AttachmentManager>, PublishArgs)>>,
-}
-
-#[async_trait::async_trait]
-impl AttachmentStore for PublishedDuringRead {
-    async fn write_volume(
-        &self,
-        volume: &VolumeId,
-        holders: &[crate::ports::store::AttachmentRecord],
-    ) -> Result<(), StoreError> {
-        self.inner.write_volume(volume, holders).await
-    }
-
-    async fn read_volume(
-        &self,
-        volume: &VolumeId,
-    ) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
-        let read = self.inner.read_volume(volume).await;
-        if let Some((other, args)) = self.then.lock().await.take() {
-            other.publish(&args).await.unwrap();
-        }
-        read
-    }
-
-    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
-        self.inner.load_all().await
-    }
 }
 
 #[tokio::test]
@@ -952,10 +940,7 @@ async fn a_start_up_settle_on_a_stale_read_never_undoes_another_writers_fence() 
         }]));
     w.store
         .fail_next_writes([StoreError::Unavailable("api down".into())]);
-    let store = Arc::new(PublishedDuringRead {
-        inner: w.store.clone(),
-        then: tokio::sync::Mutex::new(None),
-    });
+    let store = Arc::new(Interleaved::over(w.store.clone()));
     let restarted = AttachmentManager::new(
         w.rds.clone(),
         store.clone(),
@@ -965,7 +950,7 @@ async fn a_start_up_settle_on_a_stale_read_never_undoes_another_writers_fence() 
     );
     assert_eq!(restarted.rebuild().await.unwrap().clear_failures, 1);
     // Its settle reads the store (still node-a) while the old leader publishes to node-b.
-    *store.then.lock().await = Some((w.mgr.clone(), publish_args("pvc-1", "node-b", false)));
+    *store.publish_after_read.lock().await = Some((w.mgr.clone(), publish_args("pvc-1", "node-b", false)));
     assert_eq!(
         restarted.settle_fences().await.unwrap(),
         2,

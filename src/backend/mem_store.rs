@@ -49,6 +49,27 @@ impl MemStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Counts a write attempt and fails it with the next injected error, if any.
+    fn attempt(&self) -> Result<(), StoreError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        match self.fail_next.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Replaces `volume`'s records in `records` with `holders`.
+fn replace(
+    records: &mut BTreeMap<(VolumeId, NodeId), AttachmentRecord>,
+    volume: &VolumeId,
+    holders: &[AttachmentRecord],
+) {
+    records.retain(|(v, _), _| v != volume);
+    for r in holders {
+        records.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
+    }
 }
 
 #[async_trait]
@@ -58,20 +79,12 @@ impl AttachmentStore for MemStore {
         volume: &VolumeId,
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = self
-            .fail_next
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-        {
-            return Err(e);
-        }
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records.retain(|(v, _), _| v != volume);
-        for r in holders {
-            records.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
-        }
+        self.attempt()?;
+        replace(
+            &mut self.records.lock().unwrap_or_else(|p| p.into_inner()),
+            volume,
+            holders,
+        );
         Ok(())
     }
 
@@ -81,21 +94,21 @@ impl AttachmentStore for MemStore {
         previous: &[AttachmentRecord],
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError> {
-        let stored: Vec<AttachmentRecord> = self
-            .records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.attempt()?;
+        // The check and the write under one lock, as the API server's precondition is.
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let stored: Vec<AttachmentRecord> = records
             .values()
             .filter(|r| r.volume_id == *volume)
             .cloned()
             .collect();
         if !crate::ports::store::same_holders(&stored, previous) {
-            self.writes.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Conflict(format!(
                 "the holders of {volume} changed since they were read"
             )));
         }
-        self.write_volume(volume, holders).await
+        replace(&mut records, volume, holders);
+        Ok(())
     }
 
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
