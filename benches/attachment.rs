@@ -146,6 +146,7 @@ fn publish_args(v: &str, n: &str) -> PublishArgs {
         block: false,
         fs_type: Some("ext4".into()),
         nvme_address: Some("10.0.0.5".into()),
+        migration_timeout: rds_csi::attachment::migration::DEFAULT_TIMEOUT,
     }
 }
 

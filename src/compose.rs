@@ -254,7 +254,8 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
                 Arc::clone(&clock),
                 settings.attachment.clone(),
             )
-            .with_metrics(metrics.attachment()),
+            .with_metrics(metrics.attachment())
+            .with_migration_metrics(metrics.migrations()),
         );
         let traffic = Arc::new(TrafficPoll::new(
             Arc::clone(&rds),
@@ -776,6 +777,8 @@ mod tests {
             attached_at: std::time::UNIX_EPOCH,
             access_mode: AccessMode::SingleNode,
             readonly: false,
+            migration: None,
+            generation: 0,
         };
         store.write_volume(&volume, &[record]).await.unwrap();
         assert!(manager.get(&volume).is_empty());

@@ -198,6 +198,8 @@ mod tests {
             attached_at: FixedClock.now(),
             access_mode: AccessMode::SingleNode,
             readonly: false,
+            migration: None,
+            generation: 0,
         };
         // Every method of both ports (add new port methods here), including the conflict
         // paths (re-read, then retry) and a volume the index has not seen.

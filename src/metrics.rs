@@ -3,7 +3,9 @@
 //! global. The node's data path records through [`Metrics`] itself (NVMe connects and
 //! disconnects by outcome with their duration, stale mounts detected, recoveries, orphan
 //! connections cleaned). Each other area has its handle type: [`AttachmentMetrics`] (the
-//! attachment manager),
+//! attachment manager), [`MigrationMetrics`] (the controller's live migrations:
+//! `rds_csi_migrations_total{outcome, timed_out}`, `rds_csi_migration_duration_seconds{outcome}`,
+//! `rds_csi_migrations_in_flight`),
 //! [`RouterOsMetrics`] (the RouterOS adapter and its SSH pool), [`RdsMetrics`] (what the
 //! RDS reports: pool, disks, per-disk traffic) and [`ReconcilerMetrics`] (the hooks for the
 //! controller's reconcilers); the per-RPC series are recorded by a tower layer around the
@@ -70,6 +72,9 @@ pub const SERIES: &[&str] = &[
     ORPHAN_VOLUMES_DELETED,
     RECONCILER_RUNS,
     RECONCILER_RUN_DURATION,
+    MIGRATIONS,
+    MIGRATION_DURATION,
+    MIGRATIONS_IN_FLIGHT,
 ];
 
 /// The prefix of every series.
@@ -107,6 +112,9 @@ const ORPHAN_VOLUMES_FOUND: &str = "orphan_volumes_found";
 const ORPHAN_VOLUMES_DELETED: &str = "orphan_volumes_deleted";
 const RECONCILER_RUNS: &str = "reconciler_runs";
 const RECONCILER_RUN_DURATION: &str = "reconciler_run_duration_seconds";
+const MIGRATIONS: &str = "migrations";
+const MIGRATION_DURATION: &str = "migration_duration_seconds";
+const MIGRATIONS_IN_FLIGHT: &str = "migrations_in_flight";
 
 /// Labels of the per-RPC metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +123,70 @@ pub struct RpcLabels {
     pub method: String,
     /// gRPC status code name, e.g. `Ok`, `NotFound`.
     pub code: String,
+}
+
+/// Labels of a migration that ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// `completed` (the source detached) or `failed` (the target detached).
+    pub outcome: String,
+    /// `true` when it ended after outliving its `migrationTimeoutSeconds`.
+    pub timed_out: String,
+}
+
+/// Labels of a migration's duration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationOutcome {
+    /// `completed` or `failed`.
+    pub outcome: String,
+}
+
+/// The controller's live migrations (KubeVirt): ended ones by outcome, their durations, and
+/// those running in this controller's memory. Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct MigrationMetrics {
+    ended: Family<MigrationLabels, Counter>,
+    duration: Family<MigrationOutcome, Histogram>,
+    in_flight: Gauge,
+}
+
+impl Default for MigrationMetrics {
+    /// Series registered nowhere (tests, or a manager built without a registry).
+    fn default() -> Self {
+        Self {
+            ended: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            in_flight: Gauge::default(),
+        }
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 s .. ~68 min: migrations last seconds to the longest timeout (3600 s).
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+impl MigrationMetrics {
+    /// A migration ended: `completed` or `failed`, after `seconds`, past its timeout or not.
+    pub fn ended(&self, outcome: &str, timed_out: bool, seconds: f64) {
+        self.ended
+            .get_or_create(&MigrationLabels {
+                outcome: outcome.to_string(),
+                timed_out: timed_out.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&MigrationOutcome {
+                outcome: outcome.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The gauge of migrations running in this controller's memory (the attachment manager
+    /// keeps it in step with its memory).
+    pub fn in_flight(&self) -> Gauge {
+        self.in_flight.clone()
+    }
 }
 
 /// An `outcome` label.
@@ -307,8 +379,8 @@ impl AttachmentMetrics {
         );
         r.register(
             ATTACHMENT_CONFLICTS,
-            "Publishes refused because a single-node volume is attached to another node \
-             (Event AttachmentConflict)",
+            "Publishes refused because a single-node volume is attached to another node, or \
+             a VM disk has its two holders already (Event AttachmentConflict)",
             self.conflicts.clone(),
         );
         r.register(
@@ -736,6 +808,7 @@ pub struct Metrics {
     registry: Registry,
     rpcs: Family<RpcLabels, Counter>,
     latency: Family<RpcLabels, Histogram>,
+    migrations: MigrationMetrics,
     nvme: Family<NvmeLabels, Counter>,
     nvme_latency: Family<NvmeLabels, Histogram>,
     stale_mounts: Family<CheckLabels, Counter>,
@@ -769,6 +842,24 @@ impl Default for Metrics {
             RPC_DURATION,
             "CSI RPC latency, by method and gRPC code",
             latency.clone(),
+        );
+        let migrations = MigrationMetrics::default();
+        registry.register(
+            MIGRATIONS,
+            "Live migrations of multi-node block volumes that ended, by outcome (completed: \
+             the source detached; failed: the target detached) and whether they outlived \
+             their timeout",
+            migrations.ended.clone(),
+        );
+        registry.register(
+            MIGRATION_DURATION,
+            "How long live migrations ran, by outcome",
+            migrations.duration.clone(),
+        );
+        registry.register(
+            MIGRATIONS_IN_FLIGHT,
+            "Live migrations running, as this controller's memory knows them",
+            migrations.in_flight.clone(),
         );
         let nvme = Family::<NvmeLabels, Counter>::default();
         let nvme_latency = Family::<NvmeLabels, Histogram>::new_with_constructor(|| {
@@ -817,6 +908,7 @@ impl Default for Metrics {
             registry,
             rpcs,
             latency,
+            migrations,
             nvme,
             nvme_latency,
             stale_mounts,
@@ -839,6 +931,11 @@ impl Metrics {
         };
         self.rpcs.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
+    }
+
+    /// The migration metrics (handles sharing this registry's series).
+    pub fn migrations(&self) -> MigrationMetrics {
+        self.migrations.clone()
     }
 
     /// Records one NVMe `op` (`connect`, `disconnect`) that took `seconds`.
@@ -913,6 +1010,7 @@ impl Metrics {
         m.reconcilers.run(Reconciler::OrphanVolumes, true, 0.1);
         m.reconcilers.orphans(0, 0);
         m.reconcilers.orphan_deleted();
+        m.migrations.ended("completed", false, 12.0);
         m
     }
 
@@ -1167,6 +1265,26 @@ mod tests {
             text.contains("rds_csi_rpc_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn migrations_appear_by_outcome_with_durations_and_in_flight() {
+        let m = Metrics::default();
+        let mig = m.migrations();
+        mig.in_flight().set(2);
+        mig.ended("completed", false, 12.0);
+        mig.ended("completed", false, 30.0);
+        mig.ended("failed", true, 400.0);
+        let text = m.render();
+        for want in [
+            r#"rds_csi_migrations_total{outcome="completed",timed_out="false"} 2"#,
+            r#"rds_csi_migrations_total{outcome="failed",timed_out="true"} 1"#,
+            r#"rds_csi_migration_duration_seconds_count{outcome="completed"} 2"#,
+            r#"rds_csi_migration_duration_seconds_sum{outcome="failed"} 400.0"#,
+            "rds_csi_migrations_in_flight 2",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
     }
 
     #[test]

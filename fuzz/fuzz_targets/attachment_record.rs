@@ -2,9 +2,10 @@
 //! (production) and in the embedded store's JSON file, and the disk note (the RouterOS
 //! comment naming a snapshot's source volume or a volume's layout) and parked allow list.
 //! - PV annotations as found (the driver's keys with any values, other keys): decoding
-//!   never panics; it refuses with a one-line message, or gives holders sorted by node, at
-//!   most one per node (the invariant of the manager's holder set), that encode and decode
-//!   again to themselves;
+//!   never panics, whatever mode the PV's spec implies for annotations naming none; it
+//!   refuses with a one-line message, or gives holders sorted by node, at most one per node
+//!   (the invariant of the manager's holder set), that encode and decode again to
+//!   themselves (the migration and generation annotations included);
 //! - records the driver writes (valid nodes, times to the microsecond, any mode) decode
 //!   to exactly themselves;
 //! - the embedded store's file: any bytes decode or are refused; what decodes re-encodes
@@ -24,7 +25,8 @@ use rds_csi::attachment::fence::parked_nqn;
 use rds_csi::controller::ControllerConfig;
 use rds_csi::controller::volumes::CreateArgs;
 use rds_csi::kube::pv_store::{
-    ANN_ATTACHED_AT, ANN_ATTACHED_MODE, ANN_ATTACHED_NODE, ANN_ATTACHED_READONLY, annotations_for,
+    ANN_ATTACHED_AT, ANN_ATTACHED_MODE, ANN_ATTACHED_NODE, ANN_ATTACHED_READONLY, ANN_GENERATION,
+    ANN_MIGRATION_SOURCE, ANN_MIGRATION_STARTED_AT, ANN_MIGRATION_TIMEOUT, annotations_for,
     records_from,
 };
 use rds_csi::ports::Rds;
@@ -41,6 +43,10 @@ enum Key {
     ReadOnly,
     Mode,
     Other(Text),
+    MigrationSource,
+    MigrationStartedAt,
+    MigrationTimeout,
+    Generation,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -90,17 +96,52 @@ fn written(holders: &[AttachmentRecord]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A record as annotations carry it: times to the microsecond.
-fn essence(r: &AttachmentRecord) -> (String, AccessMode, bool, i128) {
-    let micros = match r.attached_at.duration_since(UNIX_EPOCH) {
+/// A time as annotations carry it: to the microsecond.
+fn micros(t: std::time::SystemTime) -> i128 {
+    match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_micros() as i128,
         Err(e) => -(e.duration().as_micros() as i128),
-    };
-    (r.node_id.to_string(), r.access_mode, r.readonly, micros)
+    }
+}
+
+/// A record as annotations carry it: times to the microsecond.
+type Essence = (
+    String,
+    AccessMode,
+    bool,
+    i128,
+    u64,
+    Option<(String, i128, u64)>,
+);
+
+/// A record as annotations carry it.
+fn essence(r: &AttachmentRecord) -> Essence {
+    let migration = r.migration.as_ref().map(|m| {
+        (
+            m.source.to_string(),
+            micros(m.started_at),
+            m.timeout.as_secs(),
+        )
+    });
+    (
+        r.node_id.to_string(),
+        r.access_mode,
+        r.readonly,
+        micros(r.attached_at),
+        r.generation,
+        migration,
+    )
 }
 
 fn decoded(ann: &BTreeMap<String, String>) {
-    match records_from(&volume(), ann) {
+    for mode in MODES {
+        decoded_as(ann, mode);
+    }
+}
+
+/// `ann` decoded with `mode` for a record that names none (the PV spec's reading).
+fn decoded_as(ann: &BTreeMap<String, String>, mode: AccessMode) {
+    match records_from(&volume(), ann, mode) {
         Ok(records) => {
             for pair in records.windows(2) {
                 assert!(
@@ -109,7 +150,7 @@ fn decoded(ann: &BTreeMap<String, String>) {
                 );
             }
             assert!(records.iter().all(|r| r.volume_id == volume()));
-            let again = records_from(&volume(), &written(&records))
+            let again = records_from(&volume(), &written(&records), mode)
                 .unwrap_or_else(|e| panic!("{records:?} written then unreadable: {e}"));
             assert_eq!(
                 again.iter().map(essence).collect::<Vec<_>>(),
@@ -137,19 +178,20 @@ fn round_trip(holders: Vec<Holder>, mode: u8) {
         }
         // 1970-01-01 ..= 9999-12-31, to the microsecond: what RFC 3339 can carry.
         let secs = h.secs % 253_402_300_800;
-        records.push(AttachmentRecord {
-            volume_id: volume(),
+        records.push(AttachmentRecord::new(
+            volume(),
             node_id,
-            attached_at: UNIX_EPOCH
+            UNIX_EPOCH
                 + Duration::from_secs(secs)
                 + Duration::from_micros(u64::from(h.micros % 1_000_000)),
-            access_mode: mode,
-            readonly: h.readonly,
-        });
+            mode,
+            h.readonly,
+        ));
     }
     records.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     let ann = written(&records);
-    let back = records_from(&volume(), &ann)
+    // Written records name their mode: the spec's reading is never used.
+    let back = records_from(&volume(), &ann, AccessMode::SingleNode)
         .unwrap_or_else(|e| panic!("{records:?} written as {ann:?}, then unreadable: {e}"));
     assert_eq!(back, records, "written as {ann:?}");
 }
@@ -241,6 +283,10 @@ fuzz_target!(|input: Input| {
                         Key::ReadOnly => ANN_ATTACHED_READONLY.to_string(),
                         Key::Mode => ANN_ATTACHED_MODE.to_string(),
                         Key::Other(t) => t.0,
+                        Key::MigrationSource => ANN_MIGRATION_SOURCE.to_string(),
+                        Key::MigrationStartedAt => ANN_MIGRATION_STARTED_AT.to_string(),
+                        Key::MigrationTimeout => ANN_MIGRATION_TIMEOUT.to_string(),
+                        Key::Generation => ANN_GENERATION.to_string(),
                     };
                     (key, v.0)
                 })

@@ -69,15 +69,22 @@ impl AttachmentStore for BuggyStore {
     }
 }
 
-/// A cluster that reports every node gone when asked fresh (while they are alive).
-struct NodeGone {
+/// A cluster that lies when asked fresh: with [`Bug::NodeGoneWhileAlive`] every node is
+/// gone (while they are alive); with [`Bug::ThirdNodeAttaches`] a VM disk
+/// ([`crate::options::VM_PREFIX`]) has no VolumeAttachment (its holders look detached by
+/// hand, so a third node is let in).
+struct LyingCluster {
     inner: Arc<dyn Cluster>,
+    bug: Bug,
 }
 
 #[async_trait]
-impl Cluster for NodeGone {
-    async fn node_exists(&self, _node: &NodeId) -> Result<bool, ClusterError> {
-        Ok(false)
+impl Cluster for LyingCluster {
+    async fn node_exists(&self, node: &NodeId) -> Result<bool, ClusterError> {
+        if self.bug == Bug::NodeGoneWhileAlive {
+            return Ok(false);
+        }
+        self.inner.node_exists(node).await
     }
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
@@ -96,6 +103,11 @@ impl Cluster for NodeGone {
         volume: &VolumeId,
         node: &NodeId,
     ) -> Result<Option<bool>, ClusterError> {
+        if self.bug == Bug::ThirdNodeAttaches
+            && volume.as_str().starts_with(crate::options::VM_PREFIX)
+        {
+            return Ok(Some(false));
+        }
         self.inner.volume_attachment_exists(volume, node).await
     }
     async fn volume_attachment(
@@ -313,7 +325,9 @@ pub fn wrap_store(
 /// The cluster with `bug` planted, if it is a cluster bug.
 pub fn wrap_cluster(inner: Arc<dyn Cluster>, bug: Option<Bug>) -> Arc<dyn Cluster> {
     match bug {
-        Some(Bug::NodeGoneWhileAlive) => Arc::new(NodeGone { inner }),
+        Some(bug @ (Bug::NodeGoneWhileAlive | Bug::ThirdNodeAttaches)) => {
+            Arc::new(LyingCluster { inner, bug })
+        }
         Some(Bug::AttachedEventDropped) => Arc::new(DropsAttached { inner }),
         Some(Bug::OrphanReferencesLost) => Arc::new(ReferencesLost { inner }),
         _ => inner,

@@ -390,7 +390,14 @@ impl Injector {
         }
         if self.roll(o.device_loss_pct) {
             let i = live[self.rng.random_range(0..live.len())];
-            let nqns = sh.kernels[i].connected_nqns();
+            // Not a VM disk's: the VM workload does not model a migration's source whose
+            // controller is lost (it cannot reconnect until the migration ends: the export
+            // admits the target), nor restarts the pods of two nodes independently.
+            let nqns: Vec<String> = sh.kernels[i]
+                .connected_nqns()
+                .into_iter()
+                .filter(|n| !n.contains(crate::options::VM_PREFIX))
+                .collect();
             if !nqns.is_empty() {
                 let nqn = &nqns[self.rng.random_range(0..nqns.len())];
                 sh.kernels[i].lose_connection(nqn);
@@ -519,7 +526,11 @@ impl Injector {
             sh.emulator
                 .disk_slots()
                 .into_iter()
-                .filter(|v| v.starts_with("pvc-") && !model.holds(v, &node))
+                .filter(|v| {
+                    v.starts_with("pvc-")
+                        && !v.starts_with(crate::options::VM_PREFIX)
+                        && !model.holds(v, &node)
+                })
                 .filter(|v| !connected.contains(&format!("{DEFAULT_NQN_PREFIX}{v}")))
                 .collect()
         };

@@ -118,8 +118,37 @@ pub fn run_stepping(opts: Options, stepping: Stepping) -> Report {
     let idle = Idle::new(sh.trace.time().clone());
     let subscriber = tracing_subscriber::registry()
         .with(sh.ops.layer())
-        .with(idle.layer());
+        .with(idle.layer())
+        .with(log_layer(sh.trace.time().clone()));
     tracing::subscriber::with_default(subscriber, || run_world(&sh, &idle, stepping))
+}
+
+/// The driver's own log lines on stderr, stamped with simulated time, when `SIM_LOG` holds
+/// a filter (`SIM_LOG=rds_csi::attachment=info sim replay 2442`): for reading a replay next
+/// to its trace. Logging observes the run; it changes nothing in it.
+fn log_layer<S>(time: trace::SimTime) -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    struct Stamp(trace::SimTime);
+    impl tracing_subscriber::fmt::time::FormatTime for Stamp {
+        fn format_time(
+            &self,
+            w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+        ) -> std::fmt::Result {
+            write!(w, "{:>9.3}s", self.0.now().as_secs_f64())
+        }
+    }
+    use tracing_subscriber::Layer;
+    let filter = std::env::var("SIM_LOG").ok()?;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).ok()?;
+    Some(
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_timer(Stamp(time))
+            .with_filter(filter),
+    )
 }
 
 /// Whether a message is on its way over turmoil's network.

@@ -21,8 +21,8 @@ const USAGE: &str =
        sim replay SEED [--bug KIND] [--check-determinism] [--stepping S]
   KIND: AckBeforePersist | DropPrecondition | NodeGoneWhileAlive | BlindRdsRetry |
         UnpublishOpensExport | DeleteSkipsHolders | ReissuedPublishSkipsLock |
-        KernelReconnectDefaults | RememberedDevicePath | NamelessRds |
-        AttachedEventDropped | OrphanReferencesLost
+        KernelReconnectDefaults | RememberedDevicePath | ThirdNodeAttaches |
+        NamelessRds | AttachedEventDropped | OrphanReferencesLost
   S: skip-idle (default) | every-tick";
 
 fn parse_range(s: &str) -> Option<(u64, u64)> {

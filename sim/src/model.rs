@@ -24,12 +24,15 @@ pub struct Pair {
     /// Calls an attacher that lost its state sent and no longer waits for (still running
     /// on the controller): until they end, the pair's state is not the CO's to claim.
     pub outstanding: u32,
+    /// The CO's own calls on the pair still running (sent, no answer or timeout yet): they
+    /// may still take effect even when the pair's node was lost meanwhile.
+    pub running: u32,
 }
 
 impl Pair {
     /// Whether a call on the pair may still take effect (the per-pair checks skip it).
     pub fn unsettled(&self) -> bool {
-        self.pending.is_some() || self.outstanding > 0
+        self.pending.is_some() || self.outstanding > 0 || self.running > 0
     }
 }
 
@@ -49,6 +52,9 @@ pub struct Volume {
     /// The CO left it behind (gave up after CreateVolume, or deleted its PV by hand): an
     /// orphan the reconciler may delete.
     pub abandoned: bool,
+    /// A VM disk (RWX block, `MULTI_NODE_MULTI_WRITER`): two holders during a live
+    /// migration, never three.
+    pub multi: bool,
 }
 
 /// One snapshot's lifecycle.
@@ -84,17 +90,11 @@ pub struct Model {
 impl Model {
     /// A call on (volume, node) is sent.
     pub fn begin(&mut self, volume: &str, node: &str, op: Op) {
-        self.pairs
-            .entry((volume.to_string(), node.to_string()))
-            .or_default()
-            .pending = Some(op);
+        self.pair(volume, node).pending = Some(op);
     }
     /// A call on (volume, node) was acknowledged.
     pub fn ack(&mut self, volume: &str, node: &str, op: Op) {
-        let p = self
-            .pairs
-            .entry((volume.to_string(), node.to_string()))
-            .or_default();
+        let p = self.pair(volume, node);
         p.acked = Some(op);
         p.pending = None;
         if op == Op::Publish {
@@ -110,6 +110,7 @@ impl Model {
             if n == node && (p.pending.is_some() || p.acked == Some(Op::Publish)) {
                 *p = Pair {
                     outstanding: p.outstanding,
+                    running: p.running,
                     ..Pair::default()
                 };
             }
@@ -126,17 +127,20 @@ impl Model {
         }
     }
 
+    /// A call of the CO's on (volume, node) starts running (`true`) or ends.
+    pub fn running(&mut self, volume: &str, node: &str, starts: bool) {
+        count(&mut self.pair(volume, node).running, starts);
+    }
+
     /// A detached call on (volume, node) starts (`true`) or ends.
     pub fn outstanding(&mut self, volume: &str, node: &str, starts: bool) {
-        let p = self
-            .pairs
+        count(&mut self.pair(volume, node).outstanding, starts);
+    }
+
+    fn pair(&mut self, volume: &str, node: &str) -> &mut Pair {
+        self.pairs
             .entry((volume.to_string(), node.to_string()))
-            .or_default();
-        if starts {
-            p.outstanding += 1;
-        } else {
-            p.outstanding = p.outstanding.saturating_sub(1);
-        }
+            .or_default()
     }
 
     /// Whether `node` holds `volume`: its ControllerPublish was acknowledged and no
@@ -155,5 +159,14 @@ impl Model {
     /// The lifecycle record of `volume`.
     pub fn volume(&mut self, volume: &str) -> &mut Volume {
         self.volumes.entry(volume.to_string()).or_default()
+    }
+}
+
+/// Counts a call that starts (`true`) or ends.
+fn count(n: &mut u32, starts: bool) {
+    if starts {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
     }
 }

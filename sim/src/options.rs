@@ -34,6 +34,9 @@ pub enum Bug {
     /// as that path exists: after a reconnect renamed the volume, and the old name went to
     /// another volume, the node mounts the wrong disk.
     RememberedDevicePath,
+    /// The cluster finds no VolumeAttachment of a VM disk's holders (judged detached by
+    /// hand): a third node attaches while two hold the disk.
+    ThirdNodeAttaches,
     /// The RDS keeps a new snapshot's note without the CSI name recorded in it, so a name
     /// that is no RDS slot is not recognised when its CreateSnapshot is repeated.
     NamelessRds,
@@ -46,7 +49,7 @@ pub enum Bug {
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 12] = [
+    pub const ALL: [Bug; 13] = [
         Bug::AckBeforePersist,
         Bug::DropPrecondition,
         Bug::NodeGoneWhileAlive,
@@ -56,6 +59,7 @@ impl Bug {
         Bug::ReissuedPublishSkipsLock,
         Bug::KernelReconnectDefaults,
         Bug::RememberedDevicePath,
+        Bug::ThirdNodeAttaches,
         Bug::NamelessRds,
         Bug::AttachedEventDropped,
         Bug::OrphanReferencesLost,
@@ -174,9 +178,20 @@ pub struct Options {
     /// every watch stream (the controllers' watchers watch again from where they were), or
     /// cuts them and answers the next watches 410 Gone (the watchers relist).
     pub watch_fault_pct: u32,
+    /// KubeVirt VMs (besides the volumes): each an RWX block disk that live-migrates
+    /// between live nodes — migrations that complete, that fail (the target detached, or
+    /// lost), and that outlast their timeout (a third node's attach is then refused).
+    pub vms: usize,
+    /// Live migrations of each VM.
+    pub migrations: usize,
+    /// The VM disks' `migrationTimeoutSeconds`.
+    pub migration_timeout_secs: u64,
     /// Planted bug (proof-of-power tests only; `None` in every normal run).
     pub bug: Option<Bug>,
 }
+
+/// Volume ids of the VMs' disks start so (the volumes': `pvc-sim-`).
+pub const VM_PREFIX: &str = "pvc-vm-";
 
 /// Bound on the liveness phase: after healing, the workload must finish within this.
 pub const LIVENESS_SECS: u64 = 600;
@@ -256,7 +271,7 @@ impl Options {
         };
         // Drawn after the reconcilers' knobs, for the same reason.
         let watch_fault_pct = if calm { 0 } else { r.random_range(0..=8) };
-        Self {
+        let mut opts = Self {
             seed,
             nodes,
             volumes,
@@ -291,6 +306,9 @@ impl Options {
             rpc_timeout_ms,
             fault_every_ms,
             chaos_secs,
+            vms: 0,
+            migrations: 0,
+            migration_timeout_secs: 0,
             rds_outage,
             finite_ctrl_loss_pct,
             device_loss_pct,
@@ -301,7 +319,14 @@ impl Options {
             abandon_pct,
             watch_fault_pct,
             bug: None,
+        };
+        // The VMs are drawn last, so every knob above keeps its value for every seed.
+        if r.random_bool(0.5) {
+            opts.vms = r.random_range(1..=2);
         }
+        opts.migrations = r.random_range(1..=3);
+        opts.migration_timeout_secs = r.random_range(30..=60);
+        opts
     }
 
     /// With `bug` planted.
@@ -372,6 +397,13 @@ impl fmt::Display for Options {
                 },
                 self.orphan_grace_secs,
                 self.abandon_pct
+            )?;
+        }
+        if self.vms > 0 {
+            write!(
+                f,
+                " vms={} migrations={} migration_timeout={}s",
+                self.vms, self.migrations, self.migration_timeout_secs
             )?;
         }
         if let Some(bug) = self.bug {

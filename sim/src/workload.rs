@@ -48,13 +48,13 @@ use rds_csi::proto::csi::{
     NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
     controller_client::ControllerClient,
     node_client::NodeClient,
-    volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode},
+    volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
 };
 use serde_json::json;
 use tonic::{Code, Status};
 
 use crate::model::Op;
-use crate::options::FORCE_DETACH_SECS;
+use crate::options::{FORCE_DETACH_SECS, VM_PREFIX};
 use crate::world::{
     CSI_PORT, DRIVER, ORPHAN_SWEEP, REISSUE_PORT, RESYNC, Shared, csi_channel, node_name,
     staging_path, target_path,
@@ -192,6 +192,16 @@ fn capability() -> VolumeCapability {
     }
 }
 
+/// A KubeVirt VM disk: a PVC `ReadWriteMany` + `volumeMode: Block`.
+fn vm_capability() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
 /// A pod using the volume on a node: its NodePublish (the target path included), the round
 /// it belongs to, and how often it was restarted.
 struct Pod {
@@ -261,9 +271,20 @@ struct Script {
     deleting: Option<tokio::task::JoinHandle<()>>,
     /// The PV as a backup made during the last attach holds it (an operator may restore it).
     backup: Option<serde_json::Value>,
+    /// A VM disk ([`vm_capability`]) rather than a single-node volume.
+    vm: bool,
 }
 
 impl Script {
+    /// The volume's capability.
+    fn cap(&self) -> VolumeCapability {
+        if self.vm {
+            vm_capability()
+        } else {
+            capability()
+        }
+    }
+
     /// One attempt of `call` on `host` (`CTRL`: the leading controller replica), traced.
     async fn once(&mut self, host: &str, call: &Call, note: &str) -> Result<Reply, Code> {
         self.once_on(host, CSI_PORT, call, note).await
@@ -432,7 +453,7 @@ impl Script {
         Call::Publish(ControllerPublishVolumeRequest {
             volume_id: self.vol.clone(),
             node_id: node.to_string(),
-            volume_capability: Some(capability()),
+            volume_capability: Some(self.cap()),
             readonly: false,
             volume_context: vctx.clone(),
             ..Default::default()
@@ -458,10 +479,16 @@ impl Script {
         let node = node_name(ix);
         self.model().begin(&self.vol, &node, Op::Publish);
         let call = self.publish_req(&node, vctx);
+        // Found by the simulation (seed 2723): the node's machine lost while its publish
+        // ran cleared the pair's pending call, and the VM disk's fence was judged before
+        // the still running publish moved it to the migration's target.
+        self.model().running(&self.vol, &node, true);
         let r = match self.maybe_reissue(&node, &call).await {
-            Some(r) => r,
-            None => self.until_ok_on(CTRL, ix, generation, call).await?,
+            Some(r) => Ok(r),
+            None => self.until_ok_on(CTRL, ix, generation, call).await,
         };
+        self.model().running(&self.vol, &node, false);
+        let r = r?;
         self.ack(ix, generation, Op::Publish)?;
         Ok(r)
     }
@@ -715,6 +742,7 @@ impl Script {
             cleanup: None,
             deleting: None,
             backup: None,
+            vm: self.vm,
         }
     }
 
@@ -1158,6 +1186,497 @@ impl Script {
     }
 }
 
+/// How a VM's live migration ends (drawn per migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The VM moved: the source is detached.
+    Completes,
+    /// KubeVirt gave up: the target is detached, the VM stays on the source.
+    TargetDetached,
+}
+
+impl Script {
+    /// Where the VM's `n`th pod (virt-launcher) on node `ix` maps the disk.
+    fn vm_target(&self, ix: usize, n: usize) -> String {
+        target_path(
+            &self.vol,
+            &format!("virt-launcher-{}-{n}-{}", self.vol, node_name(ix)),
+        )
+    }
+
+    /// The attacher attaches the VM disk to node `ix` and the kubelet maps it into the
+    /// VM's `n`th pod there (NodeStage, NodePublish of the raw block device).
+    async fn vm_attach(
+        &mut self,
+        ix: usize,
+        generation: u64,
+        n: usize,
+        vctx: &HashMap<String, String>,
+    ) -> Result<Pod, Lost> {
+        let node = node_name(ix);
+        self.put_va(&node, false);
+        let published = self.publish(ix, generation, vctx).await?;
+        self.put_va(&node, true);
+        self.maybe_repeat(CTRL, self.publish_req(&node, vctx)).await;
+        self.show_disk(ix);
+        let staging = staging_path(&self.vol);
+        let stage = Call::Stage(NodeStageVolumeRequest {
+            volume_id: self.vol.clone(),
+            publish_context: published.publish_context.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(vm_capability()),
+            volume_context: vctx.clone(),
+            ..Default::default()
+        });
+        self.until_ok_on(&node, ix, generation, stage).await?;
+        let pod = Pod {
+            publish: NodePublishVolumeRequest {
+                volume_id: self.vol.clone(),
+                publish_context: published.publish_context,
+                staging_target_path: staging,
+                target_path: self.vm_target(ix, n),
+                volume_capability: Some(vm_capability()),
+                volume_context: vctx.clone(),
+                ..Default::default()
+            },
+            round: n,
+            restarts: 0,
+        };
+        let publish = Call::NodePublish(pod.publish.clone());
+        self.until_ok_on(&node, ix, generation, publish.clone())
+            .await?;
+        self.maybe_repeat(&node, publish).await;
+        Ok(pod)
+    }
+
+    /// The VM's pod on node `ix` is gone: the kubelet unmaps and unstages, the attacher
+    /// detaches.
+    async fn vm_detach(&mut self, ix: usize, generation: u64, pod: &Pod) -> Result<(), Lost> {
+        let node = node_name(ix);
+        let unpod = Call::NodeUnpublish(NodeUnpublishVolumeRequest {
+            volume_id: self.vol.clone(),
+            target_path: pod.publish.target_path.clone(),
+        });
+        self.until_ok_on(&node, ix, generation, unpod).await?;
+        let unstage = Call::Unstage(NodeUnstageVolumeRequest {
+            volume_id: self.vol.clone(),
+            staging_target_path: staging_path(&self.vol),
+        });
+        self.until_ok_on(&node, ix, generation, unstage).await?;
+        self.unpublish(&node).await;
+        self.maybe_repeat(CTRL, self.unpublish_req(&node)).await;
+        self.remove_va(&node);
+        Ok(())
+    }
+
+    /// Node `ix` (the VM's pod `target` on it) was lost or stopped reporting: its kubelet
+    /// cleans up once back (if alive), and the attach/detach controller force-detaches.
+    async fn vm_lost(&mut self, ix: usize, generation: u64, target: String, lost: Lost) {
+        self.target = Some(target);
+        if lost.alive {
+            self.clean_up_after_partition(ix, generation);
+        }
+        self.target = None;
+        self.force_detach(&node_name(ix), lost).await;
+    }
+
+    /// A partitioned node's kubelet cleanup started by `other` (a task's script) becomes
+    /// this script's, waited for before the VM uses that node again, and at the end.
+    async fn adopt_cleanup(&mut self, other: &mut Script) {
+        if let Some(cleanup) = other.cleanup.take() {
+            self.cleaned_up(None).await;
+            self.cleanup = Some(cleanup);
+        }
+    }
+
+    /// Starts the VM on a live node other than `not` (retrying elsewhere when the node is
+    /// lost on the way): (node, generation, pod).
+    async fn vm_start(
+        &mut self,
+        not: usize,
+        n: &mut usize,
+        vctx: &HashMap<String, String>,
+    ) -> (usize, u64, Pod) {
+        let mut ix = self.pick_node(not);
+        loop {
+            self.cleaned_up(Some(ix)).await;
+            let generation = self.sh.node_life(ix).generation;
+            *n += 1;
+            match self.vm_attach(ix, generation, *n, vctx).await {
+                Ok(pod) => return (ix, generation, pod),
+                Err(lost) => {
+                    let target = self.vm_target(ix, *n);
+                    self.vm_lost(ix, generation, target, lost).await;
+                }
+            }
+            ix = self.pick_node(ix);
+        }
+    }
+
+    /// The VM's pods on their nodes run until `until`, the kubelets polling the disk's
+    /// stats ([`Self::check_pod`]: an abnormal volume gets its pod restarted). The first
+    /// pod whose node is lost meanwhile, by index into `pods`.
+    async fn vm_runs(
+        &mut self,
+        until: Duration,
+        pods: &mut [(usize, u64, &mut Pod)],
+    ) -> Option<(usize, Lost)> {
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
+        while now() < until {
+            tokio::time::sleep(STATS_EVERY.min(until - now())).await;
+            for (i, (ix, generation, pod)) in pods.iter_mut().enumerate() {
+                if let Err(lost) = self.check_pod(*ix, *generation, pod).await {
+                    return Some((i, lost));
+                }
+            }
+        }
+        None
+    }
+
+    /// Awaits `task` (another kubelet's or the attacher's work on the VM's other node) while
+    /// this node's kubelet keeps polling the VM's running pod `pod` on node `ix`, as the two
+    /// nodes' kubelets do independently. The task's result, and the polled node's loss if it
+    /// was lost meanwhile (polling then stops).
+    async fn polling_while<T: Send + 'static>(
+        &mut self,
+        task: tokio::task::JoinHandle<T>,
+        ix: usize,
+        generation: u64,
+        pod: &mut Pod,
+    ) -> (T, Option<Lost>) {
+        let mut lost = None;
+        while !task.is_finished() {
+            tokio::time::sleep(STATS_EVERY).await;
+            if lost.is_none()
+                && !task.is_finished()
+                && let Err(l) = self.check_pod(ix, generation, pod).await
+            {
+                lost = Some(l);
+            }
+        }
+        match task.await {
+            Ok(t) => (t, lost),
+            // The workload's own tasks do not panic; a panic is a bug of the harness.
+            Err(e) => panic!("VM task failed: {e}"),
+        }
+    }
+
+    /// A KubeVirt VM: its disk (RWX block, `migrationTimeoutSeconds` from the knobs)
+    /// created, the VM started on a node, then live-migrated `migrations` times to another
+    /// live node (the disk attached, staged and mapped there while the source still holds
+    /// it), each migration ending as drawn: completed (the source detached), failed (the
+    /// target detached first), or first outlasting its timeout, when a third node's attach
+    /// is refused, then ending either way; a target lost mid-migration fails it (force-
+    /// detached), a source lost restarts the VM elsewhere (or completes the migration).
+    /// Sometimes a third node's attach meets a running migration. While the VM's pods run,
+    /// the kubelets poll the disk as for any pod. Finally the VM stops and its disk is
+    /// deleted.
+    async fn run_vm(mut self) {
+        let o = std::sync::Arc::clone(&self.sh.opts);
+        let vol = self.vol.clone();
+        self.think(0, o.chaos_secs * 1000 / 2).await;
+        let create = Call::Create(CreateVolumeRequest {
+            name: vol.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: VOLUME_BYTES,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![vm_capability()],
+            parameters: [(
+                rds_csi::types::context::MIGRATION_TIMEOUT.to_string(),
+                o.migration_timeout_secs.to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        });
+        let created = self.until_ok(CTRL, create.clone()).await;
+        {
+            let mut m = self.model();
+            let v = m.volume(&vol);
+            v.created = true;
+            v.size = self.size;
+            v.multi = true;
+        }
+        self.maybe_repeat(CTRL, create).await;
+        self.sh.api.put_object(
+            Kind::PersistentVolume,
+            "",
+            json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": { "name": vol },
+                "spec": {
+                    "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteMany"],
+                    "volumeMode": "Block",
+                    "claimRef": { "kind": "PersistentVolumeClaim",
+                                  "namespace": crate::world::CLAIM_NAMESPACE,
+                                  "name": crate::world::claim_name(&vol) },
+                    "csi": { "driver": DRIVER, "volumeHandle": vol },
+                },
+            }),
+        );
+        let vctx = created.volume_context;
+        let time = self.sh.trace.time().clone();
+        let now = || time.now();
+        let mut pods = 0;
+        let (mut src, mut src_gen, mut src_pod) = self.vm_start(usize::MAX, &mut pods, &vctx).await;
+        let mut m = 0;
+        while m < o.migrations {
+            // The VM runs for a while.
+            let until = now() + Duration::from_millis(self.rng.random_range(1_000..=10_000));
+            if let Some((_, lost)) = self
+                .vm_runs(until, &mut [(src, src_gen, &mut src_pod)])
+                .await
+            {
+                let target = src_pod.publish.target_path.clone();
+                self.vm_lost(src, src_gen, target, lost).await;
+                (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
+                m += 1;
+                continue;
+            }
+            let dst = self.pick_node(src);
+            if dst == src {
+                m += 1;
+                continue; // no other live node to move to
+            }
+            let draw = self.rng.random_range(0..100u32);
+            let outlasts = draw >= 75;
+            let ending = if draw < 50 || (outlasts && self.rng.random_bool(0.5)) {
+                Ending::Completes
+            } else {
+                Ending::TargetDetached
+            };
+            let (from, to) = (node_name(src), node_name(dst));
+            self.sh.trace.log(
+                "co",
+                format!(
+                    "VM {vol}: live migration {m} from {from} to {to} ({}{})",
+                    match ending {
+                        Ending::Completes => "to complete",
+                        Ending::TargetDetached => "to fail: the target detaches",
+                    },
+                    if outlasts {
+                        ", after outlasting its timeout"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            m += 1;
+            self.cleaned_up(Some(dst)).await;
+            let dst_gen = self.sh.node_life(dst).generation;
+            pods += 1;
+            let started = now();
+            let attach = {
+                let mut attacher = self.child();
+                let vctx = vctx.clone();
+                tokio::spawn(async move { attacher.vm_attach(dst, dst_gen, pods, &vctx).await })
+            };
+            let (attached, src_lost) = self.polling_while(attach, src, src_gen, &mut src_pod).await;
+            if let Some(lost) = src_lost {
+                // The source is gone while the target attaches: the VM goes on on the target
+                // if it got there, else it restarts elsewhere.
+                self.sh.trace.log(
+                    "co",
+                    format!("VM {vol}: the source {from} is lost mid-migration"),
+                );
+                let target = src_pod.publish.target_path.clone();
+                match attached {
+                    Ok(p) => {
+                        (src, src_gen, src_pod) = self
+                            .vm_goes_on(
+                                (src, src_gen, target, lost),
+                                (dst, dst_gen, p),
+                                &mut pods,
+                                &vctx,
+                            )
+                            .await;
+                    }
+                    Err(dst_lost) => {
+                        self.vm_lost(src, src_gen, target, lost).await;
+                        let t = self.vm_target(dst, pods);
+                        self.vm_lost(dst, dst_gen, t, dst_lost).await;
+                        (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
+                    }
+                }
+                continue;
+            }
+            let mut dst_pod = match attached {
+                Ok(p) => p,
+                Err(lost) => {
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: migration fails, its target {to} is lost"),
+                    );
+                    let t = self.vm_target(dst, pods);
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (dst, dst_gen, t, lost),
+                            (src, src_gen, src_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
+                    continue;
+                }
+            };
+            if self.rng.random_range(0..100) < o.conflict_attach_pct
+                && let Some(third) = self.pick_third(src, dst)
+            {
+                self.conflicting_attach(third, &vctx).await;
+            }
+            let until = if outlasts {
+                started
+                    + Duration::from_secs(o.migration_timeout_secs)
+                    + Duration::from_millis(self.rng.random_range(1_000..=20_000))
+            } else {
+                now() + Duration::from_millis(self.rng.random_range(500..=5_000))
+            };
+            let lost = self
+                .vm_runs(
+                    until,
+                    &mut [(src, src_gen, &mut src_pod), (dst, dst_gen, &mut dst_pod)],
+                )
+                .await;
+            match lost {
+                Some((0, lost)) => {
+                    // The source is gone: the VM can only go on on the target.
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: the source {from} is lost mid-migration"),
+                    );
+                    let target = src_pod.publish.target_path.clone();
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (src, src_gen, target, lost),
+                            (dst, dst_gen, dst_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
+                    continue;
+                }
+                Some((_, lost)) => {
+                    self.sh.trace.log(
+                        "co",
+                        format!("VM {vol}: migration fails, its target {to} is lost"),
+                    );
+                    let target = dst_pod.publish.target_path.clone();
+                    (src, src_gen, src_pod) = self
+                        .vm_goes_on(
+                            (dst, dst_gen, target, lost),
+                            (src, src_gen, src_pod),
+                            &mut pods,
+                            &vctx,
+                        )
+                        .await;
+                    continue;
+                }
+                None => {}
+            }
+            if outlasts {
+                self.sh.trace.log(
+                    "co",
+                    format!(
+                        "VM {vol}: migration from {from} to {to} outlasted its timeout of {}s",
+                        o.migration_timeout_secs
+                    ),
+                );
+                if let Some(third) = self.pick_third(src, dst) {
+                    self.conflicting_attach(third, &vctx).await;
+                }
+            }
+            let (leaving, leaving_gen, leaving_pod, staying, staying_gen, mut staying_pod) =
+                match ending {
+                    Ending::Completes => (src, src_gen, src_pod, dst, dst_gen, dst_pod),
+                    Ending::TargetDetached => (dst, dst_gen, dst_pod, src, src_gen, src_pod),
+                };
+            let detach = {
+                let mut kubelet = self.child();
+                tokio::spawn(async move {
+                    let target = leaving_pod.publish.target_path.clone();
+                    if let Err(lost) = kubelet.vm_detach(leaving, leaving_gen, &leaving_pod).await {
+                        kubelet.vm_lost(leaving, leaving_gen, target, lost).await;
+                    }
+                    kubelet
+                })
+            };
+            let (mut kubelet, staying_lost) = self
+                .polling_while(detach, staying, staying_gen, &mut staying_pod)
+                .await;
+            self.adopt_cleanup(&mut kubelet).await;
+            (src, src_gen, src_pod) = (staying, staying_gen, staying_pod);
+            let elapsed = now().saturating_sub(started);
+            self.sh.trace.log(
+                "co",
+                format!(
+                    "VM {vol}: migration from {from} to {to} {} after {:.1}s",
+                    match ending {
+                        Ending::Completes => "completed, the VM runs on the target",
+                        Ending::TargetDetached => "failed, the VM stays on the source",
+                    },
+                    elapsed.as_secs_f64()
+                ),
+            );
+            if let Some(lost) = staying_lost {
+                let target = src_pod.publish.target_path.clone();
+                self.vm_lost(src, src_gen, target, lost).await;
+                (src, src_gen, src_pod) = self.vm_start(src, &mut pods, &vctx).await;
+            }
+        }
+        // The VM stops.
+        if let Err(lost) = self.vm_detach(src, src_gen, &src_pod).await {
+            let target = src_pod.publish.target_path.clone();
+            self.vm_lost(src, src_gen, target, lost).await;
+        }
+        let child = self.child();
+        let _ = tokio::spawn(child.delete_volume()).await;
+        self.cleaned_up(None).await;
+        self.sh.trace.log("co", format!("{vol} done"));
+    }
+
+    /// One of the VM's two nodes, `gone` (its pod `target`), was lost mid-migration; the VM
+    /// goes on in its pod `pod` on node `run` while `gone`'s kubelet cleans up (if alive)
+    /// and the attach/detach controller force-detaches it minutes later ([`Self::vm_lost`],
+    /// a task of its own) — the kubelet of `run` polls its pod meanwhile, as the two nodes'
+    /// kubelets are independent. Where the VM runs afterwards: `run`, or, if `run` was lost
+    /// too meanwhile, the node it restarted on.
+    async fn vm_goes_on(
+        &mut self,
+        (gone, gone_gen, target, lost): (usize, u64, String, Lost),
+        (run, run_gen, mut pod): (usize, u64, Pod),
+        pods: &mut usize,
+        vctx: &HashMap<String, String>,
+    ) -> (usize, u64, Pod) {
+        let task = {
+            let mut kubelet = self.child();
+            tokio::spawn(async move {
+                kubelet.vm_lost(gone, gone_gen, target, lost).await;
+                kubelet
+            })
+        };
+        let (mut kubelet, run_lost) = self.polling_while(task, run, run_gen, &mut pod).await;
+        self.adopt_cleanup(&mut kubelet).await;
+        let Some(run_lost) = run_lost else {
+            return (run, run_gen, pod);
+        };
+        let target = pod.publish.target_path.clone();
+        self.vm_lost(run, run_gen, target, run_lost).await;
+        self.vm_start(run, pods, vctx).await
+    }
+
+    /// A schedulable node other than `a` and `b`, if there is one.
+    fn pick_third(&mut self, a: usize, b: usize) -> Option<usize> {
+        let others: Vec<usize> = self
+            .sh
+            .schedulable_nodes()
+            .into_iter()
+            .filter(|&n| n != a && n != b)
+            .collect();
+        (!others.is_empty()).then(|| others[self.rng.random_range(0..others.len())])
+    }
+}
+
 /// The name Kubernetes gives the VolumeAttachment of `vol` on `node` (the driver looks it up
 /// by that name).
 fn va_name(vol: &str, node: &str) -> String {
@@ -1184,8 +1703,23 @@ pub async fn run(sh: Shared) -> turmoil::Result {
             cleanup: None,
             deleting: None,
             backup: None,
+            vm: false,
         };
         tasks.push(tokio::spawn(script.run()));
+    }
+    for i in 0..sh.opts.vms {
+        let script = Script {
+            sh: sh.clone(),
+            rng: StdRng::seed_from_u64(sh.opts.seed.wrapping_mul(37).wrapping_add(1000 + i as u64)),
+            vol: format!("{VM_PREFIX}{i}"),
+            size: VOLUME_BYTES as u64,
+            target: None,
+            cleanup: None,
+            deleting: None,
+            backup: None,
+            vm: true,
+        };
+        tasks.push(tokio::spawn(script.run_vm()));
     }
     let reconciler = (sh.opts.reconcile_secs > 0).then(|| tokio::spawn(reconcile(sh.clone())));
     for t in tasks {

@@ -12,9 +12,27 @@
 //!   a holder;
 //! - a single-node holder: the export admits exactly that node's host NQN (the Node
 //!   annotation its node plugin publishes at start-up);
-//! - multi-node holders: the export is open (no allow list: multi-node volumes are not
-//!   fenced). A KubeVirt live migration (at most two holders of a multi-node block volume)
-//!   plugs in at [`Target::of`] with a target that admits both;
+//! - a multi-node block volume (KubeVirt, [`super::migration`]) held by one node: the
+//!   export admits exactly that node, as for a single-node volume;
+//! - during its live migration (two holders): the export admits the **target**, the node
+//!   that must connect next. `nvme-tcp-server-allow-host-name` holds one host NQN, so it
+//!   cannot name both; the source needs no admission, being connected already: an NVMe/TCP
+//!   target checks the allow list when a host connects, and an established connection is
+//!   not re-checked when the list changes (the emulator models exactly this; the Linux
+//!   `nvmet` target behaves so). A source that loses its connection during the migration
+//!   cannot reconnect until the migration ends: completed, the export stays with the
+//!   target; failed (the target detached), it returns to the source. The kernel keeps
+//!   retrying meanwhile (`ctrlLossTmo=-1`: I/O waits, nothing fails). A third node — say,
+//!   one that held the volume before and was cut off — is refused at any time, which an
+//!   open export would not do. The cost, accepted: KubeVirt's source writes until the
+//!   switchover, so a source cut off mid-migration stalls the VM until KubeVirt aborts the
+//!   migration (which detaches the target and returns the export to the source) — the
+//!   README's KubeVirt section weighs the choices. A target whose machine is lost (its Node
+//!   gone, or a fresh machine under its name) can no longer complete the migration: the
+//!   manager then admits the source again (`AttachmentManager::allow_value`, re-checked by
+//!   the periodic resync), never a node that holds nothing;
+//! - multi-node readers (`MULTI_NODE_READER_ONLY`): the export is open (any number of
+//!   holders, one allow-list entry);
 //! - with the fence off, every export is open.
 //!
 //! The manager ([`super::manager`]) moves the fence only after the attachment record is
@@ -47,7 +65,7 @@ pub enum Target {
     Parked,
     /// Exactly this node's host NQN.
     Host(NodeId),
-    /// Any host (no allow list): multi-node holders, or the fence is off.
+    /// Any host (no allow list): multi-node readers, or the fence is off.
     Open,
 }
 
@@ -61,11 +79,18 @@ impl Target {
             // Fencing guarantees at most one single-node holder.
             return Target::Host(r.node_id.clone());
         }
-        if holders.is_empty() {
-            Target::Parked
-        } else {
-            // Multi-node holders are not fenced (issue 13 adds the migration pair here).
-            Target::Open
+        if let Some(m) = crate::attachment::migration::running(holders) {
+            return Target::Host(m.target);
+        }
+        let mut migrating = holders
+            .iter()
+            .filter(|r| crate::attachment::migration::migrates(r.access_mode));
+        match (holders.is_empty(), migrating.next(), migrating.next()) {
+            (true, _, _) => Target::Parked,
+            (false, Some(only), None) => Target::Host(only.node_id.clone()),
+            // Readers; or two multi-node writers without a recorded migration (written by
+            // hand, or by a driver that did not record it): neither can be named alone.
+            _ => Target::Open,
         }
     }
 }
@@ -77,17 +102,36 @@ mod tests {
     use crate::types::AccessMode;
 
     fn record(node: &str, mode: AccessMode) -> AttachmentRecord {
-        AttachmentRecord {
-            volume_id: VolumeId::new("pvc-1").unwrap(),
-            node_id: NodeId::new(node).unwrap(),
-            attached_at: std::time::UNIX_EPOCH,
-            access_mode: mode,
-            readonly: false,
-        }
+        AttachmentRecord::new(
+            VolumeId::new("pvc-1").unwrap(),
+            NodeId::new(node).unwrap(),
+            std::time::UNIX_EPOCH,
+            mode,
+            false,
+        )
     }
 
     #[test]
-    fn no_holder_parks_a_single_node_holder_admits_itself_multi_node_is_open() {
+    fn a_migrating_volume_admits_its_one_holder_then_the_target() {
+        let source = record("node-a", AccessMode::MultiNodeMultiWriter);
+        let one: Holders = [source.clone()].into_iter().collect();
+        assert_eq!(
+            Target::of(true, &one),
+            Target::Host(NodeId::new("node-a").unwrap())
+        );
+        let mut target = record("node-b", AccessMode::MultiNodeMultiWriter);
+        crate::attachment::migration::start(&one, &mut target, std::time::Duration::from_secs(60));
+        let two: Holders = [source, target].into_iter().collect();
+        assert_eq!(
+            Target::of(true, &two),
+            Target::Host(NodeId::new("node-b").unwrap()),
+            "the target connects next; the source is connected already"
+        );
+        assert_eq!(Target::of(false, &two), Target::Open);
+    }
+
+    #[test]
+    fn no_holder_parks_a_single_node_holder_admits_itself_readers_are_open() {
         let none = Holders::new();
         assert_eq!(Target::of(true, &none), Target::Parked);
         let one: Holders = [record("node-a", AccessMode::SingleNode)]
@@ -98,8 +142,8 @@ mod tests {
             Target::Host(NodeId::new("node-a").unwrap())
         );
         let many: Holders = [
-            record("node-a", AccessMode::MultiNodeMultiWriter),
-            record("node-b", AccessMode::MultiNodeMultiWriter),
+            record("node-a", AccessMode::MultiNodeReadOnly),
+            record("node-b", AccessMode::MultiNodeReadOnly),
         ]
         .into_iter()
         .collect();

@@ -20,7 +20,14 @@
 //!   hand: the detach never reached the driver), is stale: it is cleared instead of
 //!   blocking the volume forever. The attachment reconciler clears such records before
 //!   anything blocks on them ([`AttachmentManager::clear_if_stale`]): under the volume's
-//!   lock like any change, decided from fresh answers, a conditional write, then the fence.
+//!   lock like any change, decided from fresh answers, a conditional write, then the fence;
+//! - a multi-node block volume has at most two holders; the second starts a live migration
+//!   recorded in the same write ([`super::migration`]), which either holder's unpublish
+//!   ends. Events (on the PVC) and metrics follow every durable change, never a tentative
+//!   one (the earlier driver allowed any number of holders until its late versions, and
+//!   kept the migration in memory only);
+//! - every write carries the holder set's generation, and the store compares it: a replica
+//!   whose memory is older than the store (A → B → A meanwhile) cannot write over it.
 //!
 //! Lock order: per-volume lock (async, [`LockTable`]) first, then the map lock (a std
 //! mutex over the in-memory state) for short, non-awaiting critical sections. The map lock
@@ -36,7 +43,8 @@ use crate::attachment::types::{
     AttachmentConfig, AttachmentRecord, Holders, PublishArgs, UnpublishArgs,
 };
 use crate::error::{Error, Result};
-use crate::metrics::{AttachmentMetrics, CallOutcome, StaleReason};
+use crate::attachment::migration::{self, Change, Outcome};
+use crate::metrics::{AttachmentMetrics, CallOutcome, MigrationMetrics, StaleReason};
 use crate::ports::cluster::{ClusterEvent, reason};
 use crate::ports::rds::{DiskEntry, RdsError};
 use crate::ports::{AttachmentStore, Clock, Cluster, Rds};
@@ -55,14 +63,18 @@ struct State {
     per_node: BTreeMap<NodeId, u64>,
     /// Number of records (volume, node): the sum of `per_node`.
     records: u64,
+    /// Number of volumes whose migration runs.
+    migrating: i64,
 }
 
 impl State {
-    /// Replaces the holders of `volume`, keeping `per_node` in step. Returns the previous
-    /// holders.
+    /// Replaces the holders of `volume`, keeping `per_node` and the counts in step.
+    /// Returns the previous holders.
     fn set(&mut self, volume: &VolumeId, next: Holders) -> Holders {
         let previous = self.volumes.remove(volume).unwrap_or_default();
         self.records = self.records.saturating_sub(previous.len() as u64) + next.len() as u64;
+        self.migrating += i64::from(migration::running(&next).is_some())
+            - i64::from(migration::running(&previous).is_some());
         for node in previous.nodes().filter(|n| !next.contains(n)) {
             if let Some(count) = self.per_node.get_mut(node) {
                 *count = count.saturating_sub(1);
@@ -106,6 +118,7 @@ pub struct AttachmentManager {
     locks: LockTable<VolumeId>,
     state: Mutex<State>,
     metrics: AttachmentMetrics,
+    migrations: MigrationMetrics,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -116,10 +129,12 @@ impl std::fmt::Debug for AttachmentManager {
     }
 }
 
-/// The map lock's guard: keeps `rds_csi_attachment_records` in step with memory.
+/// The map lock's guard: keeps `rds_csi_attachment_records` and
+/// `rds_csi_migrations_in_flight` in step with memory.
 struct StateGuard<'a> {
     guard: std::sync::MutexGuard<'a, State>,
     metrics: &'a AttachmentMetrics,
+    migrations: &'a MigrationMetrics,
 }
 
 impl std::ops::Deref for StateGuard<'_> {
@@ -138,6 +153,7 @@ impl std::ops::DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         self.metrics.set_records(self.guard.records);
+        self.migrations.in_flight().set(self.guard.migrating);
     }
 }
 
@@ -181,12 +197,19 @@ impl AttachmentManager {
             locks: LockTable::new(),
             state: Mutex::new(State::default()),
             metrics: AttachmentMetrics::default(),
+            migrations: MigrationMetrics::default(),
         }
     }
 
     /// Records into `metrics` (the plugin's registry) instead of unregistered series.
     pub fn with_metrics(mut self, metrics: AttachmentMetrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Records live migrations into `migrations` (the plugin's registry).
+    pub fn with_migration_metrics(mut self, migrations: MigrationMetrics) -> Self {
+        self.migrations = migrations;
         self
     }
 
@@ -201,6 +224,7 @@ impl AttachmentManager {
         StateGuard {
             guard: self.state.lock().unwrap_or_else(|p| p.into_inner()),
             metrics: &self.metrics,
+            migrations: &self.migrations,
         }
     }
 
@@ -266,6 +290,11 @@ impl AttachmentManager {
         self.locks.len()
     }
 
+    /// Migrations running, as memory knows them.
+    pub fn migrations_in_flight(&self) -> i64 {
+        self.state().migrating
+    }
+
     /// Applies `next` tentatively, checking the node limit for `adding` atomically with
     /// the change (two volumes racing for a node's last slot cannot both get it).
     fn apply_tentative(
@@ -298,10 +327,15 @@ impl AttachmentManager {
     /// Records `record` as a holder of its volume: check and act under the volume's lock,
     /// durable before returning. Fencing:
     /// another live holder of a single-node volume → FAILED_PRECONDITION; a holder whose
-    /// Node object is gone is cleared.
-    pub async fn track(&self, record: AttachmentRecord) -> Result<()> {
+    /// Node object is gone is cleared. A second holder of a multi-node block volume starts a
+    /// migration that may run `migration_timeout`; a third is refused.
+    pub async fn track(
+        &self,
+        record: AttachmentRecord,
+        migration_timeout: std::time::Duration,
+    ) -> Result<()> {
         let _guard = self.lock(&record.volume_id).await;
-        self.track_locked(record).await
+        self.track_locked(record, migration_timeout).await
     }
 
     /// Removes `node`'s attachment of `volume` (absent already is success); other holders
@@ -311,7 +345,11 @@ impl AttachmentManager {
         self.untrack_locked(volume, Some(node)).await.map(|_| ())
     }
 
-    async fn track_locked(&self, record: AttachmentRecord) -> Result<()> {
+    async fn track_locked(
+        &self,
+        mut record: AttachmentRecord,
+        migration_timeout: std::time::Duration,
+    ) -> Result<()> {
         let volume = record.volume_id.clone();
         let node = record.node_id.clone();
         let current: Holders = self
@@ -352,8 +390,7 @@ impl AttachmentManager {
                 }
                 continue;
             }
-            let stale = self.stale_reason(&volume, other).await?;
-            if stale.is_none() {
+            if !self.clear_stale_holder(&volume, other, &node, &mut next).await? {
                 // Refuse only what the store confirms (found by the simulation: a stale
                 // holder blocked the volume until restart).
                 self.confirm(&volume, &current).await?;
@@ -370,20 +407,85 @@ impl AttachmentManager {
                 // have MULTI_NODE volume capability."
                 return Err(Error::FailedPrecondition(message));
             }
-            let (why, stale) = stale.unwrap_or((StaleReason::NodeGone, NODE_GONE));
-            let message = format!(
-                "clearing the attachment of volume {volume} to node {other}: {stale}; \
-                 attaching to node {node}"
-            );
-            tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
-            self.metrics.stale_cleared(why);
-            self.event(&volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
-                .await;
-            next.remove(other);
         }
+        if migration::migrates(record.access_mode) && next.len() >= migration::MAX_HOLDERS {
+            // At the limit: a holder whose Node or VolumeAttachment is gone does not count.
+            let held: Vec<NodeId> = next.nodes().cloned().collect();
+            for other in &held {
+                self.clear_stale_holder(&volume, other, &node, &mut next).await?;
+            }
+            if next.len() >= migration::MAX_HOLDERS {
+                self.confirm(&volume, &current).await?;
+                let message = self.limit_message(&volume, &node, &next);
+                self.metrics.conflict();
+                self.event(&volume, reason::ATTACHMENT_CONFLICT, &message, true)
+                    .await;
+                return Err(Error::FailedPrecondition(message));
+            }
+        }
+        let mut next = migration::settle(next);
+        migration::start(&next, &mut record, migration_timeout);
         next.insert(record);
+        let next = next.stamped_after(&current);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
         self.write(&volume, &current, &next, tentative).await
+    }
+
+    /// Removes `other` from `next` when its record of `volume` is stale (its Node or its
+    /// VolumeAttachment gone), with an Event; whether it was. `node` is the one attaching.
+    async fn clear_stale_holder(
+        &self,
+        volume: &VolumeId,
+        other: &NodeId,
+        node: &NodeId,
+        next: &mut Holders,
+    ) -> Result<bool> {
+        let Some((why, stale)) = self.stale_reason(volume, other).await? else {
+            return Ok(false);
+        };
+        let message = format!(
+            "clearing the attachment of volume {volume} to node {other}: {stale}; \
+             attaching to node {node}"
+        );
+        tracing::warn!(volume_id = %volume, node_id = %other, "{message}");
+        self.metrics.stale_cleared(why);
+        self.event(volume, reason::STALE_ATTACHMENT_CLEARED, &message, true)
+            .await;
+        next.remove(other);
+        Ok(true)
+    }
+
+    /// Why `node` cannot attach `volume`, held by two nodes (`holders`) already.
+    fn limit_message(&self, volume: &VolumeId, node: &NodeId, holders: &Holders) -> String {
+        let nodes: Vec<String> = holders.nodes().map(ToString::to_string).collect();
+        let both = nodes.join(" and ");
+        let Some(m) = migration::running(holders) else {
+            return format!(
+                "volume {volume} is attached to two nodes already ({both}); a multi-node \
+                 block volume is attached to at most two nodes (a live migration's source \
+                 and target), so node {node} must wait until one of them is detached"
+            );
+        };
+        let now = self.clock.now();
+        let (elapsed, limit) = (m.elapsed(now).as_secs(), m.timeout.as_secs());
+        let (source, target) = (&m.source, &m.target);
+        if m.timed_out(now) {
+            format!(
+                "volume {volume} is attached to two nodes ({both}): the live migration from \
+                 {source} to {target} started {elapsed}s ago and outlived its timeout of \
+                 {limit}s (StorageClass parameter migrationTimeoutSeconds), so it may be \
+                 stuck; no other node can attach until one of the two is detached — to \
+                 reset, detach the source node {source} (or the target {target}); node \
+                 {node} must wait"
+            )
+        } else {
+            format!(
+                "volume {volume} is attached to two nodes ({both}): a live migration from \
+                 {source} to {target} has been running for {elapsed}s (timeout {limit}s); a \
+                 multi-node block volume is attached to at most two nodes, so node {node} \
+                 must wait for the migration to finish"
+            )
+        }
     }
 
     /// Removes `node` (or, with `None`, every holder) from `volume`; returns the removed
@@ -399,16 +501,17 @@ impl AttachmentManager {
             .get(volume)
             .cloned()
             .unwrap_or_default();
-        let (removed, next) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
+        let (removed, rest) = current.partition(|r| node.is_none_or(|want| *want == r.node_id));
         if removed.is_empty() {
             // "Not attached" is acknowledged without a write, so only if the store agrees
             // (found by the simulation: the former leader's in-flight publish landed
             // after our rebuild, and the acknowledged unpublish left it in the store).
-            // Nothing removed: `next` is the whole of memory's holders.
-            self.confirm(volume, &next).await?;
+            // Nothing removed: `rest` is the whole of memory's holders.
+            self.confirm(volume, &rest).await?;
             return Ok(Vec::new());
         }
-        let previous: Holders = removed.iter().chain(next.iter()).cloned().collect();
+        let previous: Holders = removed.iter().chain(rest.iter()).cloned().collect();
+        let next = migration::settle(rest).stamped_after(&previous);
         let tentative = self.apply_tentative(volume, next.clone(), None)?;
         self.write(volume, &previous, &next, tentative).await?;
         Ok(removed.into_vec())
@@ -485,7 +588,7 @@ impl AttachmentManager {
             .await;
         // The fence after the record, like an unpublish.
         if self.cfg.data_path_fence {
-            self.fence(volume, &next, None).await?;
+            self.fence(volume, &next, None, None).await?;
         }
         Ok(Some(why))
     }
@@ -515,8 +618,12 @@ impl AttachmentManager {
             }
         }
         if live.len() != stored.len() {
+            live = migration::settle(live).stamped_after(&stored);
             let tentative = self.apply_tentative(volume, live.clone(), None)?;
             self.write(volume, &stored, &live, tentative).await?;
+            // The export follows the holders left (a migration's target cleared: the
+            // source again), as after any unpublish.
+            self.fence(volume, &live, None, None).await?;
         }
         Ok(live.into_vec())
     }
@@ -527,8 +634,14 @@ impl AttachmentManager {
         Ok(self.store.load_all().await?)
     }
 
+    /// Sets memory's holders of `volume` (start-up only: the rebuild, after another writer
+    /// changed them).
+    pub(crate) fn set_holders(&self, volume: &VolumeId, holders: Holders) {
+        self.state().set(volume, holders);
+    }
+
     /// `volume`'s holders in the store (a missing PV holds nothing).
-    async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
+    pub(crate) async fn read_stored(&self, volume: &VolumeId) -> Result<Holders> {
         match self.store.read_volume(volume).await {
             Ok(records) => Ok(records.into_iter().collect()),
             Err(crate::ports::store::StoreError::NotFound(_)) => Ok(Holders::default()),
@@ -568,7 +681,9 @@ impl AttachmentManager {
     /// Picks up what another writer changed in the store (a former leader finishing its
     /// calls during a failover): lists every record, and each volume whose stored holders
     /// differ from memory is re-read under its lock (the list may predate our own latest
-    /// write) and memory set to the store's. Returns how many volumes changed.
+    /// write) and memory set to the store's. Then re-checks the fence of every running
+    /// migration whose target can no longer be named ([`Self::fence_lost_targets`]).
+    /// Returns how many volumes changed in memory.
     pub async fn resync(&self) -> Result<usize> {
         let records = self.store.load_all().await?;
         Ok(self.resync_from(records).await)
@@ -609,6 +724,7 @@ impl AttachmentManager {
                 changed += 1;
             }
         }
+        self.fence_lost_targets().await;
         changed
     }
 
@@ -635,29 +751,114 @@ impl AttachmentManager {
         Ok(true)
     }
 
+    /// Re-fences every running migration whose target's machine is not the one its export
+    /// admits (its Node object deleted with its machine, or back as a fresh machine with
+    /// another host NQN): the export goes back to the source, the holder that still runs
+    /// the VM ([`Self::allow_value`]), when the loss is seen — not only at the target's
+    /// force-detach, minutes later, during which a source that lost its connection could
+    /// not reconnect (found by the simulation, seed 2723). A target whose machine is the
+    /// one admitted is left alone; a fresh machine under the target's name is admitted
+    /// only when it is published to again. Returns how many exports moved; failures are
+    /// logged and retried at the next resync.
+    pub async fn fence_lost_targets(&self) -> usize {
+        if !self.cfg.data_path_fence {
+            return 0;
+        }
+        // Sorted by volume (the map is a BTreeMap): one order, whatever the run.
+        let migrating: Vec<(VolumeId, NodeId)> = self
+            .state()
+            .volumes
+            .iter()
+            .filter_map(|(v, h)| migration::running(h).map(|m| (v.clone(), m.target)))
+            .collect();
+        let mut moved = 0;
+        for (volume, target) in migrating {
+            // The export admits the target's machine (the usual case): nothing to do.
+            let seen = async {
+                let nqn = self.cluster.node_host_nqn(&target).await?;
+                let disk = self.rds.find_disk(volume.as_str()).await?;
+                Ok::<_, Error>(disk.filter(|d| nqn.is_none() || d.allowed_host_nqn != nqn))
+            };
+            let disk = match seen.await {
+                Ok(None) => continue,
+                Ok(Some(disk)) => disk,
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot check the migration target's machine; next resync retries");
+                    continue;
+                }
+            };
+            let _guard = self.lock(&volume).await;
+            let refenced = async {
+                // The disk was observed before this read of the store (as at start-up).
+                let stored = self.read_stored(&volume).await?;
+                self.state().set(&volume, stored.clone());
+                self.fence(&volume, &stored, None, Some(disk)).await
+            };
+            match refenced.await {
+                Ok(m) if m.moved => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, "the migration target's Node is gone: its export admits the source again");
+                    moved += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot re-fence the export of a migration whose target is gone; next resync retries");
+                }
+            }
+        }
+        moved
+    }
+
     fn same_in_memory(&self, volume: &VolumeId, holders: &Holders) -> bool {
         let state = self.state();
         let memory = state.volumes.get(volume).map(Holders::as_slice).unwrap_or(&[]);
         crate::ports::store::same_holders(memory, holders.as_slice())
     }
 
-    /// The allow-list value of `target` for `volume` (`Some(None)`: open to any host), or
-    /// `None` when it cannot be known: a holder whose node has not published its host NQN.
-    /// `known` is a host NQN just read for a node (a publish's own), saving a request.
+    /// The allow-list value for `volume` held by `holders` (`None`: open to any host),
+    /// the export admitting `admitted` now: the fence's [`Target`], where a holder the export
+    /// cannot name counts as gone — its node has no host NQN (its Node object deleted with
+    /// its machine), or it is a live migration's target whose machine is not the one the
+    /// export admits. A migration's target is admitted when it attaches (its publish, the
+    /// `known` host NQN) and kept while its machine is the one admitted; once that machine
+    /// is lost — its Node gone, or back as a fresh machine under the same name, which runs
+    /// no VM — the migration cannot complete, and the export admits the source again, the
+    /// holder that runs the VM (found by the simulation, seed 2723: the source, having lost
+    /// its connection, stayed cut off until the target's force-detach, minutes later). A
+    /// lone holder that cannot be named parks the export rather than leave it admitting
+    /// whoever it admitted — a former holder (seed 803). Only holders are ever admitted.
+    /// `known` is a host NQN just read for the node publishing, saving a request.
     async fn allow_value(
         &self,
         volume: &VolumeId,
-        target: &Target,
+        holders: &Holders,
         known: Option<(&NodeId, &str)>,
-    ) -> Result<Option<Option<String>>> {
-        Ok(match target {
-            Target::Parked => Some(Some(crate::attachment::fence::parked_nqn(volume))),
-            Target::Open => Some(None),
-            Target::Host(node) => match known {
-                Some((n, nqn)) if n == node => Some(Some(nqn.to_string())),
-                _ => self.cluster.node_host_nqn(node).await?.map(Some),
-            },
-        })
+        admitted: Option<&str>,
+    ) -> Result<Option<String>> {
+        let mut named = holders.clone();
+        loop {
+            let node = match Target::of(self.cfg.data_path_fence, &named) {
+                Target::Parked => return Ok(Some(crate::attachment::fence::parked_nqn(volume))),
+                Target::Open => return Ok(None),
+                Target::Host(node) => node,
+            };
+            let publishing = known.filter(|(n, _)| **n == node);
+            let nqn = match publishing {
+                Some((_, nqn)) => Some(nqn.to_string()),
+                None => self.cluster.node_host_nqn(&node).await?,
+            };
+            let lost_target = publishing.is_none()
+                && migration::running(&named).is_some_and(|m| m.target == node)
+                && nqn.as_deref() != admitted;
+            match nqn {
+                Some(nqn) if !lost_target => return Ok(Some(nqn)),
+                Some(_) => tracing::warn!(volume_id = %volume, node_id = %node,
+                    "the migration target's machine is not the one the export admits (lost, or a fresh one): the migration cannot complete; the export admits the source again"),
+                None => tracing::warn!(volume_id = %volume, node_id = %node,
+                    "the holder has no published host NQN (its Node object is gone): the export does not admit it"),
+            }
+            // Each round removes a holder: this ends, at the latest parked.
+            named.remove(&node);
+        }
     }
 
     /// Sets `volume`'s allow list to `value`, on `observed` when the disk was just read (no
@@ -688,11 +889,19 @@ impl AttachmentManager {
     /// landed. When the store now wants another target, the export is moved once more to
     /// it (memory follows the store). Observed first: nothing moves, and nothing is re-read,
     /// when the export is already right.
+    ///
+    /// `observed` is the disk as read *before* `holders` were read from the store (the
+    /// start-up sweep's listing), used instead of a fresh read: a move is then made only
+    /// when a store read newer than the observation disagrees with it. A fresh read after
+    /// a stale store read could see another writer's move that the stale read predates,
+    /// and undo it (found by the simulation, seed 2442: a restarting leader moved the
+    /// export back to a former holder after the old leader's acknowledged publish).
     async fn fence(
         &self,
         volume: &VolumeId,
         holders: &Holders,
         expected: Option<(&NodeId, Option<&str>)>,
+        observed: Option<DiskEntry>,
     ) -> Result<FenceMove> {
         let unmoved = FenceMove {
             moved: false,
@@ -700,26 +909,33 @@ impl AttachmentManager {
         };
         let known = expected.and_then(|(n, nqn)| nqn.map(|q| (n, q)));
         let target = Target::of(self.cfg.data_path_fence, holders);
-        let Some(want) = self.allow_value(volume, &target, known).await? else {
-            tracing::warn!(volume_id = %volume, ?target, "cannot fence the export: the holder has no published host NQN");
-            return Ok(unmoved);
-        };
         // One `/disk print`: the export and its allow list (no size needed).
-        let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
-            return Ok(unmoved);
+        let disk = match observed {
+            Some(disk) => disk,
+            None => match self.rds.find_disk(volume.as_str()).await? {
+                Some(disk) => disk,
+                None => return Ok(unmoved),
+            },
         };
-        if disk.export.is_none() || disk.allowed_host_nqn == want {
+        if disk.export.is_none() {
+            return Ok(unmoved);
+        }
+        let admitted = disk.allowed_host_nqn.as_deref();
+        let want = self.allow_value(volume, holders, known, admitted).await?;
+        if disk.allowed_host_nqn == want {
             return Ok(unmoved);
         }
         self.set_allow(volume, Some(&disk), want.as_deref()).await?;
         let stored = self.read_stored(volume).await?;
         let again = Target::of(self.cfg.data_path_fence, &stored);
-        if again != target
-            && let Some(value) = self.allow_value(volume, &again, None).await?
-            && value != want
-        {
-            tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
-            self.set_allow(volume, None, value.as_deref()).await?;
+        if again != target {
+            let value = self
+                .allow_value(volume, &stored, None, want.as_deref())
+                .await?;
+            if value != want {
+                tracing::info!(volume_id = %volume, ?again, "the holders changed while the export was being fenced; fencing it to the stored holders");
+                self.set_allow(volume, None, value.as_deref()).await?;
+            }
         }
         let still_held = expected.is_none_or(|(n, _)| stored.contains(n));
         self.state().set(volume, stored);
@@ -763,14 +979,17 @@ impl AttachmentManager {
                 continue;
             }
             let _guard = self.lock(&volume).await;
+            let from = disk.allowed_host_nqn.clone();
+            // The listing observed the disk before this read of the store.
+            let observed = DiskEntry::from(disk);
             let settled = async {
                 let stored = self.read_stored(&volume).await?;
                 self.state().set(&volume, stored.clone());
-                self.fence(&volume, &stored, None).await
+                self.fence(&volume, &stored, None, Some(observed)).await
             };
             match settled.await {
                 Ok(m) if m.moved => {
-                    tracing::info!(volume_id = %volume, from = ?disk.allowed_host_nqn, "export allow list settled at start-up");
+                    tracing::info!(volume_id = %volume, ?from, "export allow list settled at start-up");
                     moved += 1;
                 }
                 Ok(_) => {}
@@ -817,6 +1036,7 @@ impl AttachmentManager {
             .await
         else {
             tentative.commit();
+            self.migration_changed(volume, previous, next).await;
             return Ok(());
         };
         drop(tentative);
@@ -845,6 +1065,66 @@ impl AttachmentManager {
         };
         if let Err(e) = self.cluster.record_event(&event).await {
             tracing::warn!(volume_id = %volume, error = %e, "cannot record event {reason}");
+        }
+    }
+
+    /// Reports the migrations a durable change from `previous` to `next` started or ended:
+    /// an Event on the volume's PVC, a log line, the metrics.
+    async fn migration_changed(&self, volume: &VolumeId, previous: &Holders, next: &Holders) {
+        for change in migration::changes(previous, next) {
+            let now = self.clock.now();
+            let (reason, warning, message) = match &change {
+                Change::Started(m) => (
+                    reason::MIGRATION_STARTED,
+                    false,
+                    format!(
+                        "live migration of volume {volume} from node {} to node {} started \
+                         (both attached; timeout {}s)",
+                        m.source,
+                        m.target,
+                        m.timeout.as_secs()
+                    ),
+                ),
+                Change::Ended(m, outcome) => {
+                    let elapsed = m.elapsed(now);
+                    let late = m.timed_out(now);
+                    let (reason, warning, what) = match outcome {
+                        Outcome::Completed => (
+                            reason::MIGRATION_COMPLETED,
+                            false,
+                            format!("completed: the source {} detached", m.source),
+                        ),
+                        Outcome::Failed => (
+                            reason::MIGRATION_FAILED,
+                            true,
+                            format!("failed: the target {} detached", m.target),
+                        ),
+                    };
+                    let label = match outcome {
+                        Outcome::Completed => "completed",
+                        Outcome::Failed => "failed",
+                    };
+                    self.migrations.ended(label, late, elapsed.as_secs_f64());
+                    (
+                        reason,
+                        warning,
+                        format!(
+                            "live migration of volume {volume} from node {} to node {} {what} \
+                             after {:.1}s{}",
+                            m.source,
+                            m.target,
+                            elapsed.as_secs_f64(),
+                            if late {
+                                format!(", past its timeout of {}s", m.timeout.as_secs())
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    )
+                }
+            };
+            tracing::info!(volume_id = %volume, reason, "{message}");
+            self.event(volume, reason, &message, warning).await;
         }
     }
 
@@ -886,7 +1166,10 @@ impl AttachmentManager {
                 "volume {volume} is not exported over NVMe/TCP on the RDS"
             ))
         })?;
-        let fenced = self.cfg.data_path_fence && args.access_mode.is_single_node();
+        // The fence names a holder's host for single-node volumes and for multi-node block
+        // volumes (one holder, or a migration's target); readers share an open export.
+        let fenced = self.cfg.data_path_fence
+            && (args.access_mode.is_single_node() || migration::migrates(args.access_mode));
         let host_nqn = if fenced {
             self.cluster.node_host_nqn(node).await?
         } else {
@@ -895,26 +1178,27 @@ impl AttachmentManager {
         if fenced && host_nqn.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "node {node} has not published its NVMe host NQN (Node annotation \
-                 rds.csi.srvlab.io/host-nqn), and the data-path fence admits a node to a \
-                 single-node volume only by it: the node plugin must run on {node} first (it \
-                 publishes the NQN at start-up)"
+                 rds.csi.srvlab.io/host-nqn), and the data-path fence admits a node to this \
+                 volume only by it: the node plugin must run on {node} first (it publishes \
+                 the NQN at start-up)"
             )));
         }
 
         let _guard = self.lock(volume).await;
-        let record = AttachmentRecord {
-            volume_id: volume.clone(),
-            node_id: node.clone(),
-            attached_at: self.clock.now(),
-            access_mode: args.access_mode,
-            readonly: args.readonly,
-        };
+        let record = AttachmentRecord::new(
+            volume.clone(),
+            node.clone(),
+            // What the store keeps of it, so the stored record equals memory's.
+            crate::ports::store::truncate_to_micros(self.clock.now()),
+            args.access_mode,
+            args.readonly,
+        );
         // The record first, then the fence: a publish that loses the race to another
         // writer (a former leader during a failover) fails its precondition before it
         // touches the export, so it can never move the fence away from the holder the
         // store names (found by the simulation: a losing publish fenced the export to its
         // node and crashed before undoing it).
-        self.track_locked(record).await?;
+        self.track_locked(record, args.migration_timeout).await?;
         // With the fence off an export is open; only one a fenced past left restricted
         // needs a move (`disk` was read before the lock: the move observes again).
         if self.cfg.data_path_fence || disk.allowed_host_nqn.is_some() {
@@ -922,7 +1206,7 @@ impl AttachmentManager {
             // fences again, and an unpublish parks the export.
             let holders: Holders = self.get(volume).into_iter().collect();
             let mine = Some((node, host_nqn.as_deref()));
-            if !self.fence(volume, &holders, mine).await?.still_held {
+            if !self.fence(volume, &holders, mine, None).await?.still_held {
                 return Err(Error::Aborted(format!(
                     "attachments of volume {volume} changed by another writer while it \
                      was being fenced; memory resynchronised from the store, retry"
@@ -980,7 +1264,7 @@ impl AttachmentManager {
             return Ok(());
         }
         let holders: Holders = self.get(volume).into_iter().collect();
-        self.fence(volume, &holders, None).await?;
+        self.fence(volume, &holders, None, None).await?;
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
-//! Writing a volume's holders through the [`AttachmentStore`] port, with the store's errors
-//! turned into answers a CO can act on.
+//! The store's errors on a write of a volume's holders, turned into answers a CO can act
+//! on.
 //!
 //! What a missing object means: a store reports `NotFound` when the object the records
 //! live on (the PersistentVolume) does not exist. For a write that adds a holder, the
@@ -7,22 +7,9 @@
 //! (retrying will not help until a PV exists); a write that empties the holder set on a
 //! missing PV succeeds in the store itself (nothing left that could resurrect it).
 
-use crate::attachment::types::Holders;
-use crate::error::{Error, Result};
-use crate::ports::store::{AttachmentStore, StoreError};
+use crate::error::Error;
+use crate::ports::store::StoreError;
 use crate::types::VolumeId;
-
-/// Durably writes `holders` as the complete holder set of `volume`.
-pub(crate) async fn write_holders(
-    store: &dyn AttachmentStore,
-    volume: &VolumeId,
-    holders: &Holders,
-) -> Result<()> {
-    store
-        .write_volume(volume, holders.as_slice())
-        .await
-        .map_err(|e| store_error(volume, e))
-}
 
 /// The answer for a failed write of `volume`'s holders.
 pub(crate) fn store_error(volume: &VolumeId, e: StoreError) -> Error {

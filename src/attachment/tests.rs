@@ -20,22 +20,28 @@ impl Clock for FixedClock {
     }
 }
 
-struct World {
-    _dir: tempfile::TempDir,
-    rds: Arc<InMemoryRds>,
-    store: Arc<MemStore>,
-    cluster: Arc<LocalCluster>,
-    mgr: Arc<AttachmentManager>,
+pub(super) struct World {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) rds: Arc<InMemoryRds>,
+    pub(super) store: Arc<MemStore>,
+    pub(super) cluster: Arc<LocalCluster>,
+    pub(super) mgr: Arc<AttachmentManager>,
 }
 
-fn vid(s: &str) -> VolumeId {
+pub(super) fn vid(s: &str) -> VolumeId {
     VolumeId::new(s).unwrap()
 }
-fn nid(s: &str) -> NodeId {
+pub(super) fn nid(s: &str) -> NodeId {
     NodeId::new(s).unwrap()
 }
 
 async fn world(cfg: AttachmentConfig) -> World {
+    world_with(cfg, Arc::new(FixedClock)).await
+}
+
+/// Volumes `pvc-1..3` on an in-memory RDS, nodes `node-a..c` (a and b with host NQNs), a
+/// manager over them with `cfg` and `clock`.
+pub(super) async fn world_with(cfg: AttachmentConfig, clock: Arc<dyn Clock>) -> World {
     let dir = tempfile::tempdir().unwrap();
     let rds = crate::routeros::in_memory_rds(1 << 40);
     for v in ["pvc-1", "pvc-2", "pvc-3"] {
@@ -71,7 +77,7 @@ async fn world(cfg: AttachmentConfig) -> World {
         rds.clone(),
         store.clone(),
         cluster.clone(),
-        Arc::new(FixedClock),
+        clock,
         cfg,
     ));
     World {
@@ -83,7 +89,7 @@ async fn world(cfg: AttachmentConfig) -> World {
     }
 }
 
-fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
+pub(super) fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
     PublishArgs {
         volume_id: vid(v),
         node_id: nid(n),
@@ -92,17 +98,18 @@ fn publish_args(v: &str, n: &str, readonly: bool) -> PublishArgs {
         block: false,
         fs_type: Some("ext4".into()),
         nvme_address: Some("10.0.0.5".into()),
+        migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
     }
 }
 
-fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
+pub(super) fn unpublish_args(v: &str, n: Option<&str>) -> UnpublishArgs {
     UnpublishArgs {
         volume_id: vid(v),
         node_id: n.map(nid),
     }
 }
 
-fn holders(w: &World, v: &str) -> Vec<String> {
+pub(super) fn holders(w: &World, v: &str) -> Vec<String> {
     holders_of(&w.mgr, v)
 }
 
@@ -119,7 +126,7 @@ fn parked(v: &str) -> String {
 }
 
 /// The host NQN `v`'s export admits (`None`: any host).
-async fn allowed_host(w: &World, v: &str) -> Option<String> {
+pub(super) async fn allowed_host(w: &World, v: &str) -> Option<String> {
     w.rds.get_disk(v).await.unwrap().unwrap().allowed_host_nqn
 }
 
@@ -803,6 +810,160 @@ async fn rebuild_restores_records_and_drops_those_whose_detach_completed() {
     );
 }
 
+/// A store that lets another writer act in the middle of this replica's calls (a former
+/// leader racing the new one during a failover): `write_first` lands just before this
+/// replica's first conditional write; `publish_after_read` is another replica's publish,
+/// run to completion after this replica's first read of a volume was taken, so the answer
+/// is stale by the time it arrives.
+struct Interleaved {
+    inner: Arc<MemStore>,
+    write_first: std::sync::Mutex<Option<(VolumeId, Vec<crate::ports::store::AttachmentRecord>)>>,
+    publish_after_read: tokio::sync::Mutex<Option<(Arc<AttachmentManager>, PublishArgs)>>,
+}
+
+impl Interleaved {
+    fn over(inner: Arc<MemStore>) -> Self {
+        Self {
+            inner,
+            write_first: std::sync::Mutex::new(None),
+            publish_after_read: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AttachmentStore for Interleaved {
+    async fn write_volume(
+        &self,
+        volume: &VolumeId,
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.write_volume(volume, holders).await
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[crate::ports::store::AttachmentRecord],
+        holders: &[crate::ports::store::AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        let other = self.write_first.lock().unwrap().take();
+        if let Some((v, records)) = other {
+            self.inner.write_volume(&v, &records).await?;
+        }
+        self.inner.write_volume_if(volume, previous, holders).await
+    }
+
+    async fn read_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        let read = self.inner.read_volume(volume).await;
+        if let Some((other, args)) = self.publish_after_read.lock().await.take() {
+            other.publish(&args).await.unwrap();
+        }
+        read
+    }
+
+    async fn load_all(&self) -> Result<Vec<crate::ports::store::AttachmentRecord>, StoreError> {
+        self.inner.load_all().await
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_never_clears_what_another_writer_stored_after_it_loaded() {
+    let w = world(AttachmentConfig::default()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand), and while a restarting replica
+    // rebuilds, the new leader publishes pvc-1 to node-b (its VolumeAttachment is new).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    let node_b = crate::ports::store::AttachmentRecord {
+        volume_id: vid("pvc-1"),
+        node_id: nid("node-b"),
+        attached_at: UNIX_EPOCH,
+        access_mode: AccessMode::SingleNode,
+        readonly: false,
+        migration: None,
+        generation: 0,
+    };
+    let store = Arc::new(Interleaved::over(w.store.clone()));
+    *store.write_first.lock().unwrap() = Some((vid("pvc-1"), vec![node_b]));
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store,
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        AttachmentConfig::default(),
+    );
+    let report = restarted.rebuild().await.unwrap();
+    assert_eq!((report.dropped, report.clear_failures), (1, 1));
+    assert_eq!(
+        stored(&w).await,
+        vec![("pvc-1".into(), "node-b".into())],
+        "the other writer's acknowledged publish survives the rebuild"
+    );
+    assert_eq!(
+        restarted.get(&vid("pvc-1"))[0].node_id,
+        nid("node-b"),
+        "memory follows the store"
+    );
+}
+
+#[tokio::test]
+async fn a_start_up_settle_on_a_stale_read_never_undoes_another_writers_fence() {
+    let fenced = AttachmentConfig {
+        data_path_fence: true,
+        ..Default::default()
+    };
+    let w = world(fenced.clone()).await;
+    w.mgr
+        .publish(&publish_args("pvc-1", "node-a", false))
+        .await
+        .unwrap();
+    // node-a's VolumeAttachment is gone (detached by hand); the restarting replica drops
+    // the record but cannot clear it (the API is down for that write).
+    w.cluster
+        .set_volume_attachments(Some(vec![VolumeAttachmentInfo {
+            volume_id: vid("pvc-1"),
+            node_id: nid("node-b"),
+            attached: true,
+            deleting: false,
+        }]));
+    w.store
+        .fail_next_writes([StoreError::Unavailable("api down".into())]);
+    let store = Arc::new(Interleaved::over(w.store.clone()));
+    let restarted = AttachmentManager::new(
+        w.rds.clone(),
+        store.clone(),
+        w.cluster.clone(),
+        Arc::new(FixedClock),
+        fenced,
+    );
+    assert_eq!(restarted.rebuild().await.unwrap().clear_failures, 1);
+    // Its settle reads the store (still node-a) while the old leader publishes to node-b.
+    *store.publish_after_read.lock().await = Some((w.mgr.clone(), publish_args("pvc-1", "node-b", false)));
+    assert_eq!(
+        restarted.settle_fences().await.unwrap(),
+        2,
+        "pvc-2 and pvc-3 (open exports) are parked; pvc-1's listed export agreed with the \
+         sweep's read of the store: not moved"
+    );
+    assert_eq!(
+        allowed_host(&w, "pvc-1").await.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:bbbb"),
+        "the acknowledged publish's fence stands"
+    );
+}
+
 #[tokio::test]
 async fn an_acknowledged_unpublish_never_comes_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -930,7 +1091,7 @@ async fn stored_holders_answer_from_the_store_and_refresh_memory() {
     assert_eq!(holders(&w, "pvc-3"), vec!["node-b"]);
 }
 
-fn fenced() -> AttachmentConfig {
+pub(super) fn fenced() -> AttachmentConfig {
     AttachmentConfig {
         data_path_fence: true,
         ..Default::default()
@@ -1063,24 +1224,22 @@ async fn a_repeated_unpublish_parks_an_export_a_failed_one_left_fenced() {
 }
 
 #[tokio::test]
-async fn multi_node_holders_open_the_export_and_the_last_unpublish_parks_it() {
+async fn multi_node_readers_open_the_export_and_the_last_unpublish_parks_it() {
     let w = world(fenced()).await;
-    let multi = |n: &str| PublishArgs {
-        access_mode: AccessMode::MultiNodeMultiWriter,
-        block: true,
-        fs_type: None,
-        ..publish_args("pvc-1", n, false)
+    let readers = |n: &str| PublishArgs {
+        access_mode: AccessMode::MultiNodeReadOnly,
+        ..publish_args("pvc-1", n, true)
     };
     w.rds
         .set_allowed_host("pvc-1", Some(&parked("pvc-1")))
         .await
         .unwrap();
-    // node-c has no host NQN: a multi-node volume does not need it.
-    w.mgr.publish(&multi("node-a")).await.unwrap();
-    w.mgr.publish(&multi("node-c")).await.unwrap();
-    assert_eq!(allowed_host(&w, "pvc-1").await, None, "not fenced: open");
+    // node-c has no host NQN: readers share an open export and do not need it.
+    w.mgr.publish(&readers("node-a")).await.unwrap();
+    w.mgr.publish(&readers("node-c")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "readers: open");
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
-    assert_eq!(allowed_host(&w, "pvc-1").await, None, "node-c still holds it");
+    assert_eq!(allowed_host(&w, "pvc-1").await, None, "node-c still reads it");
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-c"))).await.unwrap();
     assert_eq!(allowed_host(&w, "pvc-1").await, Some(parked("pvc-1")));
 }
@@ -1115,6 +1274,8 @@ async fn start_up_parks_the_exports_of_volumes_made_before_the_fence() {
         attached_at: UNIX_EPOCH,
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     w.store.write_volume(&vid("pvc-1"), &[record("pvc-1", "node-a")]).await.unwrap();
     w.store.write_volume(&vid("pvc-2"), &[record("pvc-2", "node-c")]).await.unwrap();

@@ -61,6 +61,20 @@ impl Holders {
     pub fn into_vec(self) -> Vec<AttachmentRecord> {
         self.0
     }
+    /// The generation of the write that made this holder set (0: none, or written before
+    /// generations were recorded).
+    pub fn generation(&self) -> u64 {
+        self.0.first().map_or(0, |r| r.generation)
+    }
+    /// The same holders as the next write after `previous` makes them: every record
+    /// carries `previous`'s generation + 1.
+    pub fn stamped_after(mut self, previous: &Holders) -> Holders {
+        let generation = previous.generation() + 1;
+        for r in &mut self.0 {
+            r.generation = generation;
+        }
+        self
+    }
     /// Splits into (matching, the rest).
     pub fn partition(self, pred: impl Fn(&AttachmentRecord) -> bool) -> (Holders, Holders) {
         let (a, b) = self.0.into_iter().partition(|r| pred(r));
@@ -95,6 +109,9 @@ pub struct PublishArgs {
     pub fs_type: Option<String>,
     /// NVMe/TCP address the node should connect to (volume context `nvmeAddress`).
     pub nvme_address: Option<String>,
+    /// How long a live migration this publish starts may run (volume context
+    /// `migrationTimeoutSeconds`; multi-node block volumes only).
+    pub migration_timeout: std::time::Duration,
 }
 
 /// Validated ControllerUnpublishVolume arguments.

@@ -146,6 +146,8 @@ mod tests {
             attached_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             access_mode: AccessMode::SingleNode,
             readonly: false,
+            migration: None,
+            generation: 0,
         }
     }
 

@@ -1,5 +1,6 @@
 //! In-memory `AttachmentStore` for tests and benchmarks: the records in a map, with
-//! injectable write failures and a write counter. Not durable; never used by the plugin
+//! injectable write failures, a write counter and conditional writes (a stale view's
+//! write conflicts, as on the API server). Not durable; never used by the plugin
 //! binary.
 
 use std::collections::BTreeMap;
@@ -48,6 +49,27 @@ impl MemStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Counts a write attempt and fails it with the next injected error, if any.
+    fn attempt(&self) -> Result<(), StoreError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        match self.fail_next.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Replaces `volume`'s records in `records` with `holders`.
+fn replace(
+    records: &mut BTreeMap<(VolumeId, NodeId), AttachmentRecord>,
+    volume: &VolumeId,
+    holders: &[AttachmentRecord],
+) {
+    records.retain(|(v, _), _| v != volume);
+    for r in holders {
+        records.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
+    }
 }
 
 #[async_trait]
@@ -57,20 +79,35 @@ impl AttachmentStore for MemStore {
         volume: &VolumeId,
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = self
-            .fail_next
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-        {
-            return Err(e);
-        }
+        self.attempt()?;
+        replace(
+            &mut self.records.lock().unwrap_or_else(|p| p.into_inner()),
+            volume,
+            holders,
+        );
+        Ok(())
+    }
+
+    async fn write_volume_if(
+        &self,
+        volume: &VolumeId,
+        previous: &[AttachmentRecord],
+        holders: &[AttachmentRecord],
+    ) -> Result<(), StoreError> {
+        self.attempt()?;
+        // The check and the write under one lock, as the API server's precondition is.
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records.retain(|(v, _), _| v != volume);
-        for r in holders {
-            records.insert((r.volume_id.clone(), r.node_id.clone()), r.clone());
+        let stored: Vec<AttachmentRecord> = records
+            .values()
+            .filter(|r| r.volume_id == *volume)
+            .cloned()
+            .collect();
+        if !crate::ports::store::same_holders(&stored, previous) {
+            return Err(StoreError::Conflict(format!(
+                "the holders of {volume} changed since they were read"
+            )));
         }
+        replace(&mut records, volume, holders);
         Ok(())
     }
 

@@ -3,6 +3,14 @@
 //! Unknown keys are refused (naming the key) so that a typo in a StorageClass is found at
 //! the first provisioning, not after data was written with the wrong settings. Keys the
 //! Kubernetes external-provisioner adds itself (`csi.storage.k8s.io/...`) are accepted.
+//!
+//! Drop-in for the earlier Go driver (same driver name, same hardware): every key its
+//! StorageClasses may carry is accepted. `migrationTimeoutSeconds` is read as it read it
+//! (clamped to 30–3600 s, a value that is not a positive number means the default, each
+//! with a warning) and carried in the `volume_context`; `keepAliveTmo=0` means the
+//! kernel's default (the node then passes no `--keep-alive-tmo`); `sshPort` and
+//! `nqnPrefix`, which it declared but never used, are accepted with a warning
+//! ([`keys::IGNORED`]): the controller's `--rds-port` and `--nvme-nqn-prefix` are what count.
 
 use std::collections::HashMap;
 
@@ -27,6 +35,12 @@ pub mod keys {
     pub const RECONNECT_DELAY: &str = "reconnectDelay";
     /// nvme connect `--keep-alive-tmo`.
     pub const KEEP_ALIVE_TMO: &str = "keepAliveTmo";
+    /// How long a live migration of a multi-node block volume may run (seconds).
+    pub const MIGRATION_TIMEOUT: &str = crate::types::context::MIGRATION_TIMEOUT;
+    /// The earlier driver's SSH port key: declared there, never used; accepted, ignored.
+    pub const SSH_PORT: &str = "sshPort";
+    /// The earlier driver's NQN prefix key: declared there, never used; accepted, ignored.
+    pub const NQN_PREFIX: &str = "nqnPrefix";
     /// Prefix of the keys Kubernetes sidecars add (PVC name/namespace, PV name).
     pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -35,12 +49,18 @@ pub mod keys {
         CTRL_LOSS_TMO,
         FS_TYPE,
         KEEP_ALIVE_TMO,
+        MIGRATION_TIMEOUT,
+        NQN_PREFIX,
         NVME_ADDRESS,
         NVME_PORT,
         RDS_ADDRESS,
         RECONNECT_DELAY,
+        SSH_PORT,
         VOLUME_PATH,
     ];
+
+    /// Keys accepted for the earlier driver's StorageClasses but without effect here.
+    pub const IGNORED: &[&str] = &[NQN_PREFIX, SSH_PORT];
 }
 
 /// Filesystems the node can create and grow.
@@ -66,6 +86,11 @@ pub struct VolumeParams {
     pub fs_type: Option<String>,
     /// The NVMe/TCP connect tunables (the mutable parameters).
     pub tunables: Tunables,
+    /// `migrationTimeoutSeconds`, as the controller will use it (clamped), when given.
+    pub migration_timeout: Option<std::time::Duration>,
+    /// What was given but is not used as given (ignored keys, clamped or defaulted
+    /// values): one line each, for a warning.
+    pub warnings: Vec<String>,
 }
 
 /// The parameters that may change on a live volume (CreateVolume's and
@@ -129,6 +154,20 @@ pub fn parse(params: &HashMap<String, String>, expected: &Expected) -> Result<Vo
                 out.fs_type = Some(value.clone());
             }
             k if MUTABLE.contains(&k) => tunable(&mut out.tunables, "parameters", key, value)?,
+            keys::MIGRATION_TIMEOUT => {
+                let used = match crate::attachment::migration::timeout_from(Some(value)) {
+                    Ok(t) => t,
+                    Err((t, why)) => {
+                        out.warnings.push(format!("parameters.{key}: {why}"));
+                        t
+                    }
+                };
+                out.migration_timeout = Some(used);
+            }
+            k if keys::IGNORED.contains(&k) => out.warnings.push(format!(
+                "parameters.{key}={value:?} is accepted for StorageClasses of the earlier \
+                 driver but has no effect; the controller's flags decide"
+            )),
             keys::RDS_ADDRESS => {
                 let v = parse_host(key, value)?;
                 if let Some(mine) = &expected.rds_address
@@ -179,16 +218,22 @@ fn tunable(t: &mut Tunables, field: &str, key: &str, value: &str) -> Result<()> 
             })?;
             t.ctrl_loss_tmo = Some(v);
         }
-        _ => {
+        keys::RECONNECT_DELAY => {
             let v = int("a positive number of seconds")?;
             let v = u32::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| {
                 Error::InvalidArgument(format!("{field}.{key}: must be at least 1 second"))
             })?;
-            if key == keys::RECONNECT_DELAY {
-                t.reconnect_delay = Some(v);
-            } else {
-                t.keep_alive_tmo = Some(v);
-            }
+            t.reconnect_delay = Some(v);
+        }
+        _ => {
+            // 0: the kernel's default (as the earlier driver's StorageClasses may say).
+            let v = int("a number of seconds (0: the kernel's default)")?;
+            let v = u32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "{field}.{key}: {v} must be ≥ 0 (0: the kernel's default)"
+                ))
+            })?;
+            t.keep_alive_tmo = Some(v);
         }
     }
     Ok(())
@@ -275,7 +320,7 @@ mod tests {
             ("iops", "100", "not a parameter of this driver"),
             ("reconnectDelay", "0", "at least 1 second"),
             ("ctrlLossTmo", "-5", "must be -1"),
-            ("keepAliveTmo", "soon", "not a positive number"),
+            ("keepAliveTmo", "soon", "is not a number of seconds"),
         ] {
             let err = parse_mutable(&map(&[(k, v)])).unwrap_err();
             assert!(
@@ -292,6 +337,47 @@ mod tests {
     }
 
     #[test]
+    fn the_earlier_drivers_storage_classes_are_accepted() {
+        use std::time::Duration;
+        // As the earlier driver's chart wrote them (its defaults included).
+        let p = parse(
+            &map(&[
+                ("rdsAddress", "10.0.0.1"),
+                ("nvmeAddress", "10.0.0.5"),
+                ("nvmePort", "4420"),
+                ("volumePath", "/storage-pool/metal-csi"),
+                ("fsType", "ext4"),
+                ("ctrlLossTmo", "-1"),
+                ("reconnectDelay", "5"),
+                ("keepAliveTmo", "0"),
+                ("migrationTimeoutSeconds", "600"),
+                ("sshPort", "22"),
+                ("nqnPrefix", "nqn.2000-02.com.mikrotik"),
+            ]),
+            &Expected {
+                rds_address: Some("10.0.0.1".into()),
+                volume_path: Some("storage-pool/metal-csi".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(p.tunables.keep_alive_tmo, Some(0), "0: the kernel's default");
+        assert_eq!(p.migration_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p.warnings.iter().any(|w| w.contains("sshPort")));
+        assert!(p.warnings.iter().any(|w| w.contains("nqnPrefix")));
+        // Out of range or not a number: used as the earlier driver used it, and said so.
+        for (v, used) in [("5", 30), ("86400", 3600), ("abc", 300), ("0", 300)] {
+            let p = parse(&map(&[("migrationTimeoutSeconds", v)]), &Expected::default())
+                .unwrap();
+            assert_eq!(p.migration_timeout, Some(Duration::from_secs(used)), "{v}");
+            assert_eq!(p.warnings.len(), 1, "{v}: {:?}", p.warnings);
+        }
+        // A typo stays refused.
+        let err = parse(&map(&[("migrationTimeout", "300")]), &Expected::default()).unwrap_err();
+        assert!(err.to_string().contains("unknown key \"migrationTimeout\""), "{err}");
+    }
+
+    #[test]
     fn bad_parameters_are_named() {
         for (k, v, needle) in [
             ("fstype", "ext4", "unknown key \"fstype\""),
@@ -300,6 +386,7 @@ mod tests {
             ("nvmePort", "99999", "parameters.nvmePort"),
             ("ctrlLossTmo", "-2", "parameters.ctrlLossTmo"),
             ("reconnectDelay", "0", "parameters.reconnectDelay"),
+            ("keepAliveTmo", "-1", "parameters.keepAliveTmo"),
             (
                 "nvmeAddress",
                 "1.2.3.4; /system reset",

@@ -4,6 +4,12 @@
 //! snapshot name when that is a safe slot, else an id derived from it
 //! ([`crate::controller::names`]); its note ([`SnapshotNote`]) records the source volume
 //! (RouterOS keeps no link between a copy and its source) and, for a derived id, the name.
+//!
+//! Snapshots the earlier Go driver made are recognised too (listed, restored from,
+//! deleted): non-exported disks without a comment whose slot is its snapshot id
+//! `snap-<uuid>-at-<suffix>` — the suffix is the creation time in unix seconds (its last
+//! versions: a hex hash of the CSI name) and the uuid that of the source volume
+//! `pvc-<uuid>` ([`earlier_driver_source`]); their note is made up from the slot.
 
 use prost_types::Timestamp;
 
@@ -16,12 +22,40 @@ use crate::proto::csi::{
 use crate::types::note::SnapshotNote;
 use crate::types::{SnapshotId, VolumeId};
 
-/// The note of a disk, when it is one of our snapshots (unexported, with a snapshot note).
-fn snapshot_note(export: bool, comment: Option<&str>) -> Option<SnapshotNote> {
+/// The note of a disk, when it is a snapshot (unexported): ours, with a snapshot note, or
+/// the earlier driver's (no comment), whose note is read from its slot.
+fn snapshot_note(export: bool, slot: &str, comment: Option<&str>) -> Option<SnapshotNote> {
     if export {
         return None;
     }
-    comment.and_then(SnapshotNote::parse)
+    match comment {
+        Some(c) => SnapshotNote::parse(c),
+        None => earlier_driver_source(slot).map(|source| SnapshotNote { source, name: None }),
+    }
+}
+
+/// The source volume id `pvc-<uuid>` of the earlier driver's snapshot id
+/// `snap-<uuid>-at-<suffix>` (uuid in lowercase hex 8-4-4-4-12, suffix lowercase hex
+/// digits), or `None` when `slot` is not one.
+pub fn earlier_driver_source(slot: &str) -> Option<String> {
+    let rest = slot.strip_prefix("snap-")?;
+    let (uuid, suffix) = rest.split_once("-at-")?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let groups: Vec<&str> = uuid.split('-').collect();
+    let shaped = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12]) && groups.iter().all(|g| hex(g));
+    (shaped && hex(suffix)).then(|| format!("pvc-{uuid}"))
+}
+
+/// When the earlier driver's snapshot `slot` was cut, if its suffix is unix seconds.
+fn earlier_driver_created(slot: &str) -> Option<i64> {
+    earlier_driver_source(slot)?;
+    let (_, suffix) = slot.rsplit_once("-at-")?;
+    suffix.parse().ok()
+}
+
+/// The note of a snapshot disk (see [`snapshot_note`]).
+fn disk_note(disk: &Disk) -> Option<SnapshotNote> {
+    snapshot_note(disk.export.is_some(), &disk.slot, disk.comment.as_deref())
 }
 
 /// Parses a snapshot id field.
@@ -43,7 +77,10 @@ fn to_snapshot(disk: &Disk, note: &SnapshotNote) -> Snapshot {
         snapshot_id: disk.slot.clone(),
         source_volume_id: note.source.clone(),
         creation_time: Some(Timestamp {
-            seconds: disk.created_unix.unwrap_or(0),
+            seconds: disk
+                .created_unix
+                .or_else(|| earlier_driver_created(&disk.slot))
+                .unwrap_or(0),
             nanos: 0,
         }),
         // A copy-from completes before `/disk add` returns: the copy is usable at once.
@@ -72,8 +109,7 @@ impl Controller {
         if let Some(existing) = entry(id.as_str()) {
             // A repeat: the copy's exact size and creation time.
             let existing = self.rds.sized(existing).await?;
-            let Some(note) = snapshot_note(existing.export.is_some(), existing.comment.as_deref())
-            else {
+            let Some(note) = disk_note(&existing) else {
                 return Err(Error::AlreadyExists(format!(
                     "name {name:?} is taken by a volume or foreign disk on the RDS (slot {id}); \
                      choose another snapshot name"
@@ -131,8 +167,7 @@ impl Controller {
         let disk = self.rds.get_disk(id.as_str()).await?;
         disk.as_ref()
             .and_then(|d| {
-                snapshot_note(d.export.is_some(), d.comment.as_deref())
-                    .map(|n| to_snapshot(d, &n))
+                disk_note(d).map(|n| to_snapshot(d, &n))
             })
             .ok_or_else(|| Error::NotFound(format!("snapshot {id} does not exist")))
     }
@@ -156,7 +191,7 @@ impl Controller {
         let mut snaps: Vec<(Disk, SnapshotNote)> = snaps
             .into_iter()
             .filter_map(|d| {
-                let note = snapshot_note(d.export.is_some(), d.comment.as_deref())?;
+                let note = disk_note(&d)?;
                 (req.source_volume_id.is_empty() || note.source == req.source_volume_id)
                     .then_some((d, note))
             })
@@ -182,5 +217,63 @@ impl Controller {
 
 /// Whether a disk entry is one of our snapshots.
 fn is_snapshot_entry(disk: &DiskEntry) -> bool {
-    snapshot_note(disk.export.is_some(), disk.comment.as_deref()).is_some()
+    snapshot_note(disk.export.is_some(), &disk.slot, disk.comment.as_deref()).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(slot: &str, comment: Option<&str>, exported: bool) -> Disk {
+        Disk {
+            slot: slot.into(),
+            file_path: format!("storage-pool/metal-csi/{slot}.img"),
+            size_bytes: 1 << 30,
+            export: exported.then(|| crate::ports::rds::NvmeExport {
+                port: 4420,
+                nqn: format!("nqn.2000-02.com.mikrotik:{slot}"),
+            }),
+            allowed_host_nqn: None,
+            created_unix: None,
+            comment: comment.map(str::to_string),
+        }
+    }
+
+    const UUID: &str = "a1b2c3d4-e5f6-7890-abcd-ef1234567890";
+
+    #[test]
+    fn the_earlier_drivers_snapshots_are_recognised_by_their_ids() {
+        let timed = format!("snap-{UUID}-at-1739800000");
+        let hashed = format!("snap-{UUID}-at-3a9f8c02d1");
+        for id in [&timed, &hashed] {
+            assert_eq!(
+                earlier_driver_source(id).as_deref(),
+                Some(format!("pvc-{UUID}").as_str()),
+                "{id}"
+            );
+            assert!(disk_note(&disk(id, None, false)).is_some(), "{id}");
+        }
+        let d = disk(&timed, None, false);
+        let s = to_snapshot(&d, &disk_note(&d).unwrap());
+        assert_eq!(s.source_volume_id, format!("pvc-{UUID}"));
+        assert_eq!(s.creation_time.unwrap().seconds, 1_739_800_000, "from the id");
+        let d = disk(&hashed, None, false);
+        assert_eq!(to_snapshot(&d, &disk_note(&d).unwrap()).creation_time.unwrap().seconds, 0);
+        for not in [
+            format!("snap-{UUID}"),
+            format!("snap-{UUID}-at-"),
+            format!("snap-{}-at-1", UUID.to_uppercase()),
+            "snap-1234-at-5".to_string(),
+            format!("pvc-{UUID}"),
+            format!("snap-{UUID}-at-12 3"),
+        ] {
+            assert_eq!(earlier_driver_source(&not), None, "{not}");
+        }
+        // Exported, or commented by someone else: not a snapshot of either driver.
+        assert!(disk_note(&disk(&timed, None, true)).is_none());
+        assert!(disk_note(&disk(&timed, Some("backup of vm-1"), false)).is_none());
+        // Ours: the note decides (one of an older driver version reads the same).
+        assert!(disk_note(&disk("snap-x", Some("rds-csi-snapshot-of:pvc-1"), false)).is_some());
+        assert!(disk_note(&disk("snap-x", None, false)).is_none());
+    }
 }

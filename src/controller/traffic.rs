@@ -188,6 +188,7 @@ mod tests {
             block: true,
             fs_type: None,
             nvme_address: None,
+            migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
         };
         attachments.publish(&publish("pvc-1")).await.unwrap();
         attachments.publish(&publish("pvc-2")).await.unwrap();

@@ -182,6 +182,7 @@ impl CreateArgs {
             nvme_address: self.params.nvme_address.clone(),
             tunables: self.params.tunables,
             modified: Default::default(),
+            migration_timeout_secs: self.params.migration_timeout.map(|t| t.as_secs()),
         }
     }
 }
@@ -252,6 +253,9 @@ impl Controller {
             for (k, v) in n.tunables.context() {
                 ctx.insert(k.to_string(), v);
             }
+            if let Some(t) = n.migration_timeout_secs {
+                ctx.insert(context::MIGRATION_TIMEOUT.to_string(), t.to_string());
+            }
         }
         ctx
     }
@@ -271,6 +275,9 @@ impl Controller {
     /// CreateVolume core.
     pub async fn create_volume(&self, args: &CreateArgs) -> Result<Volume> {
         let id = args.volume_id.as_str();
+        for w in &args.params.warnings {
+            tracing::warn!(volume_id = %id, "{w}");
+        }
         // Observe first. The spec: "If a volume corresponding to the specified volume name
         // already exists, is accessible from accessibility_requirements, and is compatible
         // with the specified capacity_range, volume_capabilities, parameters and

@@ -219,7 +219,10 @@ pub fn target_from_context(
         nqn,
         ctrl_loss_tmo,
         reconnect_delay: num(context::RECONNECT_DELAY, get(context::RECONNECT_DELAY))?,
-        keep_alive_tmo: num(context::KEEP_ALIVE_TMO, get(context::KEEP_ALIVE_TMO))?,
+        // 0 is the kernel's default, as the earlier driver wrote it into every volume
+        // context; passed on, it would switch keep-alive off instead.
+        keep_alive_tmo: num::<u32>(context::KEEP_ALIVE_TMO, get(context::KEEP_ALIVE_TMO))?
+            .filter(|&v| v != 0),
     })
 }
 
@@ -614,6 +617,12 @@ mod tests {
             [(context::NVME_ADDRESS.to_string(), "h".to_string())].into();
         let t = target_from_context("nqn.x:pvc-2".into(), &HashMap::new(), &min, true).unwrap();
         assert_eq!((t.port, t.nqn.as_str()), (4420, "nqn.x:pvc-2"));
+        // The earlier driver wrote keepAliveTmo=0 (the kernel's default) into every volume
+        // context: no option, not keep-alive switched off.
+        let mut go = min.clone();
+        go.insert(context::KEEP_ALIVE_TMO.to_string(), "0".to_string());
+        let t = target_from_context("nqn.x:pvc-2".into(), &HashMap::new(), &go, true).unwrap();
+        assert_eq!(t.keep_alive_tmo, None);
         for (k, v) in [
             (context::NVME_PORT, "0"),
             (context::NVME_PORT, "http"),

@@ -11,7 +11,8 @@ use crate::proto::csi::{
 use crate::types::{NodeId, VolumeId};
 
 use crate::types::context::{
-    FS_TYPE as VOLUME_CONTEXT_FS_TYPE, NVME_ADDRESS as VOLUME_CONTEXT_NVME_ADDRESS,
+    FS_TYPE as VOLUME_CONTEXT_FS_TYPE, MIGRATION_TIMEOUT as VOLUME_CONTEXT_MIGRATION_TIMEOUT,
+    NVME_ADDRESS as VOLUME_CONTEXT_NVME_ADDRESS,
 };
 
 fn volume_id(value: &str) -> Result<VolumeId> {
@@ -51,6 +52,20 @@ pub fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<PublishA
         .get(VOLUME_CONTEXT_NVME_ADDRESS)
         .filter(|s| !s.is_empty())
         .cloned();
+    // Read leniently, as the earlier driver did: the value comes from a PV that may predate
+    // this driver, and a publish must not fail over it (CreateVolume refuses bad values).
+    let raw_timeout = req
+        .volume_context
+        .get(VOLUME_CONTEXT_MIGRATION_TIMEOUT)
+        .map(String::as_str);
+    let migration_timeout = match crate::attachment::migration::timeout_from(raw_timeout) {
+        Ok(t) => t,
+        Err((t, why)) => {
+            tracing::warn!(volume_id = %volume_id,
+                "volume_context {VOLUME_CONTEXT_MIGRATION_TIMEOUT}: {why}");
+            t
+        }
+    };
     Ok(PublishArgs {
         volume_id,
         node_id,
@@ -59,6 +74,7 @@ pub fn validate_publish(req: &ControllerPublishVolumeRequest) -> Result<PublishA
         block,
         fs_type,
         nvme_address,
+        migration_timeout,
     })
 }
 
@@ -115,6 +131,26 @@ mod tests {
         assert_eq!(args.fs_type.as_deref(), Some("xfs"));
         assert_eq!(args.nvme_address.as_deref(), Some("10.0.0.5"));
         assert!(!args.block);
+    }
+
+    #[test]
+    fn the_migration_timeout_comes_from_the_volume_context_clamped_as_before() {
+        use std::time::Duration;
+        let mut r = req();
+        assert_eq!(
+            validate_publish(&r).unwrap().migration_timeout,
+            Duration::from_secs(300),
+            "default"
+        );
+        for (v, want) in [("120", 120), ("5", 30), ("99999", 3600), ("soon", 300)] {
+            r.volume_context
+                .insert("migrationTimeoutSeconds".into(), v.into());
+            assert_eq!(
+                validate_publish(&r).unwrap().migration_timeout,
+                Duration::from_secs(want),
+                "{v}"
+            );
+        }
     }
 
     #[test]

@@ -6,19 +6,32 @@
 //! - `rds.csi.srvlab.io/attached-at`: RFC 3339 UTC timestamps with microseconds, aligned;
 //! - `rds.csi.srvlab.io/attached-readonly`: `true`/`false`, aligned (absent: all false);
 //! - `rds.csi.srvlab.io/attached-mode`: `single-node`, `multi-node-read-only` or
-//!   `multi-node-multi-writer` (absent: `single-node`, the conservative reading of
-//!   annotations written by the earlier driver, which had only the first two).
+//!   `multi-node-multi-writer`. Absent (annotations the earlier Go driver wrote: one node in
+//!   `attached-node`, its RFC 3339 time in `attached-at`, nothing else): read from the PV
+//!   itself — `ReadWriteMany` with `volumeMode: Block` is `multi-node-multi-writer`, only
+//!   `ReadOnlyMany` is `multi-node-read-only`, anything else `single-node`;
+//! - while a live migration runs (two holders of a multi-node block volume):
+//!   `rds.csi.srvlab.io/migration-source` (the source node; the other holder is the
+//!   target), `rds.csi.srvlab.io/migration-started-at` (RFC 3339) and
+//!   `rds.csi.srvlab.io/migration-timeout-seconds`;
+//! - `rds.csi.srvlab.io/attachment-generation`: the number of the write that made this
+//!   holder set (see [`AttachmentRecord::generation`]; absent: 0).
 //!
 //! A node named twice in `attached-node` (a hand edit, a restored backup) is one holder,
 //! since the earliest of its times; named once read-only and once read-write, the record is
 //! malformed. No holder: the annotations are removed.
 //!
 //! One request per change in the common case: a JSON merge patch carrying
-//! `metadata.resourceVersion` (the version we last saw: from the start-up LIST or our own
-//! previous write) as its precondition. On 409 Conflict the PV is read again and the write
-//! repeated, with the seeded [`Backoff`] and a bounded number of attempts; a write is the
-//! volume's complete holder set, so repeating it is idempotent. Transient errors (5xx, 429,
-//! transport) are retried the same way. A volume not seen before costs one GET first.
+//! `metadata.resourceVersion` (the version we last saw: from the start-up LIST, a read or
+//! our own previous write) as its precondition. The index keeps, beside that version, a
+//! fingerprint of the attachments it held; a conditional write patches against it only
+//! when the fingerprint is the one of the holders the manager expects — otherwise (another
+//! reader, say ListVolumes, saw a newer version than the manager's memory) the PV is read
+//! again and compared first, so a stale memory can never write over a newer record. On 409
+//! Conflict the PV is read again and the write repeated, with the seeded [`Backoff`] and a
+//! bounded number of attempts; a write is the volume's complete holder set, so repeating it
+//! is idempotent. Transient errors (5xx, 429, transport) are retried the same way. A volume
+//! not seen before costs one GET first.
 //!
 //! A missing PV: a write that adds holders fails with `StoreError::NotFound` (the manager
 //! refuses the publish: it cannot be made durable); a write that empties the holder set
@@ -45,16 +58,67 @@ pub const ANN_ATTACHED_AT: &str = "rds.csi.srvlab.io/attached-at";
 pub const ANN_ATTACHED_READONLY: &str = "rds.csi.srvlab.io/attached-readonly";
 /// Annotation: the access mode of the attachment.
 pub const ANN_ATTACHED_MODE: &str = "rds.csi.srvlab.io/attached-mode";
+/// Annotation: the source node of the live migration under way.
+pub const ANN_MIGRATION_SOURCE: &str = "rds.csi.srvlab.io/migration-source";
+/// Annotation: when the live migration under way started (RFC 3339, microseconds).
+pub const ANN_MIGRATION_STARTED_AT: &str = "rds.csi.srvlab.io/migration-started-at";
+/// Annotation: how long the live migration under way may run, in seconds.
+pub const ANN_MIGRATION_TIMEOUT: &str = "rds.csi.srvlab.io/migration-timeout-seconds";
+/// Annotation: the generation of the holder set.
+pub const ANN_GENERATION: &str = "rds.csi.srvlab.io/attachment-generation";
+
+/// Every annotation of an attachment record, in the order they are written.
+pub const ALL_ANNOTATIONS: &[&str] = &[
+    ANN_ATTACHED_NODE,
+    ANN_ATTACHED_AT,
+    ANN_ATTACHED_READONLY,
+    ANN_ATTACHED_MODE,
+    ANN_MIGRATION_SOURCE,
+    ANN_MIGRATION_STARTED_AT,
+    ANN_MIGRATION_TIMEOUT,
+    ANN_GENERATION,
+];
 
 const PV_PATH: &str = "/api/v1/persistentvolumes";
 /// Page size of the start-up LIST.
 pub const LIST_PAGE: u32 = 500;
 
-/// Where a volume's PV is and the version we last saw of it.
+/// Where a volume's PV is, the version we last saw of it, and a fingerprint of the
+/// attachments it held at that version (`None`: unreadable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PvRef {
     pub name: String,
     pub rv: String,
+    pub fingerprint: Option<u64>,
+}
+
+impl PvRef {
+    /// The reference to `pv` as read, holding `records` (or unreadable ones).
+    fn of(pv: &PvLite, records: Option<&[AttachmentRecord]>) -> Self {
+        Self {
+            name: pv.metadata.name.clone(),
+            rv: pv.metadata.resource_version.clone().unwrap_or_default(),
+            fingerprint: records.map(fingerprint),
+        }
+    }
+}
+
+/// A fingerprint of a holder set: equal for the sets [`same_holders`] finds equal.
+fn fingerprint(records: &[AttachmentRecord]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same set hashes the same in every process (the value never leaves
+    // this one, though).
+    let mut h = std::hash::DefaultHasher::new();
+    records.len().hash(&mut h);
+    for r in records {
+        r.node_id.hash(&mut h);
+        r.access_mode.hash(&mut h);
+        r.readonly.hash(&mut h);
+        crate::ports::store::micros(r.attached_at).hash(&mut h);
+        r.migration.hash(&mut h);
+        r.generation.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Volume id ↔ PV name (and last seen resourceVersion), shared by the kube adapters.
@@ -141,9 +205,16 @@ pub(crate) struct MetaLite {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(crate) struct PvSpecLite {
     #[serde(default)]
     pub csi: Option<CsiLite>,
+    /// `ReadWriteOnce`, `ReadWriteMany`, ...
+    #[serde(default)]
+    pub access_modes: Vec<String>,
+    /// `Filesystem` (the default) or `Block`.
+    #[serde(default)]
+    pub volume_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,15 +294,10 @@ fn mode_name(m: AccessMode) -> &'static str {
 /// The annotation values for `holders` (sorted by node); `Value::Null` removes a key.
 pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
+    for k in ALL_ANNOTATIONS {
+        m.insert(k.to_string(), Value::Null);
+    }
     if holders.is_empty() {
-        for k in [
-            ANN_ATTACHED_NODE,
-            ANN_ATTACHED_AT,
-            ANN_ATTACHED_READONLY,
-            ANN_ATTACHED_MODE,
-        ] {
-            m.insert(k.to_string(), Value::Null);
-        }
         return m;
     }
     let join = |f: &dyn Fn(&AttachmentRecord) -> String| {
@@ -253,13 +319,45 @@ pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, 
         ANN_ATTACHED_MODE.into(),
         json!(mode_name(holders[0].access_mode)),
     );
+    if let Some(mig) = holders.iter().find_map(|r| r.migration.as_ref()) {
+        m.insert(ANN_MIGRATION_SOURCE.into(), json!(mig.source.to_string()));
+        m.insert(
+            ANN_MIGRATION_STARTED_AT.into(),
+            json!(format_time(mig.started_at)),
+        );
+        m.insert(
+            ANN_MIGRATION_TIMEOUT.into(),
+            json!(mig.timeout.as_secs().to_string()),
+        );
+    }
+    m.insert(
+        ANN_GENERATION.into(),
+        json!(holders[0].generation.to_string()),
+    );
     m
 }
 
+/// The access mode a PV's own spec implies, for records that do not name one (written by
+/// the earlier driver): `ReadWriteMany` block volumes are multi-node writers (KubeVirt
+/// disks), `ReadOnlyMany`-only volumes multi-node readers, the rest single-node.
+pub(crate) fn mode_of_spec(spec: &PvSpecLite) -> AccessMode {
+    let has = |m: &str| spec.access_modes.iter().any(|a| a == m);
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    if has("ReadWriteMany") && block {
+        AccessMode::MultiNodeMultiWriter
+    } else if has("ReadOnlyMany") && !has("ReadWriteOnce") && !has("ReadWriteMany") {
+        AccessMode::MultiNodeReadOnly
+    } else {
+        AccessMode::SingleNode
+    }
+}
+
 /// Records encoded in a PV's annotations; malformed parts are reported, not guessed.
+/// `default_mode` is the mode when the annotations name none ([`mode_of_spec`]).
 pub fn records_from(
     volume: &VolumeId,
     annotations: &BTreeMap<String, String>,
+    default_mode: AccessMode,
 ) -> Result<Vec<AttachmentRecord>, String> {
     let Some(nodes) = annotations.get(ANN_ATTACHED_NODE).filter(|s| !s.is_empty()) else {
         return Ok(Vec::new());
@@ -274,10 +372,18 @@ pub fn records_from(
         .map(|s| s.split(',').map(str::trim).collect())
         .unwrap_or_default();
     let mode = match annotations.get(ANN_ATTACHED_MODE).map(String::as_str) {
-        None | Some("single-node") => AccessMode::SingleNode,
+        None => default_mode,
+        Some("single-node") => AccessMode::SingleNode,
         Some("multi-node-read-only") => AccessMode::MultiNodeReadOnly,
         Some("multi-node-multi-writer") => AccessMode::MultiNodeMultiWriter,
         Some(other) => return Err(format!("{ANN_ATTACHED_MODE}={other:?} is not a known mode")),
+    };
+    let generation = match annotations.get(ANN_GENERATION) {
+        Some(g) => g
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{ANN_GENERATION}: {g:?} is not a number"))?,
+        None => 0,
     };
     let mut out = Vec::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
@@ -293,13 +399,9 @@ pub fn records_from(
             Some(&"true") => true,
             Some(other) => return Err(format!("{ANN_ATTACHED_READONLY}: {other:?}")),
         };
-        out.push(AttachmentRecord {
-            volume_id: volume.clone(),
-            node_id,
-            attached_at,
-            access_mode: mode,
-            readonly,
-        });
+        let mut r = AttachmentRecord::new(volume.clone(), node_id, attached_at, mode, readonly);
+        r.generation = generation;
+        out.push(r);
     }
     // A node named twice (a hand edit, a restored backup) holds the volume once, since it
     // was first recorded: the manager keeps one record per node, and a write compares
@@ -320,7 +422,49 @@ pub fn records_from(
             _ => holders.push(r),
         }
     }
+    // The migration is put on the holders as deduplicated: a source named twice is still
+    // one of two holders.
+    if let Some(source) = annotations.get(ANN_MIGRATION_SOURCE) {
+        attach_migration(&mut holders, source, annotations)?;
+    }
     Ok(holders)
+}
+
+/// Puts the migration the annotations describe on its target's record. A source that is
+/// not one of exactly two holders describes no running migration (left by hand): ignored.
+fn attach_migration(
+    records: &mut [AttachmentRecord],
+    source: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let timeout = match annotations.get(ANN_MIGRATION_TIMEOUT) {
+        Some(t) => t
+            .trim()
+            .parse::<u64>()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{ANN_MIGRATION_TIMEOUT}: {t:?} is not a number of seconds"))?,
+        None => crate::types::defaults::DEFAULT_MIGRATION_TIMEOUT,
+    };
+    let started = match annotations.get(ANN_MIGRATION_STARTED_AT) {
+        Some(at) => Some(
+            parse_time(at)
+                .ok_or_else(|| format!("{ANN_MIGRATION_STARTED_AT}: {at:?} is not RFC 3339"))?,
+        ),
+        None => None,
+    };
+    if records.len() != 2 || !records.iter().any(|r| r.node_id.as_str() == source) {
+        tracing::warn!(source, "migration annotations name no running migration; ignored");
+        return Ok(());
+    }
+    let source = NodeId::new(source).map_err(|e| format!("{ANN_MIGRATION_SOURCE}: {e}"))?;
+    if let Some(target) = records.iter_mut().find(|r| r.node_id != source) {
+        target.migration = Some(crate::ports::store::Migration {
+            source,
+            started_at: started.unwrap_or(target.attached_at),
+            timeout,
+        });
+    }
+    Ok(())
 }
 
 /// Attachment records in PV annotations.
@@ -409,19 +553,20 @@ impl PvStore {
                 .ours(&pv)
                 .is_some_and(|c| c.volume_handle == volume.as_str())
         {
-            let r = PvRef {
-                name: pv.metadata.name.clone(),
-                rv: pv.metadata.resource_version.clone().unwrap_or_default(),
-            };
+            let r = PvRef::of(&pv, decode(volume, &pv).ok().as_deref());
             self.index.set(volume.clone(), r.clone());
             return Ok(Some(r));
         }
-        self.scan(|_, _| {}).await?;
+        self.scan(|_, _, _| {}).await?;
         Ok(self.index.get(volume))
     }
 
-    /// Paginated LIST of every PV of this driver: indexes them and hands each to `each`.
-    async fn scan(&self, mut each: impl FnMut(&VolumeId, &PvLite)) -> Result<(), StoreError> {
+    /// Paginated LIST of every PV of this driver: indexes them and hands each, with its
+    /// decoded records, to `each`.
+    async fn scan(
+        &self,
+        mut each: impl FnMut(&VolumeId, &PvLite, Result<Vec<AttachmentRecord>, String>),
+    ) -> Result<(), StoreError> {
         let mut token: Option<String> = None;
         loop {
             let mut lp = ::kube::api::ListParams::default().limit(LIST_PAGE);
@@ -459,20 +604,24 @@ impl PvStore {
                         "PersistentVolume of this driver has an invalid volume handle; ignored");
                     continue;
                 };
-                self.index.set(
-                    volume.clone(),
-                    PvRef {
-                        name: pv.metadata.name.clone(),
-                        rv: pv.metadata.resource_version.clone().unwrap_or_default(),
-                    },
-                );
-                each(&volume, pv);
+                let records = decode(&volume, pv);
+                self.index
+                    .set(volume.clone(), PvRef::of(pv, records.as_deref().ok()));
+                each(&volume, pv, records);
             }
             match page.metadata.continue_token.filter(|t| !t.is_empty()) {
                 Some(t) => token = Some(t),
                 None => return Ok(()),
             }
         }
+    }
+}
+
+/// The attachment records `pv`'s annotations hold.
+fn decode(volume: &VolumeId, pv: &PvLite) -> Result<Vec<AttachmentRecord>, String> {
+    match &pv.metadata.annotations {
+        Some(ann) => records_from(volume, ann, mode_of_spec(&pv.spec)),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -493,7 +642,6 @@ impl PvStore {
         previous: Option<&[AttachmentRecord]>,
         holders: &[AttachmentRecord],
     ) -> Result<(), StoreError> {
-        let cached = self.index.get(volume).is_some();
         let Some(mut pv) = self.locate(volume).await? else {
             if holders.is_empty() {
                 return Ok(());
@@ -503,9 +651,13 @@ impl PvStore {
                 self.driver_name
             )));
         };
-        // A PV we had not seen (or forgot after a failure): check its holders first.
-        if !cached && previous.is_some() {
-            match self.refresh(volume, &mut pv, previous, holders).await? {
+        // The version we know held other holders than expected (or we cannot tell):
+        // another writer changed them, or a read (ListVolumes) saw a newer version than the
+        // manager's memory. Check the PV as it is now before writing over it.
+        if let Some(previous) = previous
+            && pv.fingerprint != Some(fingerprint(previous))
+        {
+            match self.refresh(volume, &mut pv, Some(previous), holders).await? {
                 Fresh::Gone => return gone(holders),
                 Fresh::Written => return Ok(()),
                 Fresh::Unchanged => {}
@@ -529,8 +681,9 @@ impl PvStore {
                 .map_err(|e| StoreError::Unavailable(format!("PersistentVolume {}: {e}", pv.name)))?;
             let failure = match self.client.request::<PvLite>(req).await.map_err(classify) {
                 Ok(updated) => {
-                    pv.rv = updated.metadata.resource_version.unwrap_or_default();
-                    self.index.set(volume.clone(), pv);
+                    let records = decode(volume, &updated);
+                    self.index
+                        .set(volume.clone(), PvRef::of(&updated, records.as_deref().ok()));
                     return Ok(());
                 }
                 Err(f) => f,
@@ -585,10 +738,11 @@ impl PvStore {
             self.index.forget(volume);
             return Ok(Fresh::Gone);
         };
-        pv.rv = fresh.metadata.resource_version.clone().unwrap_or_default();
+        let decoded = decode(volume, &fresh);
+        *pv = PvRef::of(&fresh, decoded.as_deref().ok());
         self.index.set(volume.clone(), pv.clone());
         if let Some(previous) = previous {
-            let now = records_from(volume, &fresh.metadata.annotations.unwrap_or_default())
+            let now = decoded
                 .map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", pv.name)))?;
             if same_holders(holders, &now) && !same_holders(previous, holders) {
                 return Ok(Fresh::Written);
@@ -654,28 +808,18 @@ impl AttachmentStore for PvStore {
             self.index.forget(volume);
             return Ok(Vec::new());
         };
-        self.index.set(
-            volume.clone(),
-            PvRef {
-                name: r.name.clone(),
-                rv: pv.metadata.resource_version.clone().unwrap_or_default(),
-            },
-        );
-        records_from(volume, &pv.metadata.annotations.unwrap_or_default())
-            .map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", r.name)))
+        let records = decode(volume, &pv);
+        self.index
+            .set(volume.clone(), PvRef::of(&pv, records.as_deref().ok()));
+        records.map_err(|e| StoreError::Corrupt(format!("PersistentVolume {}: {e}", r.name)))
     }
 
     async fn load_all(&self) -> Result<Vec<AttachmentRecord>, StoreError> {
         let mut out = Vec::new();
-        self.scan(|volume, pv| {
-            let Some(ann) = &pv.metadata.annotations else {
-                return;
-            };
-            match records_from(volume, ann) {
-                Ok(records) => out.extend(records),
-                Err(e) => tracing::error!(pv = %pv.metadata.name, volume_id = %volume,
-                    "unreadable attachment annotations, ignored: {e}"),
-            }
+        self.scan(|volume, pv, records| match records {
+            Ok(records) => out.extend(records),
+            Err(e) => tracing::error!(pv = %pv.metadata.name, volume_id = %volume,
+                "unreadable attachment annotations, ignored: {e}"),
         })
         .await?;
         out.sort_by(|a, b| (&a.volume_id, &a.node_id).cmp(&(&b.volume_id, &b.node_id)));

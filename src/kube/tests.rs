@@ -125,6 +125,7 @@ fn publish(v: &str, n: &str) -> PublishArgs {
         block: false,
         fs_type: Some("ext4".into()),
         nvme_address: None,
+        migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
     }
 }
 
@@ -443,40 +444,86 @@ async fn cluster_adapter_reads_nodes_and_volume_attachments() {
 }
 
 #[tokio::test]
-async fn annotations_round_trip_and_legacy_ones_read_as_single_node() {
+async fn annotations_round_trip_and_legacy_ones_read_their_mode_from_the_pv() {
     use crate::kube::pv_store::{annotations_for, records_from};
+    use crate::ports::store::{AttachmentRecord, Migration};
     let v = VolumeId::new("pvc-1").unwrap();
-    let recs = vec![
-        crate::ports::store::AttachmentRecord {
-            volume_id: v.clone(),
-            node_id: NodeId::new("node-a").unwrap(),
-            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_000_007),
-            access_mode: AccessMode::MultiNodeReadOnly,
-            readonly: true,
-        },
-        crate::ports::store::AttachmentRecord {
-            volume_id: v.clone(),
-            node_id: NodeId::new("node-b").unwrap(),
-            attached_at: UNIX_EPOCH + Duration::from_micros(1_760_000_000_500_000),
-            access_mode: AccessMode::MultiNodeReadOnly,
-            readonly: true,
-        },
+    let rec = |node: &str, us: u64, mode: AccessMode, readonly: bool| {
+        let mut r = AttachmentRecord::new(
+            v.clone(),
+            NodeId::new(node).unwrap(),
+            UNIX_EPOCH + Duration::from_micros(us),
+            mode,
+            readonly,
+        );
+        r.generation = 7;
+        r
+    };
+    let text = |recs: &[AttachmentRecord]| -> std::collections::BTreeMap<String, String> {
+        annotations_for(recs)
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+            .collect()
+    };
+    let readers = vec![
+        rec("node-a", 1_760_000_000_000_007, AccessMode::MultiNodeReadOnly, true),
+        rec("node-b", 1_760_000_000_500_000, AccessMode::MultiNodeReadOnly, true),
     ];
-    let ann: std::collections::BTreeMap<String, String> = annotations_for(&recs)
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().unwrap().to_string()))
-        .collect();
-    assert_eq!(records_from(&v, &ann).unwrap(), recs);
+    assert_eq!(records_from(&v, &text(&readers), AccessMode::SingleNode).unwrap(), readers);
+    // A migration: on the target's record, in its own annotations.
+    let mut target = rec("node-b", 1_760_000_000_500_000, AccessMode::MultiNodeMultiWriter, false);
+    target.migration = Some(Migration {
+        source: NodeId::new("node-a").unwrap(),
+        started_at: target.attached_at,
+        timeout: Duration::from_secs(90),
+    });
+    let vm = vec![rec("node-a", 1_760_000_000_000_007, AccessMode::MultiNodeMultiWriter, false), target];
+    let ann = text(&vm);
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-timeout-seconds"], "90");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-started-at"], "2025-10-09T08:53:20.500000Z");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "7");
+    assert_eq!(records_from(&v, &ann, AccessMode::SingleNode).unwrap(), vm);
+    // Written by the earlier driver: one node, a time with an offset, no mode: the PV says.
     let legacy: std::collections::BTreeMap<String, String> = [
         ("rds.csi.srvlab.io/attached-node".to_string(), "node-a".to_string()),
-        ("rds.csi.srvlab.io/attached-at".to_string(), "2025-11-12T00:36:13Z".to_string()),
+        ("rds.csi.srvlab.io/attached-at".to_string(), "2025-11-12T01:36:13.123456+01:00".to_string()),
     ]
     .into();
-    let r = records_from(&v, &legacy).unwrap();
-    assert_eq!((r.len(), r[0].access_mode, r[0].readonly), (1, AccessMode::SingleNode, false));
-    let bad: std::collections::BTreeMap<String, String> =
-        [("rds.csi.srvlab.io/attached-node".to_string(), "bad node".to_string())].into();
-    assert!(records_from(&v, &bad).is_err());
+    let r = records_from(&v, &legacy, AccessMode::MultiNodeMultiWriter).unwrap();
+    assert_eq!(
+        (r.len(), r[0].access_mode, r[0].readonly, r[0].generation),
+        (1, AccessMode::MultiNodeMultiWriter, false, 0)
+    );
+    assert_eq!(r[0].attached_at, UNIX_EPOCH + Duration::from_micros(1_762_907_773_123_456));
+    for (k, bad) in [
+        ("rds.csi.srvlab.io/attached-node", "bad node"),
+        ("rds.csi.srvlab.io/attachment-generation", "seven"),
+    ] {
+        let mut ann = legacy.clone();
+        ann.insert(k.to_string(), bad.to_string());
+        assert!(records_from(&v, &ann, AccessMode::SingleNode).is_err(), "{k}={bad}");
+    }
+    // A migration source that holds nothing describes no migration: ignored, holders kept.
+    let mut stray = legacy.clone();
+    stray.insert("rds.csi.srvlab.io/migration-source".into(), "node-z".into());
+    let r = records_from(&v, &stray, AccessMode::SingleNode).unwrap();
+    assert_eq!((r.len(), r[0].migration.is_none()), (1, true));
+}
+
+#[test]
+fn the_mode_of_a_pv_without_a_mode_annotation_comes_from_its_spec() {
+    use crate::kube::pv_store::{PvSpecLite, mode_of_spec};
+    let spec = |modes: &[&str], volume_mode: Option<&str>| PvSpecLite {
+        access_modes: modes.iter().map(|m| m.to_string()).collect(),
+        volume_mode: volume_mode.map(str::to_string),
+        ..Default::default()
+    };
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteMany"], Some("Block"))), AccessMode::MultiNodeMultiWriter);
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteMany"], Some("Filesystem"))), AccessMode::SingleNode);
+    assert_eq!(mode_of_spec(&spec(&["ReadOnlyMany"], None)), AccessMode::MultiNodeReadOnly);
+    assert_eq!(mode_of_spec(&spec(&["ReadWriteOnce", "ReadOnlyMany"], None)), AccessMode::SingleNode);
+    assert_eq!(mode_of_spec(&spec(&[], None)), AccessMode::SingleNode);
 }
 
 #[tokio::test]
@@ -508,7 +555,7 @@ async fn a_node_named_twice_in_the_annotations_holds_the_volume_once() {
         ("rds.csi.srvlab.io/attached-readonly".to_string(), "true,false,false".to_string()),
     ]
     .into();
-    let e = crate::kube::pv_store::records_from(&v, &ann).unwrap_err();
+    let e = crate::kube::pv_store::records_from(&v, &ann, AccessMode::SingleNode).unwrap_err();
     assert!(e.contains("node node-b twice"), "{e}");
 }
 
@@ -628,6 +675,8 @@ async fn the_fake_api_serves_the_real_client_over_tcp() {
         attached_at: FixedClock.now(),
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     api.conflict_next_writes(2);
     store.write_volume(&v, std::slice::from_ref(&rec)).await.unwrap();
@@ -647,11 +696,15 @@ async fn a_write_whose_answer_was_lost_is_recognised_on_retry() {
         attached_at: FixedClock.now(),
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     // Another path writes exactly what we are about to write (as if our earlier attempt had
     // landed and its answer was lost); our cached version is now stale.
     let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
-    pv["metadata"]["annotations"] = serde_json::Value::Object(crate::kube::pv_store::annotations_for(std::slice::from_ref(&rec)));
+    let mut ann = crate::kube::pv_store::annotations_for(std::slice::from_ref(&rec));
+    ann.retain(|_, v| !v.is_null()); // a merge patch's nulls remove keys
+    pv["metadata"]["annotations"] = serde_json::Value::Object(ann);
     w.api.put_object(Kind::PersistentVolume, "", pv);
     w.api.reset_requests();
     store.write_volume_if(&v, &[], std::slice::from_ref(&rec)).await.unwrap();
@@ -928,4 +981,139 @@ mod watches {
         assert_eq!(p2["metadata"]["resourceVersion"], p1["metadata"]["resourceVersion"]);
         assert_eq!(api.listed_objects(), 4);
     }
+/// A VM disk's PV: `ReadWriteMany`, `volumeMode: Block`, bound to the claim `vms/<name>`.
+fn vm_pv_json(name: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": name, "annotations": annotations },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadWriteMany"],
+            "volumeMode": "Block",
+            "claimRef": { "kind": "PersistentVolumeClaim", "namespace": "vms", "name": format!("{name}-claim") },
+            "csi": { "driver": DRIVER, "volumeHandle": name },
+        },
+    })
+}
+
+fn vm_publish(v: &str, n: &str) -> PublishArgs {
+    PublishArgs {
+        access_mode: AccessMode::MultiNodeMultiWriter,
+        block: true,
+        fs_type: None,
+        ..publish(v, n)
+    }
+}
+
+#[tokio::test]
+async fn migration_events_go_to_the_claim_in_its_namespace() {
+    let w = World::new(&["pvc-vm"]).await;
+    w.api.put_object(Kind::PersistentVolume, "", vm_pv_json("pvc-vm", json!({})));
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    m.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a,node-b");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-timeout-seconds"], "300");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "2");
+    m.unpublish(&unpublish("pvc-vm", "node-a")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-b");
+    assert!(ann.get("rds.csi.srvlab.io/migration-source").is_none(), "{ann}");
+    let events: Vec<(String, String, String, String)> = w
+        .api
+        .objects(Kind::Event)
+        .iter()
+        .map(|e| {
+            let s = |p: &str| e.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
+            (s("/reason"), s("/metadata/namespace"), s("/involvedObject/kind"), s("/involvedObject/name"))
+        })
+        .collect();
+    for reason in ["MigrationStarted", "MigrationCompleted"] {
+        assert!(
+            events.contains(&(
+                reason.to_string(),
+                "vms".to_string(),
+                "PersistentVolumeClaim".to_string(),
+                "pvc-vm-claim".to_string()
+            )),
+            "{reason}: {events:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stale_replica_cannot_start_a_phantom_migration_after_an_a_b_a_change() {
+    let w = World::new(&["pvc-vm"]).await;
+    w.api.put_object(Kind::PersistentVolume, "", vm_pv_json("pvc-vm", json!({})));
+    for n in ["node-a", "node-b"] {
+        w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-vm", n, true));
+    }
+    let old = w.controller(AttachmentConfig::default()).await;
+    old.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    // Failover: the new leader runs a whole migration attempt that fails (node-b attached,
+    // then detached): the holders are node-a again, as the old leader believes.
+    let new = w.controller(AttachmentConfig::default()).await;
+    new.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    new.unpublish(&unpublish("pvc-vm", "node-b")).await.unwrap();
+    assert_eq!(w.annotations("pvc-vm")["rds.csi.srvlab.io/attached-node"], "node-a");
+    // The old leader's late publish of node-b (sent before the detach) must not land: the
+    // generation moved on although the holders look the same.
+    let err = old.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-node"], "node-a");
+    assert!(ann.get("rds.csi.srvlab.io/migration-source").is_none(), "no phantom: {ann}");
+    assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "3");
+}
+
+#[tokio::test]
+async fn a_listing_that_saw_a_newer_version_does_not_let_stale_memory_write_over_it() {
+    let w = World::new(&["pvc-1"]).await;
+    for n in ["node-a", "node-b"] {
+        w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-1", n, true));
+    }
+    let old = w.controller(AttachmentConfig::default()).await;
+    old.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    let new = w.controller(AttachmentConfig::default()).await;
+    new.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    new.publish(&publish("pvc-1", "node-b")).await.unwrap();
+    // The old leader answers a ListVolumes: its store reads every PV (the newest versions)
+    // while its memory still says node-a.
+    assert_eq!(old.stored_records().await.unwrap().len(), 1);
+    // A late unpublish of node-a there must not write "nobody" over node-b's attachment.
+    let err = old.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-b");
+}
+
+#[tokio::test]
+async fn records_the_earlier_driver_left_are_rebuilt_with_the_mode_their_pv_says() {
+    let w = World::new(&["pvc-vm"]).await;
+    // As the Go driver wrote them: one node, Go's RFC 3339 with microseconds, no mode.
+    w.api.put_object(
+        Kind::PersistentVolume,
+        "",
+        vm_pv_json(
+            "pvc-vm",
+            json!({
+                "rds.csi.srvlab.io/attached-node": "node-a",
+                "rds.csi.srvlab.io/attached-at": "2025-11-12T00:36:13.123456Z",
+            }),
+        ),
+    );
+    w.api.put_object(Kind::VolumeAttachment, "", va_json("pvc-vm", "node-a", true));
+    let m = w.controller(AttachmentConfig::default()).await;
+    let held = m.get(&VolumeId::new("pvc-vm").unwrap());
+    assert_eq!((held.len(), held[0].access_mode), (1, AccessMode::MultiNodeMultiWriter));
+    w.api.reset_requests();
+    // The kubelet's re-publish is a repeat (not ALREADY_EXISTS over a "single-node" guess),
+    // and a second node starts a migration.
+    m.publish(&vm_publish("pvc-vm", "node-a")).await.unwrap();
+    assert_eq!(w.api.requests().get("PATCH persistentvolumes"), None);
+    m.publish(&vm_publish("pvc-vm", "node-b")).await.unwrap();
+    let ann = w.annotations("pvc-vm");
+    assert_eq!(ann["rds.csi.srvlab.io/attached-mode"], "multi-node-multi-writer");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
 }

@@ -36,7 +36,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::kube::pv_store::{LIST_PAGE, records_from};
+use crate::kube::pv_store::{LIST_PAGE, PvSpecLite, mode_of_spec, records_from};
 use crate::ports::Entropy;
 use crate::ports::cluster::{DiskReferences, VolumeAttachmentInfo};
 use crate::ports::store::AttachmentRecord;
@@ -86,18 +86,7 @@ struct Pv {
     #[serde(default)]
     metadata: ObjectMeta,
     #[serde(default)]
-    spec: PvSpec,
-}
-#[derive(Debug, Clone, Default, Deserialize)]
-struct PvSpec {
-    #[serde(default)]
-    csi: Option<PvCsi>,
-}
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PvCsi {
-    driver: String,
-    volume_handle: String,
+    spec: PvSpecLite,
 }
 cluster_resource!(Pv, "PersistentVolume", "", "v1", "persistentvolumes");
 
@@ -353,7 +342,7 @@ impl Shared {
             .filter(|c| c.driver == self.driver_name)?;
         let volume = VolumeId::new(csi.volume_handle.as_str()).ok()?;
         let annotations = pv.metadata.annotations.clone().unwrap_or_default();
-        let records = match records_from(&volume, &annotations) {
+        let records = match records_from(&volume, &annotations, mode_of_spec(&pv.spec)) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(pv = ?pv.metadata.name, volume_id = %volume,

@@ -188,6 +188,16 @@ impl State {
         self.devices.values().find(|d| d.number() == dev)
     }
 
+    /// The device a mount shows: a raw block bind (devtmpfs, whose own number says nothing)
+    /// by the device node its root names — whichever controller has that name now — any
+    /// other mount by its device number.
+    fn device_of_mount(&self, m: &MountEntry) -> Option<&Device> {
+        if m.fs_type == "devtmpfs" {
+            return self.devices.get(&PathBuf::from(format!("/dev{}", m.root)));
+        }
+        self.device_by_number(&m.dev)
+    }
+
     /// Fails with a timeout when I/O to `device` would be queued (controller reconnecting).
     fn io(&self, device: &Path, what: &str) -> Result<&Device, MountError> {
         let d = self.devices.get(device).ok_or_else(|| nf(device))?;
@@ -429,9 +439,10 @@ impl FakeKernel {
         self.st().mounts.clone()
     }
 
-    /// The subsystem whose device a mount shows (`None`: its device is gone, or not ours).
+    /// The subsystem whose device a mount or raw block bind shows (`None`: its device is
+    /// gone, or not ours).
     pub fn nqn_of_mount(&self, m: &MountEntry) -> Option<String> {
-        self.st().device_by_number(&m.dev).map(|d| d.nqn.clone())
+        self.st().device_of_mount(m).map(|d| d.nqn.clone())
     }
 
     /// The events since the last call, oldest first.
@@ -793,13 +804,12 @@ impl Mounter for FakeKernel {
             return Ok(d.size);
         }
         // A block bind target reads as its device.
-        let name = st
-            .mounts
+        st.mounts
             .iter()
             .rev()
             .find(|m| m.target == device && m.fs_type == "devtmpfs")
-            .map(|m| PathBuf::from(format!("/dev{}", m.root)));
-        name.and_then(|n| st.devices.get(&n).map(|d| d.size))
+            .and_then(|m| st.device_of_mount(m))
+            .map(|d| d.size)
             .ok_or_else(|| nf(device))
     }
 
@@ -870,21 +880,22 @@ impl Mounter for FakeKernel {
 mod tests {
     use super::*;
 
+    fn target(nqn: &str) -> NvmeTarget {
+        NvmeTarget {
+            address: "10.0.0.1".into(),
+            port: 4420,
+            nqn: nqn.into(),
+            ctrl_loss_tmo: None,
+            reconnect_delay: None,
+            keep_alive_tmo: None,
+        }
+    }
+
     #[tokio::test]
     async fn power_loss_forgets_connections_and_mounts_but_not_the_remote_disk() {
         let k = FakeKernel::new("nqn.test:", "nqn.host");
         k.add_disk("nqn.test:pvc-1", 1 << 30);
-        let dev = k
-            .connect(&NvmeTarget {
-                address: "10.0.0.1".into(),
-                port: 4420,
-                nqn: "nqn.test:pvc-1".into(),
-                ctrl_loss_tmo: None,
-                reconnect_delay: None,
-                keep_alive_tmo: None,
-            })
-            .await
-            .unwrap();
+        let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
         k.format(&dev, "ext4").await.unwrap();
         k.prepare_target(Path::new("/stage"), TargetKind::Directory)
             .await
@@ -903,16 +914,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_raw_block_bind_shows_the_device_its_root_names() {
+        // Found by the simulation: its liveness checker resolved a VM disk's block bind by
+        // the bind's own device number (devtmpfs), and called a live bind unusable.
+        let k = FakeKernel::new("nqn.test:", "nqn.host");
+        k.add_disk("nqn.test:pvc-1", 1 << 30);
+        k.add_disk("nqn.test:pvc-2", 1 << 30);
+        let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();
+        let pod = Path::new("/pods/p1/dev");
+        k.prepare_target(pod, TargetKind::File).await.unwrap();
+        k.bind(&dev, pod, false).await.unwrap();
+        let bind = k.mount_table().pop().unwrap();
+        assert_eq!(bind.fs_type, "devtmpfs");
+        assert_eq!(k.nqn_of_mount(&bind).as_deref(), Some("nqn.test:pvc-1"));
+        assert_eq!(k.device_size(pod).await.unwrap(), 1 << 30);
+
+        // The controller is lost: the bind shows nothing; once its name goes to another
+        // volume's controller, the bind shows that volume's disk.
+        k.lose_connection("nqn.test:pvc-1");
+        assert_eq!(k.nqn_of_mount(&bind), None);
+        assert_eq!(k.connect(&target("nqn.test:pvc-2")).await.unwrap(), dev);
+        assert_eq!(k.nqn_of_mount(&bind).as_deref(), Some("nqn.test:pvc-2"));
+    }
+
+    #[tokio::test]
     async fn a_refusing_target_keeps_existing_connections_and_refuses_new_ones() {
         let k = FakeKernel::new("nqn.test:", "nqn.host");
-        let target = |nqn: &str| NvmeTarget {
-            address: "10.0.0.1".into(),
-            port: 4420,
-            nqn: nqn.into(),
-            ctrl_loss_tmo: None,
-            reconnect_delay: None,
-            keep_alive_tmo: None,
-        };
         k.add_disk("nqn.test:pvc-1", 1 << 30);
         k.add_disk("nqn.test:pvc-2", 1 << 30);
         let dev = k.connect(&target("nqn.test:pvc-1")).await.unwrap();

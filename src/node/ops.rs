@@ -402,9 +402,21 @@ impl NodeOps {
             }
             Ok(_) => {}
         }
-        if self.initiator.nqn_of_device(&device).await?.as_deref() == Some(nqn) {
+        let owner = self.initiator.nqn_of_device(&device).await?;
+        if owner.as_deref() == Some(nqn) {
             return Ok(Mount::Stale(format!(
                 "its device {} is no longer the volume's (a reconnect gave it a new name){now}",
+                device.display()
+            )));
+        }
+        // A raw block bind (devtmpfs: its own device number says nothing) whose device name
+        // went to another volume of ours after a reconnect: this volume's, gone stale
+        // (found by the simulation: a KubeVirt VM disk's stats answered NOT_FOUND).
+        if m.fs_type == "devtmpfs"
+            && let Some(other) = owner
+        {
+            return Ok(Mount::Stale(format!(
+                "its device {} now belongs to {other}{now}",
                 device.display()
             )));
         }
@@ -829,6 +841,22 @@ impl NodeOps {
                         }
                         Mount::Foreign => return self.already_published(r, false, m),
                     }
+                }
+                if current.is_none() {
+                    // A raw block volume is staged by its connection alone: one lost (its
+                    // controller gone after ctrl-loss-tmo) is repaired here by connecting
+                    // again, as a stale staging mount is for a filesystem — a restarted pod
+                    // gets only NodePublishVolume (found by the simulation: a KubeVirt VM's
+                    // disk stayed unusable after its controller was lost).
+                    self.metrics.stale_mount("publish");
+                    self.backoff.check(&r.volume_id)?;
+                    tracing::warn!(volume = %r.volume_id, "raw block volume without a connection: connecting again");
+                    let outcome = self.connect(&r.target).await;
+                    self.record(&r.volume_id, outcome.as_ref().map(|_| ()));
+                    self.metrics.recovery(outcome.is_ok());
+                    let device = outcome?;
+                    let dev = self.mounter.device_number(&device).await?;
+                    current = Some((device, dev));
                 }
                 let (device, _) = current.ok_or_else(not_staged)?;
                 let binds = self.mounter.device_binds(&device).await?;

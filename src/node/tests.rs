@@ -411,6 +411,69 @@ async fn a_stale_raw_block_publish_is_bound_to_the_current_device() {
 }
 
 #[tokio::test]
+async fn a_raw_block_volume_whose_connection_was_lost_is_connected_again_by_a_new_pods_publish() {
+    // A raw block volume is staged by its connection alone: when the controller is gone
+    // (lost, or deleted after ctrl-loss-tmo) the kubelet restarts the pod, which gets only
+    // NodePublishVolume — the publish must connect again rather than answer "not staged"
+    // for ever (found by the simulation: a KubeVirt VM's disk stayed unusable).
+    let n = node();
+    n.k.add_disk(&nqn("pvc-vm"), 1 << 30);
+    n.ops.stage(&stage_req("pvc-vm", VolumeKind::Block)).await.unwrap();
+    n.ops.publish(&publish_req("pvc-vm", "p1", VolumeKind::Block)).await.unwrap();
+    n.k.lose_connection(&nqn("pvc-vm"));
+    assert!(n.k.find_device(&nqn("pvc-vm")).await.unwrap().is_none());
+    assert!(n.condition("pvc-vm", "p1").await.unwrap().contains("gone"));
+    // The kubelet restarts the pod: the old pod's unpublish, the new pod's publish.
+    n.ops.unpublish(&id("pvc-vm"), &pod_target("pvc-vm", "p1")).await.unwrap();
+    n.ops.publish(&publish_req("pvc-vm", "p2", VolumeKind::Block)).await.unwrap();
+    let dev = n.k.find_device(&nqn("pvc-vm")).await.unwrap().expect("connected again");
+    assert!(n.k.is_live(&nqn("pvc-vm")));
+    assert_eq!(n.k.device_binds(&dev).await.unwrap(), vec![pod_target("pvc-vm", "p2")]);
+    assert_eq!(n.condition("pvc-vm", "p2").await, None);
+    assert_eq!(n.k.reconnect_settings(&nqn("pvc-vm")), Some((-1, 5)), "the node's defaults");
+    let text = n.metrics.render();
+    for line in [
+        r#"rds_csi_stale_mounts_detected_total{check="publish"} 1"#,
+        r#"rds_csi_volume_recoveries_total{outcome="ok"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing in {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_raw_block_bind_whose_device_name_went_to_another_volume_is_stale_not_foreign() {
+    // A raw block bind is a devtmpfs bind: its own device number says nothing, and it does
+    // not keep its device's name taken. Once the controller is lost, the next volume to
+    // connect gets the name — the bind then names another volume's device. It is this
+    // volume's bind gone stale (stats say so, publish binds the volume's new device), not
+    // someone else's mount (found by the simulation: a KubeVirt VM disk's stats answered
+    // NOT_FOUND and its pod was never restarted).
+    let n = node();
+    n.k.add_disk(&nqn("pvc-vm"), 1 << 30);
+    n.ops.stage(&stage_req("pvc-vm", VolumeKind::Block)).await.unwrap();
+    let p = publish_req("pvc-vm", "p", VolumeKind::Block);
+    n.ops.publish(&p).await.unwrap();
+    let old = n.k.find_device(&nqn("pvc-vm")).await.unwrap().unwrap();
+    n.k.lose_connection(&nqn("pvc-vm"));
+    n.k.add_disk(&nqn("pvc-other"), 1 << 30);
+    n.ops.stage(&stage_req("pvc-other", VolumeKind::Block)).await.unwrap();
+    assert_eq!(n.k.find_device(&nqn("pvc-other")).await.unwrap(), Some(old.clone()));
+
+    let cond = n.condition("pvc-vm", "p").await.expect("abnormal, not NOT_FOUND");
+    assert!(
+        cond.contains("stale") && cond.contains(&format!("now belongs to {}", nqn("pvc-other"))),
+        "{cond}"
+    );
+    // The restarted pod's publish at the same path binds the volume's own device again.
+    n.ops.publish(&p).await.unwrap();
+    let dev = n.k.find_device(&nqn("pvc-vm")).await.unwrap().unwrap();
+    assert_ne!(dev, old);
+    assert_eq!(n.k.device_binds(&dev).await.unwrap(), vec![pod_target("pvc-vm", "p")]);
+    assert!(n.k.device_binds(&old).await.unwrap().is_empty(), "the other volume's device");
+    assert_eq!(n.condition("pvc-vm", "p").await, None);
+}
+
+#[tokio::test]
 async fn expand_of_a_stale_volume_says_to_repair_it_first() {
     let n = node();
     n.running("pvc-1", "p").await;

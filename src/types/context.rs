@@ -16,5 +16,9 @@ pub const FS_TYPE: &str = "fsType";
 pub const CTRL_LOSS_TMO: &str = "ctrlLossTmo";
 /// nvme connect `--reconnect-delay` (seconds).
 pub const RECONNECT_DELAY: &str = "reconnectDelay";
-/// nvme connect `--keep-alive-tmo` (seconds).
+/// nvme connect `--keep-alive-tmo` (seconds; `0`: the kernel's default, as the earlier
+/// driver wrote it).
 pub const KEEP_ALIVE_TMO: &str = "keepAliveTmo";
+/// How long a live migration of a multi-node block volume may run (seconds, 30–3600; the
+/// controller reads it at ControllerPublishVolume).
+pub const MIGRATION_TIMEOUT: &str = "migrationTimeoutSeconds";

@@ -12,3 +12,8 @@ pub const DEFAULT_NQN_PREFIX: &str = "nqn.2000-02.com.mikrotik:";
 
 /// Default NVMe/TCP port of an export (RouterOS's own default).
 pub const DEFAULT_NVME_PORT: u16 = 4420;
+
+/// Default `migrationTimeoutSeconds` of a multi-node block volume (the earlier driver's):
+/// what the attachment core applies and what the PV store assumes for a migration recorded
+/// without its timeout.
+pub const DEFAULT_MIGRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);

@@ -11,8 +11,9 @@
 //!   `nvmeAddress`), `:clt.<seconds>`, `:rd.<seconds>`, `:kat.<seconds>` (the connect
 //!   tunables the volume was created with: its `volume_context`, which "SHALL NOT be
 //!   mutable"), `:mclt.<seconds>`, `:mrd.<seconds>`, `:mkat.<seconds>` (what
-//!   ControllerModifyVolume set since: they win in the publish context); `<layout>` is
-//!   `ext4`, `xfs` or `block`;
+//!   ControllerModifyVolume set since: they win in the publish context), `:mto.<seconds>`
+//!   (the StorageClass' `migrationTimeoutSeconds` as the controller uses it, part of the
+//!   `volume_context`); `<layout>` is `ext4`, `xfs` or `block`;
 //! - snapshot: `rds-csi-snapshot-of:<source volume id>` then, optional, `:n.<name>`.
 //!
 //! Free text (names, addresses) is base64url without padding, so a note holds only the
@@ -81,6 +82,8 @@ pub struct VolumeNote {
     pub tunables: Tunables,
     /// The connect tunables ControllerModifyVolume set since.
     pub modified: Tunables,
+    /// `migrationTimeoutSeconds` (clamped), when the StorageClass gave one.
+    pub migration_timeout_secs: Option<u64>,
 }
 
 impl VolumeNote {
@@ -138,6 +141,9 @@ impl VolumeNote {
                 out.push_str(&format!(":{prefix}kat.{v}"));
             }
         }
+        if let Some(v) = self.migration_timeout_secs {
+            out.push_str(&format!(":mto.{v}"));
+        }
         out
     }
 
@@ -165,6 +171,7 @@ impl VolumeNote {
                 "mclt" => note.modified.ctrl_loss_tmo = Some(v.parse().ok()?),
                 "mrd" => note.modified.reconnect_delay = Some(v.parse().ok()?),
                 "mkat" => note.modified.keep_alive_tmo = Some(v.parse().ok()?),
+                "mto" => note.migration_timeout_secs = Some(v.parse().ok()?),
                 _ => {}
             }
         }
@@ -230,6 +237,7 @@ mod tests {
                 ctrl_loss_tmo: Some(600),
                 ..Default::default()
             },
+            migration_timeout_secs: Some(300),
         };
         assert_eq!(v.in_force().ctrl_loss_tmo, Some(600));
         assert_eq!(v.in_force().keep_alive_tmo, Some(30));
@@ -268,6 +276,7 @@ mod tests {
             "rds-csi-volume:",
             "rds-csi-volume:ext4:n.!!",
             "rds-csi-volume:ext4:clt.x",
+            "rds-csi-volume:block:mto.-1",
             "rds-csi-volume:ext4:nofield",
             "rds-csi-snapshot-of:pvc-1",
             "something else",

@@ -18,7 +18,14 @@
 //!   is ever open to any host; and no export admits one node's machine while the durable
 //!   records name another (the I/O those machines make is judged by [`crate::datapath`]).
 //!
-//! Every volume of the workload is single-node (`SINGLE_NODE_WRITER`).
+//! - a VM disk (RWX block) is acknowledged published to at most two nodes at once, the
+//!   durable records never name more than two, and two holders always carry their
+//!   migration (source, start, timeout) in the same records — through crashes mid-persist
+//!   and failovers alike; with the fence on, its export admits one of its stored holders
+//!   (the migration's target while one runs, its source once the
+//!   target's machine was lost) or is parked.
+//!
+//! Every other volume of the workload is single-node (`SINGLE_NODE_WRITER`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +52,7 @@ pub fn check(sh: &Shared) -> Vec<String> {
         }
     }
     let exports = sh.emulator.exports();
+    let multi = |v: &str| model.volumes.get(v).is_some_and(|vol| vol.multi);
     let mut published: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     // Each volume's PV is read once per check (its pairs and its export share it).
     let mut pvs: BTreeMap<&str, Option<BTreeSet<String>>> = BTreeMap::new();
@@ -74,7 +82,8 @@ pub fn check(sh: &Shared) -> Vec<String> {
                     None if seen.contains(v) => {
                         bad.push(format!("{v} is published to {n} but not exported"));
                     }
-                    Some(e) if sh.opts.data_path_fence && e.allow_host != want => {
+                    // A VM disk's export follows its migration (judged below).
+                    Some(e) if sh.opts.data_path_fence && !multi(v) && e.allow_host != want => {
                         bad.push(format!(
                             "data-path fence: {v} is published to {n}, but its export allows {:?}",
                             e.allow_host
@@ -95,12 +104,35 @@ pub fn check(sh: &Shared) -> Vec<String> {
         bad.extend(fence_violations(sh, &model, &exports, &mut pvs));
     }
     for (v, nodes) in published {
+        if multi(v) {
+            if nodes.len() > 2 {
+                bad.push(format!(
+                    "VM disk {v} acknowledged published to {} at once (at most two)",
+                    nodes.join(", ")
+                ));
+            }
+            continue;
+        }
         if nodes.len() > 1 {
             bad.push(format!(
                 "single-node volume {v} acknowledged published to {} at once",
                 nodes.join(" and ")
             ));
         }
+    }
+    for (v, _) in model.volumes.iter().filter(|(_, vol)| vol.multi) {
+        // The fence moves after the record is durable: not judged while a call runs.
+        let busy = model
+            .pairs
+            .iter()
+            .any(|((pv, _), p)| pv == v && p.unsettled());
+        bad.extend(migration_violations(
+            sh,
+            &model,
+            v,
+            exports.get(v.as_str()),
+            busy,
+        ));
     }
     for (v, vol) in &model.volumes {
         if vol.deleted && seen.contains(v) {
@@ -131,8 +163,94 @@ pub fn check(sh: &Shared) -> Vec<String> {
     bad
 }
 
+/// A VM disk's durable records: at most two holders, two only with their migration
+/// recorded (the target's record names the other as its source); with the fence on and no
+/// call on the disk running (`busy`), its export admits a stored holder — the migration's
+/// target while one runs, or its source once the target's machine was lost (the CO's
+/// publish to it voided: the migration cannot complete, and the source runs the VM) — or
+/// is parked.
+fn migration_violations(
+    sh: &Shared,
+    model: &Model,
+    v: &str,
+    export: Option<&ExportView>,
+    busy: bool,
+) -> Vec<String> {
+    use rds_csi::kube::pv_store::ANN_MIGRATION_SOURCE;
+    let mut bad = Vec::new();
+    let Some(pv) = sh
+        .api
+        .object(rds_csi::kube::fake_api::Kind::PersistentVolume, "", v)
+    else {
+        return bad;
+    };
+    let ann = |k: &str| {
+        pv.pointer("/metadata/annotations")
+            .and_then(|a| a.get(k))
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let holders: Vec<String> = ann(rds_csi::kube::pv_store::ANN_ATTACHED_NODE)
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    let sources: Vec<String> = ann(ANN_MIGRATION_SOURCE)
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    if holders.len() > 2 {
+        bad.push(format!(
+            "VM disk {v}: the records name {} holders ({})",
+            holders.len(),
+            holders.join(", ")
+        ));
+    }
+    let recorded = !sources.is_empty() && sources.iter().all(|s| holders.contains(s));
+    if holders.len() == 2 && !recorded {
+        bad.push(format!(
+            "VM disk {v} is held by {} without its migration recorded (source: {sources:?})",
+            holders.join(" and ")
+        ));
+    }
+    if sh.opts.data_path_fence
+        && !busy
+        && let Some(e) = export
+    {
+        match e.allow_host.as_deref() {
+            None => bad.push(format!(
+                "data-path fence: the export of VM disk {v} admits any host"
+            )),
+            Some(a) if is_parked(Some(a)) => {}
+            Some(a) => {
+                let admitted = sh.node_with_host_nqn(a).map(node_name);
+                let target = holders.iter().find(|h| !sources.contains(h));
+                let ok = match (&admitted, holders.len()) {
+                    // A machine that is gone (nobody has that NQN now), or no holder left:
+                    // parked by the next start-up, publish or unpublish.
+                    (None, _) | (_, 0) => true,
+                    (Some(n), 1) => holders.contains(n),
+                    (Some(n), _) => {
+                        Some(n) == target
+                            || (sources.contains(n) && target.is_some_and(|t| !model.holds(v, t)))
+                    }
+                };
+                if !ok {
+                    bad.push(format!(
+                        "data-path fence: the export of VM disk {v} admits {admitted:?} while \
+                         the records name {holders:?} (migration source {sources:?})"
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
+
 /// With the data-path fence on, no export is ever open to any host (every volume of the
-/// workload is single-node), and no export admits the machine of a node while the durable
+/// workload but the VM disks is single-node), and no export admits the machine of a node while the durable
 /// records name another holder (the volume would be attached to two nodes), unless a call
 /// on one of the two pairs is still running. (An export left admitting a former holder that
 /// nobody replaced — a detach done by hand, a PV deleted by hand — is parked by the next
@@ -147,6 +265,9 @@ fn fence_violations<'a>(
     let mut bad = Vec::new();
     let none = BTreeSet::new();
     for (v, e) in exports {
+        if model.volumes.get(v).is_some_and(|vol| vol.multi) {
+            continue; // judged by `migration_violations`
+        }
         let Some(allowed) = &e.allow_host else {
             bad.push(format!(
                 "data-path fence: the export of single-node volume {v} admits any host"
