@@ -226,6 +226,9 @@ impl Injector {
             if !self.healed {
                 self.healed = true;
                 sh.emulator.faults().clear();
+                // Storms queued while nothing wrote would otherwise meet the first writes
+                // of the liveness phase (the reconcilers' Lease: seed 1557).
+                sh.api.clear_injected_faults();
                 sh.crash.disarm();
                 sh.trace
                     .at(now, "fault", "heal: faults off, liveness phase");

@@ -357,6 +357,16 @@ impl FakeApi {
         self.state().conflicts += n;
     }
 
+    /// Drops every injected fault not yet spent: the 409s and error statuses queued for
+    /// the next requests, and the 410s queued for the next watches (a test's or the
+    /// simulation's "faults off": a storm injected while nothing wrote must not outlive it).
+    pub fn clear_injected_faults(&self) {
+        let mut st = self.state();
+        st.conflicts = 0;
+        st.errors.clear();
+        st.gone_watches = 0;
+    }
+
     /// The next requests answer these HTTP error statuses (e.g. 500, 503), in order.
     pub fn fail_next_requests(&self, statuses: impl IntoIterator<Item = u16>) {
         let mut st = self.state();
