@@ -693,6 +693,13 @@ mod tests {
         ) -> std::result::Result<Option<String>, ClusterError> {
             Err(ClusterError::Unavailable("down".into()))
         }
+        async fn node_uses_volume(
+            &self,
+            _: &NodeId,
+            _: &crate::types::VolumeId,
+        ) -> std::result::Result<bool, ClusterError> {
+            Err(ClusterError::Unavailable("down".into()))
+        }
         async fn set_node_host_nqn(
             &self,
             _: &NodeId,

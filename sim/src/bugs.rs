@@ -89,6 +89,13 @@ impl Cluster for LyingCluster {
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
     }
+    async fn node_uses_volume(
+        &self,
+        node: &NodeId,
+        volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        self.inner.node_uses_volume(node, volume).await
+    }
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await
     }
@@ -137,6 +144,13 @@ impl Cluster for DropsAttached {
     }
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
+    }
+    async fn node_uses_volume(
+        &self,
+        node: &NodeId,
+        volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        self.inner.node_uses_volume(node, volume).await
     }
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await
@@ -191,6 +205,13 @@ impl Cluster for ReferencesLost {
     }
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
+    }
+    async fn node_uses_volume(
+        &self,
+        node: &NodeId,
+        volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        self.inner.node_uses_volume(node, volume).await
     }
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await

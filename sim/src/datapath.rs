@@ -142,7 +142,9 @@ impl DataPath {
 
 /// Whether `device` is in use on `kernel`: mounted (a filesystem mount or a bind of it) or
 /// bound raw into a pod.
-fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
+/// Whether `device` is in use on `kernel`: a filesystem on it is mounted, or it is bound as a
+/// raw block device.
+pub(crate) fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
     futures::executor::block_on(async {
         let Ok(number) = Mounter::device_number(kernel, device).await else {
             return false;

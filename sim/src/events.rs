@@ -46,6 +46,13 @@ impl Cluster for Audited {
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
     }
+    async fn node_uses_volume(
+        &self,
+        node: &NodeId,
+        volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        self.inner.node_uses_volume(node, volume).await
+    }
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await
     }

@@ -262,6 +262,7 @@ fn run_world(sh: &Shared, idle: &Idle, stepping: Stepping) -> Report {
         let mut bad = checkers::data_path::judge_events(sh, now);
         injector.tick(&mut sim, sh, now);
         sh.sync_data_path();
+        sh.report_node_status();
         bad.extend(data.step(sh, now));
         if sh.trace.len() != seen || done || !bad.is_empty() {
             checks += 1;

@@ -48,7 +48,7 @@ use rds_csi::routeros::transport::tcp::{TcpTransport, serve_connection};
 use rds_csi::routeros::transport::{Connector, Transport};
 use rds_csi::settings::Settings;
 use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
-use rds_csi::types::{Mode, NodeId};
+use rds_csi::types::{Mode, NodeId, VolumeId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint};
 
@@ -290,6 +290,50 @@ impl Shared {
     /// Node `i` is partitioned while alive since `since` (`None`: reachable again).
     pub fn set_partitioned(&self, i: usize, since: Option<Duration>) {
         self.partitioned.lock().unwrap_or_else(|p| p.into_inner())[i] = since;
+    }
+
+    /// Every node's kubelet reports its Node status as the real one does: `Ready` while it
+    /// reaches the control plane, and `volumesInUse`, the volumes with a mount or a raw
+    /// block bind on its machine (the driver waits for that list on a Ready node before it
+    /// detaches). A node partitioned while alive stops reporting: its Node is
+    /// `Ready=Unknown` (at once here: the node lifecycle controller's 40 s grace is far
+    /// inside the 6-minute force-detach) and keeps its last list. Written on a change
+    /// only, after every step (so the same whatever the stepping).
+    pub fn report_node_status(&self) {
+        for (i, kernel) in self.kernels.iter().enumerate() {
+            let name = node_name(i);
+            let Some(mut node) = self.api.object(Kind::Node, "", &name) else {
+                continue;
+            };
+            let reporting = self.partitioned_since(i).is_none();
+            let mut status = node
+                .get("status")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            status["conditions"] = serde_json::json!([{
+                "type": "Ready",
+                "status": if reporting { "True" } else { "Unknown" },
+            }]);
+            if reporting {
+                let conns =
+                    futures::executor::block_on(rds_csi::ports::Initiator::connections(kernel))
+                        .unwrap_or_default();
+                let mut in_use: Vec<String> = conns
+                    .iter()
+                    .filter(|c| crate::datapath::in_use(kernel, &c.device))
+                    .filter_map(|c| c.nqn.strip_prefix(DEFAULT_NQN_PREFIX))
+                    .filter_map(|slot| VolumeId::new(slot).ok())
+                    .map(|v| rds_csi::kube::cluster::unique_volume_name(DRIVER, &v))
+                    .collect();
+                in_use.sort();
+                in_use.dedup();
+                status["volumesInUse"] = serde_json::json!(in_use);
+            }
+            if node.get("status") != Some(&status) {
+                node["status"] = status;
+                self.api.put_object(Kind::Node, "", node);
+            }
+        }
     }
 
     /// Since when node `i` is partitioned while alive, if it is.

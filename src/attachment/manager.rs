@@ -1259,6 +1259,24 @@ impl AttachmentManager {
     async fn unpublish_tracked(&self, args: &UnpublishArgs) -> Result<()> {
         let volume = &args.volume_id;
         let _guard = self.lock(volume).await;
+        if let Some(node) = &args.node_id
+            && self.get(volume).iter().any(|r| r.node_id == *node)
+            && self.cluster.node_uses_volume(node, volume).await?
+        {
+            // A detach decided while the node stopped reporting (Kubernetes' force-detach
+            // after ~6 minutes) can reach us after the node came back with the volume still
+            // mounted: its kernel reconnects through the export (an allow-list change does
+            // not cut a live connection), so a detach now would leave a writer the records
+            // no longer name (found by the simulation, seed 2021: an RDS outage kept the
+            // export from being parked while the node was cut off). Its kubelet is back and
+            // unmounting: the detach waits for it, as the attach/detach controller itself
+            // waits for `volumesInUse` on a healthy node.
+            return Err(Error::FailedPrecondition(format!(
+                "node {node} is Ready and its kubelet still reports volume {volume} in use \
+                 (Node status.volumesInUse); the detach waits until the kubelet has unmounted \
+                 it"
+            )));
+        }
         self.untrack_locked(volume, args.node_id.as_ref()).await?;
         if !self.cfg.data_path_fence {
             return Ok(());

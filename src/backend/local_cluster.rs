@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use crate::ports::cluster::{
     Cluster, ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo,
 };
-use crate::types::NodeId;
+use crate::types::{NodeId, VolumeId};
 
 /// Events kept for [`LocalCluster::events`].
 const MAX_EVENTS: usize = 1024;
@@ -78,6 +78,15 @@ impl Cluster for LocalCluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(node))
+    }
+
+    /// No kubelet reports here: never in use (the fence decides alone).
+    async fn node_uses_volume(
+        &self,
+        _node: &NodeId,
+        _volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        Ok(false)
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {

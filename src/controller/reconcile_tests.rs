@@ -160,13 +160,13 @@ async fn populated() -> World {
     w.snapshot("snap-orphan", "pvc-kept").await;
     w.refs(&["pvc-kept"], &["snap-kept"]);
     // A record holds pvc-held; a VolumeAttachment names pvc-va.
-    let record = AttachmentRecord {
-        volume_id: vid("pvc-held"),
-        node_id: nid("node-a"),
-        attached_at: std::time::UNIX_EPOCH,
-        access_mode: AccessMode::SingleNode,
-        readonly: false,
-    };
+    let record = AttachmentRecord::new(
+        vid("pvc-held"),
+        nid("node-a"),
+        std::time::UNIX_EPOCH,
+        AccessMode::SingleNode,
+        false,
+    );
     w.store
         .write_volume(&vid("pvc-held"), &[record])
         .await
@@ -297,6 +297,7 @@ async fn published(w: &World, volume: &str, node: &str) {
             block: false,
             fs_type: Some("ext4".into()),
             nvme_address: Some("10.0.0.5".into()),
+            migration_timeout: crate::attachment::migration::DEFAULT_TIMEOUT,
         })
         .await
         .unwrap();
@@ -378,13 +379,13 @@ async fn a_clear_never_overwrites_what_another_writer_recorded() {
     published(&w, "pvc-1", "node-a").await;
     w.cluster.set_volume_attachments(Some(vec![]));
     // Another replica moved the volume to node-b after our memory was filled.
-    let moved = AttachmentRecord {
-        volume_id: vid("pvc-1"),
-        node_id: nid("node-b"),
-        attached_at: std::time::UNIX_EPOCH,
-        access_mode: AccessMode::SingleNode,
-        readonly: false,
-    };
+    let moved = AttachmentRecord::new(
+        vid("pvc-1"),
+        nid("node-b"),
+        std::time::UNIX_EPOCH,
+        AccessMode::SingleNode,
+        false,
+    );
     w.store.write_volume(&vid("pvc-1"), &[moved]).await.unwrap();
     w.cluster
         .set_volume_attachments(Some(vec![va("pvc-1", "node-b", false)]));

@@ -88,6 +88,41 @@ struct VscStatus {
 struct NodeLite {
     #[serde(default)]
     metadata: MetaLite,
+    #[serde(default)]
+    status: NodeStatusLite,
+}
+
+/// What the kubelet reports in a Node's status that the driver reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeStatusLite {
+    #[serde(default)]
+    conditions: Vec<ConditionLite>,
+    /// Unique volume names (`kubernetes.io/csi/<driver>^<handle>`) the kubelet has mounted
+    /// or mapped.
+    #[serde(default)]
+    volumes_in_use: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ConditionLite {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+}
+
+impl NodeLite {
+    fn ready(&self) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.kind == "Ready" && c.status == "True")
+    }
+}
+
+/// The name the kubelet gives a CSI volume in `Node.status.volumesInUse`.
+pub fn unique_volume_name(driver: &str, volume: &VolumeId) -> String {
+    format!("kubernetes.io/csi/{driver}^{volume}")
 }
 
 #[derive(Debug, Deserialize)]
@@ -567,6 +602,18 @@ impl Cluster for KubeCluster {
             return Ok(true);
         }
         self.node_exists(node).await
+    }
+
+    async fn node_uses_volume(
+        &self,
+        node: &NodeId,
+        volume: &VolumeId,
+    ) -> Result<bool, ClusterError> {
+        let Some(n) = self.node(node).await? else {
+            return Ok(false);
+        };
+        let name = unique_volume_name(&self.driver_name, volume);
+        Ok(n.ready() && n.status.volumes_in_use.contains(&name))
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {

@@ -155,8 +155,47 @@ async fn publish_and_unpublish_cost_one_patch_each_and_write_the_annotations() {
     let reqs = w.api.requests();
     assert_eq!(reqs.get("PATCH persistentvolumes"), Some(&1));
     assert_eq!(reqs.get("POST events"), Some(&1), "VolumeDetached; the claim is cached");
-    assert_eq!(reqs.values().sum::<u64>(), 2, "{reqs:?}");
+    assert_eq!(reqs.get("GET nodes"), Some(&1), "is the volume still in use on the node?");
+    assert_eq!(reqs.values().sum::<u64>(), 3, "{reqs:?}");
     assert_eq!(w.annotations("pvc-1"), json!({}), "annotations removed");
+}
+
+/// `node`'s Node as its kubelet reports it: `Ready` (or not) with `volumes` in use.
+fn reporting_node(node: &str, ready: &str, volumes: &[&str]) -> Value {
+    let mut n = node_json(node, None);
+    let in_use: Vec<String> = volumes
+        .iter()
+        .map(|v| crate::kube::cluster::unique_volume_name(DRIVER, &VolumeId::new(*v).unwrap()))
+        .collect();
+    n["status"] = json!({
+        "conditions": [{ "type": "Ready", "status": ready }],
+        "volumesInUse": in_use,
+    });
+    n
+}
+
+#[tokio::test]
+async fn a_detach_waits_while_a_ready_node_still_uses_the_volume() {
+    let w = World::new(&["pvc-1"]).await;
+    let m = w.controller(AttachmentConfig::default()).await;
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    // A force-detach decided while node-a stopped reporting reaches us after it came back
+    // with the volume still mounted: refused, nothing changed.
+    w.api.put_object(Kind::Node, "", reporting_node("node-a", "True", &["pvc-1", "pvc-2"]));
+    let err = m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("volumesInUse"), "{}", status.message());
+    assert_eq!(w.annotations("pvc-1")["rds.csi.srvlab.io/attached-node"], "node-a");
+    // Not Ready (it stopped reporting, its list is stale): the force-detach proceeds.
+    w.api.put_object(Kind::Node, "", reporting_node("node-a", "Unknown", &["pvc-1"]));
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1"), json!({}));
+    // Ready, the kubelet done with it: detached at once.
+    m.publish(&publish("pvc-1", "node-a")).await.unwrap();
+    w.api.put_object(Kind::Node, "", reporting_node("node-a", "True", &["pvc-2"]));
+    m.unpublish(&unpublish("pvc-1", "node-a")).await.unwrap();
+    assert_eq!(w.annotations("pvc-1"), json!({}));
 }
 
 #[tokio::test]
@@ -669,15 +708,13 @@ async fn the_fake_api_serves_the_real_client_over_tcp() {
     let client = ::kube::Client::try_from(config).unwrap();
     let (store, _) = adapters(client, DRIVER, Arc::new(FixedClock), Arc::new(SeededEntropy::from_seed(3)), FAST);
     let v = VolumeId::new("pvc-tcp").unwrap();
-    let rec = crate::ports::store::AttachmentRecord {
-        volume_id: v.clone(),
-        node_id: NodeId::new("node-a").unwrap(),
-        attached_at: FixedClock.now(),
-        access_mode: AccessMode::SingleNode,
-        readonly: false,
-        migration: None,
-        generation: 0,
-    };
+    let rec = crate::ports::store::AttachmentRecord::new(
+        v.clone(),
+        NodeId::new("node-a").unwrap(),
+        FixedClock.now(),
+        AccessMode::SingleNode,
+        false,
+    );
     api.conflict_next_writes(2);
     store.write_volume(&v, std::slice::from_ref(&rec)).await.unwrap();
     assert_eq!(store.read_volume(&v).await.unwrap(), vec![rec]);
@@ -690,15 +727,13 @@ async fn a_write_whose_answer_was_lost_is_recognised_on_retry() {
     let (store, _) = w.ports();
     store.load_all().await.unwrap();
     let v = VolumeId::new("pvc-1").unwrap();
-    let rec = crate::ports::store::AttachmentRecord {
-        volume_id: v.clone(),
-        node_id: NodeId::new("node-a").unwrap(),
-        attached_at: FixedClock.now(),
-        access_mode: AccessMode::SingleNode,
-        readonly: false,
-        migration: None,
-        generation: 0,
-    };
+    let rec = crate::ports::store::AttachmentRecord::new(
+        v.clone(),
+        NodeId::new("node-a").unwrap(),
+        FixedClock.now(),
+        AccessMode::SingleNode,
+        false,
+    );
     // Another path writes exactly what we are about to write (as if our earlier attempt had
     // landed and its answer was lost); our cached version is now stale.
     let mut pv = w.api.object(Kind::PersistentVolume, "", "pvc-1").unwrap();
@@ -768,13 +803,13 @@ mod watches {
     use crate::ports::watch::Change;
 
     fn record(v: &str, n: &str, secs: u64) -> AttachmentRecord {
-        AttachmentRecord {
-            volume_id: VolumeId::new(v).unwrap(),
-            node_id: NodeId::new(n).unwrap(),
-            attached_at: UNIX_EPOCH + Duration::from_secs(secs),
-            access_mode: AccessMode::SingleNode,
-            readonly: false,
-        }
+        AttachmentRecord::new(
+            VolumeId::new(v).unwrap(),
+            NodeId::new(n).unwrap(),
+            UNIX_EPOCH + Duration::from_secs(secs),
+            AccessMode::SingleNode,
+            false,
+        )
     }
 
     /// Another writer (a replica during a failover, an operator) sets `pv`'s records.
@@ -981,6 +1016,8 @@ mod watches {
         assert_eq!(p2["metadata"]["resourceVersion"], p1["metadata"]["resourceVersion"]);
         assert_eq!(api.listed_objects(), 4);
     }
+}
+
 /// A VM disk's PV: `ReadWriteMany`, `volumeMode: Block`, bound to the claim `vms/<name>`.
 fn vm_pv_json(name: &str, annotations: Value) -> Value {
     json!({

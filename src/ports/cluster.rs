@@ -113,6 +113,14 @@ pub trait Cluster: Send + Sync + 'static {
     /// The NVMe host NQN the node published (annotation), if known; asked fresh: a Node
     /// re-created under the same name (a re-provisioned machine) carries another.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
+    /// Whether `node`'s kubelet reports `volume` still in use: its Node is Ready
+    /// (`status.conditions`, type `Ready`, status `True`) and lists the volume in
+    /// `status.volumesInUse` (`kubernetes.io/csi/<driver>^<volume>`: a mount or a block
+    /// mapping is still there). Asked fresh. `false` when the Node is gone, is not Ready (it
+    /// stopped reporting, so its list is stale: the case a force-detach exists for), or
+    /// keeps no status.
+    async fn node_uses_volume(&self, node: &NodeId, volume: &VolumeId)
+    -> Result<bool, ClusterError>;
     /// Publishes `node`'s NVMe host NQN (the node plugin, at start-up) so that the
     /// controller's data-path fence can read it back with [`Cluster::node_host_nqn`].
     /// `host_nqn` is validated first (an invalid one is `Other`, nothing is sent).
