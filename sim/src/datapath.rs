@@ -24,13 +24,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use rds_csi::node::fake::FakeKernel;
+use rds_csi::ports::Initiator;
 use rds_csi::ports::initiator::Connection;
-use rds_csi::ports::{Initiator, Mounter};
 use rds_csi::routeros::emulator::Admission;
 use rds_csi::types::defaults::DEFAULT_NQN_PREFIX;
 
-use crate::world::{Shared, node_name};
+use crate::world::{Shared, in_use, node_name};
 
 /// How often each live connection writes (virtual time).
 pub const WRITE_EVERY: Duration = Duration::from_millis(500);
@@ -138,23 +137,4 @@ impl DataPath {
         self.links.retain(|k, _| seen.contains(k));
         bad
     }
-}
-
-/// Whether `device` is in use on `kernel`: mounted (a filesystem mount or a bind of it) or
-/// bound raw into a pod.
-/// Whether `device` is in use on `kernel`: a filesystem on it is mounted, or it is bound as a
-/// raw block device.
-pub(crate) fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
-    futures::executor::block_on(async {
-        let Ok(number) = Mounter::device_number(kernel, device).await else {
-            return false;
-        };
-        let mounted = Mounter::mounts(kernel)
-            .await
-            .is_ok_and(|ms| ms.iter().any(|m| m.dev == number));
-        mounted
-            || Mounter::device_binds(kernel, device)
-                .await
-                .is_ok_and(|b| !b.is_empty())
-    })
 }

@@ -40,7 +40,7 @@ use rds_csi::kube::fake_api::{FakeApi, Kind};
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::node::{NodeOptions, OrphanConfig};
 use rds_csi::ports::time::SeededEntropy;
-use rds_csi::ports::{AttachmentStore, Clock, Cluster, Rds};
+use rds_csi::ports::{AttachmentStore, Clock, Cluster, Mounter, Rds};
 use rds_csi::retry::Backoff;
 use rds_csi::routeros::RdsLayout;
 use rds_csi::routeros::emulator::{Emulator, ExportView, PoolConfig};
@@ -320,7 +320,7 @@ impl Shared {
                         .unwrap_or_default();
                 let mut in_use: Vec<String> = conns
                     .iter()
-                    .filter(|c| crate::datapath::in_use(kernel, &c.device))
+                    .filter(|c| in_use(kernel, &c.device))
                     .filter_map(|c| c.nqn.strip_prefix(DEFAULT_NQN_PREFIX))
                     .filter_map(|slot| VolumeId::new(slot).ok())
                     .map(|v| rds_csi::kube::cluster::unique_volume_name(DRIVER, &v))
@@ -978,4 +978,23 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     let plugin = compose::build(&settings(&node_name(i), Mode::Node, &sh.opts)?, seams)
         .map_err(|e| e.to_string())?;
     start_and_serve(plugin, &sh.trace, "node", "", None).await
+}
+
+/// Whether `device` is in use on `kernel`: mounted (a filesystem mount or a bind of it) or
+/// bound raw into a pod.
+/// Whether `device` is in use on `kernel`: a filesystem on it is mounted, or it is bound as a
+/// raw block device.
+pub fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
+    futures::executor::block_on(async {
+        let Ok(number) = Mounter::device_number(kernel, device).await else {
+            return false;
+        };
+        let mounted = Mounter::mounts(kernel)
+            .await
+            .is_ok_and(|ms| ms.iter().any(|m| m.dev == number));
+        mounted
+            || Mounter::device_binds(kernel, device)
+                .await
+                .is_ok_and(|b| !b.is_empty())
+    })
 }
