@@ -269,14 +269,15 @@ pub struct Cli {
     )]
     pub max_volumes_per_node: u32,
 
-    /// How often the controller resynchronises its attachment memory from the PV
-    /// annotations, in seconds, picking up changes another controller replica made during
-    /// a failover (0: never).
+    /// An extra full resynchronisation of the controller's attachment memory from the PV
+    /// annotations (a LIST of every PV) every this many seconds (0: never, the default:
+    /// with Kubernetes the controller watches the PVs and follows every change another
+    /// replica makes; the watch lists again only as its recovery).
     #[arg(
         long,
         hide_env_values = true,
         env = "RDS_CSI_ATTACHMENT_RESYNC",
-        default_value_t = 120
+        default_value_t = 0
     )]
     pub attachment_resync_secs: u64,
 

@@ -31,7 +31,9 @@ use crate::metrics::Metrics;
 use crate::node::{COMMAND_TIMEOUT, NodeOps, OrphanSweeper, SYSCALL_TIMEOUT};
 use crate::ports::time::{SeededEntropy, SystemClock};
 use crate::ports::lease::Sole;
-use crate::ports::{AttachmentStore, Clock, Cluster, Entropy, Initiator, Leadership, Mounter, Rds};
+use crate::ports::{
+    AttachmentStore, Clock, Cluster, ClusterWatch, Entropy, Initiator, Leadership, Mounter, Rds,
+};
 use crate::proto::csi::{controller_server, identity_server, node_server};
 use crate::routeros::emulator::{Emulator, PoolConfig};
 use crate::routeros::transport::{Transport, TcpConnector, inproc::InProcess, ssh::SshTransport};
@@ -112,6 +114,10 @@ pub trait PortLayers: Send + Sync {
     fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {
         port
     }
+    /// Wraps the `ClusterWatch` port.
+    fn watch(&self, port: Arc<dyn ClusterWatch>) -> Arc<dyn ClusterWatch> {
+        port
+    }
 }
 
 /// No wrappers (production).
@@ -131,6 +137,8 @@ struct ControllerPart {
     inflight: InFlight,
     /// The orphan volume and attachment reconcilers, run on the leader.
     reconcilers: Arc<Reconcilers>,
+    /// The watches of the cluster (with Kubernetes), followed on every replica.
+    watch: Option<Arc<dyn ClusterWatch>>,
 }
 
 /// The node half of a plugin instance.
@@ -195,6 +203,14 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             settings.kube.retry,
         )),
         None => Arc::new(Sole),
+    };
+    // The controller's watches of the cluster (PVs, Nodes, VolumeAttachments,
+    // VolumeSnapshotContents): what drives its reconciliation with Kubernetes.
+    let watch: Option<Arc<dyn ClusterWatch>> = match &kube {
+        Some(client) if mode.controller() => Some(layers.watch(Arc::new(
+            crate::kube::KubeWatch::new(client.clone(), &settings.driver_name, Arc::clone(&entropy)),
+        ))),
+        _ => None,
     };
     let (kube_store, cluster): (Option<Arc<dyn AttachmentStore>>, Arc<dyn Cluster>) = match kube
     {
@@ -265,7 +281,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             settings.disk_traffic,
         ));
         let inflight = InFlight::default();
-        let orphans = Arc::new(OrphanVolumes::new(
+        let mut orphans = OrphanVolumes::new(
             Arc::clone(&rds),
             Arc::clone(&attachments),
             Arc::clone(&cluster),
@@ -274,12 +290,17 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             settings.controller.nqn_prefix.clone(),
             settings.orphan_volumes,
             metrics.reconcilers(),
-        ));
-        let stale = Arc::new(StaleAttachments::new(
+        );
+        let mut stale = StaleAttachments::new(
             Arc::clone(&attachments),
             Arc::clone(&cluster),
             metrics.reconcilers(),
-        ));
+        );
+        if let Some(w) = &watch {
+            orphans = orphans.with_watch(Arc::clone(w));
+            stale = stale.with_watch(Arc::clone(w));
+        }
+        let (orphans, stale) = (Arc::new(orphans), Arc::new(stale));
         let reconcilers = Arc::new(Reconcilers::new(leader, orphans, stale, settings.reconcile));
         Some(ControllerPart {
             core: Controller::new(settings.controller.clone(), Arc::clone(&rds), attachments),
@@ -287,6 +308,7 @@ pub fn build(settings: &Settings, seams: Seams) -> Result<Plugin, ServeError> {
             traffic,
             inflight,
             reconcilers,
+            watch,
         })
     } else {
         None
@@ -370,6 +392,15 @@ impl Plugin {
             crate::node::publish_host_nqn(&self.node_id, &*n.initiator, &*n.cluster).await;
         }
         if let Some(c) = &self.controller {
+            // With Kubernetes the watches follow every change another writer makes (and
+            // relist only as their recovery); the periodic resync runs only when set.
+            if let Some(w) = &c.watch {
+                crate::controller::watched::spawn(
+                    Arc::clone(w),
+                    Arc::clone(c.core.attachments()),
+                    Arc::clone(&c.reconcilers),
+                );
+            }
             c.core.attachments().spawn_resync();
             c.traffic.spawn();
             c.reconcilers.spawn();

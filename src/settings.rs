@@ -199,7 +199,7 @@ impl Settings {
                 ..ControllerConfig::default()
             },
             attachment: AttachmentConfig {
-                resync_interval: Duration::from_secs(120),
+                resync_interval: Duration::ZERO,
                 data_path_fence: true,
                 ..AttachmentConfig::default()
             },

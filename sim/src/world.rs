@@ -40,7 +40,7 @@ use rds_csi::kube::fake_api::{FakeApi, Kind};
 use rds_csi::node::fake::FakeKernel;
 use rds_csi::node::{NodeOptions, OrphanConfig};
 use rds_csi::ports::time::SeededEntropy;
-use rds_csi::ports::{AttachmentStore, Clock, Cluster, Mounter, Rds};
+use rds_csi::ports::{AttachmentStore, Clock, Cluster, ClusterWatch, Mounter, Rds};
 use rds_csi::retry::Backoff;
 use rds_csi::routeros::RdsLayout;
 use rds_csi::routeros::emulator::{Emulator, ExportView, PoolConfig};
@@ -775,7 +775,8 @@ fn settings(name: &str, mode: Mode, opts: &Options) -> Result<Settings, String> 
     s.rds.retry = BACKOFF;
     s.kube.retry = BACKOFF;
     s.attachment = AttachmentConfig {
-        resync_interval: RESYNC,
+        // The controllers follow the PVs by watch: no periodic resync.
+        resync_interval: Duration::ZERO,
         data_path_fence: opts.data_path_fence,
         ..AttachmentConfig::default()
     };
@@ -858,6 +859,9 @@ impl PortLayers for ControllerLayers {
     fn cluster(&self, port: Arc<dyn Cluster>) -> Arc<dyn Cluster> {
         let port = crate::bugs::wrap_cluster(port, self.sh.opts.bug);
         crate::events::audit(port, Arc::clone(&self.sh.events))
+    }
+    fn watch(&self, port: Arc<dyn ClusterWatch>) -> Arc<dyn ClusterWatch> {
+        crate::bugs::wrap_watch(port, self.sh.opts.bug)
     }
 }
 

@@ -134,7 +134,9 @@ pub struct AttachmentConfig {
     /// Off: exports are open to any host. On in every shipped default; `Default` here is
     /// off only for unit tests of the rest.
     pub data_path_fence: bool,
-    /// How often memory is resynchronised from the store, picking up what another writer
-    /// changed (a former leader finishing its calls during a failover); zero: never.
+    /// How often memory is resynchronised from the store by a full list, picking up what
+    /// another writer changed (a former leader finishing its calls during a failover);
+    /// zero: never (the default: with Kubernetes the controller's PV watch follows every
+    /// change, `crate::controller::watched`).
     pub resync_interval: std::time::Duration,
 }
