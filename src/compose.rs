@@ -724,11 +724,10 @@ mod tests {
         ) -> std::result::Result<Option<String>, ClusterError> {
             Err(ClusterError::Unavailable("down".into()))
         }
-        async fn node_uses_volume(
+        async fn node_report(
             &self,
             _: &NodeId,
-            _: &crate::types::VolumeId,
-        ) -> std::result::Result<bool, ClusterError> {
+        ) -> std::result::Result<Option<crate::ports::cluster::NodeReport>, ClusterError> {
             Err(ClusterError::Unavailable("down".into()))
         }
         async fn set_node_host_nqn(

@@ -46,12 +46,11 @@ impl Cluster for Audited {
     async fn node_known(&self, node: &NodeId) -> Result<bool, ClusterError> {
         self.inner.node_known(node).await
     }
-    async fn node_uses_volume(
+    async fn node_report(
         &self,
         node: &NodeId,
-        volume: &VolumeId,
-    ) -> Result<bool, ClusterError> {
-        self.inner.node_uses_volume(node, volume).await
+    ) -> Result<Option<rds_csi::ports::cluster::NodeReport>, ClusterError> {
+        self.inner.node_report(node).await
     }
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
         self.inner.node_host_nqn(node).await

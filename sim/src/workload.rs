@@ -1748,6 +1748,18 @@ pub async fn run(sh: Shared) -> turmoil::Result {
         }
         sh.trace.log("co", "orphans reclaimed");
     }
+    // Background work of a controller (a watch's relist re-reading a volume, a migration
+    // check) may hold a volume's lock at this instant; a leaked lock is one that never
+    // clears, and the liveness checker finds it after this bounded wait.
+    for _ in 0..60 {
+        let busy = crate::world::CONTROLLERS
+            .iter()
+            .any(|r| sh.manager(r).is_some_and(|m| m.lock_entries() != 0));
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     sh.trace.log("co", "workload complete");
     Ok(())
 }

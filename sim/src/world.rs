@@ -323,7 +323,7 @@ impl Shared {
                     .filter(|c| in_use(kernel, &c.device))
                     .filter_map(|c| c.nqn.strip_prefix(DEFAULT_NQN_PREFIX))
                     .filter_map(|slot| VolumeId::new(slot).ok())
-                    .map(|v| rds_csi::kube::cluster::unique_volume_name(DRIVER, &v))
+                    .map(|v| rds_csi::kube::cluster::unique_volume_name(DRIVER, v.as_str()))
                     .collect();
                 in_use.sort();
                 in_use.dedup();

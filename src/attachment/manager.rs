@@ -94,6 +94,10 @@ impl State {
 }
 
 /// Why a record whose VolumeAttachment is gone is stale.
+/// How often running live migrations are checked for a target lost or cut off
+/// ([`AttachmentManager::fence_lost_targets`]); nothing is asked while none runs.
+pub const MIGRATION_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 const DETACHED_BY_HAND: &str =
     "its VolumeAttachment is gone (detached by hand: the detach never reached the driver)";
 /// Why a record whose Node is gone is stale.
@@ -119,6 +123,11 @@ pub struct AttachmentManager {
     state: Mutex<State>,
     metrics: AttachmentMetrics,
     migrations: MigrationMetrics,
+    /// Migrations whose export was given back to the source because the target stopped
+    /// reporting: the target's host NQN the export admitted then, so that the same machine
+    /// is admitted again once it reports ([`Self::cut_off`]). Memory only: after a restart
+    /// such a target is admitted again at its next publish, or when the migration ends.
+    cut_off_targets: Mutex<BTreeMap<VolumeId, String>>,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -198,6 +207,7 @@ impl AttachmentManager {
             state: Mutex::new(State::default()),
             metrics: AttachmentMetrics::default(),
             migrations: MigrationMetrics::default(),
+            cut_off_targets: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -659,9 +669,23 @@ impl AttachmentManager {
         Ok(stored.as_slice().to_vec())
     }
 
-    /// Starts the periodic [`resync`](Self::resync) every `resync_interval` (zero: never)
-    /// as a background task; the task ends when the manager is dropped.
+    /// Starts the background checks, which end when the manager is dropped: every
+    /// [`MIGRATION_CHECK_EVERY`] while a live migration runs, [`Self::fence_lost_targets`]
+    /// (a migration's target lost or cut off is an event no CSI call brings); and the
+    /// periodic [`resync`](Self::resync) every `resync_interval` (zero: never).
     pub fn spawn_resync(self: &Arc<Self>) {
+        if self.cfg.data_path_fence {
+            let manager = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(MIGRATION_CHECK_EVERY).await;
+                    let Some(m) = manager.upgrade() else { break };
+                    if m.migrations_in_flight() > 0 {
+                        m.fence_lost_targets().await;
+                    }
+                }
+            });
+        }
         let every = self.config().resync_interval;
         if every.is_zero() {
             return;
@@ -756,28 +780,45 @@ impl AttachmentManager {
     /// another host NQN): the export goes back to the source, the holder that still runs
     /// the VM ([`Self::allow_value`]), when the loss is seen — not only at the target's
     /// force-detach, minutes later, during which a source that lost its connection could
-    /// not reconnect (found by the simulation, seed 2723). A target whose machine is the
-    /// one admitted is left alone; a fresh machine under the target's name is admitted
-    /// only when it is published to again. Returns how many exports moved; failures are
-    /// logged and retried at the next resync.
+    /// not reconnect (found by the simulation, seed 2723) — and every running migration
+    /// whose target stopped reporting while its source reports ([`Self::cut_off`]). A
+    /// target whose machine is the one admitted and reports is left alone; a target the
+    /// export no longer admits is admitted again only when it is published to again (or
+    /// the migration ends). Runs every [`MIGRATION_CHECK_EVERY`] while a migration runs
+    /// ([`Self::spawn_resync`]) and at every resync. Returns how many exports moved;
+    /// failures are logged and retried at the next check.
     pub async fn fence_lost_targets(&self) -> usize {
         if !self.cfg.data_path_fence {
             return 0;
         }
         // Sorted by volume (the map is a BTreeMap): one order, whatever the run.
-        let migrating: Vec<(VolumeId, NodeId)> = self
+        let migrating: Vec<(VolumeId, migration::Running)> = self
             .state()
             .volumes
             .iter()
-            .filter_map(|(v, h)| migration::running(h).map(|m| (v.clone(), m.target)))
+            .filter_map(|(v, h)| migration::running(h).map(|m| (v.clone(), m)))
             .collect();
         let mut moved = 0;
-        for (volume, target) in migrating {
-            // The export admits the target's machine (the usual case): nothing to do.
+        for (volume, m) in migrating {
+            let target = m.target;
+            // The export admits the target's machine and the target reports (the usual
+            // case): nothing to do.
             let seen = async {
                 let nqn = self.cluster.node_host_nqn(&target).await?;
-                let disk = self.rds.find_disk(volume.as_str()).await?;
-                Ok::<_, Error>(disk.filter(|d| nqn.is_none() || d.allowed_host_nqn != nqn))
+                let Some(disk) = self.rds.find_disk(volume.as_str()).await? else {
+                    return Ok(None);
+                };
+                // Else the target's machine is lost, a fresh one, or cut off (the export is
+                // moved to the source), or it reports again after it was cut off (moved
+                // back): the fence decides ([`Self::allow_value`]); nothing moves when the
+                // export is already right.
+                if nqn.is_some()
+                    && disk.allowed_host_nqn == nqn
+                    && !self.cut_off(&target, &m.source).await?
+                {
+                    return Ok(None);
+                }
+                Ok::<_, Error>(Some(disk))
             };
             let disk = match seen.await {
                 Ok(None) => continue,
@@ -796,7 +837,7 @@ impl AttachmentManager {
             };
             match refenced.await {
                 Ok(m) if m.moved => {
-                    tracing::warn!(volume_id = %volume, node_id = %target, "the migration target's Node is gone: its export admits the source again");
+                    tracing::warn!(volume_id = %volume, node_id = %target, "the migration target is lost or stopped reporting: its export admits the source again");
                     moved += 1;
                 }
                 Ok(_) => {}
@@ -846,19 +887,86 @@ impl AttachmentManager {
                 Some((_, nqn)) => Some(nqn.to_string()),
                 None => self.cluster.node_host_nqn(&node).await?,
             };
-            let lost_target = publishing.is_none()
-                && migration::running(&named).is_some_and(|m| m.target == node)
-                && nqn.as_deref() != admitted;
+            let migration = migration::running(&named).filter(|m| m.target == node);
+            let lost_target = match (&migration, &nqn) {
+                (Some(m), Some(nqn)) if publishing.is_none() => {
+                    self.target_lost(volume, m, nqn, admitted).await?
+                }
+                _ => false,
+            };
             match nqn {
                 Some(nqn) if !lost_target => return Ok(Some(nqn)),
                 Some(_) => tracing::warn!(volume_id = %volume, node_id = %node,
-                    "the migration target's machine is not the one the export admits (lost, or a fresh one): the migration cannot complete; the export admits the source again"),
+                    "the migration target's machine is lost, is not the one the export admits (a fresh one), or stopped reporting while the source reports: the export admits the source again, where the VM runs"),
                 None => tracing::warn!(volume_id = %volume, node_id = %node,
                     "the holder has no published host NQN (its Node object is gone): the export does not admit it"),
             }
             // Each round removes a holder: this ends, at the latest parked.
             named.remove(&node);
         }
+    }
+
+    /// Whether a live migration's `target` stopped reporting (its Node not Ready: partitioned
+    /// or down) while its `source` reports: the VM cannot have moved to a target the
+    /// control plane cannot reach, so the source, where it runs, gets the export back
+    /// (found by the simulation, seed 2618: a target cut off mid-migration while an RDS
+    /// reboot dropped the source's connection left the VM without its disk until the
+    /// target's force-detach, six minutes later). Not a timeout: a migration that outlasts
+    /// its timeout may well have moved the VM (the target holds it then, and the source
+    /// may be the one cut off).
+    async fn cut_off(&self, target: &NodeId, source: &NodeId) -> Result<bool> {
+        if self.reports(target).await? {
+            return Ok(false);
+        }
+        self.reports(source).await
+    }
+
+    /// Whether `node`'s Node is Ready.
+    async fn reports(&self, node: &NodeId) -> Result<bool> {
+        Ok(self
+            .cluster
+            .node_report(node)
+            .await?
+            .is_some_and(|r| r.ready))
+    }
+
+    /// Whether migration `m`'s target, whose machine has host NQN `nqn`, counts as gone
+    /// for the export of `volume`, which admits `admitted`: its machine is not the one
+    /// admitted (lost, or a fresh one under its name), unless the export was given back to
+    /// the source only because this same machine stopped reporting and it reports again;
+    /// or it is admitted and stopped reporting while the source reports ([`Self::cut_off`]).
+    async fn target_lost(
+        &self,
+        volume: &VolumeId,
+        m: &migration::Running,
+        nqn: &str,
+        admitted: Option<&str>,
+    ) -> Result<bool> {
+        if admitted != Some(nqn) {
+            let was_cut_off = self
+                .cut_off_targets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(volume)
+                .is_some_and(|n| n == nqn);
+            if was_cut_off && self.reports(&m.target).await? {
+                tracing::info!(volume_id = %volume, node_id = %m.target, "the migration target reports again: its export admits it again");
+                self.cut_off_targets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(volume);
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        if self.cut_off(&m.target, &m.source).await? {
+            self.cut_off_targets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(volume.clone(), nqn.to_string());
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Sets `volume`'s allow list to `value`, on `observed` when the disk was just read (no
@@ -1261,7 +1369,11 @@ impl AttachmentManager {
         let _guard = self.lock(volume).await;
         if let Some(node) = &args.node_id
             && self.get(volume).iter().any(|r| r.node_id == *node)
-            && self.cluster.node_uses_volume(node, volume).await?
+            && self
+                .cluster
+                .node_report(node)
+                .await?
+                .is_some_and(|r| r.uses(volume))
         {
             // A detach decided while the node stopped reporting (Kubernetes' force-detach
             // after ~6 minutes) can reach us after the node came back with the volume still

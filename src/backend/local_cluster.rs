@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use crate::ports::cluster::{
-    Cluster, ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo,
+    Cluster, ClusterError, ClusterEvent, DiskReferences, NodeReport, VolumeAttachmentInfo,
 };
-use crate::types::{NodeId, VolumeId};
+use crate::types::NodeId;
 
 /// Events kept for [`LocalCluster::events`].
 const MAX_EVENTS: usize = 1024;
@@ -80,13 +80,14 @@ impl Cluster for LocalCluster {
             .contains_key(node))
     }
 
-    /// No kubelet reports here: never in use (the fence decides alone).
-    async fn node_uses_volume(
-        &self,
-        _node: &NodeId,
-        _volume: &VolumeId,
-    ) -> Result<bool, ClusterError> {
-        Ok(false)
+    /// No kubelet reports here: a known node is ready and uses nothing (the fence decides
+    /// alone).
+    async fn node_report(&self, node: &NodeId) -> Result<Option<NodeReport>, ClusterError> {
+        let known = self.node_exists(node).await?;
+        Ok(known.then(|| NodeReport {
+            ready: true,
+            volumes_in_use: Vec::new(),
+        }))
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {

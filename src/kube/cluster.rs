@@ -29,7 +29,7 @@ use crate::kube::pv_store::{
     Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
 };
 use crate::ports::cluster::{
-    Cluster, ClusterError, ClusterEvent, DiskReferences, VolumeAttachmentInfo,
+    Cluster, ClusterError, ClusterEvent, DiskReferences, NodeReport, VolumeAttachmentInfo,
 };
 use crate::ports::{Clock, Entropy};
 use crate::retry::Backoff;
@@ -120,8 +120,9 @@ impl NodeLite {
     }
 }
 
-/// The name the kubelet gives a CSI volume in `Node.status.volumesInUse`.
-pub fn unique_volume_name(driver: &str, volume: &VolumeId) -> String {
+/// The name the kubelet gives a CSI volume (`volume`: its handle) in
+/// `Node.status.volumesInUse`.
+pub fn unique_volume_name(driver: &str, volume: &str) -> String {
     format!("kubernetes.io/csi/{driver}^{volume}")
 }
 
@@ -604,16 +605,22 @@ impl Cluster for KubeCluster {
         self.node_exists(node).await
     }
 
-    async fn node_uses_volume(
-        &self,
-        node: &NodeId,
-        volume: &VolumeId,
-    ) -> Result<bool, ClusterError> {
+    async fn node_report(&self, node: &NodeId) -> Result<Option<NodeReport>, ClusterError> {
         let Some(n) = self.node(node).await? else {
-            return Ok(false);
+            return Ok(None);
         };
-        let name = unique_volume_name(&self.driver_name, volume);
-        Ok(n.ready() && n.status.volumes_in_use.contains(&name))
+        let prefix = unique_volume_name(&self.driver_name, "");
+        let volumes_in_use = n
+            .status
+            .volumes_in_use
+            .iter()
+            .filter_map(|name| name.strip_prefix(prefix.as_str()))
+            .filter_map(|id| VolumeId::new(id).ok())
+            .collect();
+        Ok(Some(NodeReport {
+            ready: n.ready(),
+            volumes_in_use,
+        }))
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {

@@ -165,7 +165,7 @@ fn reporting_node(node: &str, ready: &str, volumes: &[&str]) -> Value {
     let mut n = node_json(node, None);
     let in_use: Vec<String> = volumes
         .iter()
-        .map(|v| crate::kube::cluster::unique_volume_name(DRIVER, &VolumeId::new(*v).unwrap()))
+        .map(|v| crate::kube::cluster::unique_volume_name(DRIVER, v))
         .collect();
     n["status"] = json!({
         "conditions": [{ "type": "Ready", "status": ready }],

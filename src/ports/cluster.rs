@@ -34,6 +34,25 @@ pub struct VolumeAttachmentInfo {
     pub deleting: bool,
 }
 
+/// What a node's kubelet reports in its Node's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    /// The `Ready` condition is `True`: the kubelet reports. `False` or `Unknown` (it
+    /// stopped reporting: the node lifecycle controller marks it) is not ready, and so is
+    /// a Node with no status.
+    pub ready: bool,
+    /// This driver's volumes in `status.volumesInUse` (`kubernetes.io/csi/<driver>^<id>`):
+    /// a mount or a block mapping is still there. Stale when the node is not ready.
+    pub volumes_in_use: Vec<VolumeId>,
+}
+
+impl NodeReport {
+    /// Whether the kubelet reports `volume` still in use now: ready, and listed.
+    pub fn uses(&self, volume: &VolumeId) -> bool {
+        self.ready && self.volumes_in_use.contains(volume)
+    }
+}
+
 /// What in the orchestrator references the driver's disks (the orphan reconciler's
 /// evidence that a disk is wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,14 +132,9 @@ pub trait Cluster: Send + Sync + 'static {
     /// The NVMe host NQN the node published (annotation), if known; asked fresh: a Node
     /// re-created under the same name (a re-provisioned machine) carries another.
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError>;
-    /// Whether `node`'s kubelet reports `volume` still in use: its Node is Ready
-    /// (`status.conditions`, type `Ready`, status `True`) and lists the volume in
-    /// `status.volumesInUse` (`kubernetes.io/csi/<driver>^<volume>`: a mount or a block
-    /// mapping is still there). Asked fresh. `false` when the Node is gone, is not Ready (it
-    /// stopped reporting, so its list is stale: the case a force-detach exists for), or
-    /// keeps no status.
-    async fn node_uses_volume(&self, node: &NodeId, volume: &VolumeId)
-    -> Result<bool, ClusterError>;
+    /// What `node`'s kubelet reports in its Node's status, asked fresh; `None` when the
+    /// Node is gone.
+    async fn node_report(&self, node: &NodeId) -> Result<Option<NodeReport>, ClusterError>;
     /// Publishes `node`'s NVMe host NQN (the node plugin, at start-up) so that the
     /// controller's data-path fence can read it back with [`Cluster::node_host_nqn`].
     /// `host_nqn` is validated first (an invalid one is `Other`, nothing is sent).

@@ -126,13 +126,7 @@ pub fn check(sh: &Shared) -> Vec<String> {
             .pairs
             .iter()
             .any(|((pv, _), p)| pv == v && p.unsettled());
-        bad.extend(migration_violations(
-            sh,
-            &model,
-            v,
-            exports.get(v.as_str()),
-            busy,
-        ));
+        bad.extend(migration_violations(sh, v, exports.get(v.as_str()), busy));
     }
     for (v, vol) in &model.volumes {
         if vol.deleted && seen.contains(v) {
@@ -165,13 +159,13 @@ pub fn check(sh: &Shared) -> Vec<String> {
 
 /// A VM disk's durable records: at most two holders, two only with their migration
 /// recorded (the target's record names the other as its source); with the fence on and no
-/// call on the disk running (`busy`), its export admits a stored holder — the migration's
-/// target while one runs, or its source once the target's machine was lost (the CO's
-/// publish to it voided: the migration cannot complete, and the source runs the VM) — or
-/// is parked.
+/// call on the disk running (`busy`), its export admits a stored holder — while a migration
+/// runs, its target, or its source once the target's machine was lost or the target
+/// stopped reporting (the driver cannot tell the two apart from a target that is merely
+/// slow after the fact, so either holder is accepted here; which one serves the VM is
+/// judged by the liveness checks: the VM's disk usable after the heal) — or is parked.
 fn migration_violations(
     sh: &Shared,
-    model: &Model,
     v: &str,
     export: Option<&ExportView>,
     busy: bool,
@@ -226,16 +220,11 @@ fn migration_violations(
             Some(a) if is_parked(Some(a)) => {}
             Some(a) => {
                 let admitted = sh.node_with_host_nqn(a).map(node_name);
-                let target = holders.iter().find(|h| !sources.contains(h));
                 let ok = match (&admitted, holders.len()) {
                     // A machine that is gone (nobody has that NQN now), or no holder left:
                     // parked by the next start-up, publish or unpublish.
                     (None, _) | (_, 0) => true,
-                    (Some(n), 1) => holders.contains(n),
-                    (Some(n), _) => {
-                        Some(n) == target
-                            || (sources.contains(n) && target.is_some_and(|t| !model.holds(v, t)))
-                    }
+                    (Some(n), _) => holders.contains(n),
                 };
                 if !ok {
                     bad.push(format!(
