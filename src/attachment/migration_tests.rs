@@ -447,3 +447,77 @@ async fn every_write_carries_the_next_generation_of_the_holder_set() {
     w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
     assert_eq!(generation(&w), vec![3]);
 }
+
+/// `node`'s kubelet stopped reporting (`ready: false`) or reports again.
+fn report(w: &World, node: &str, ready: bool) {
+    w.cluster.set_node_report(
+        nid(node),
+        crate::ports::cluster::NodeReport {
+            ready,
+            volumes_in_use: Vec::new(),
+        },
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_cut_off_mid_migration_gives_the_export_to_the_source_until_it_reports_again() {
+    // Seed 2618: the target was partitioned mid-migration while an RDS reboot dropped the
+    // source's connection; with the export admitting only the target, the VM on the source
+    // had no disk until the target's force-detach six minutes later.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.spawn_resync();
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    // Both cut off: nothing is known to be better; the target keeps the export.
+    report(&w, "node-b", false);
+    report(&w, "node-a", false);
+    tokio::time::sleep(crate::attachment::MIGRATION_CHECK_EVERY * 2).await;
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    // The source reports, the target does not: the next check admits the source.
+    report(&w, "node-a", true);
+    tokio::time::sleep(crate::attachment::MIGRATION_CHECK_EVERY).await;
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    assert_eq!(holders(&w, "pvc-1"), vec!["node-a", "node-b"], "the records stay");
+    // A repeated publish of the source agrees.
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(A_NQN));
+    // The same target machine reports again: admitted again, the migration can complete.
+    report(&w, "node-b", true);
+    tokio::time::sleep(crate::attachment::MIGRATION_CHECK_EVERY).await;
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+    w.mgr.unpublish(&unpublish_args("pvc-1", Some("node-a"))).await.unwrap();
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+}
+
+#[tokio::test]
+async fn a_target_whose_source_is_cut_off_keeps_the_export() {
+    // The mirror case (the helper's seed 165 of a timeout rule): the VM may well run on the
+    // target; a source that stopped reporting moves nothing.
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&vm("node-a")).await.unwrap();
+    w.mgr.publish(&vm("node-b")).await.unwrap();
+    report(&w, "node-a", false);
+    w.mgr.fence_lost_targets().await;
+    assert_eq!(allowed_host(&w, "pvc-1").await.as_deref(), Some(B_NQN));
+}
+
+#[tokio::test]
+async fn a_detach_waits_while_the_ready_node_still_uses_the_volume() {
+    let (w, _, _) = vm_world(fenced()).await;
+    w.mgr.publish(&publish_args("pvc-2", "node-a", false)).await.unwrap();
+    let in_use = |ready| crate::ports::cluster::NodeReport {
+        ready,
+        volumes_in_use: vec![vid("pvc-2")],
+    };
+    w.cluster.set_node_report(nid("node-a"), in_use(true));
+    let err = w.mgr.unpublish(&unpublish_args("pvc-2", Some("node-a"))).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(holders(&w, "pvc-2"), vec!["node-a"], "nothing changed");
+    assert_eq!(allowed_host(&w, "pvc-2").await.as_deref(), Some(A_NQN));
+    // Stopped reporting: its list is stale, the force-detach goes ahead (the fence parks).
+    w.cluster.set_node_report(nid("node-a"), in_use(false));
+    w.mgr.unpublish(&unpublish_args("pvc-2", Some("node-a"))).await.unwrap();
+    assert!(holders(&w, "pvc-2").is_empty());
+    assert_ne!(allowed_host(&w, "pvc-2").await.as_deref(), Some(A_NQN));
+}

@@ -11,7 +11,7 @@ pub(crate) mod persist;
 pub mod rebuild;
 pub mod types;
 
-pub use manager::AttachmentManager;
+pub use manager::{AttachmentManager, MIGRATION_CHECK_EVERY};
 pub use types::{AttachmentConfig, AttachmentRecord, PublishArgs, UnpublishArgs};
 
 #[cfg(test)]

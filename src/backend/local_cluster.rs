@@ -22,6 +22,9 @@ pub struct LocalCluster {
     events: Mutex<Vec<ClusterEvent>>,
     attachments: Mutex<Option<Vec<VolumeAttachmentInfo>>>,
     references: Mutex<Option<DiskReferences>>,
+    /// Reports set by [`LocalCluster::set_node_report`]; a node without one is ready and
+    /// uses nothing.
+    reports: Mutex<BTreeMap<NodeId, NodeReport>>,
 }
 
 impl LocalCluster {
@@ -61,6 +64,15 @@ impl LocalCluster {
             .insert(node, host_nqn);
     }
 
+    /// Pretends `node`'s kubelet reports `report` (tests: a node that stopped reporting, or
+    /// still uses a volume).
+    pub fn set_node_report(&self, node: NodeId, report: NodeReport) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, report);
+    }
+
     /// Removes a node (as if its Node object was deleted).
     pub fn remove_node(&self, node: &NodeId) {
         self.nodes
@@ -80,14 +92,17 @@ impl Cluster for LocalCluster {
             .contains_key(node))
     }
 
-    /// No kubelet reports here: a known node is ready and uses nothing (the fence decides
-    /// alone).
+    /// No kubelet reports here: a known node is ready and uses nothing, unless a report
+    /// was set.
     async fn node_report(&self, node: &NodeId) -> Result<Option<NodeReport>, ClusterError> {
-        let known = self.node_exists(node).await?;
-        Ok(known.then(|| NodeReport {
+        if !self.node_exists(node).await? {
+            return Ok(None);
+        }
+        let reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Some(reports.get(node).cloned().unwrap_or(NodeReport {
             ready: true,
             volumes_in_use: Vec::new(),
-        }))
+        })))
     }
 
     async fn node_host_nqn(&self, node: &NodeId) -> Result<Option<String>, ClusterError> {
