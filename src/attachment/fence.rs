@@ -120,7 +120,7 @@ mod tests {
             Target::Host(NodeId::new("node-a").unwrap())
         );
         let mut target = record("node-b", AccessMode::MultiNodeMultiWriter);
-        crate::attachment::migration::start(&one, &mut target, std::time::Duration::from_secs(60));
+        crate::attachment::migration::start(&one, &mut target, std::time::Duration::from_secs(60), None);
         let two: Holders = [source, target].into_iter().collect();
         assert_eq!(
             Target::of(true, &two),

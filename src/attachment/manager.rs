@@ -123,11 +123,6 @@ pub struct AttachmentManager {
     state: Mutex<State>,
     metrics: AttachmentMetrics,
     migrations: MigrationMetrics,
-    /// Migrations whose export was given back to the source because the target stopped
-    /// reporting: the target's host NQN the export admitted then, so that the same machine
-    /// is admitted again once it reports ([`Self::cut_off`]). Memory only: after a restart
-    /// such a target is admitted again at its next publish, or when the migration ends.
-    cut_off_targets: Mutex<BTreeMap<VolumeId, String>>,
 }
 
 impl std::fmt::Debug for AttachmentManager {
@@ -207,7 +202,6 @@ impl AttachmentManager {
             state: Mutex::new(State::default()),
             metrics: AttachmentMetrics::default(),
             migrations: MigrationMetrics::default(),
-            cut_off_targets: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -345,7 +339,7 @@ impl AttachmentManager {
         migration_timeout: std::time::Duration,
     ) -> Result<()> {
         let _guard = self.lock(&record.volume_id).await;
-        self.track_locked(record, migration_timeout).await
+        self.track_locked(record, migration_timeout, None).await
     }
 
     /// Removes `node`'s attachment of `volume` (absent already is success); other holders
@@ -355,10 +349,13 @@ impl AttachmentManager {
         self.untrack_locked(volume, Some(node)).await.map(|_| ())
     }
 
+    /// [`Self::track`] under the lock; `host_nqn` is the node's machine (recorded by a
+    /// migration it starts as the target).
     async fn track_locked(
         &self,
         mut record: AttachmentRecord,
         migration_timeout: std::time::Duration,
+        host_nqn: Option<&str>,
     ) -> Result<()> {
         let volume = record.volume_id.clone();
         let node = record.node_id.clone();
@@ -370,10 +367,30 @@ impl AttachmentManager {
             .unwrap_or_default();
         if let Some(existing) = current.get(&node) {
             if existing.readonly == record.readonly && existing.access_mode == record.access_mode {
-                // A repeat: acknowledged without a write, so only if the store still
-                // holds it (found by the simulation: during a failover the former leader
-                // detached it, and the repeat was acknowledged from stale memory).
-                return self.confirm(&volume, &current).await;
+                let machine_changed = existing
+                    .migration
+                    .as_ref()
+                    .and_then(|m| m.target_nqn.as_deref())
+                    .zip(host_nqn)
+                    .is_some_and(|(recorded, now)| recorded != now);
+                if !machine_changed {
+                    // A repeat: acknowledged without a write, so only if the store still
+                    // holds it (found by the simulation: during a failover the former
+                    // leader detached it, and the repeat was acknowledged from stale
+                    // memory).
+                    return self.confirm(&volume, &current).await;
+                }
+                // The migration's target published again on a fresh machine under its
+                // name: the CO wants it there; the migration records that machine.
+                let mut next = current.clone();
+                let mut updated = existing.clone();
+                if let Some(m) = updated.migration.as_mut() {
+                    m.target_nqn = host_nqn.map(str::to_string);
+                }
+                next.insert(updated);
+                let next = next.stamped_after(&current);
+                let tentative = self.apply_tentative(&volume, next.clone(), None)?;
+                return self.write(&volume, &current, &next, tentative).await;
             }
             // CSI: "ALREADY_EXISTS: Indicates that a volume corresponding to the specified
             // volume_id has already been published at the node corresponding to the
@@ -434,7 +451,7 @@ impl AttachmentManager {
             }
         }
         let mut next = migration::settle(next);
-        migration::start(&next, &mut record, migration_timeout);
+        migration::start(&next, &mut record, migration_timeout, host_nqn);
         next.insert(record);
         let next = next.stamped_after(&current);
         let tentative = self.apply_tentative(&volume, next.clone(), Some(&node))?;
@@ -890,7 +907,7 @@ impl AttachmentManager {
             let migration = migration::running(&named).filter(|m| m.target == node);
             let lost_target = match (&migration, &nqn) {
                 (Some(m), Some(nqn)) if publishing.is_none() => {
-                    self.target_lost(volume, m, nqn, admitted).await?
+                    self.target_lost(m, nqn, admitted).await?
                 }
                 _ => false,
             };
@@ -930,43 +947,24 @@ impl AttachmentManager {
             .is_some_and(|r| r.ready))
     }
 
-    /// Whether migration `m`'s target, whose machine has host NQN `nqn`, counts as gone
-    /// for the export of `volume`, which admits `admitted`: its machine is not the one
-    /// admitted (lost, or a fresh one under its name), unless the export was given back to
-    /// the source only because this same machine stopped reporting and it reports again;
-    /// or it is admitted and stopped reporting while the source reports ([`Self::cut_off`]).
+    /// Whether migration `m`'s target, whose machine now has host NQN `nqn`, counts as
+    /// gone for the export, which admits `admitted`: its machine is not the one published
+    /// to (lost; a fresh one under its name runs no VM) — by the NQN the migration recorded
+    /// at the target's publish, else (a record without it) by the one the export admits —
+    /// or it stopped reporting while the source reports ([`Self::cut_off`]). A target that
+    /// reports again, on the machine published to, is admitted again: nothing of this is
+    /// kept in memory, so every replica and every restart decides alike.
     async fn target_lost(
         &self,
-        volume: &VolumeId,
         m: &migration::Running,
         nqn: &str,
         admitted: Option<&str>,
     ) -> Result<bool> {
-        if admitted != Some(nqn) {
-            let was_cut_off = self
-                .cut_off_targets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(volume)
-                .is_some_and(|n| n == nqn);
-            if was_cut_off && self.reports(&m.target).await? {
-                tracing::info!(volume_id = %volume, node_id = %m.target, "the migration target reports again: its export admits it again");
-                self.cut_off_targets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(volume);
-                return Ok(false);
-            }
+        let published = m.target_nqn.as_deref().or(admitted);
+        if published != Some(nqn) {
             return Ok(true);
         }
-        if self.cut_off(&m.target, &m.source).await? {
-            self.cut_off_targets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(volume.clone(), nqn.to_string());
-            return Ok(true);
-        }
-        Ok(false)
+        self.cut_off(&m.target, &m.source).await
     }
 
     /// Sets `volume`'s allow list to `value`, on `observed` when the disk was just read (no
@@ -1306,7 +1304,8 @@ impl AttachmentManager {
         // touches the export, so it can never move the fence away from the holder the
         // store names (found by the simulation: a losing publish fenced the export to its
         // node and crashed before undoing it).
-        self.track_locked(record, args.migration_timeout).await?;
+        self.track_locked(record, args.migration_timeout, host_nqn.as_deref())
+            .await?;
         // With the fence off an export is open; only one a fenced past left restricted
         // needs a move (`disk` was read before the lock: the move observes again).
         if self.cfg.data_path_fence || disk.allowed_host_nqn.is_some() {

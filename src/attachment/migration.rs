@@ -54,6 +54,8 @@ pub struct Running {
     pub started_at: SystemTime,
     /// How long it may run.
     pub timeout: Duration,
+    /// The host NQN of the target's machine at its publish, when recorded.
+    pub target_nqn: Option<String>,
 }
 
 impl Running {
@@ -77,6 +79,7 @@ pub fn running(holders: &Holders) -> Option<Running> {
             target: r.node_id.clone(),
             started_at: m.started_at,
             timeout: m.timeout,
+            target_nqn: m.target_nqn.clone(),
         })
     })
 }
@@ -125,8 +128,14 @@ pub fn changes(previous: &Holders, next: &Holders) -> Vec<Change> {
 }
 
 /// Makes `record` (joining `holders`) the target of a migration from the one multi-node
-/// holder there is, if it joins a volume that migrates.
-pub fn start(holders: &Holders, record: &mut AttachmentRecord, timeout: Duration) {
+/// holder there is, if it joins a volume that migrates; `target_nqn` is the host NQN of
+/// the target's machine, when known.
+pub fn start(
+    holders: &Holders,
+    record: &mut AttachmentRecord,
+    timeout: Duration,
+    target_nqn: Option<&str>,
+) {
     if !migrates(record.access_mode) {
         return;
     }
@@ -136,6 +145,7 @@ pub fn start(holders: &Holders, record: &mut AttachmentRecord, timeout: Duration
             source: source.node_id.clone(),
             started_at: record.attached_at,
             timeout,
+            target_nqn: target_nqn.map(str::to_string),
         });
     }
 }
@@ -219,7 +229,7 @@ mod tests {
     fn the_second_holder_starts_a_migration_from_the_first() {
         let one: Holders = [rec("node-a", 10)].into_iter().collect();
         let mut t = rec("node-b", 20);
-        start(&one, &mut t, Duration::from_secs(60));
+        start(&one, &mut t, Duration::from_secs(60), None);
         let m = t.migration.clone().unwrap();
         assert_eq!(m.source, nid("node-a"));
         assert_eq!(m.started_at, UNIX_EPOCH + Duration::from_secs(20));
@@ -239,12 +249,12 @@ mod tests {
     #[test]
     fn a_first_holder_or_a_single_node_volume_starts_nothing() {
         let mut first = rec("node-a", 10);
-        start(&Holders::new(), &mut first, DEFAULT_TIMEOUT);
+        start(&Holders::new(), &mut first, DEFAULT_TIMEOUT, None);
         assert_eq!(first.migration, None);
         let one: Holders = [rec("node-a", 10)].into_iter().collect();
         let mut ro = rec("node-b", 20);
         ro.access_mode = AccessMode::MultiNodeReadOnly;
-        start(&one, &mut ro, DEFAULT_TIMEOUT);
+        start(&one, &mut ro, DEFAULT_TIMEOUT, None);
         assert_eq!(ro.migration, None, "readers do not migrate");
     }
 
@@ -252,7 +262,7 @@ mod tests {
     fn the_source_leaving_completes_the_target_leaving_fails() {
         let one: Holders = [rec("node-a", 10)].into_iter().collect();
         let mut t = rec("node-b", 20);
-        start(&one, &mut t, DEFAULT_TIMEOUT);
+        start(&one, &mut t, DEFAULT_TIMEOUT, None);
         let two: Holders = [rec("node-a", 10), t.clone()].into_iter().collect();
         let r = running(&two).unwrap();
 

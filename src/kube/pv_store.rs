@@ -64,6 +64,8 @@ pub const ANN_MIGRATION_SOURCE: &str = "rds.csi.srvlab.io/migration-source";
 pub const ANN_MIGRATION_STARTED_AT: &str = "rds.csi.srvlab.io/migration-started-at";
 /// Annotation: how long the live migration under way may run, in seconds.
 pub const ANN_MIGRATION_TIMEOUT: &str = "rds.csi.srvlab.io/migration-timeout-seconds";
+/// Annotation: the host NQN of the live migration's target machine at its publish.
+pub const ANN_MIGRATION_TARGET_NQN: &str = "rds.csi.srvlab.io/migration-target-nqn";
 /// Annotation: the generation of the holder set.
 pub const ANN_GENERATION: &str = "rds.csi.srvlab.io/attachment-generation";
 
@@ -76,6 +78,7 @@ pub const ALL_ANNOTATIONS: &[&str] = &[
     ANN_MIGRATION_SOURCE,
     ANN_MIGRATION_STARTED_AT,
     ANN_MIGRATION_TIMEOUT,
+    ANN_MIGRATION_TARGET_NQN,
     ANN_GENERATION,
 ];
 
@@ -329,6 +332,9 @@ pub fn annotations_for(holders: &[AttachmentRecord]) -> serde_json::Map<String, 
             ANN_MIGRATION_TIMEOUT.into(),
             json!(mig.timeout.as_secs().to_string()),
         );
+        if let Some(nqn) = &mig.target_nqn {
+            m.insert(ANN_MIGRATION_TARGET_NQN.into(), json!(nqn));
+        }
     }
     m.insert(
         ANN_GENERATION.into(),
@@ -462,6 +468,10 @@ fn attach_migration(
             source,
             started_at: started.unwrap_or(target.attached_at),
             timeout,
+            target_nqn: annotations
+                .get(ANN_MIGRATION_TARGET_NQN)
+                .filter(|n| !n.is_empty())
+                .cloned(),
         });
     }
     Ok(())

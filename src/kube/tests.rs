@@ -515,11 +515,13 @@ async fn annotations_round_trip_and_legacy_ones_read_their_mode_from_the_pv() {
         source: NodeId::new("node-a").unwrap(),
         started_at: target.attached_at,
         timeout: Duration::from_secs(90),
+        target_nqn: Some("nqn.2014-08.org.nvmexpress:uuid:bbbb".into()),
     });
     let vm = vec![rec("node-a", 1_760_000_000_000_007, AccessMode::MultiNodeMultiWriter, false), target];
     let ann = text(&vm);
     assert_eq!(ann["rds.csi.srvlab.io/migration-source"], "node-a");
     assert_eq!(ann["rds.csi.srvlab.io/migration-timeout-seconds"], "90");
+    assert_eq!(ann["rds.csi.srvlab.io/migration-target-nqn"], "nqn.2014-08.org.nvmexpress:uuid:bbbb");
     assert_eq!(ann["rds.csi.srvlab.io/migration-started-at"], "2025-10-09T08:53:20.500000Z");
     assert_eq!(ann["rds.csi.srvlab.io/attachment-generation"], "7");
     assert_eq!(records_from(&v, &ann, AccessMode::SingleNode).unwrap(), vm);

@@ -47,6 +47,11 @@ pub struct Migration {
     /// How long the migration may run (`migrationTimeoutSeconds` of the volume's
     /// StorageClass): past it, a new attach is refused until a holder is detached.
     pub timeout: std::time::Duration,
+    /// The host NQN of the target's machine when it was published (with the data-path
+    /// fence): a machine under the target's name with another NQN is a fresh one, which
+    /// runs no VM. `None` in records written without it.
+    #[serde(default)]
+    pub target_nqn: Option<String>,
 }
 
 /// One durable attachment: `volume` is attached to `node`.
