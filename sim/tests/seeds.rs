@@ -173,13 +173,13 @@ fn canonical_traces() {
     // kubelet sees the volume abnormal and restarts the pod, whose NodePublishVolume repairs
     // it once the RDS is back; the controller's reconcilers in a dry run while the CO
     // abandons a volume (its PV deleted by hand): it stays.
-    // 494: the reconcilers deleting: the CO gives up after a CreateVolume, deletes a PV by
-    // hand and forgets a snapshot; the orphan reconciler deletes the three after its grace;
+    // 494: the reconcilers deleting: the CO gives up after a CreateVolume and deletes a PV
+    // by hand; the orphan reconciler deletes both after its grace;
     // a node machine lost with a volume, force-detached six minutes later (its
     // VolumeAttachment deleting before the attacher's unpublish).
-    // 58: calm with the fence, a KubeVirt VM's live migrations: one failed (the target
-    // detached first), one completed, one outlasting its 38 s timeout (a third node's attach
-    // FAILED_PRECONDITION meanwhile) and then completed.
+    // 58: calm with the fence, two KubeVirt VMs' live migrations: one failed (the target
+    // detached first), others completed, one outlasting its 38 s timeout (a third node's
+    // attach FAILED_PRECONDITION meanwhile) and then completing after 57 s.
     for seed in [12u64, 58, 66, 76, 120, 494] {
         let r = sim::run(Options::from_seed(seed));
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
