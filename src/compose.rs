@@ -414,6 +414,18 @@ impl Plugin {
 
     /// The gRPC services to serve.
     pub fn services(&self) -> Services {
+        self.services_over(self.controller.as_ref().map(|c| c.inflight.clone()))
+    }
+
+    /// The gRPC services with a controller in-flight table of their own, as a second
+    /// separately built instance would have: calls served by them are not serialised with
+    /// the plugin's (the simulation's planted bug `ReissuedPublishSkipsLock`; never
+    /// served otherwise).
+    pub fn services_with_own_inflight(&self) -> Services {
+        self.services_over(self.controller.as_ref().map(|_| InFlight::default()))
+    }
+
+    fn services_over(&self, inflight: Option<InFlight>) -> Services {
         Services {
             identity: identity_server::IdentityServer::new(IdentityService::new(
                 self.driver_name.clone(),
@@ -424,7 +436,8 @@ impl Plugin {
             )),
             controller: self.controller.as_ref().map(|c| {
                 controller_server::ControllerServer::new(
-                    ControllerService::new(c.core.clone()).with_inflight(c.inflight.clone()),
+                    ControllerService::new(c.core.clone())
+                        .with_inflight(inflight.clone().unwrap_or_default()),
                 )
             }),
             node: self.node.as_ref().map(|n| {

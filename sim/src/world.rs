@@ -907,7 +907,10 @@ async fn start_and_serve(
             if bug == Some(Bug::ReissuedPublishSkipsLock) {
                 let (a, b) = tokio::join!(
                     serve(plugin.services(), incoming(listener).boxed()),
-                    serve(plugin.services(), incoming(second).boxed()),
+                    serve(
+                        plugin.services_with_own_inflight(),
+                        incoming(second).boxed()
+                    ),
                 );
                 a.and(b)
             } else {

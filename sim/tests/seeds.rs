@@ -97,15 +97,15 @@ fn skipping_idle_ticks_changes_nothing_but_the_speed() {
     let mut cases: Vec<Options> = (1..=20).chain([79, 108]).map(Options::from_seed).collect();
     cases.extend([
         Options::from_seed(1).with_bug(Bug::AckBeforePersist),
-        Options::from_seed(46).with_bug(Bug::DropPrecondition),
+        Options::from_seed(41).with_bug(Bug::DropPrecondition),
         Options::from_seed(2).with_bug(Bug::NodeGoneWhileAlive),
         Options::from_seed(13).with_bug(Bug::BlindRdsRetry),
         Options::from_seed(1).with_bug(Bug::UnpublishOpensExport),
-        Options::from_seed(2).with_bug(Bug::DeleteSkipsHolders),
+        Options::from_seed(1).with_bug(Bug::DeleteSkipsHolders),
         Options::from_seed(2).with_bug(Bug::ReissuedPublishSkipsLock),
         Options::from_seed(19).with_bug(Bug::KernelReconnectDefaults),
-        Options::from_seed(6).with_bug(Bug::RememberedDevicePath),
-        Options::from_seed(3).with_bug(Bug::ThirdNodeAttaches),
+        Options::from_seed(3).with_bug(Bug::RememberedDevicePath),
+        Options::from_seed(1).with_bug(Bug::ThirdNodeAttaches),
     ]);
     let next = AtomicU64::new(0);
     let parted = Mutex::new(Vec::new());
