@@ -100,6 +100,8 @@ async fn run() {
         attached_at: UNIX_EPOCH + Duration::from_secs(1_767_225_600),
         access_mode: AccessMode::SingleNode,
         readonly: false,
+        migration: None,
+        generation: 0,
     };
     let patch =
         json!({ "metadata": { "annotations": annotations_for(std::slice::from_ref(&moved)) } });

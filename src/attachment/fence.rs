@@ -28,9 +28,11 @@
 //!   switchover, so a source cut off mid-migration stalls the VM until KubeVirt aborts the
 //!   migration (which detaches the target and returns the export to the source) — the
 //!   README's KubeVirt section weighs the choices. A target whose machine is lost (its Node
-//!   gone, or a fresh machine under its name) can no longer complete the migration: the
-//!   manager then admits the source again (`AttachmentManager::allow_value`, re-checked by
-//!   the periodic resync), never a node that holds nothing;
+//!   gone, or a fresh machine under its name: another host NQN than the migration
+//!   recorded) can no longer complete the migration, and one cut off (its Node not Ready
+//!   while the source's is) cannot have the VM: the manager then admits the source again
+//!   (`AttachmentManager::allow_value`, re-checked every 10 s while a migration runs), and
+//!   the cut-off target again once it reports; never a node that holds nothing;
 //! - multi-node readers (`MULTI_NODE_READER_ONLY`): the export is open (any number of
 //!   holders, one allow-list entry);
 //! - with the fence off, every export is open.
