@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::kube::pv_store::{
-    Failure, ListLite, MetaLite, PvIndex, PvLite, classify, format_time, transient,
+    Failure, ListLite, MetaLite, PvIndex, PvLite, format_time, request_retrying,
 };
 use crate::ports::cluster::{
     Cluster, ClusterError, ClusterEvent, DiskReferences, NodeReport, VolumeAttachmentInfo,
@@ -343,21 +343,7 @@ impl KubeCluster {
         what: &str,
         make: impl Fn() -> Result<http::Request<Vec<u8>>, ::kube::core::request::Error>,
     ) -> Result<Result<T, Failure>, ClusterError> {
-        let mut attempt = 0;
-        loop {
-            let req = make().map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
-            match self.client.request::<T>(req).await.map_err(classify) {
-                Ok(v) => return Ok(Ok(v)),
-                Err(f) if transient(&f) && attempt + 1 < self.backoff.max_attempts => {
-                    tokio::time::sleep(self.backoff.delay(attempt, &*self.entropy)).await;
-                    attempt += 1;
-                }
-                Err(f) if transient(&f) => {
-                    return Err(ClusterError::Unavailable(format!("{what}: {}", f.describe())));
-                }
-                Err(f) => return Ok(Err(f)),
-            }
-        }
+        request_retrying(&self.client, &self.backoff, &*self.entropy, what, make).await
     }
 
     async fn node(&self, node: &NodeId) -> Result<Option<NodeLite>, ClusterError> {

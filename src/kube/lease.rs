@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::kube::pv_store::{Failure, classify, format_time, transient};
+use crate::kube::pv_store::{Failure, format_time, request_retrying};
 use crate::ports::cluster::ClusterError;
 use crate::ports::{Clock, Entropy, Leadership};
 use crate::retry::Backoff;
@@ -129,21 +129,7 @@ impl KubeLease {
         what: &str,
         make: impl Fn() -> Result<http::Request<Vec<u8>>, ::kube::core::request::Error>,
     ) -> Result<Result<LeaseLite, Failure>, ClusterError> {
-        let mut attempt = 0;
-        loop {
-            let req = make().map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
-            match self.client.request::<LeaseLite>(req).await.map_err(classify) {
-                Ok(v) => return Ok(Ok(v)),
-                Err(f) if transient(&f) && attempt + 1 < self.backoff.max_attempts => {
-                    tokio::time::sleep(self.backoff.delay(attempt, &*self.entropy)).await;
-                    attempt += 1;
-                }
-                Err(f) if transient(&f) => {
-                    return Err(ClusterError::Unavailable(format!("{what}: {}", f.describe())));
-                }
-                Err(f) => return Ok(Err(f)),
-            }
-        }
+        request_retrying(&self.client, &self.backoff, &*self.entropy, what, make).await
     }
 
     fn spec(&self, now: &str, acquire: bool, transitions: i64) -> serde_json::Value {

@@ -272,6 +272,34 @@ impl Failure {
     }
 }
 
+/// Sends the request `make` builds (again for each attempt) on `client`, retrying transient
+/// failures with `backoff`. `Ok(Err(_))`: the API answered with a status that is not
+/// transient, for the caller to judge; `Err`: still unavailable after the attempts.
+pub(crate) async fn request_retrying<T: serde::de::DeserializeOwned>(
+    client: &::kube::Client,
+    backoff: &Backoff,
+    entropy: &dyn Entropy,
+    what: &str,
+    make: impl Fn() -> Result<http::Request<Vec<u8>>, ::kube::core::request::Error>,
+) -> Result<Result<T, Failure>, crate::ports::cluster::ClusterError> {
+    use crate::ports::cluster::ClusterError;
+    let mut attempt = 0;
+    loop {
+        let req = make().map_err(|e| ClusterError::Other(format!("{what}: {e}")))?;
+        match client.request::<T>(req).await.map_err(classify) {
+            Ok(v) => return Ok(Ok(v)),
+            Err(f) if transient(&f) && attempt + 1 < backoff.max_attempts => {
+                tokio::time::sleep(backoff.delay(attempt, entropy)).await;
+                attempt += 1;
+            }
+            Err(f) if transient(&f) => {
+                return Err(ClusterError::Unavailable(format!("{what}: {}", f.describe())));
+            }
+            Err(f) => return Ok(Err(f)),
+        }
+    }
+}
+
 /// Formats `t` as RFC 3339 UTC with microseconds.
 pub fn format_time(t: SystemTime) -> String {
     match k8s_openapi::jiff::Timestamp::try_from(t) {
