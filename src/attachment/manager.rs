@@ -841,7 +841,7 @@ impl AttachmentManager {
                 Ok(None) => continue,
                 Ok(Some(disk)) => disk,
                 Err(e) => {
-                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot check the migration target's machine; next resync retries");
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot check the migration target's machine; the next migration check retries");
                     continue;
                 }
             };
@@ -859,7 +859,7 @@ impl AttachmentManager {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot re-fence the export of a migration whose target is gone; next resync retries");
+                    tracing::warn!(volume_id = %volume, node_id = %target, error = %e, "cannot re-fence the export of a migration whose target is lost or cut off; the next migration check retries");
                 }
             }
         }
