@@ -987,8 +987,6 @@ pub async fn node_host(sh: Shared, i: usize) -> turmoil::Result {
     start_and_serve(plugin, &sh.trace, "node", "", None).await
 }
 
-/// Whether `device` is in use on `kernel`: mounted (a filesystem mount or a bind of it) or
-/// bound raw into a pod.
 /// Whether `device` is in use on `kernel`: a filesystem on it is mounted, or it is bound as a
 /// raw block device.
 pub fn in_use(kernel: &FakeKernel, device: &std::path::Path) -> bool {
